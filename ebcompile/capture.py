@@ -1,0 +1,118 @@
+"""Capture: model + example inputs -> an fx graph whose parameter uses are named.
+
+Two paths, tried in order: ``torch.fx.symbolic_trace`` (torchvision ViT/Swin, plain modules; leaf modules
+such as ``nn.MultiheadAttention`` stay single nodes) and ``torch.export.export`` (Hugging Face models and
+anything with data-dependent Python). The graph is only analysed; the user's module is never replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from .errors import CaptureError, InputMismatchError
+
+__all__ = ["Captured", "capture", "normalize_inputs"]
+
+
+@dataclass
+class Captured:
+    """A captured graph plus the lookups the analyses need."""
+
+    graph: fx.Graph
+    method: str  # "symbolic_trace" | "export"
+    root: nn.Module  # the user's module (symbolic_trace: the GraphModule shares its submodules)
+    param_of: dict[str, str] = field(default_factory=dict)  # node name -> qualified parameter name
+    module_of: dict[str, str] = field(default_factory=dict)  # call_module node name -> module path
+
+    def param(self, node: Any) -> str | None:
+        """The qualified parameter name a node stands for, if it is a parameter."""
+        return self.param_of.get(node.name) if isinstance(node, fx.Node) else None
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Run the model once so that inputs that do not fit fail with a clear message."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the inputs do not fit
+        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+        shapes += [f"{k}={tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}" for k, v in kwargs.items()]
+        raise InputMismatchError(
+            f"the example inputs {shapes} do not run through {type(model).__name__}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "Fix: pass example_inputs shaped like one real batch (a tensor, a tuple of tensors, or a dict of "
+            "keyword tensors)."
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
+def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
+    gm = fx.symbolic_trace(model)
+    cap = Captured(graph=gm.graph, method="symbolic_trace", root=model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in params:
+            cap.param_of[node.name] = node.target
+        elif node.op == "call_module":
+            cap.module_of[node.name] = node.target
+    return cap
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
+    was_training = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False)
+    finally:
+        model.train(was_training)
+    cap = Captured(graph=ep.graph_module.graph, method="export", root=model)
+    sig = ep.graph_signature
+    for node in ep.graph_module.graph.nodes:
+        if node.op == "placeholder" and node.name in sig.inputs_to_parameters:
+            cap.param_of[node.name] = sig.inputs_to_parameters[node.name]
+    return cap
+
+
+CAPTURE_PATHS: dict[str, Callable[[nn.Module, tuple, dict], Captured]] = {
+    "symbolic_trace": _symbolic_trace,
+    "export": _export,
+}
+
+
+def capture(model: nn.Module, example_inputs: Any, method: str = "auto") -> Captured:
+    """Capture ``model`` as a graph, trying ``symbolic_trace`` then ``torch.export`` (``method="auto"``)."""
+    args, kwargs = normalize_inputs(example_inputs)
+    check_inputs(model, args, kwargs)
+    if method != "auto" and method not in CAPTURE_PATHS:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown capture method {method!r}. Fix: use one of 'auto', {', '.join(map(repr, CAPTURE_PATHS))}.")
+    paths = list(CAPTURE_PATHS) if method == "auto" else [method]
+    failures = []
+    for name in paths:
+        try:
+            return CAPTURE_PATHS[name](model, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - collect every path's failure for the message
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            failures.append(f"{name}: {type(exc).__name__}: {first[:300]}")
+    raise CaptureError(
+        f"could not capture {type(model).__name__} as a graph; tried " + "; ".join(failures)
+        + ". Fix: make the failing op traceable (torch.fx.wrap it, or avoid data-dependent Python control flow), "
+        "or pass include=/exclude= patterns after wrapping the untraceable part in a leaf module."
+    )

@@ -1,0 +1,234 @@
+"""``EarlyBird``: when to draw masks, how far they moved, and when the ticket has appeared."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .importance import Masks, hamming
+from .io import load_tensors, save_tensors
+from .prepare import check_ratio, config_of, current_masks
+from .ticket import Ticket, signature_of, snapshot
+
+__all__ = ["EarlyBird", "RULES"]
+
+RULES = ("relative", "absolute")
+
+
+class EarlyBird:
+    """Early-bird ticket search over a prepared model.
+
+    Call ``step()`` once per epoch (``every="epoch"``) or once per optimizer step (``every=N``: a check
+    every N calls). At each check it draws the masks magnitude pruning at ``ratio`` would give now and
+    measures the normalized Hamming distance to the previous check's masks, overall and per structure
+    kind ("head", "neuron", or "weight" for unstructured masks). The ticket is declared when the last
+    ``window`` distances all pass the rule:
+
+    - ``rule="relative"`` (default): distance <= ``threshold`` x the largest distance seen so far. It means
+      the same on every model and ratio; measured here, absolute unstructured distances never reach 0.1.
+    - ``rule="absolute"``: distance < ``threshold`` (the seed paper: 0.1 vision, 0.01 text).
+
+    ``criterion`` picks the distance the rule reads: ``"max"`` (every structure kind must be stable),
+    ``"overall"``, or one kind. ``warmup`` calls are skipped before the first check. ``rewind_at=k``
+    keeps a CPU copy of the weights at call k (0: now) in ``rewind_weights``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ratio: float | None = None,
+        threshold: float = 0.1,
+        rule: str = "relative",
+        window: int = 5,
+        every: int | str = "epoch",
+        warmup: int = 0,
+        criterion: str = "max",
+        rewind_at: int | None = None,
+    ) -> None:
+        cfg = config_of(model)
+        self.model = model
+        self.ratio = check_ratio(cfg.ratio if ratio is None else ratio)
+        if rule not in RULES:
+            raise ConfigError(f"rule={rule!r} is not one of {RULES}. Fix: use 'relative' or 'absolute'.")
+        if not threshold > 0:
+            raise ConfigError(f"threshold={threshold!r} must be > 0. Fix: e.g. threshold=0.1.")
+        if not isinstance(window, int) or window < 1:
+            raise ConfigError(f"window={window!r} must be an integer >= 1. Fix: e.g. window=5.")
+        if every == "epoch":
+            every = 1
+        if not isinstance(every, int) or every < 1:
+            raise ConfigError(f"every={every!r} must be 'epoch' or a number of steps >= 1. Fix: e.g. every=100.")
+        if not isinstance(warmup, int) or warmup < 0:
+            raise ConfigError(f"warmup={warmup!r} must be an integer >= 0 (calls to step() before the first check).")
+        self.threshold, self.rule, self.window, self.every, self.warmup = float(threshold), rule, window, every, warmup
+        self.criterion = criterion
+        self.rewind_at = rewind_at
+        self.rewind_weights: dict[str, torch.Tensor] | None = None
+        self.ticks = 0
+        self.history: list[dict[str, Any]] = []  # one record per check: check, tick, distances
+        self.max_distance = 0.0
+        self.ticket: Ticket | None = None
+        self._recent: deque[float] = deque(maxlen=window)
+        self._previous: Masks | None = None
+        self._packed: list[np.ndarray] = []  # every check's masks, bit-packed, for distance_matrix()
+        if rewind_at == 0:
+            self.rewind_weights = snapshot(model)
+
+    # -- the search -----------------------------------------------------------------------------------
+    @property
+    def found(self) -> bool:
+        return self.ticket is not None
+
+    @property
+    def checks(self) -> int:
+        return len(self._packed)
+
+    def step(self) -> bool:
+        """Advance one epoch or optimizer step; check when due. True once the ticket is found."""
+        self.ticks += 1
+        if self.rewind_at is not None and self.ticks == self.rewind_at:
+            self.rewind_weights = snapshot(self.model)
+        if self.found:
+            return True
+        due = self.ticks > self.warmup and (self.ticks - self.warmup) % self.every == 0
+        return self.check() if due else False
+
+    def check(self) -> bool:
+        """Draw masks now and update the window, whatever the schedule says."""
+        masks = current_masks(self.model, self.ratio)
+        record: dict[str, Any] = {"check": self.checks, "tick": self.ticks, "distances": None, "pruned": masks.pruned_fraction()}
+        if self._previous is not None:
+            d = hamming(self._previous, masks)
+            record["distances"] = d
+            value = self._criterion_value(d)
+            self.max_distance = max(self.max_distance, value)
+            self._recent.append(value)
+            record["distance"] = value
+        self._packed.append(_pack(masks))
+        self.history.append(record)
+        self._previous = masks
+        if len(self._recent) == self.window and all(self._passes(v) for v in self._recent):
+            self.ticket = Ticket(masks, self.ratio, config_of(self.model).scope, signature_of(self.model),
+                                 {"check": record["check"], "tick": self.ticks})
+        return self.found
+
+    def _criterion_value(self, d: dict[str, float]) -> float:
+        if self.criterion == "max":
+            kinds = [v for k, v in d.items() if k != "overall"]
+            return max(kinds) if kinds else d["overall"]
+        if self.criterion not in d:
+            raise ConfigError(f"criterion={self.criterion!r} is not measured here (have {sorted(d)}). Fix: use 'max' or 'overall'.")
+        return d[self.criterion]
+
+    def _passes(self, value: float) -> bool:
+        if self.rule == "absolute":
+            return value < self.threshold
+        return value <= self.threshold * self.max_distance
+
+    # -- what it saw ----------------------------------------------------------------------------------
+    def distances(self) -> list[float]:
+        """The rule's distance at every check after the first."""
+        return [r["distance"] for r in self.history if r["distances"] is not None]
+
+    def distance_matrix(self) -> np.ndarray:
+        """Pairwise normalized Hamming distance between the masks of all checks (the seed paper's Fig. 3)."""
+        n = len(self._packed)
+        out = np.zeros((n, n))
+        bits = int(self._nbits)
+        for i in range(n):
+            for j in range(i):
+                diff = np.unpackbits(np.bitwise_xor(self._packed[i], self._packed[j]))[:bits].sum()
+                out[i, j] = out[j, i] = diff / bits
+        return out
+
+    @property
+    def _nbits(self) -> int:
+        prev = self._previous
+        return sum(v.numel() for v in prev.compared().values()) if prev is not None else 0
+
+    # -- resume ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the search and find the same ticket."""
+        state: dict[str, Any] = {
+            "config": {"ratio": self.ratio, "threshold": self.threshold, "rule": self.rule, "window": self.window,
+                       "every": self.every, "warmup": self.warmup, "criterion": self.criterion, "rewind_at": self.rewind_at},
+            "ticks": self.ticks, "history": self.history, "max_distance": self.max_distance,
+            "recent": list(self._recent), "packed": [torch.from_numpy(p.copy()) for p in self._packed],
+            "previous": _masks_to_state(self._previous), "ticket": None, "rewind_weights": self.rewind_weights,
+        }
+        if self.ticket is not None:
+            state["ticket"] = {"masks": _masks_to_state(self.ticket.masks), "ratio": self.ticket.ratio,
+                               "scope": self.ticket.scope, "signature": self.ticket.signature, "found_at": self.ticket.found_at}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state["config"].items():
+            setattr(self, key, value)
+        self.ticks, self.history, self.max_distance = state["ticks"], list(state["history"]), state["max_distance"]
+        self._recent = deque(state["recent"], maxlen=self.window)
+        self._packed = [np.asarray(p.numpy() if isinstance(p, torch.Tensor) else p, dtype=np.uint8) for p in state["packed"]]
+        self._previous = _masks_from_state(state["previous"])
+        self.rewind_weights = state.get("rewind_weights")
+        t = state.get("ticket")
+        self.ticket = None if t is None else Ticket(_masks_from_state(t["masks"]), t["ratio"], t["scope"], t["signature"], t["found_at"])
+        if self.ticket is not None and self.ticket.signature != signature_of(self.model):
+            from .errors import TicketMismatchError
+
+            raise TicketMismatchError("this controller state was saved on another model. Fix: load it into the same prepared model.")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``state_dict()`` as safetensors + JSON (atomic)."""
+        state = self.state_dict()
+        tensors: dict[str, torch.Tensor] = {}
+        for i, p in enumerate(state.pop("packed")):
+            tensors[f"packed/{i}"] = p
+        for name in ("previous",):
+            tensors.update({f"{name}/{k}": v for k, v in (state[name] or {}).pop("tensors", {}).items()})
+        if state["ticket"] is not None:
+            tensors.update({f"ticket/{k}": v for k, v in state["ticket"]["masks"].pop("tensors").items()})
+        rw = state.pop("rewind_weights")
+        tensors.update({f"rewind/{k}": v for k, v in (rw or {}).items()})
+        state["has_rewind"] = rw is not None
+        save_tensors(path, tensors, state, "earlybird")
+
+    def load(self, path: str | os.PathLike) -> None:
+        tensors, state = load_tensors(path, "earlybird")
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
+        packed = part("packed")
+        state["packed"] = [packed[str(i)] for i in range(len(packed))]
+        if state["previous"] is not None:
+            state["previous"]["tensors"] = part("previous")
+        if state["ticket"] is not None:
+            state["ticket"]["masks"]["tensors"] = part("ticket")
+        state["rewind_weights"] = part("rewind") if state.pop("has_rewind") else None
+        self.load_state_dict(state)
+
+
+def _pack(masks: Masks) -> np.ndarray:
+    flat = torch.cat([v.flatten().cpu() for v in masks.compared().values()]).numpy()
+    return np.packbits(flat)
+
+
+def _masks_to_state(masks: Masks | None) -> dict[str, Any] | None:
+    if masks is None:
+        return None
+    tensors = {f"t:{k}": v.to(torch.uint8) for k, v in masks.tensors.items()}
+    tensors.update({f"u:{k}": v.to(torch.uint8) for k, v in masks.units.items()})
+    return {"structure": masks.structure, "kinds": dict(masks.kinds), "tensors": tensors}
+
+
+def _masks_from_state(state: dict[str, Any] | None) -> Masks | None:
+    if state is None:
+        return None
+    masks = Masks(state["structure"], kinds=dict(state["kinds"]))
+    for key, value in state["tensors"].items():
+        where, _, name = key.partition(":")
+        (masks.tensors if where == "t" else masks.units)[name] = value.bool()
+    return masks

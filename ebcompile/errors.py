@@ -1,0 +1,39 @@
+"""Every error ebcompile raises on bad input. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class EbcompileError(Exception):
+    """Base class: catch this to handle any ebcompile input error."""
+
+
+class InvalidRatioError(EbcompileError, ValueError):
+    """A pruning ratio outside the open interval (0, 1)."""
+
+
+class ConfigError(EbcompileError, ValueError):
+    """An argument value ebcompile does not accept (unknown mode, window < 1, ...)."""
+
+
+class NoPrunableLayerError(EbcompileError):
+    """No linear layer left to mask after include/exclude patterns were applied."""
+
+
+class InputMismatchError(EbcompileError):
+    """The example inputs do not run through the model."""
+
+
+class CaptureError(EbcompileError):
+    """No capture path (symbolic_trace, torch.export) could turn the model into a graph."""
+
+
+class TicketMismatchError(EbcompileError):
+    """A ticket (or checkpoint) that was drawn from a different model or configuration."""
+
+
+class NotPreparedError(EbcompileError):
+    """An operation that needs a model returned by ebcompile.prepare got a plain model."""
+
+
+class CheckpointError(EbcompileError):
+    """A checkpoint file that is missing, unreadable or not written by ebcompile."""

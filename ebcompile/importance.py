@@ -1,0 +1,150 @@
+"""Magnitude importance and the masks that pruning at ratio p would give now.
+
+Importance (how much a weight or a group matters) is kept apart from when masks are drawn (the
+controller) and from how they are applied (``ticket``), as in torch.ao.pruning and Torch-Pruning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .plan import GroupSet, Plan
+
+__all__ = ["Masks", "compute_masks", "raw_tensor", "expand_units", "hamming"]
+
+
+@dataclass
+class Masks:
+    """Boolean keep-masks: per tensor (``tensors``) and, for structured pruning, per group set (``units``)."""
+
+    structure: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    units: dict[str, torch.Tensor] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)  # unit key -> "head" | "neuron"
+
+    def compared(self) -> dict[str, torch.Tensor]:
+        """The vectors distances are measured on: units for structured masks, tensors otherwise."""
+        return self.units if self.structure == "structured" else self.tensors
+
+    def kind_of(self, key: str) -> str:
+        return self.kinds.get(key, "weight")
+
+    def pruned_fraction(self) -> float:
+        vecs = list(self.compared().values())
+        total = sum(v.numel() for v in vecs)
+        return sum(int((~v).sum()) for v in vecs) / max(total, 1)
+
+
+def raw_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The stored (unmasked) tensor behind ``name``, parametrized or not."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    return getattr(module, attr)
+
+
+def _unit_view(t: torch.Tensor, dim: int, offset: int, unit_size: int, units: int) -> torch.Tensor:
+    """The slice of ``t`` owned by the units, reshaped to [units, -1]."""
+    piece = t.narrow(dim, offset, units * unit_size).movedim(dim, 0)
+    return piece.reshape(units, -1)
+
+
+def group_scores(model: nn.Module, group: GroupSet) -> torch.Tensor:
+    """L2 norm of each unit over all its masked slices (q/k/v rows + out columns; fc1 row + bias + fc2 column)."""
+    total = None
+    for m in group.members:
+        if not m.masked:
+            continue
+        t = raw_tensor(model, m.tensor).detach().float()
+        sq = _unit_view(t, m.dim, m.offset, m.unit_size, group.units).pow(2).sum(1)
+        total = sq if total is None else total + sq.to(total.device)
+    return total.sqrt()
+
+
+def expand_units(model: nn.Module, group: GroupSet, keep: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """AND the unit keep-mask of ``group`` into per-tensor masks in ``out`` (masked members only)."""
+    for m in group.members:
+        if not m.masked:
+            continue
+        t = raw_tensor(model, m.tensor)
+        mask = out.setdefault(m.tensor, torch.ones(t.shape, dtype=torch.bool, device=t.device))
+        rows = mask.narrow(m.dim, m.offset, group.units * m.unit_size).movedim(m.dim, 0)  # a view into mask
+        keep_rows = keep.to(mask.device).repeat_interleave(m.unit_size)
+        rows &= keep_rows.reshape((-1,) + (1,) * (rows.dim() - 1))
+
+
+def _bottom_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask that drops exactly the k lowest scores (ties broken by position)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        keep[torch.topk(scores, k, largest=False, sorted=False).indices] = False
+    return keep
+
+
+def compute_masks(model: nn.Module, plan: Plan, ratio: float, structure: str, scope: str) -> Masks:
+    """The keep-masks that magnitude pruning at ``ratio`` gives for the current weights."""
+    with torch.no_grad():
+        if structure == "unstructured":
+            return _unstructured(model, plan, ratio, scope)
+        return _structured(model, plan, ratio, scope)
+
+
+def _unstructured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Masks:
+    names = [op.weight for op in plan.linears]
+    tensors = [raw_tensor(model, n).detach().abs().float().flatten() for n in names]
+    masks = Masks("unstructured")
+    if scope == "global":
+        flat = torch.cat([t.to(tensors[0].device) for t in tensors])
+        keep = _bottom_k(flat, round(ratio * flat.numel()))
+        for name, piece in zip(names, keep.split([t.numel() for t in tensors])):
+            masks.tensors[name] = piece.reshape(raw_tensor(model, name).shape)
+    else:
+        for name, t in zip(names, tensors):
+            masks.tensors[name] = _bottom_k(t, round(ratio * t.numel())).reshape(raw_tensor(model, name).shape)
+    return masks
+
+
+def _structured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Masks:
+    masks = Masks("structured")
+    by_kind: dict[str, list[GroupSet]] = {}
+    for g in plan.groups:
+        by_kind.setdefault(g.kind, []).append(g)
+    for kind, groups in by_kind.items():
+        scores = [group_scores(model, g) for g in groups]
+        if scope == "global":
+            # every set keeps its best unit: give it +inf so that it is never among the k lowest
+            guarded = []
+            for s in scores:
+                s = s.clone()
+                s[s.argmax()] = float("inf")
+                guarded.append(s)
+            flat = torch.cat(guarded)
+            k = min(round(ratio * flat.numel()), flat.numel() - len(groups))
+            keeps = _bottom_k(flat, k).split([s.numel() for s in scores])
+        else:
+            keeps = [_bottom_k(s, min(round(ratio * s.numel()), s.numel() - 1)) for s in scores]
+        for g, keep in zip(groups, keeps):
+            key = f"{g.kind}:{g.name}"
+            masks.units[key] = keep
+            masks.kinds[key] = kind
+            expand_units(model, g, keep, masks.tensors)
+    return masks
+
+
+def hamming(a: Masks, b: Masks) -> dict[str, float]:
+    """Normalized Hamming distance, overall and per structure kind."""
+    va, vb = a.compared(), b.compared()
+    diff: dict[str, int] = {}
+    size: dict[str, int] = {}
+    for key, x in va.items():
+        kind = a.kind_of(key)
+        diff[kind] = diff.get(kind, 0) + int((x != vb[key].to(x.device)).sum())
+        size[kind] = size.get(kind, 0) + x.numel()
+    out = {"overall": sum(diff.values()) / max(sum(size.values()), 1)}
+    out.update({k: diff[k] / max(size[k], 1) for k in sorted(diff)})
+    return out

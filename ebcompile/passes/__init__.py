@@ -1,0 +1,1 @@
+"""Compiler passes over a captured graph. Analyses write ``node.meta``; transforms change the model."""

@@ -1,0 +1,161 @@
+"""Analysis: coupled structures — attention heads and FFN neurons.
+
+Invariant: each ``GroupSet`` lists every tensor slice that must be removed together for one unit to
+disappear without changing what the other units compute: a head is its q/k/v rows (and biases), its
+out-projection columns and any per-head tensors (relative-position bias columns, logit scales); an FFN
+neuron is its fc1 row and bias and its fc2 column, where fc1 reaches fc2 only through pointwise ops.
+Residual widths are never grouped. Writes ``node.meta["ebcompile.group"]`` on fc1 nodes.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..capture import Captured
+from ..plan import GroupSet, LinearOp, Member
+
+__all__ = ["find_groups", "attention_groups", "ffn_groups"]
+
+META = "ebcompile.group"
+
+_POINTWISE_MODULES = (
+    nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardswish,
+    nn.Hardtanh, nn.ReLU6, nn.Softplus, nn.Dropout, nn.Identity,
+)
+_POINTWISE_FUNCTIONS = {
+    F.relu, F.gelu, F.silu, F.mish, F.leaky_relu, F.elu, F.dropout, F.hardswish, F.relu6, F.softplus,
+    torch.relu, torch.tanh, torch.sigmoid, torch.mul, torch.add, torch.pow, torch.div,
+    operator.mul, operator.add, operator.truediv, operator.pow, operator.sub, operator.neg,
+}
+_POINTWISE_METHODS = {"relu", "gelu", "tanh", "sigmoid", "mul", "add", "pow", "div", "neg", "sub", "contiguous"}
+_SHAPE_OPS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+              torch.ops.aten.clone.default, torch.ops.aten.alias.default}
+
+
+def _is_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _POINTWISE_MODULES) or (
+            type(modules.get(str(node.target))).__name__.endswith(("GELUActivation", "Activation"))
+        )
+    if node.op == "call_method":
+        return node.target in _POINTWISE_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target in _POINTWISE_FUNCTIONS:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        if torch.Tag.pointwise in node.target.tags or node.target is torch.ops.aten.dropout.default:
+            return True
+        if node.target in _SHAPE_OPS:  # a view that keeps the feature (last) dimension
+            src, dst = node.args[0].meta.get("val"), node.meta.get("val")
+            return src is not None and dst is not None and src.shape[-1] == dst.shape[-1]
+    return False
+
+
+def _input_of(node: fx.Node) -> fx.Node | None:
+    """The activation input of a linear node (arg 0, or arg 1 for addmm)."""
+    if node.op == "call_function" and node.target is torch.ops.aten.addmm.default:
+        return node.args[1]
+    return node.args[0] if node.args else None
+
+
+def ffn_groups(cap: Captured, nodes: dict[fx.Node, LinearOp], masked: set[str]) -> list[GroupSet]:
+    """fc1 -> pointwise ops -> fc2 chains whose fc1 and fc2 are both masked."""
+    modules = dict(cap.root.named_modules())
+    params = dict(cap.root.named_parameters())
+    groups = []
+    for start, fc1 in nodes.items():
+        if fc1.weight not in masked:
+            continue
+        region, frontier, consumers, ok = {start}, [start], set(), True
+        while frontier and ok:
+            node = frontier.pop()
+            for user in node.users:
+                if user in nodes and _input_of(user) is node and not (set(user.all_input_nodes) - region - {node} - _params(cap, user)):
+                    consumers.add(user)
+                elif _is_pointwise(user, modules) and all(
+                    a in region or cap.param(a) is not None or a.op == "get_attr" for a in user.all_input_nodes
+                ):
+                    if user not in region:
+                        region.add(user)
+                        frontier.append(user)
+                else:
+                    ok = False
+                    break
+        if not ok or len(consumers) != 1:
+            continue
+        fc2 = nodes[next(iter(consumers))]
+        units = params[fc1.weight].shape[fc1.out_dim]
+        in_dim = 1 - fc2.out_dim
+        if fc2.weight not in masked or params[fc2.weight].shape[in_dim] != units:
+            continue
+        members = [Member(fc1.weight, fc1.out_dim, 0, 1)]
+        if fc1.bias is not None:
+            members.append(Member(fc1.bias, 0, 0, 1))
+        members.append(Member(fc2.weight, in_dim, 0, 1))
+        group = GroupSet("neuron", fc1.name, int(units), tuple(members))
+        start.meta[META] = group
+        groups.append(group)
+    return groups
+
+
+def _params(cap: Captured, node: fx.Node) -> set[fx.Node]:
+    return {a for a in node.all_input_nodes if cap.param(a) is not None or a.op == "get_attr"}
+
+
+def _qkv_members(weights: list[str], bias: str | None, embed: int, head_dim: int) -> list[Member]:
+    members = []
+    if len(weights) == 1:  # packed [3E, E]
+        members += [Member(weights[0], 0, i * embed, head_dim) for i in range(3)]
+    else:
+        members += [Member(w, 0, 0, head_dim) for w in weights]
+    if bias is not None:
+        members += [Member(bias, 0, i * embed, head_dim) for i in range(3)]
+    return members
+
+
+def attention_groups(attn: dict[str, nn.Module], masked: set[str]) -> list[GroupSet]:
+    """One head GroupSet per attention module whose projections are all masked."""
+    groups = []
+    for path, mod in attn.items():
+        if isinstance(mod, nn.MultiheadAttention):
+            if mod.bias_k is not None:  # add_bias_kv adds per-head key/value rows we do not follow
+                continue
+            embed, heads = mod.embed_dim, mod.num_heads
+            weights = [f"{path}.in_proj_weight"] if mod._qkv_same_embed_dim else [f"{path}.{p}_proj_weight" for p in "qkv"]
+            bias = f"{path}.in_proj_bias" if mod.in_proj_bias is not None else None
+            out = f"{path}.out_proj.weight"
+            attrs: tuple[str, ...] = ("num_heads",)
+            extra: list[Member] = []
+        else:  # torchvision ShiftedWindowAttention / V2
+            heads, embed = mod.num_heads, mod.qkv.in_features
+            weights, bias, out = [f"{path}.qkv.weight"], (f"{path}.qkv.bias" if mod.qkv.bias is not None else None), f"{path}.proj.weight"
+            attrs = ("num_heads",)
+            extra = []
+            if hasattr(mod, "relative_position_bias_table"):
+                extra.append(Member(f"{path}.relative_position_bias_table", 1, 0, 1, masked=False))
+            if hasattr(mod, "logit_scale"):
+                extra.append(Member(f"{path}.logit_scale", 0, 0, 1, masked=False))
+            if hasattr(mod, "cpb_mlp"):
+                last = [n for n, m in mod.cpb_mlp.named_modules() if isinstance(m, nn.Linear)][-1]
+                extra.append(Member(f"{path}.cpb_mlp.{last}.weight", 0, 0, 1, masked=False))
+        if not all(w in masked for w in weights) or out not in masked or embed % heads:
+            continue
+        head_dim = embed // heads
+        members = _qkv_members(weights, bias, embed, head_dim) + [Member(out, 1, 0, head_dim)] + extra
+        groups.append(GroupSet("head", path, heads, tuple(members), module=path, attributes=attrs))
+    return groups
+
+
+def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str]) -> list[GroupSet]:
+    """Head groups then FFN neuron groups, over the masked weights only."""
+    from .linears import linear_nodes
+
+    modules = dict(cap.root.named_modules())
+    claimed = {p for path in attn for p, _ in modules[path].named_parameters(prefix=path)}
+    nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed}
+    return attention_groups(attn, masked) + ffn_groups(cap, nodes, masked)

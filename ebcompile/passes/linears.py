@@ -1,0 +1,186 @@
+"""Analysis: find the linear ops of a captured graph and the attention modules that own projections.
+
+Invariant: every weight that enters a linear op (``nn.Linear``, ``F.linear``/``aten.linear``,
+``aten.addmm`` of HF ``Conv1D``, ``nn.MultiheadAttention``'s packed ``in_proj_weight``, torchvision Swin's
+``qkv``/``proj``) appears in exactly one ``LinearOp``; linears whose output reaches the model output
+without another linear op in between are tagged ``kind="head"``. Writes ``node.meta["ebcompile.linear"]``.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..capture import Captured
+from ..plan import LinearOp
+
+__all__ = ["find_linears", "attention_modules", "linear_nodes"]
+
+META = "ebcompile.linear"
+
+
+def _swin_attention_types() -> tuple[type, ...]:
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return ()
+    return (ShiftedWindowAttention, ShiftedWindowAttentionV2)
+
+
+def attention_modules(model: nn.Module, used: set[str]) -> dict[str, nn.Module]:
+    """Attention modules the graph uses whose projections live as their own parameters."""
+    kinds = (nn.MultiheadAttention,) + _swin_attention_types()
+    return {path: m for path, m in model.named_modules() if path in used and isinstance(m, kinds)}
+
+
+def _used_modules(cap: Captured) -> set[str]:
+    """Every module path the graph touches: call_module targets, parameter owners, nn_module_stack."""
+    used: set[str] = set()
+
+    def add(path: str) -> None:
+        parts = path.split(".") if path else []
+        for i in range(len(parts) + 1):
+            used.add(".".join(parts[:i]))
+
+    for node in cap.graph.nodes:
+        if node.op == "call_module":
+            add(str(node.target))
+        if (p := cap.param(node)) is not None:
+            add(p.rpartition(".")[0])
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            add(_clean_stack_path(path))
+    return used
+
+
+def _clean_stack_path(path: str) -> str:
+    # torch.export writes paths like "L['self'].encoder.layers[0]" or "encoder.layers.0"
+    path = path.replace("L['self']", "").replace("L__self__", "").lstrip(".")
+    return path.replace("[", ".").replace("]", "").replace("'", "")
+
+
+def _attention_linears(path: str, module: nn.Module) -> list[LinearOp]:
+    if isinstance(module, nn.MultiheadAttention):
+        ops = []
+        if module._qkv_same_embed_dim:
+            ops.append(LinearOp(f"{path}.in_proj", f"{path}.in_proj_weight",
+                                f"{path}.in_proj_bias" if module.in_proj_bias is not None else None, 0, "attention"))
+        else:
+            bias = f"{path}.in_proj_bias" if module.in_proj_bias is not None else None
+            for part in ("q", "k", "v"):
+                ops.append(LinearOp(f"{path}.{part}_proj", f"{path}.{part}_proj_weight", None, 0, "attention"))
+            _ = bias  # the packed bias is masked through the head groups
+        out = module.out_proj
+        ops.append(LinearOp(f"{path}.out_proj", f"{path}.out_proj.weight",
+                            f"{path}.out_proj.bias" if out.bias is not None else None, 0, "attention"))
+        return ops
+    # torchvision Swin (v1 and v2): qkv and proj are nn.Linear; cpb_mlp (v2) is internal and never pruned
+    return [
+        LinearOp(f"{path}.{name}", f"{path}.{name}.weight",
+                 f"{path}.{name}.bias" if getattr(module, name).bias is not None else None, 0, "attention")
+        for name in ("qkv", "proj")
+    ]
+
+
+_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
+
+
+def _linear_node_weight(cap: Captured, node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str | None, int] | None:
+    """(weight, bias, out_dim) when ``node`` is a generic linear op on parameters, else None."""
+    if node.op == "call_module":
+        mod = modules.get(str(node.target))
+        if isinstance(mod, nn.Linear):
+            return f"{node.target}.weight", (f"{node.target}.bias" if mod.bias is not None else None), 0
+        if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # HF Conv1D traced as a leaf
+            return f"{node.target}.weight", f"{node.target}.bias", 1
+        return None
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if target in _LINEAR_FUNCTIONS or target is torch.ops.aten.linear.default:
+        w = cap.param(node.args[1]) if len(node.args) > 1 else cap.param(node.kwargs.get("weight"))
+        if w is None:
+            return None
+        b_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return w, cap.param(b_node), 0
+    if target is torch.ops.aten.addmm.default:  # HF Conv1D: addmm(bias, x2d, weight[in, out])
+        w = cap.param(node.args[2])
+        if w is None:
+            return None
+        return w, cap.param(node.args[0]), 1
+    return None
+
+
+def linear_nodes(cap: Captured, modules: dict[str, nn.Module]) -> dict[fx.Node, LinearOp]:
+    """Graph nodes that are generic linear ops, each with its LinearOp (shared weights: first use wins)."""
+    found: dict[fx.Node, LinearOp] = {}
+    seen: set[str] = set()
+    for node in cap.graph.nodes:
+        hit = _linear_node_weight(cap, node, modules)
+        if hit is None or hit[0] in seen:
+            continue
+        weight, bias, out_dim = hit
+        seen.add(weight)
+        found[node] = LinearOp(weight.rpartition(".")[0], weight, bias, out_dim)
+    return found
+
+
+def _output_heads(graph: fx.Graph, stops: set[fx.Node]) -> set[fx.Node]:
+    """Linear nodes from which the graph output is reached without crossing another linear op."""
+    heads: set[fx.Node] = set()
+    out = next(n for n in graph.nodes if n.op == "output")
+    stack, seen = list(out.all_input_nodes), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in stops:
+            heads.add(node)
+            continue
+        stack.extend(node.all_input_nodes)
+    return heads
+
+
+def find_linears(cap: Captured) -> tuple[list[LinearOp], dict[str, nn.Module]]:
+    """All linear ops of the graph in graph order, plus the attention modules that own some of them."""
+    modules = dict(cap.root.named_modules())
+    attn = attention_modules(cap.root, _used_modules(cap))
+    claimed = {p for path in attn for p, _ in modules[path].named_parameters(prefix=path)}
+    nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed}
+    attention_nodes = {n for n in cap.graph.nodes if _owner(cap, n, attn) is not None}
+    heads = _output_heads(cap.graph, set(nodes) | attention_nodes)
+    ops: list[LinearOp] = []
+    emitted: set[str] = set()
+    for node in cap.graph.nodes:
+        if node in nodes:
+            op = nodes[node]
+            if node in heads:
+                op = LinearOp(op.name, op.weight, op.bias, op.out_dim, "head")
+            node.meta[META] = op
+            ops.append(op)
+        elif (owner := _owner(cap, node, attn)) is not None and owner not in emitted:
+            emitted.add(owner)
+            for op in _attention_linears(owner, attn[owner]):
+                ops.append(op)
+            node.meta[META] = owner
+    return ops, attn
+
+
+def _owner(cap: Captured, node: fx.Node, attn: dict[str, nn.Module]) -> str | None:
+    """The attention module a node belongs to, if any."""
+    if node.op == "call_module" and str(node.target) in attn:
+        return str(node.target)
+    p = cap.param(node)
+    if p is not None:
+        for path in attn:
+            if p.startswith(path + "."):
+                return path
+    for path, _ in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
+        clean = _clean_stack_path(path)
+        if clean in attn:
+            return clean
+    return None
+
+

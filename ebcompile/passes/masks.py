@@ -1,0 +1,135 @@
+"""Transform: insert mask nodes on weights (and strip them again).
+
+Invariant: ``insert_masks`` then ``strip_masks`` is the identity on the module tree, parameter objects and
+state_dict; while a mask is all ones the forward is bitwise the original one (the parametrization returns
+the weight untouched). Masks live as ``torch.nn.utils.parametrize`` parametrizations on the user's own
+modules, so the model keeps its class, call signature and methods; state_dict keeps the original keys
+(``<module>.weight``, holding the masked value) and adds ``<module>.weight_mask``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["WeightMask", "insert_masks", "strip_masks", "iter_masks", "MASK_SUFFIX"]
+
+MASK_SUFFIX = "_mask"
+
+
+class WeightMask(nn.Module):
+    """Multiplies a tensor by a boolean mask; the identity while ``active`` is False."""
+
+    def __init__(self, shape: torch.Size, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=device))
+        self.active = False  # False while all ones: no multiply, bit-exact original forward
+        self.frozen = False  # True once a ticket is applied
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask if self.active else weight
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def set(self, mask: torch.Tensor) -> None:
+        self.mask.copy_(mask.to(self.mask.device, torch.bool))
+        self.active = not bool(self.mask.all())
+
+
+def _split(name: str) -> tuple[str, str]:
+    owner, _, attr = name.rpartition(".")
+    return owner, attr
+
+
+def insert_masks(model: nn.Module, tensors: list[str]) -> None:
+    """Put a ``WeightMask`` on each named parameter of ``model``."""
+    modules = dict(model.named_modules())
+    for name in tensors:
+        owner, attr = _split(name)
+        module = modules[owner]
+        if parametrize.is_parametrized(module, attr):
+            continue
+        param = getattr(module, attr)
+        parametrize.register_parametrization(module, attr, WeightMask(param.shape, param.device), unsafe=True)
+        module._register_state_dict_hook(_save_hook(attr))
+        module.__dict__.setdefault("_ebcompile_pre_hooks", []).append(module.register_load_state_dict_pre_hook(_load_hook(attr)))
+
+
+def strip_masks(model: nn.Module, bake: bool = True) -> None:
+    """Remove every ``WeightMask``; ``bake=True`` leaves the masked values in the parameters.
+
+    Parameter objects are kept (optimizers stay valid). Unlike ``parametrize.remove_parametrizations``
+    this never edits the injected class, which deep copies of the module share.
+    """
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        plists = dict(module.parametrizations.items())
+        if not all(len(pl) == 1 and isinstance(pl[0], WeightMask) for pl in plists.values()):
+            raise NotImplementedError("a module carries parametrizations other than ebcompile masks")
+        originals = {}
+        for attr, plist in plists.items():
+            original = plist.original
+            if bake and plist[0].active:
+                with torch.no_grad():
+                    original.mul_(plist[0].mask)
+            originals[attr] = original
+        module.__class__ = module.__class__.__bases__[0]
+        del module._modules["parametrizations"]
+        for attr, original in originals.items():
+            module._parameters[attr] = original
+        _drop_hooks(module)
+
+
+def _drop_hooks(module: nn.Module) -> None:
+    for hooks in (module._state_dict_hooks,):
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "_ebcompile", False):
+                del hooks[key]
+    for handle in module.__dict__.pop("_ebcompile_pre_hooks", []):
+        handle.remove()
+
+
+def iter_masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, WeightMask]]:
+    """(qualified tensor name, owner module, attribute, mask) for every inserted mask."""
+    for path, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():
+            for p in plist:
+                if isinstance(p, WeightMask):
+                    yield (f"{path}.{attr}" if path else attr), module, attr, p
+
+
+def _save_hook(attr: str):
+    def hook(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+        orig = state.pop(f"{prefix}parametrizations.{attr}.original", None)
+        mask = state.pop(f"{prefix}parametrizations.{attr}.0.mask", None)
+        if orig is None:
+            return
+        state[f"{prefix}{attr}"] = (orig * mask) if mask is not None else orig
+        if mask is not None:
+            state[f"{prefix}{attr}{MASK_SUFFIX}"] = mask
+
+    hook._ebcompile = True
+    return hook
+
+
+def _load_hook(attr: str):
+    def hook(module: nn.Module, state: dict, prefix: str, *args) -> None:
+        if f"{prefix}{attr}" in state:
+            state[f"{prefix}parametrizations.{attr}.original"] = state.pop(f"{prefix}{attr}")
+        plist = module.parametrizations[attr]
+        key = f"{prefix}{attr}{MASK_SUFFIX}"
+        if key in state:
+            mask = state.pop(key)
+            state[f"{prefix}parametrizations.{attr}.0.mask"] = mask
+            plist[0].active = not bool(mask.all())
+        else:  # a plain checkpoint: keep the masks the model has
+            state.setdefault(f"{prefix}parametrizations.{attr}.0.mask", plist[0].mask)
+
+    return hook

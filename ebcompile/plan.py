@@ -1,0 +1,75 @@
+"""The data the analyses produce: prunable linear ops and coupled groups (heads, FFN neurons)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """One linear op of the graph, tied to its parameters.
+
+    ``out_dim`` is the weight dimension that indexes output features: 0 for ``nn.Linear`` ([out, in]),
+    1 for Hugging Face ``Conv1D`` ([in, out]).
+    """
+
+    name: str
+    weight: str
+    bias: str | None = None
+    out_dim: int = 0
+    kind: str = "linear"  # "linear" | "attention" (a projection inside an attention op) | "head" (model output)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A slice of one tensor that belongs to a group set: unit ``u`` owns indices
+    ``offset + u*unit_size ... offset + (u+1)*unit_size - 1`` along ``dim``.
+
+    ``masked`` members are zeroed by structured masks; the others (a relative-position bias table, a
+    per-head logit scale) only follow the units when the model is compacted.
+    """
+
+    tensor: str
+    dim: int
+    offset: int
+    unit_size: int
+    masked: bool = True
+
+
+@dataclass(frozen=True)
+class GroupSet:
+    """``units`` coupled structures of one kind in one layer: the heads of one attention op, or the
+    neurons of one FFN (fc1 row + bias + fc2 column)."""
+
+    kind: str  # "head" | "neuron"
+    name: str
+    units: int
+    members: tuple[Member, ...]
+    module: str | None = None  # module whose head-count attributes compaction rewrites
+    attributes: tuple[str, ...] = ()  # e.g. ("num_heads",)
+
+
+@dataclass
+class Plan:
+    """What ``prepare`` decided: the masked linears and the coupled groups of the model."""
+
+    linears: list[LinearOp] = field(default_factory=list)
+    groups: list[GroupSet] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # linear name -> why it is not masked
+    capture: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "linears": [asdict(x) for x in self.linears],
+            "groups": [dict(asdict(g), members=[asdict(m) for m in g.members]) for g in self.groups],
+            "skipped": dict(self.skipped),
+            "capture": self.capture,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        groups = [
+            GroupSet(**dict(g, members=tuple(Member(**m) for m in g["members"]), attributes=tuple(g.get("attributes", ()))))
+            for g in data["groups"]
+        ]
+        return cls([LinearOp(**x) for x in data["linears"]], groups, dict(data.get("skipped", {})), data.get("capture", ""))

@@ -1,0 +1,151 @@
+"""``prepare``: capture, analyse, insert masks. The user's module is returned, masked in place."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .capture import capture
+from .errors import ConfigError, InvalidRatioError, NoPrunableLayerError, NotPreparedError
+from .importance import Masks, compute_masks
+from .passes.groups import find_groups
+from .passes.linears import find_linears
+from .passes.masks import insert_masks, iter_masks
+from .plan import Plan
+
+__all__ = ["prepare", "PrepareConfig", "config_of", "mask_nodes", "MaskNode", "current_masks", "check_ratio"]
+
+STRUCTURES = ("unstructured", "structured")
+SCOPES = ("global", "layer")
+
+
+@dataclass
+class PrepareConfig:
+    """What ``prepare`` was asked for, kept on the model as ``model._ebcompile``."""
+
+    plan: Plan
+    ratio: float
+    structure: str
+    scope: str
+
+
+@dataclass(frozen=True)
+class MaskNode:
+    """One inserted mask, as ``ebcompile inspect`` lists it."""
+
+    tensor: str
+    shape: tuple[int, ...]
+    density: float
+    frozen: bool
+
+
+def check_ratio(ratio: float) -> float:
+    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        raise InvalidRatioError(
+            f"ratio={ratio!r} is outside (0, 1). Fix: pass the fraction of units to prune, e.g. ratio=0.3."
+        )
+    return float(ratio)
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}. Fix: pick one of them.")
+    return value
+
+
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: Any,
+    ratio: float = 0.3,
+    structure: str = "unstructured",
+    scope: str | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    prune_output_layer: bool = False,
+    capture_method: str = "auto",
+) -> nn.Module:
+    """Mask every prunable linear weight of ``model`` and return the same module, ready to train.
+
+    Args:
+        model: any ``nn.Module`` (torchvision ViT/Swin, an MLP, ...). It is modified in place.
+        example_inputs: one batch: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        ratio: fraction of the chosen structures that pruning removes, in (0, 1).
+        structure: ``"unstructured"`` (single weights) or ``"structured"`` (attention heads, FFN neurons).
+        scope: ``"global"`` (one ranking over the model) or ``"layer"`` (each layer prunes ``ratio`` of
+            its own units). Default: global for unstructured, layer for structured.
+        include / exclude: fnmatch patterns over linear names (module paths, e.g. ``"encoder.*.mlp.*"``).
+        prune_output_layer: also mask linears that feed the model output (the classifier head).
+        capture_method: ``"auto"``, ``"symbolic_trace"`` or ``"export"``.
+
+    The returned model trains exactly like the original while its masks are all ones (no multiply is
+    even done); ``EarlyBird`` draws masks and ``apply_ticket`` freezes them.
+    """
+    ratio = check_ratio(ratio)
+    _check_choice("structure", structure, STRUCTURES)
+    scope = _check_choice("scope", scope or ("global" if structure == "unstructured" else "layer"), SCOPES)
+    if getattr(model, "_ebcompile", None) is not None:
+        raise ConfigError("this model is already prepared. Fix: call prepare once, on the plain model.")
+    cap = capture(model, example_inputs, capture_method)
+    linears, attn = find_linears(cap)
+    plan = Plan(capture=cap.method)
+    for op in linears:
+        if op.kind == "head" and not prune_output_layer:
+            plan.skipped[op.name] = "feeds the model output (pass prune_output_layer=True to mask it)"
+        elif include and not _matches(op.name, include):
+            plan.skipped[op.name] = "not matched by include"
+        elif _matches(op.name, exclude):
+            plan.skipped[op.name] = "matched by exclude"
+        else:
+            plan.linears.append(op)
+    found = ", ".join(op.name for op in linears) or "none"
+    if not plan.linears:
+        raise NoPrunableLayerError(
+            f"no prunable linear layer in {type(model).__name__} (linear layers found: {found}). "
+            "Fix: loosen include=/exclude=, or pass prune_output_layer=True if the only linear is the output layer."
+        )
+    masked_weights = {op.weight for op in plan.linears}
+    plan.groups = find_groups(cap, attn, masked_weights)
+    if structure == "structured":
+        if not plan.groups:
+            raise NoPrunableLayerError(
+                f"no attention head or FFN neuron group among the masked linears of {type(model).__name__} "
+                f"({found}). Fix: use structure='unstructured', or include both linears of an FFN block."
+            )
+        tensors = sorted({m.tensor for g in plan.groups for m in g.members if m.masked})
+    else:
+        tensors = [op.weight for op in plan.linears]
+    insert_masks(model, tensors)
+    model._ebcompile = PrepareConfig(plan, ratio, structure, scope)
+    return model
+
+
+def config_of(model: nn.Module) -> PrepareConfig:
+    cfg = getattr(model, "_ebcompile", None)
+    if cfg is None:
+        raise NotPreparedError(
+            f"{type(model).__name__} has no ebcompile masks. Fix: call ebcompile.prepare(model, example_inputs) first."
+        )
+    return cfg
+
+
+def current_masks(model: nn.Module, ratio: float | None = None) -> Masks:
+    """The masks magnitude pruning at ``ratio`` (default: the prepared ratio) gives now."""
+    cfg = config_of(model)
+    return compute_masks(model, cfg.plan, check_ratio(ratio if ratio is not None else cfg.ratio), cfg.structure, cfg.scope)
+
+
+def mask_nodes(model: nn.Module) -> list[MaskNode]:
+    """Every inserted mask with its shape, kept fraction and whether it is frozen."""
+    config_of(model)
+    return [
+        MaskNode(name, tuple(m.mask.shape), float(m.mask.float().mean()), m.frozen)
+        for name, _, _, m in iter_masks(model)
+    ]

@@ -1,0 +1,153 @@
+"""Tickets: the masks the controller settled on, how they are saved, and how they are applied."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .errors import ConfigError, TicketMismatchError
+from .importance import Masks, raw_tensor
+from .io import load_tensors, save_tensors
+from .passes.masks import iter_masks
+from .prepare import config_of
+
+__all__ = ["Ticket", "apply_ticket", "snapshot", "MODES"]
+
+MODES = ("continue", "rewind", "reinit")
+
+
+@dataclass
+class Ticket:
+    """Frozen-to-be masks plus what they were drawn from (to refuse them on another model)."""
+
+    masks: Masks
+    ratio: float
+    scope: str
+    signature: dict[str, list[int]]  # masked tensor name -> shape
+    found_at: dict[str, int] = field(default_factory=dict)  # {"check": k, "tick": t}
+
+    @property
+    def structure(self) -> str:
+        return self.masks.structure
+
+    def sparsity(self) -> float:
+        """Fraction of the masked units (weights, or heads+neurons) that the ticket prunes."""
+        return self.masks.pruned_fraction()
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {f"tensor/{k}": v.to(torch.uint8) for k, v in self.masks.tensors.items()}
+        tensors.update({f"unit/{k}": v.to(torch.uint8) for k, v in self.masks.units.items()})
+        header = {"structure": self.structure, "ratio": self.ratio, "scope": self.scope,
+                  "signature": self.signature, "found_at": self.found_at, "kinds": self.masks.kinds}
+        save_tensors(path, tensors, header, "ticket")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Ticket":
+        tensors, h = load_tensors(path, "ticket")
+        masks = Masks(h["structure"], kinds=dict(h["kinds"]))
+        for key, value in tensors.items():
+            where, _, name = key.partition("/")
+            (masks.tensors if where == "tensor" else masks.units)[name] = value.bool()
+        return cls(masks, h["ratio"], h["scope"], {k: list(v) for k, v in h["signature"].items()}, dict(h["found_at"]))
+
+
+def signature_of(model: nn.Module) -> dict[str, list[int]]:
+    return {name: list(m.mask.shape) for name, _, _, m in iter_masks(model)}
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's weights (no masks), for ``apply_ticket(..., mode="rewind")``."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if not k.endswith("_mask")}
+
+
+def _check_signature(model: nn.Module, ticket: Ticket) -> None:
+    mine = signature_of(model)
+    if mine == ticket.signature:
+        return
+    missing = sorted(set(ticket.signature) - set(mine))[:3]
+    extra = sorted(set(mine) - set(ticket.signature))[:3]
+    shape = [k for k in set(mine) & set(ticket.signature) if mine[k] != ticket.signature[k]][:3]
+    raise TicketMismatchError(
+        "the ticket was drawn from another model or configuration "
+        f"(tensors only in the ticket: {missing or 'none'}; only in the model: {extra or 'none'}; "
+        f"different shapes: {shape or 'none'}). Fix: apply a ticket to the prepared model it came from, "
+        "prepared with the same structure and include/exclude patterns."
+    )
+
+
+_FROZEN_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_HOOK: Any = None
+
+
+def _rezero_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Optimizer post-step hook: pruned stored weights stay exactly zero whatever the optimizer does."""
+    with torch.no_grad():
+        for model in list(_FROZEN_MODELS):
+            for name, _, _, m in iter_masks(model):
+                if m.frozen and m.active:
+                    raw_tensor(model, name).mul_(m.mask)
+
+
+def _reset_all(model: nn.Module) -> None:
+    for module in model.modules():
+        for fn in ("reset_parameters", "_reset_parameters"):
+            if callable(getattr(module, fn, None)):
+                getattr(module, fn)()
+                break
+
+
+def apply_ticket(
+    model: nn.Module,
+    ticket: Ticket,
+    mode: str = "continue",
+    weights: dict[str, torch.Tensor] | None = None,
+    init: Callable[[nn.Module], None] | None = None,
+    seed: int | None = None,
+) -> nn.Module:
+    """Freeze ``ticket``'s masks into the prepared ``model`` and choose the weights to retrain from.
+
+    mode:
+        ``"continue"``: keep the current weights (the early-bird weights).
+        ``"rewind"``: load ``weights`` (e.g. ``EarlyBird(rewind_at=0).rewind_weights`` or ``snapshot(model)``).
+        ``"reinit"``: re-initialise every module with ``reset_parameters`` (or call ``init(model)``), seeded.
+    Pruned weights are then exactly zero in the forward, in ``state_dict`` and in the stored parameters,
+    and stay zero through any optimizer step (momentum and weight decay included).
+    """
+    config_of(model)
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r} is not one of {', '.join(map(repr, MODES))}. Fix: pick one of them.")
+    if not isinstance(ticket, Ticket):
+        raise TicketMismatchError(f"expected an ebcompile Ticket, got {type(ticket).__name__}. Fix: pass EarlyBird.ticket or Ticket.load(path).")
+    _check_signature(model, ticket)
+    masks = list(iter_masks(model))
+    for _, _, _, m in masks:  # identity parametrizations: weights read/written in place below
+        m.active = False
+    if mode == "rewind":
+        if weights is None:
+            raise ConfigError("mode='rewind' needs weights=. Fix: pass EarlyBird(..., rewind_at=0).rewind_weights "
+                              "or a snapshot(model) taken at the point to rewind to.")
+        missing = [k for k in weights if k not in model.state_dict()]
+        if missing:
+            raise TicketMismatchError(f"rewind weights name tensors the model lacks ({missing[:3]}). Fix: snapshot this model.")
+        model.load_state_dict(weights, strict=False)
+    elif mode == "reinit":
+        if seed is not None:
+            torch.manual_seed(seed)
+        (init or _reset_all)(model)
+    with torch.no_grad():
+        for name, _, _, m in masks:
+            m.set(ticket.masks.tensors[name])
+            m.frozen = True
+            raw_tensor(model, name).mul_(m.mask)
+    global _HOOK
+    if _HOOK is None:
+        _HOOK = register_optimizer_step_post_hook(_rezero_after_step)
+    _FROZEN_MODELS.add(model)
+    model._ebcompile.ticket = ticket
+    return model
