@@ -1,0 +1,1 @@
+"""The ``ebcompile`` command line: thin subcommands over the Python API."""

@@ -1,0 +1,197 @@
+"""``export_onnx``: write ONNX, check it, run it in onnxruntime against PyTorch, and only then keep it."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..capture import normalize_inputs
+from ..errors import ConfigError, ExportError
+from ..io import atomic_path
+
+__all__ = ["export_onnx", "ExportReport", "ort_session", "plain_model"]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+MASK_OPS = ("weight_mask", "parametrizations")
+
+
+@dataclass
+class ExportReport:
+    path: str
+    bytes: int
+    providers: list[str]
+    max_abs_error: float | None
+    tolerance: tuple[float, float]
+    optimized: bool
+    op_counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The model to export: a prepared model is compacted (structured ticket) or has its masks baked in."""
+    cfg = getattr(model, "_ebcompile", None)
+    if cfg is None:
+        return model
+    if getattr(cfg, "ticket", None) is not None:
+        from ..passes.shrink import compact
+
+        return compact(model)
+    from ..passes.masks import strip_masks
+
+    new = copy.deepcopy(model)
+    strip_masks(new, bake=True)
+    new.__dict__.pop("_ebcompile", None)
+    return new
+
+
+def ort_session(path: str | os.PathLike, prefer_gpu: bool = True):
+    """An onnxruntime session on CUDA when a GPU really is there (decided by the session), else CPU, quietly."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if prefer_gpu and torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - fall back to whatever loads
+                pass
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _auto_axes(names: list[str], tensors: list[torch.Tensor]) -> dict[str, dict[int, str]]:
+    axes = {}
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            continue
+        axes[name] = {0: "batch"}
+        if not t.is_floating_point() and t.dim() >= 2:  # token ids / attention masks: [batch, sequence]
+            axes[name][1] = "sequence"
+    return axes
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for o in out for t in _flatten(o)] if isinstance(out, (list, tuple)) else []
+
+
+def _optimize(path: Path, fp16: bool, notes: list[str]) -> bool:
+    """onnxruntime's transformer optimizer (fused attention / LayerNorm / GELU, head counts found per layer)."""
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
+            if fp16:
+                opt.convert_float_to_float16(keep_io_types=False)
+            opt.save_model_to_file(str(path))
+        return True
+    except Exception as exc:  # noqa: BLE001 - an optimizer failure keeps the plain export
+        notes.append(f"optimizer skipped: {type(exc).__name__}: {str(exc)[:200]}")
+        return False
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Any,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    dynamic_axes: dict[str, dict[int, str]] | str | None = "auto",
+    dtype: str = "fp32",
+    opset: int = 17,
+    optimize: bool = False,
+    verify: bool = True,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> ExportReport:
+    """Export ``model`` (a prepared model is compacted first) to ONNX at ``path`` and verify it.
+
+    ``dynamic_axes="auto"`` makes dim 0 of every input/output the batch and dim 1 of integer inputs the
+    sequence. Verification: ``onnx.checker``, then onnxruntime (CUDA EP when a GPU is there, else CPU)
+    against PyTorch on ``example_inputs``, |ort - torch| <= atol + rtol * |torch| (default 1e-4/1e-4 in fp32,
+    2e-2/2e-2 in fp16). On any failure an ``ExportError`` is raised and no file is left at ``path``.
+    """
+    import onnx
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not one of {list(DTYPES)}. Fix: use 'fp32' or 'fp16'.")
+    fp16 = dtype == "fp16"
+    rtol = rtol if rtol is not None else (2e-2 if fp16 else 1e-4)
+    atol = atol if atol is not None else (2e-2 if fp16 else 1e-4)
+    net = plain_model(model)
+    net = copy.deepcopy(net) if net is model else net
+    net.eval()
+    args, kwargs = normalize_inputs(example_inputs)
+    if kwargs:
+        input_names = input_names or list(kwargs)
+        args = tuple(kwargs[k] for k in input_names)
+    if fp16:
+        net = net.half()
+        args = tuple(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    with torch.no_grad():
+        reference = _flatten(net(*args))
+    input_names = input_names or [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
+    output_names = output_names or (["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))])
+    axes = _auto_axes(input_names, list(args)) | _auto_axes(output_names, reference) if dynamic_axes == "auto" else dynamic_axes
+    notes: list[str] = []
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(net, args, str(tmp), input_names=input_names, output_names=output_names,
+                                  dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+            onnx.checker.check_model(str(tmp))
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"torch.onnx.export / onnx.checker failed for {type(net).__name__}: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}. Fix: export a compact model with fixed-shape "
+                              "inputs, or report the failing op.") from exc
+        optimized = _optimize(tmp, fp16, notes) if optimize else False
+        graph = onnx.load(str(tmp), load_external_data=False).graph
+        counts: dict[str, int] = {}
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        leftover = [i.name for i in graph.initializer if any(s in i.name for s in MASK_OPS)]
+        if leftover:
+            raise ExportError(f"mask tensors left in the exported graph ({leftover[:3]}). Fix: compact the model first.")
+        providers: list[str] = []
+        err = None
+        if verify:
+            session = ort_session(tmp)
+            providers = session.get_providers()
+            feeds = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args) if isinstance(a, torch.Tensor)}
+            feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
+            got = session.run(None, feeds)
+            err = 0.0
+            for name, want, have in zip(output_names, reference, got):
+                w = want.detach().float().cpu().numpy()
+                h = np.asarray(have, dtype=np.float32)
+                if w.shape != h.shape:
+                    raise ExportError(f"onnxruntime output {name} has shape {h.shape}, PyTorch {w.shape}. Fix: check dynamic_axes.")
+                excess = np.abs(h - w) - (atol + rtol * np.abs(w))
+                err = max(err, float(np.abs(h - w).max(initial=0.0)))
+                if (excess > 0).any():
+                    raise ExportError(
+                        f"onnxruntime ({providers[0]}) disagrees with PyTorch on {name}: max |diff| "
+                        f"{float(np.abs(h - w).max()):.3g} > atol {atol:g} + rtol {rtol:g}·|ref|. Fix: export in fp32, "
+                        "or loosen rtol/atol if the difference is expected."
+                    )
+        size = tmp.stat().st_size
+    return ExportReport(str(path), size, providers, err, (rtol, atol), optimized, counts, notes)
