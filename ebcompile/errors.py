@@ -35,5 +35,13 @@ class NotPreparedError(EbcompileError):
     """An operation that needs a model returned by ebcompile.prepare got a plain model."""
 
 
+class NoTicketError(NotPreparedError):
+    """An operation that needs a frozen ticket (``compact``) got a model with none applied."""
+
+
 class CheckpointError(EbcompileError):
     """A checkpoint file that is missing, unreadable or not written by ebcompile."""
+
+
+class ExportError(EbcompileError):
+    """ONNX export or its verification failed; no file is left behind."""
