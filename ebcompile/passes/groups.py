@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from ..capture import Captured
 from ..plan import GroupSet, LinearOp, Member
+from .attention import family_of
 
 __all__ = ["find_groups", "attention_groups", "ffn_groups"]
 
@@ -107,55 +108,20 @@ def _params(cap: Captured, node: fx.Node) -> set[fx.Node]:
     return {a for a in node.all_input_nodes if cap.param(a) is not None or a.op == "get_attr"}
 
 
-def _qkv_members(weights: list[str], bias: str | None, embed: int, head_dim: int) -> list[Member]:
-    members = []
-    if len(weights) == 1:  # packed [3E, E]
-        members += [Member(weights[0], 0, i * embed, head_dim) for i in range(3)]
-    else:
-        members += [Member(w, 0, 0, head_dim) for w in weights]
-    if bias is not None:
-        members += [Member(bias, 0, i * embed, head_dim) for i in range(3)]
-    return members
-
-
 def attention_groups(attn: dict[str, nn.Module], masked: set[str]) -> list[GroupSet]:
-    """One head GroupSet per attention module whose projections are all masked."""
+    """One head GroupSet per attention module whose head slices are all masked."""
     groups = []
     for path, mod in attn.items():
-        if isinstance(mod, nn.MultiheadAttention):
-            if mod.bias_k is not None:  # add_bias_kv adds per-head key/value rows we do not follow
-                continue
-            embed, heads = mod.embed_dim, mod.num_heads
-            weights = [f"{path}.in_proj_weight"] if mod._qkv_same_embed_dim else [f"{path}.{p}_proj_weight" for p in "qkv"]
-            bias = f"{path}.in_proj_bias" if mod.in_proj_bias is not None else None
-            out = f"{path}.out_proj.weight"
-            attrs: tuple[str, ...] = ("num_heads",)
-            extra: list[Member] = []
-        else:  # torchvision ShiftedWindowAttention / V2
-            heads, embed = mod.num_heads, mod.qkv.in_features
-            weights, bias, out = [f"{path}.qkv.weight"], (f"{path}.qkv.bias" if mod.qkv.bias is not None else None), f"{path}.proj.weight"
-            attrs = ("num_heads",)
-            extra = []
-            if hasattr(mod, "relative_position_bias_table"):
-                extra.append(Member(f"{path}.relative_position_bias_table", 1, 0, 1, masked=False))
-            if hasattr(mod, "logit_scale"):
-                extra.append(Member(f"{path}.logit_scale", 0, 0, 1, masked=False))
-            if hasattr(mod, "cpb_mlp"):
-                last = [n for n, m in mod.cpb_mlp.named_modules() if isinstance(m, nn.Linear)][-1]
-                extra.append(Member(f"{path}.cpb_mlp.{last}.weight", 0, 0, 1, masked=False))
-        if not all(w in masked for w in weights) or out not in masked or embed % heads:
-            continue
-        head_dim = embed // heads
-        members = _qkv_members(weights, bias, embed, head_dim) + [Member(out, 1, 0, head_dim)] + extra
-        groups.append(GroupSet("head", path, heads, tuple(members), module=path, attributes=attrs))
+        group = family_of(mod).heads(path, mod)
+        if group is not None and all(m.tensor in masked or not m.masked or m.tensor.endswith("bias") for m in group.members):
+            groups.append(group)
     return groups
 
 
 def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str]) -> list[GroupSet]:
     """Head groups then FFN neuron groups, over the masked weights only."""
-    from .linears import linear_nodes
+    from .linears import claimed_weights, linear_nodes
 
     modules = dict(cap.root.named_modules())
-    claimed = {p for path in attn for p, _ in modules[path].named_parameters(prefix=path)}
-    nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed}
+    nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed_weights(attn)}
     return attention_groups(attn, masked) + ffn_groups(cap, nodes, masked)

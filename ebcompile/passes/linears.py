@@ -15,24 +15,20 @@ from torch import fx, nn
 
 from ..capture import Captured
 from ..plan import LinearOp
+from .attention import family_of
 
 __all__ = ["find_linears", "attention_modules", "linear_nodes"]
 
 META = "ebcompile.linear"
 
 
-def _swin_attention_types() -> tuple[type, ...]:
-    try:
-        from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return ()
-    return (ShiftedWindowAttention, ShiftedWindowAttentionV2)
-
-
 def attention_modules(model: nn.Module, used: set[str]) -> dict[str, nn.Module]:
-    """Attention modules the graph uses whose projections live as their own parameters."""
-    kinds = (nn.MultiheadAttention,) + _swin_attention_types()
-    return {path: m for path, m in model.named_modules() if path in used and isinstance(m, kinds)}
+    """Modules of a registered attention family that the graph uses (outermost wins)."""
+    found: dict[str, nn.Module] = {}
+    for path, m in model.named_modules():
+        if path in used and family_of(m) is not None and not any(path.startswith(p + ".") for p in found):
+            found[path] = m
+    return found
 
 
 def _used_modules(cap: Captured) -> set[str]:
@@ -58,29 +54,6 @@ def _clean_stack_path(path: str) -> str:
     # torch.export writes paths like "L['self'].encoder.layers[0]" or "encoder.layers.0"
     path = path.replace("L['self']", "").replace("L__self__", "").lstrip(".")
     return path.replace("[", ".").replace("]", "").replace("'", "")
-
-
-def _attention_linears(path: str, module: nn.Module) -> list[LinearOp]:
-    if isinstance(module, nn.MultiheadAttention):
-        ops = []
-        if module._qkv_same_embed_dim:
-            ops.append(LinearOp(f"{path}.in_proj", f"{path}.in_proj_weight",
-                                f"{path}.in_proj_bias" if module.in_proj_bias is not None else None, 0, "attention"))
-        else:
-            bias = f"{path}.in_proj_bias" if module.in_proj_bias is not None else None
-            for part in ("q", "k", "v"):
-                ops.append(LinearOp(f"{path}.{part}_proj", f"{path}.{part}_proj_weight", None, 0, "attention"))
-            _ = bias  # the packed bias is masked through the head groups
-        out = module.out_proj
-        ops.append(LinearOp(f"{path}.out_proj", f"{path}.out_proj.weight",
-                            f"{path}.out_proj.bias" if out.bias is not None else None, 0, "attention"))
-        return ops
-    # torchvision Swin (v1 and v2): qkv and proj are nn.Linear; cpb_mlp (v2) is internal and never pruned
-    return [
-        LinearOp(f"{path}.{name}", f"{path}.{name}.weight",
-                 f"{path}.{name}.bias" if getattr(module, name).bias is not None else None, 0, "attention")
-        for name in ("qkv", "proj")
-    ]
 
 
 _LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
@@ -147,8 +120,7 @@ def find_linears(cap: Captured) -> tuple[list[LinearOp], dict[str, nn.Module]]:
     """All linear ops of the graph in graph order, plus the attention modules that own some of them."""
     modules = dict(cap.root.named_modules())
     attn = attention_modules(cap.root, _used_modules(cap))
-    claimed = {p for path in attn for p, _ in modules[path].named_parameters(prefix=path)}
-    nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed}
+    nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed_weights(attn)}
     attention_nodes = {n for n in cap.graph.nodes if _owner(cap, n, attn) is not None}
     heads = _output_heads(cap.graph, set(nodes) | attention_nodes)
     ops: list[LinearOp] = []
@@ -162,10 +134,14 @@ def find_linears(cap: Captured) -> tuple[list[LinearOp], dict[str, nn.Module]]:
             ops.append(op)
         elif (owner := _owner(cap, node, attn)) is not None and owner not in emitted:
             emitted.add(owner)
-            for op in _attention_linears(owner, attn[owner]):
-                ops.append(op)
+            ops.extend(family_of(attn[owner]).linears(owner, attn[owner]))
             node.meta[META] = owner
     return ops, attn
+
+
+def claimed_weights(attn: dict[str, nn.Module]) -> set[str]:
+    """Parameters owned by attention modules: they are handled by their family, never as plain linears."""
+    return {p for path, m in attn.items() for p, _ in m.named_parameters(prefix=path)}
 
 
 def _owner(cap: Captured, node: fx.Node, attn: dict[str, nn.Module]) -> str | None:
