@@ -25,6 +25,9 @@ class AttentionFamily:
     matches: Callable[[nn.Module], bool]
     linears: Callable[[str, nn.Module], list[LinearOp]]
     heads: Callable[[str, nn.Module], GroupSet | None]  # None: heads cannot be followed (masks stay unstructured)
+    # compaction: called after the head slices were removed from the tensors, with the kept head count;
+    # returns a replacement module, or None when it rewrote the module's attributes in place
+    rewrite: Callable[[nn.Module, int], nn.Module | None] | None = None
 
 
 FAMILIES: list[AttentionFamily] = []
