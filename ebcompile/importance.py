@@ -133,6 +133,10 @@ def _structured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Masks
             masks.units[key] = keep
             masks.kinds[key] = kind
             expand_units(model, g, keep, masks.tensors)
+    for op in plan.linears:  # masked linears outside every group (e.g. Swin's patch merging) keep all weights
+        if op.weight not in masks.tensors:
+            t = raw_tensor(model, op.weight)
+            masks.tensors[op.weight] = torch.ones(t.shape, dtype=torch.bool, device=t.device)
     return masks
 
 

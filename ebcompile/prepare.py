@@ -119,7 +119,8 @@ def prepare(
                 f"no attention head or FFN neuron group among the masked linears of {type(model).__name__} "
                 f"({found}). Fix: use structure='unstructured', or include both linears of an FFN block."
             )
-        tensors = sorted({m.tensor for g in plan.groups for m in g.members if m.masked})
+        # group slices (biases included) plus every other masked linear, which keeps an all-ones mask
+        tensors = sorted({m.tensor for g in plan.groups for m in g.members if m.masked} | masked_weights)
     else:
         tensors = [op.weight for op in plan.linears]
     insert_masks(model, tensors)

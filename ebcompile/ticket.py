@@ -151,3 +151,12 @@ def apply_ticket(
     _FROZEN_MODELS.add(model)
     model._ebcompile.ticket = ticket
     return model
+
+
+def draw_ticket(model: nn.Module, ratio: float | None = None) -> Ticket:
+    """The ticket magnitude pruning at ``ratio`` gives right now, without a search (one-shot pruning)."""
+    from .prepare import current_masks
+
+    cfg = config_of(model)
+    masks = current_masks(model, ratio)
+    return Ticket(masks, cfg.ratio if ratio is None else float(ratio), cfg.scope, signature_of(model), {})
