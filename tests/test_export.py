@@ -1,0 +1,72 @@
+"""ONNX export: checker + onnxruntime (CPU EP) agree with PyTorch; failures leave no file behind."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torchvision.models import VisionTransformer
+
+import ebcompile
+from ebcompile.errors import ExportError
+from ebcompile.export import export_onnx
+from ebcompile.ticket import draw_ticket
+
+
+def _ticketed_vit(layers: int, heads: int, head_dim: int, mlp: int, ratio: float, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = VisionTransformer(image_size=8, patch_size=4, num_layers=layers, num_heads=heads, hidden_dim=heads * head_dim,
+                              mlp_dim=mlp, num_classes=5).eval()
+    ebcompile.prepare(model, torch.randn(1, 3, 8, 8), ratio=ratio, structure="structured")
+    with torch.no_grad():
+        for p in model.parameters():  # spread the magnitudes so the ticket prunes varied units
+            p.mul_(torch.rand_like(p) * 2)
+    return ebcompile.apply_ticket(model, draw_ticket(model))
+
+
+@settings(max_examples=12, deadline=None)
+@given(layers=st.integers(1, 2), heads=st.integers(1, 4), head_dim=st.sampled_from([4, 8]), mlp=st.sampled_from([8, 16]),
+       ratio=st.sampled_from([0.1, 0.3, 0.5, 0.7]), batch=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_compact_vit_onnx_matches_pytorch(tmp_path_factory, layers, heads, head_dim, mlp, ratio, batch, seed):
+    model = _ticketed_vit(layers, heads, head_dim, mlp, ratio, seed)
+    path = tmp_path_factory.mktemp("onnx") / "vit.onnx"
+    report = export_onnx(model, path, torch.randn(2, 3, 8, 8))
+    assert report.providers == ["CPUExecutionProvider"] and report.max_abs_error is not None
+    graph = onnx.load(str(path)).graph
+    assert not [i.name for i in graph.initializer if "mask" in i.name]
+    # dynamic batch: another batch size than the one exported with
+    import onnxruntime as ort
+
+    x = torch.randn(batch, 3, 8, 8)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert abs(got - want).max() <= 1e-4 * (1 + abs(want).max())
+
+
+def test_export_shrinks_file_with_the_ticket(tmp_path):
+    dense = VisionTransformer(image_size=8, patch_size=4, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=5)
+    a = export_onnx(dense, tmp_path / "dense.onnx", torch.randn(1, 3, 8, 8))
+    b = export_onnx(_ticketed_vit(2, 4, 8, 64, 0.5, 0), tmp_path / "pruned.onnx", torch.randn(1, 3, 8, 8))
+    assert b.bytes < 0.8 * a.bytes
+
+
+def test_verification_failure_raises_and_leaves_no_file(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="Fix:"):
+        export_onnx(model, path, torch.randn(2, 4), rtol=0.0, atol=-1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_dtype_is_a_config_error(tmp_path):
+    with pytest.raises(ebcompile.EbcompileError, match="dtype"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx", torch.randn(1, 2), dtype="int8")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_export_verifies_within_fp16_tolerance(tmp_path):
+    model = _ticketed_vit(1, 2, 8, 16, 0.5, 1)
+    report = export_onnx(model, tmp_path / "h.onnx", torch.randn(2, 3, 8, 8), dtype="fp16")
+    assert report.tolerance == (2e-2, 2e-2)
