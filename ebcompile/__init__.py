@@ -2,8 +2,12 @@
 
 from .controller import EarlyBird
 from .errors import EbcompileError
+from .export import export_onnx
+from .passes.shrink import compact
 from .prepare import mask_nodes, prepare
-from .ticket import Ticket, apply_ticket, snapshot
+from .report import report
+from .ticket import Ticket, apply_ticket, draw_ticket, snapshot
 
-__all__ = ["prepare", "EarlyBird", "Ticket", "apply_ticket", "snapshot", "mask_nodes", "EbcompileError"]
+__all__ = ["prepare", "EarlyBird", "Ticket", "apply_ticket", "draw_ticket", "snapshot", "compact", "export_onnx",
+           "report", "mask_nodes", "EbcompileError"]
 __version__ = "0.1.0"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import normalize_inputs
 
-__all__ = ["count_parameters", "count_macs"]
+__all__ = ["count_parameters", "count_macs", "report", "Report"]
 
 
 def count_parameters(model: nn.Module, nonzero: bool = False) -> int:
@@ -34,3 +37,76 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+@dataclass
+class Report:
+    """What ``ebcompile.report`` measured; ``str(report)`` is a readable table."""
+
+    source: str
+    parameters: int
+    nonzero: int
+    bytes: int
+    macs: int | None = None
+    heads: dict[str, int] = field(default_factory=dict)
+    linears: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> (in, out, density)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero / max(self.parameters, 1)
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: {self.parameters:,} parameters ({self.nonzero:,} non-zero, sparsity {self.sparsity:.2%}), "
+                 f"{self.bytes:,} bytes" + (f", {self.macs:,} MACs per forward" if self.macs is not None else "")]
+        if self.heads:
+            lines.append("heads: " + ", ".join(f"{k} {v}" for k, v in self.heads.items()))
+        if self.linears:
+            width = max(len(k) for k in self.linears)
+            lines.append(f"{'linear':<{width}}  {'in':>6}  {'out':>6}  density")
+            lines += [f"{k:<{width}}  {i:>6}  {o:>6}  {d:.3f}" for k, (i, o, d) in self.linears.items()]
+        return "\n".join(lines)
+
+
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head")
+
+
+def report(model_or_path: nn.Module | str | os.PathLike, example_inputs: Any = None) -> Report:
+    """Parameters, non-zero parameters, bytes, MACs (with ``example_inputs``), heads and linear widths.
+
+    Works on a plain, prepared or compact ``nn.Module``, or on an exported ``.onnx`` file (then bytes are
+    the file size and parameters the initializers).
+    """
+    if not isinstance(model_or_path, nn.Module):
+        return _report_onnx(Path(model_or_path))
+    model = model_or_path
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_mask")}
+    floats = [v for v in state.values() if v.is_floating_point()]
+    rep = Report(type(model).__name__, count_parameters(model), count_parameters(model, nonzero=True),
+                 sum(v.numel() * v.element_size() for v in floats))
+    if example_inputs is not None:
+        rep.macs = count_macs(model, example_inputs)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            w = module.weight
+            rep.linears[name] = (module.in_features, module.out_features, float((w != 0).float().mean()))
+        for attr in _HEAD_ATTRS:
+            if isinstance(getattr(module, attr, None), int) and name and not isinstance(module, nn.Linear):
+                if any(isinstance(c, nn.Linear) for c in module.children()) or isinstance(module, nn.MultiheadAttention):
+                    rep.heads[name] = getattr(module, attr)
+                break
+    return rep
+
+
+def _report_onnx(path: Path) -> Report:
+    import onnx
+    from onnx import numpy_helper
+
+    if not path.is_file():
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"{path} does not exist. Fix: pass an nn.Module or the path of an exported .onnx file.")
+    graph = onnx.load(str(path)).graph
+    arrays = [numpy_helper.to_array(t) for t in graph.initializer]
+    params = sum(a.size for a in arrays if a.dtype.kind == "f")
+    nonzero = sum(int((a != 0).sum()) for a in arrays if a.dtype.kind == "f")
+    return Report(path.name, params, nonzero, path.stat().st_size)
