@@ -1,25 +1,41 @@
-"""Transform: physically remove pruned heads and FFN neurons.
+"""Transform: physically remove pruned heads and FFN neurons, or store an unstructured ticket sparse.
 
 Invariant: does not preserve shapes, does preserve the function of the masked model — for every input,
-``compact(m)(x) == m(x)`` up to float rounding, where ``m`` has a structured ticket applied. The result is
-an ordinary ``nn.Module`` with no mask left in it; head counts are rewritten where they live (module
-attributes; ``nn.MultiheadAttention`` becomes ``CompactMultiheadAttention``, which allows any head count).
+``compact(m)(x) == m(x)`` up to float rounding, where ``m`` has a ticket applied. The result is an ordinary
+``nn.Module`` with no mask left in it.
+
+Structured tickets: the pruned units' slices are cut out of every member tensor of their group (q/k/v rows,
+out-projection columns, relative-position bias columns, logit scales, FFN rows and columns). Head counts are
+rewritten where they live: by the attention family's ``rewrite`` hook where it has one
+(``ebcompile.passes.attention``); otherwise ``nn.MultiheadAttention`` becomes ``CompactMultiheadAttention``
+and torchvision ``ShiftedWindowAttention``/``V2`` become ``CompactShiftedWindowAttention``/``V2`` (their
+functional form takes the head width from the residual width, which is wrong once heads are gone).
+Attention modules that lose no head are left as they are. ``round_to=k`` keeps widths (``heads * head_dim``, FFN neurons) at
+multiples of ``k`` by keeping a few pruned units back: their masked slices are zero in the masked model, so
+the function is unchanged; widths never exceed the original ones.
+
+Unstructured tickets: ``sparse=False`` leaves dense weights with the pruned entries zero; ``sparse=True``
+replaces each masked ``nn.Linear`` by a ``SparseLinear`` holding its weight in CSR form (an
+``nn.MultiheadAttention`` whose projections are masked becomes ``CompactMultiheadAttention`` first, so that
+they are ``nn.Linear`` modules). ``storage_bytes`` reports what that saves.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 
-from ..errors import NotPreparedError
-from ..modules import CompactMultiheadAttention
-from ..plan import GroupSet
-from ..prepare import config_of
-from .masks import strip_masks
+from ..errors import ConfigError, NoTicketError, NotPreparedError, TicketMismatchError
+from ..modules import (CompactMultiheadAttention, CompactShiftedWindowAttention, CompactShiftedWindowAttentionV2,
+                       SparseLinear)
+from ..plan import GroupSet, Plan
+from .attention import family_of
+from .masks import iter_masks, strip_masks
 
-__all__ = ["compact"]
+__all__ = ["compact", "storage_bytes"]
 
 
 def _removed_indices(group: GroupSet, keep: torch.Tensor) -> dict[tuple[str, int], set[int]]:
@@ -43,36 +59,48 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def _fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: dict[str, int]) -> None:
+def _swin_types() -> tuple[type, type] | None:
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return None
+    return ShiftedWindowAttention, ShiftedWindowAttentionV2
+
+
+def _fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: dict[str, tuple[int, int]]) -> None:
     for path, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
         elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-            module.nf = module.weight.shape[1]
-    for path, heads in kept_heads.items():
+            module.nx, module.nf = module.weight.shape  # HF Conv1D: weight [in, out], forward reads nf
+    swin = _swin_types()
+    for path, (heads, units) in kept_heads.items():
+        if heads == units:  # nothing removed: the original module still computes the right thing
+            continue
         mod = model.get_submodule(path)
-        if isinstance(mod, nn.MultiheadAttention):
-            _replace(model, path, _compact_mha(mod, heads))
+        family = family_of(mod)
+        if family is not None and family.rewrite is not None:  # the family knows its module best
+            replacement = family.rewrite(mod, heads)
+            if replacement is not None:
+                _replace(model, path, replacement)
+        elif isinstance(mod, nn.MultiheadAttention):
+            _replace(model, path, _compact_mha(mod, heads, path))
+        elif swin is not None and isinstance(mod, swin[1]):
+            _replace(model, path, CompactShiftedWindowAttentionV2.from_module(mod, heads))
+        elif swin is not None and isinstance(mod, swin[0]):
+            _replace(model, path, CompactShiftedWindowAttention.from_module(mod, heads))
         else:
             for attr in groups[path].attributes:
                 setattr(mod, attr, heads)
 
 
-def _compact_mha(mod: nn.MultiheadAttention, heads: int) -> CompactMultiheadAttention:
-    head_dim = mod.embed_dim // mod.num_heads
-    new = CompactMultiheadAttention(mod.embed_dim, heads, head_dim, bias=mod.in_proj_bias is not None,
-                                    batch_first=mod.batch_first, dropout=mod.dropout)
-    new.to(mod.out_proj.weight.device, mod.out_proj.weight.dtype)
-    with torch.no_grad():
-        w = mod.in_proj_weight if mod._qkv_same_embed_dim else torch.cat([mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight])
-        new.in_proj.weight.copy_(w)
-        if mod.in_proj_bias is not None:
-            new.in_proj.bias.copy_(mod.in_proj_bias)
-        new.out_proj.weight.copy_(mod.out_proj.weight)
-        if mod.out_proj.bias is not None:
-            new.out_proj.bias.copy_(mod.out_proj.bias)
-    new.train(mod.training)
-    return new
+def _compact_mha(mod: nn.MultiheadAttention, heads: int, path: str = "") -> CompactMultiheadAttention:
+    if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
+        raise ConfigError(
+            f"nn.MultiheadAttention {path} uses kdim/vdim != embed_dim, add_bias_kv or add_zero_attn, which "
+            f"CompactMultiheadAttention does not implement. Fix: leave it unpruned (exclude=['{path or '<path>'}.*'])."
+        )
+    return CompactMultiheadAttention.from_module(mod, heads)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -80,33 +108,161 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(owner) if owner else model, name, new)
 
 
-def compact(model: nn.Module) -> nn.Module:
-    """A new, smaller module computing what the masked ``model`` computes (``model`` is left as it is)."""
-    cfg = config_of(model)
+def _applied_ticket(model: nn.Module):
+    cfg = getattr(model, "_ebcompile", None)
+    if cfg is None:
+        raise NotPreparedError(
+            f"{type(model).__name__} was not prepared by ebcompile, so it has no ticket to compact to. Fix: "
+            "ebcompile.prepare(model, example_inputs, ...), find a ticket with EarlyBird, "
+            "ebcompile.apply_ticket(model, eb.ticket), then compact(model)."
+        )
     ticket = getattr(cfg, "ticket", None)
     if ticket is None:
-        raise NotPreparedError("no ticket is applied to this model. Fix: call ebcompile.apply_ticket(model, ticket) before compact.")
-    new = copy.deepcopy(model)
-    strip_masks(new, bake=True)
-    new.__dict__.pop("_ebcompile", None)
-    if ticket.structure != "structured":
-        return new
+        raise NoTicketError(
+            f"no ticket is applied to this {type(model).__name__}: its masks are not frozen, so compact has nothing "
+            "to remove. Fix: call ebcompile.apply_ticket(model, ticket) (ticket = EarlyBird(...).ticket or "
+            "Ticket.load(path)) before compact(model)."
+        )
+    masks = list(iter_masks(model))
+    if not masks or not all(m.frozen for *_, m in masks):
+        raise NoTicketError(
+            "the masks of the applied ticket are no longer on this model (stripped or replaced). "
+            "Fix: apply_ticket(model, ticket) again before compact(model)."
+        )
+    return cfg, ticket
+
+
+def _check_round_to(round_to: int | None) -> int | None:
+    if round_to is None:
+        return None
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ConfigError(f"round_to={round_to!r} must be None or an integer >= 1. Fix: e.g. round_to=8 for GPU kernels.")
+    return None if round_to == 1 else round_to
+
+
+def _rounded_keep(group: GroupSet, keep: torch.Tensor, round_to: int | None) -> torch.Tensor:
+    """``keep`` with the first pruned units taken back so that the kept width is a multiple of ``round_to``
+    (capped at the full width), and never fewer than one unit (an empty head set cannot be expressed)."""
+    keep = keep.clone()
+    if not keep.any():
+        keep[0] = True
+    if round_to is None or keep.all():
+        return keep
+    width = max((m.unit_size for m in group.members if m.masked), default=1)  # head_dim, or 1 for a neuron
+    step = round_to // math.gcd(width, round_to)  # units per multiple of round_to
+    kept = int(keep.sum())
+    target = min(-(-kept // step) * step, group.units)
+    extra = target - kept
+    if extra > 0:  # pruned units are all zero in the masked model: any of them preserves the function
+        keep[(~keep).nonzero().flatten()[:extra]] = True
+    return keep
+
+
+def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> None:
     removed: dict[tuple[str, int], set[int]] = {}
-    kept_heads: dict[str, int] = {}
-    groups = {g.name: g for g in cfg.plan.groups}
-    for g in cfg.plan.groups:
-        keep = ticket.masks.units[f"{g.kind}:{g.name}"]
-        for key, idx in _removed_indices(g, keep).items():
-            removed.setdefault(key, set()).update(idx)
+    kept_heads: dict[str, tuple[int, int]] = {}
+    groups = {g.name: g for g in plan.groups}
+    for g in plan.groups:
+        key = f"{g.kind}:{g.name}"
+        if key not in ticket.masks.units:
+            raise TicketMismatchError(f"the applied ticket has no unit mask for {key}. Fix: apply a ticket drawn from this model.")
+        keep = _rounded_keep(g, ticket.masks.units[key].bool().cpu().flatten(), round_to)
+        for k, idx in _removed_indices(g, keep).items():
+            removed.setdefault(k, set()).update(idx)
         if g.kind == "head":
-            kept_heads[g.module or g.name] = int(keep.sum())
+            kept_heads[g.module or g.name] = (int(keep.sum()), g.units)
     with torch.no_grad():
         for (name, dim), idx in removed.items():
             if not idx:
                 continue
             owner, _, attr = name.rpartition(".")
             t = getattr(new.get_submodule(owner), attr)
-            keep_idx = torch.tensor([i for i in range(t.shape[dim]) if i not in idx], device=t.device)
+            keep_idx = torch.tensor([i for i in range(t.shape[dim]) if i not in idx], dtype=torch.long, device=t.device)
             _set_tensor(new, name, t.detach().index_select(dim, keep_idx).clone())
     _fix_attributes(new, groups, kept_heads)
+
+
+def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
+    """Every masked ``nn.Linear`` weight of ``new`` as a ``SparseLinear``; returns the (maybe new) root."""
+    targets = set(tensors)
+    keep_dense: set[str] = set()  # Linear children of attention modules that read them in fused kernels
+    for path, mod in list(new.named_modules()):
+        if not path or not isinstance(mod, nn.MultiheadAttention):
+            continue
+        names = {f"{path}.in_proj_weight": f"{path}.in_proj.weight", f"{path}.out_proj.weight": f"{path}.out_proj.weight"}
+        if not targets & set(names):
+            continue
+        if mod._qkv_same_embed_dim and mod.bias_k is None and not mod.add_zero_attn:
+            _replace(new, path, _compact_mha(mod, mod.num_heads, path))
+            targets = {names.get(t, t) for t in targets}
+        else:  # left dense: nn.MultiheadAttention's fused path needs strided weights
+            keep_dense.add(f"{path}.out_proj")
+    modules = dict(new.named_modules())
+    for name in sorted(targets):
+        owner, _, attr = name.rpartition(".")
+        mod = modules.get(owner)
+        if attr != "weight" or type(mod) not in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear) or owner in keep_dense:
+            continue  # e.g. Hugging Face Conv1D: left dense (pruned entries zero)
+        if owner:
+            _replace(new, owner, SparseLinear.from_linear(mod))
+        else:
+            new = SparseLinear.from_linear(mod)
     return new
+
+
+def compact(model: nn.Module, round_to: int | None = None, sparse: bool = False) -> nn.Module:
+    """A new module computing what the masked ``model`` computes, with the pruned parts gone (``model`` is
+    left as it is).
+
+    Args:
+        model: a prepared model with a ticket applied (``ebcompile.apply_ticket``).
+        round_to: structured tickets only. ``None`` (default) keeps exactly the ticket's units; ``k`` keeps
+            every attention width (``heads * head_dim``) and FFN width at a multiple of ``k`` where the
+            original width allows, by keeping some pruned (all-zero) units: the function is unchanged and no
+            width exceeds the original. For GPU inference use ``round_to=8`` (tensor-core friendly shapes).
+        sparse: unstructured tickets only. ``True`` stores each masked ``nn.Linear`` weight as CSR
+            (``ebcompile.modules.SparseLinear``); ``False`` keeps dense weights with zeros.
+
+    Raises:
+        NotPreparedError: ``model`` was not prepared; ``NoTicketError`` (a subclass): no ticket applied.
+        ConfigError: ``round_to`` with an unstructured ticket, ``sparse=True`` with a structured one, or a
+            bad ``round_to``.
+    """
+    cfg, ticket = _applied_ticket(model)
+    round_to = _check_round_to(round_to)
+    structured = ticket.structure == "structured"
+    if structured and sparse:
+        raise ConfigError("sparse=True stores unstructured tickets; a structured ticket's compact weights are dense. "
+                          "Fix: call compact(model) without sparse=True.")
+    if not structured and round_to is not None:
+        raise ConfigError("round_to rounds the head/neuron widths of a structured ticket; this ticket is unstructured. "
+                          "Fix: drop round_to (or use sparse=True to store the pruned weights sparse).")
+    new = copy.deepcopy(model)
+    strip_masks(new, bake=True)
+    new.__dict__.pop("_ebcompile", None)
+    if structured:
+        _remove_units(new, cfg.plan, ticket, round_to)
+    elif sparse:
+        new = _sparsify(new, sorted(ticket.masks.tensors))
+    return new
+
+
+def storage_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by the parameters and buffers of ``model``.
+
+    Returns ``{"dense": ..., "sparse": ..., "sparse_layers": n}``: ``"sparse"`` counts what is stored
+    (a ``SparseLinear`` weight as its CSR values and indices), ``"dense"`` the same model with every
+    ``SparseLinear`` weight stored as a dense ``[out, in]`` matrix instead. Equal when there is no
+    ``SparseLinear``. Shared tensors are counted once.
+    """
+    seen: dict[int, torch.Tensor] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen.setdefault(id(t), t)
+    stored = sum(t.numel() * t.element_size() for t in seen.values())
+    dense, layers = stored, 0
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            csr = sum(t.numel() * t.element_size() for t in (m.values, m.crow_indices, m.col_indices))
+            dense += m.in_features * m.out_features * m.values.element_size() - csr
+            layers += 1
+    return {"dense": dense, "sparse": stored, "sparse_layers": layers}
