@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import ebcompile  # noqa: E402
 from ebcompile.demo import digits_split, small_vit  # noqa: E402
 from ebcompile.importance import compute_masks, hamming  # noqa: E402
+from _sections import write_section  # noqa: E402
 
 RULES = [("absolute", 0.1), ("absolute", 0.01), ("relative", 0.1), ("relative", 0.2), ("relative", 0.3)]
 
@@ -133,15 +134,7 @@ def main() -> None:
               "distances between consecutive epochs' masks.")
     print(header + "\n\n" + text)
     if not a.no_write:
-        from ebcompile.io import atomic_path
-
-        path = ROOT / "docs" / "early-bird.md"
-        begin, end = "<!-- distances:begin -->", "<!-- distances:end -->"
-        old = path.read_text()
-        new = old[: old.index(begin) + len(begin)] + "\n" + header + "\n\n" + text + "\n" + old[old.index(end):]
-        with atomic_path(path) as tmp:
-            tmp.write_text(new)
-        print(f"written to {path}")
+        print(f"written to {write_section('early-bird.md', 'distances', header + chr(10) + chr(10) + text)}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from ebcompile.export.onnx import export_onnx, ort_session  # noqa: E402
 from ebcompile.passes.shrink import compact  # noqa: E402
 from ebcompile.report import count_macs, count_parameters  # noqa: E402
 from ebcompile.ticket import draw_ticket  # noqa: E402
+from _sections import write_section  # noqa: E402
 
 
 def gpt2_shaped_encoder() -> torch.nn.Module:
@@ -131,19 +132,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_section(text: str, header: str) -> Path:
-    path = ROOT / "docs" / "benchmarks.md"
-    begin, end = "<!-- onnx_gpu:begin -->", "<!-- onnx_gpu:end -->"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{header}\n\n{text}\n{end}"
-    new = old[: old.index(begin)] + block + old[old.index(end) + len(end):] if begin in old else old.rstrip() + "\n\n" + block + "\n"
-    from ebcompile.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(new)
-    return path
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -168,7 +156,7 @@ def main() -> None:
     text = table(rows)
     print(header + "\n\n" + text)
     if not a.no_write:
-        print(f"written to {write_section(text, header)}")
+        print(f"written to {write_section('benchmarks.md', 'onnx_gpu', header + chr(10) + chr(10) + text)}")
 
 
 if __name__ == "__main__":
