@@ -103,10 +103,11 @@ def run(models, ratios, batches, seq, repeats, optimize) -> list[dict]:
             row["macs"] = count_macs(model, inputs(1, seq))
             row["eager_ms"] = eager_ms(model, x, device, dtype, repeats)
             with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "m.onnx"
-                export_onnx(model.float().cpu(), path, inputs(1, seq), dtype="fp16" if dtype == torch.float16 else "fp32",
-                            optimize=optimize, verify=device == "cpu")
-                row["ort_ms"], row["provider"] = ort_ms(path, x, device, dtype, repeats)
+                for key, fused in (("ort", False), ("fused", True)):
+                    path = Path(tmp) / f"{key}.onnx"
+                    export_onnx(model.float().cpu(), path, inputs(1, seq), dtype="fp16" if dtype == torch.float16 else "fp32",
+                                optimize=optimize, verify=device == "cpu", fused_attention=fused)
+                    row[f"{key}_ms"], row["provider"] = ort_ms(path, x, device, dtype, repeats)
         except Exception as exc:  # noqa: BLE001 - a failing model is reported in the table
             row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
         rows.append(row)
@@ -115,11 +116,12 @@ def run(models, ratios, batches, seq, repeats, optimize) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     dense = {(r["model"], r["batch"]): r for r in rows if r["config"] == "dense"}
-    out = ["| model | batch | config | params | FLOP ratio | eager ms | eager ratio | ORT ms | ORT ratio | ORT / eager | EP |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | batch | config | params | FLOP ratio | eager ms | eager ratio | ORT ms | ORT ratio | ORT / eager "
+           "| ORT fused-attention ms | fused ratio | fused / eager | EP |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['model']} | {r['batch']} | {r['config']} | failed: {r['error']} | | | | | | | |")
+            out.append(f"| {r['model']} | {r['batch']} | {r['config']} | failed: {r['error']} | | | | | | | | | | |")
             continue
         d = dense.get((r["model"], r["batch"]), r)
         ok = "error" not in d
@@ -127,7 +129,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['model']} | {r['batch']} | {r['config']} | {r['params'] / 1e6:.1f}M | "
             f"{r['macs'] / d['macs']:.3f} | {r['eager_ms']:.2f} | {r['eager_ms'] / d['eager_ms']:.3f} | "
             f"{r['ort_ms']:.2f} | {r['ort_ms'] / d['ort_ms']:.3f} | {r['ort_ms'] / r['eager_ms']:.2f} | "
-            f"{r['provider'].replace('ExecutionProvider', '')} |" if ok else f"| {r['model']} | {r['batch']} | {r['config']} | dense failed | | | | | | | |"
+            f"{r['fused_ms']:.2f} | {r['fused_ms'] / d['fused_ms']:.3f} | {r['fused_ms'] / r['eager_ms']:.2f} | "
+            f"{r['provider'].replace('ExecutionProvider', '')} |" if ok else f"| {r['model']} | {r['batch']} | {r['config']} | dense failed | | | | | | | | | | |"
         )
     return "\n".join(out)
 

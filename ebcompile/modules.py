@@ -62,6 +62,10 @@ class CompactMultiheadAttention(nn.Module):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         inner = self.num_heads * self.head_dim
         w, b = self.in_proj.weight, self.in_proj.bias
+        if (FUSED_EXPORT and torch.onnx.is_in_onnx_export() and query is key and key is value and b is not None
+                and attn_mask is None and key_padding_mask is None and not is_causal and w.layout == torch.strided):
+            out = self.out_proj(_FusedAttention.apply(query, w, b, self.num_heads, inner))
+            return (out if self.batch_first else out.transpose(0, 1)), None
         if query is key and key is value:
             q, k, v = F.linear(query, w, b).split(inner, dim=-1)
         else:
@@ -81,6 +85,33 @@ class CompactMultiheadAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+
+FUSED_EXPORT = False  # set by export_onnx(fused_attention=True)
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Self-attention with packed q/k/v that exports as one ONNX Runtime ``com.microsoft.Attention`` node.
+
+    ``qkv_hidden_sizes`` lets the op take any number of kept heads (q/k/v width != residual width),
+    which is what a compact model has. The PyTorch forward is the plain computation (used for tracing).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: int, inner: int) -> torch.Tensor:
+        q, k, v = F.linear(x, w, b).split(inner, dim=-1)
+        batch, seq = x.shape[0], x.shape[1]
+        q, k, v = (t.reshape(batch, seq, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, seq, inner)
+
+    @staticmethod
+    def symbolic(g, x, w, b, heads: int, inner: int):
+        wt = g.op("Transpose", w, perm_i=[1, 0])  # Attention wants [hidden, 3 * inner]; folded at export
+        out = g.op("com.microsoft::Attention", x, wt, b, num_heads_i=heads, qkv_hidden_sizes_i=[inner, inner, inner])
+        sizes = x.type().varyingSizes() if x.type().kind() == "TensorType" else None
+        if sizes is not None:  # tell the exporter the output shape: [batch, seq, inner]
+            out.setType(x.type().with_sizes(list(sizes[:-1]) + [inner]))
+        return out
 
 
 def _merge_masks(attn_mask, key_padding_mask, dtype):

@@ -25,14 +25,16 @@ def _ticketed_vit(layers: int, heads: int, head_dim: int, mlp: int, ratio: float
     return ebcompile.apply_ticket(model, draw_ticket(model))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(layers=st.integers(1, 2), heads=st.integers(1, 4), head_dim=st.sampled_from([4, 8]), mlp=st.sampled_from([8, 16]),
-       ratio=st.sampled_from([0.1, 0.3, 0.5, 0.7]), batch=st.integers(1, 3), seed=st.integers(0, 10_000))
-def test_compact_vit_onnx_matches_pytorch(tmp_path_factory, layers, heads, head_dim, mlp, ratio, batch, seed):
+       ratio=st.sampled_from([0.1, 0.3, 0.5, 0.7]), batch=st.integers(1, 3), seed=st.integers(0, 10_000),
+       fused=st.booleans())
+def test_compact_vit_onnx_matches_pytorch(tmp_path_factory, layers, heads, head_dim, mlp, ratio, batch, seed, fused):
     model = _ticketed_vit(layers, heads, head_dim, mlp, ratio, seed)
     path = tmp_path_factory.mktemp("onnx") / "vit.onnx"
-    report = export_onnx(model, path, torch.randn(2, 3, 8, 8))
+    report = export_onnx(model, path, torch.randn(2, 3, 8, 8), fused_attention=fused)
     assert report.providers == ["CPUExecutionProvider"] and report.max_abs_error is not None
+    assert report.op_counts.get("Attention", 0) == (layers if fused else 0)
     graph = onnx.load(str(path)).graph
     assert not [i.name for i in graph.initializer if "mask" in i.name]
     # dynamic batch: another batch size than the one exported with
