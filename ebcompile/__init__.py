@@ -1,5 +1,6 @@
 """ebcompile: early-bird lottery tickets for Transformers, as compiler passes over torch.fx graphs."""
 
+from .checkpoint import load, save
 from .controller import EarlyBird
 from .errors import EbcompileError
 from .export import export_onnx
@@ -9,5 +10,5 @@ from .report import report
 from .ticket import Ticket, apply_ticket, draw_ticket, snapshot
 
 __all__ = ["prepare", "EarlyBird", "Ticket", "apply_ticket", "draw_ticket", "snapshot", "compact", "export_onnx",
-           "report", "mask_nodes", "EbcompileError"]
+           "report", "mask_nodes", "save", "load", "EbcompileError"]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ anything with data-dependent Python). The graph is only analysed; the user's mod
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ from torch import fx, nn
 
 from .errors import CaptureError, InputMismatchError
 
-__all__ = ["Captured", "capture", "normalize_inputs"]
+__all__ = ["Captured", "capture", "normalize_inputs", "graph_kwargs"]
 
 
 @dataclass
@@ -74,11 +75,23 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     return cap
 
 
+def graph_kwargs(model: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` plus ``use_cache=False`` for models whose forward takes ``use_cache`` (Hugging Face decoders):
+    a KV cache object in the outputs cannot be exported, and it is not part of the computation."""
+    if "use_cache" in kwargs:
+        return kwargs
+    try:
+        accepts = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return dict(kwargs, use_cache=False) if accepts else kwargs
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     was_training = model.training
     model.eval()
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        ep = torch.export.export(model, args, graph_kwargs(model, kwargs), strict=False)
     finally:
         model.train(was_training)
     cap = Captured(graph=ep.graph_module.graph, method="export", root=model)

@@ -114,3 +114,6 @@ def _swin_heads(path: str, m: nn.Module) -> GroupSet | None:
 
 
 register(AttentionFamily("torchvision.ShiftedWindowAttention", _is_tv_swin, _swin_linears, _swin_heads))
+
+
+from . import hf_attention as _hf_attention  # noqa: E402,F401 - registers the Hugging Face families

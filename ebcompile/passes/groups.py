@@ -64,6 +64,36 @@ def _input_of(node: fx.Node) -> fx.Node | None:
     return node.args[0] if node.args else None
 
 
+def _fc2_of(cap: Captured, start: fx.Node, nodes: dict[fx.Node, LinearOp], modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The one linear node that ``start`` (fc1) reaches only through a closed pointwise region, else None.
+
+    The region is every node reached forward from fc1 through pointwise ops (activations, their decomposed
+    arithmetic with several users inside the region, dropout, views that keep the last dim). It is closed when
+    each region node reads only region nodes and parameters/constants — a residual add of an outside tensor,
+    or a region value read by anything but a pointwise op or a linear's activation input, rejects it.
+    """
+    region, frontier, consumers = {start}, [start], set()
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in region or user in consumers:
+                continue
+            if user in nodes and _input_of(user) is node:
+                consumers.add(user)
+            elif _is_pointwise(user, modules):
+                region.add(user)
+                frontier.append(user)
+            else:
+                return None
+    for node in region - {start}:
+        if set(node.all_input_nodes) - region - _params(cap, node):
+            return None
+    for user in consumers:
+        if set(user.all_input_nodes) - region - _params(cap, user):
+            return None
+    return next(iter(consumers)) if len(consumers) == 1 else None
+
+
 def ffn_groups(cap: Captured, nodes: dict[fx.Node, LinearOp], masked: set[str]) -> list[GroupSet]:
     """fc1 -> pointwise ops -> fc2 chains whose fc1 and fc2 are both masked."""
     modules = dict(cap.root.named_modules())
@@ -72,24 +102,10 @@ def ffn_groups(cap: Captured, nodes: dict[fx.Node, LinearOp], masked: set[str]) 
     for start, fc1 in nodes.items():
         if fc1.weight not in masked:
             continue
-        region, frontier, consumers, ok = {start}, [start], set(), True
-        while frontier and ok:
-            node = frontier.pop()
-            for user in node.users:
-                if user in nodes and _input_of(user) is node and not (set(user.all_input_nodes) - region - {node} - _params(cap, user)):
-                    consumers.add(user)
-                elif _is_pointwise(user, modules) and all(
-                    a in region or cap.param(a) is not None or a.op == "get_attr" for a in user.all_input_nodes
-                ):
-                    if user not in region:
-                        region.add(user)
-                        frontier.append(user)
-                else:
-                    ok = False
-                    break
-        if not ok or len(consumers) != 1:
+        end = _fc2_of(cap, start, nodes, modules)
+        if end is None:
             continue
-        fc2 = nodes[next(iter(consumers))]
+        fc2 = nodes[end]
         units = params[fc1.weight].shape[fc1.out_dim]
         in_dim = 1 - fc2.out_dim
         if fc2.weight not in masked or params[fc2.weight].shape[in_dim] != units:

@@ -1,0 +1,220 @@
+"""``save`` / ``load``: a (compacted) model as a directory that rebuilds without pickle.
+
+Layout of ``directory``:
+
+- ``model.safetensors``: the state_dict (tied tensors stored once, see ``aliases``);
+- ``config.json``: the Hugging Face config, when the model is a ``transformers.PreTrainedModel``
+  (``architectures`` names its class);
+- ``ebcompile.json``: ``format``, ``version``, the shape of every state_dict tensor (``shapes``), the head
+  count of every attention module of a registered family (``heads``) and ``aliases`` (key -> stored key).
+
+Invariants: every file is written to a temp file and renamed (``ebcompile.json`` last, so a directory
+holding it is complete); ``load(save(m))`` computes what ``m`` computes — the fresh model (rebuilt from
+``config.json``, or the ``model=`` passed) is shrunk to the recorded head counts and tensor shapes with the
+same rewrites ``compact`` uses, then loaded strictly; nothing is ever unpickled; any unreadable or
+inconsistent file raises ``CheckpointError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .io import atomic_path
+from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
+from .passes.attention import family_of
+from .passes.shrink import _fix_attributes, _removed_indices, _set_tensor
+
+__all__ = ["save", "load", "head_counts", "WEIGHTS", "CONFIG", "META"]
+
+WEIGHTS, CONFIG, META = "model.safetensors", "config.json", "ebcompile.json"
+FORMAT, VERSION = "ebcompile-model", 1
+
+
+def _is_hf(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def head_counts(model: nn.Module) -> dict[str, int]:
+    """Head count of every attention module: registered families (outermost) and ebcompile's compact modules."""
+    counts: dict[str, int] = {}
+    for path, m in model.named_modules():
+        if any(path.startswith(p + ".") for p in counts):
+            continue
+        if isinstance(m, (CompactMultiheadAttention, CompactShiftedWindowAttention)):
+            counts[path] = int(m.num_heads)
+        elif (family := family_of(m)) is not None and (group := family.heads(path, m)) is not None:
+            counts[path] = int(group.units)
+    return counts
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``model`` to ``directory`` (created if needed) and return its path.
+
+    A prepared model is saved as what it deploys to: compacted when a ticket is applied (structured tickets
+    lose their pruned heads and neurons), otherwise with its masks baked into the weights.
+    """
+    from .export.onnx import plain_model
+
+    net = plain_model(model)
+    if any(isinstance(m, SparseLinear) for m in net.modules()):
+        raise ConfigError("save writes dense models; this one holds SparseLinear (compact(..., sparse=True)) layers. "
+                          "Fix: save compact(model) without sparse=True.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = net.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    stored: dict[tuple, str] = {}
+    for key, value in state.items():
+        ident = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()))
+        if ident in stored:  # tied weights (GPT-2 lm_head / wte): stored once
+            aliases[key] = stored[ident]
+            continue
+        stored[ident] = key
+        tensors[key] = value.detach().to("cpu").clone().contiguous()
+    is_hf = _is_hf(net)
+    meta = {"format": FORMAT, "version": VERSION, "class": f"{type(net).__module__}.{type(net).__qualname__}",
+            "transformers": is_hf, "shapes": {k: list(v.shape) for k, v in state.items()},
+            "heads": head_counts(net), "aliases": aliases}
+    from safetensors.torch import save_file
+
+    with atomic_path(directory / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    if is_hf:
+        config = net.config.to_dict()
+        config["architectures"] = [type(net).__name__]
+        with atomic_path(directory / CONFIG) as tmp:
+            tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic_path(directory / META) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    return directory
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / META
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist. Fix: pass a directory written by ebcompile.save.")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}). Fix: save the model again.") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an ebcompile model description. Fix: pass a directory written by ebcompile.save.")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path} has version {meta.get('version')!r}; this ebcompile reads version {VERSION}. "
+                              "Fix: save it again with this version.")
+    for key, kind in (("shapes", dict), ("heads", dict), ("aliases", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path} lacks a valid {key!r} entry. Fix: save the model again.")
+    return meta
+
+
+def _hf_model(directory: Path) -> nn.Module:
+    """The model class named by ``config.json``'s ``architectures``, built from that config (no hub access)."""
+    import transformers
+
+    if not (directory / CONFIG).is_file():
+        raise CheckpointError(f"{directory / CONFIG} does not exist. Fix: save with ebcompile.save, or pass model=.")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the config cannot be used
+        raise CheckpointError(f"{directory / CONFIG} is not a usable transformers config: {exc}. Fix: save again.") from exc
+    name = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"config.json names architecture {name!r}, which transformers does not provide. "
+                              "Fix: pass model= (a freshly built model of that architecture).")
+    return cls._from_config(config)
+
+
+def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
+    """Cut ``model``'s heads, then every other tensor, to the recorded counts and shapes (values are garbage
+    until the weights are loaded)."""
+    groups, kept = {}, {}
+    for path, count in meta["heads"].items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError as exc:
+            raise CheckpointError(f"the checkpoint has an attention module {path!r} the model lacks. Fix: pass a model "
+                                  "of the saved architecture.") from exc
+        family = family_of(module)
+        group = family.heads(path, module) if family is not None else None
+        if group is None:
+            if isinstance(module, (CompactMultiheadAttention, CompactShiftedWindowAttention)) and module.num_heads == count:
+                continue
+            raise CheckpointError(f"{path} is not an attention module whose heads ebcompile follows. Fix: pass model= "
+                                  "built like the saved one, before compaction.")
+        if not isinstance(count, int) or not 0 < count <= group.units:
+            raise CheckpointError(f"{path}: recorded {count!r} heads, the model has {group.units}. Fix: pass a model of "
+                                  "the saved architecture.")
+        if count < group.units:
+            keep = torch.arange(group.units) < count
+            for (name, dim), idx in _removed_indices(group, keep).items():
+                owner, _, attr = name.rpartition(".")
+                t = getattr(model.get_submodule(owner), attr)
+                _set_tensor(model, name, t.detach().narrow(dim, 0, t.shape[dim] - len(idx)).clone())
+            groups[path], kept[path] = group, (count, group.units)
+    _fix_attributes(model, groups, kept)
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    for name, shape in meta["shapes"].items():
+        t = params.get(name)
+        if t is None or list(t.shape) == list(shape):
+            continue  # unknown keys are reported by the strict load
+        if len(shape) != t.dim() or any(int(s) > n for s, n in zip(shape, t.shape)):
+            raise CheckpointError(f"{name} was saved with shape {shape}, which is no slice of the model's {list(t.shape)}. "
+                                  "Fix: pass a model of the saved architecture, before compaction.")
+        piece = t.detach()
+        for dim, size in enumerate(shape):
+            piece = piece.narrow(dim, 0, int(size))
+        _set_tensor(model, name, piece.clone())
+    _fix_attributes(model, {}, {})  # nn.Linear / Conv1D feature counts follow the new shapes
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model saved by ``save(model, directory)`` and return it in eval mode.
+
+    Hugging Face models are rebuilt from ``config.json`` (class from ``architectures``); any other model needs
+    ``model=``: a freshly built, uncompacted instance of the saved architecture (it is shrunk in place).
+    """
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    if model is None:
+        if not meta["transformers"]:
+            raise CheckpointError(f"{directory} holds a {meta.get('class')} model, not a transformers one. Fix: pass "
+                                  "model= (a freshly built model of that class).")
+        model = _hf_model(directory)
+    elif getattr(model, "_ebcompile", None) is not None:
+        raise ConfigError("load needs a plain model; this one was prepared by ebcompile. Fix: pass a freshly built model.")
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(directory / WEIGHTS))
+    except Exception as exc:  # noqa: BLE001 - missing or corrupt file
+        raise CheckpointError(f"{directory / WEIGHTS} cannot be read as safetensors ({exc}). Fix: save the model again.") from exc
+    for key, target in meta["aliases"].items():
+        if target not in weights:
+            raise CheckpointError(f"alias {key} -> {target}: {target} is not in {WEIGHTS}. Fix: save the model again.")
+        weights[key] = weights[target]
+    if set(weights) != set(meta["shapes"]):
+        raise CheckpointError(f"{WEIGHTS} and {META} list different tensors. Fix: save the model again.")
+    _shrink(model, meta)
+    floats = {v.dtype for v in weights.values() if v.is_floating_point()}
+    if len(floats) == 1:
+        model.to(floats.pop())
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the saved tensors do not fit {type(model).__name__}: {str(exc)[:400]}. Fix: pass a model "
+                              "of the saved architecture.") from exc
+    return model.eval()
