@@ -126,6 +126,7 @@ def capture(model: nn.Module, example_inputs: Any, method: str = "auto") -> Capt
             failures.append(f"{name}: {type(exc).__name__}: {first[:300]}")
     raise CaptureError(
         f"could not capture {type(model).__name__} as a graph; tried " + "; ".join(failures)
-        + ". Fix: make the failing op traceable (torch.fx.wrap it, or avoid data-dependent Python control flow), "
-        "or pass include=/exclude= patterns after wrapping the untraceable part in a leaf module."
+        + ". Fix: make the failing code traceable — wrap a data-dependent function with torch.fx.wrap, or move "
+        "Python control flow on tensor values out of forward — or pass capture_method= to pick the path that "
+        "comes closest and read its error."
     )

@@ -44,7 +44,9 @@ class MaskNode:
 
 
 def check_ratio(ratio: float) -> float:
-    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise InvalidRatioError(f"ratio={ratio!r} is not a number. Fix: pass a float in (0, 1), e.g. ratio=0.3.")
+    if not 0.0 < float(ratio) < 1.0:
         raise InvalidRatioError(
             f"ratio={ratio!r} is outside (0, 1). Fix: pass the fraction of units to prune, e.g. ratio=0.3."
         )
