@@ -72,3 +72,29 @@ def test_fp16_export_verifies_within_fp16_tolerance(tmp_path):
     model = _ticketed_vit(1, 2, 8, 16, 0.5, 1)
     report = export_onnx(model, tmp_path / "h.onnx", torch.randn(2, 3, 8, 8), dtype="fp16")
     assert report.tolerance == (2e-2, 2e-2)
+
+
+@settings(max_examples=8, deadline=None)
+@given(kind=st.sampled_from(["swin", "swin_v2", "mlp"]), heads=st.integers(1, 3), ratio=st.sampled_from([0.3, 0.5]),
+       batch=st.integers(1, 2), seed=st.integers(0, 10_000))
+def test_compact_swin_and_mlp_onnx_match_pytorch(tmp_path_factory, kind, heads, ratio, batch, seed):
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 12), torch.nn.ReLU(),
+                                    torch.nn.Linear(12, 3))
+        x = torch.randn(batch, 6)
+    else:
+        extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if kind == "swin_v2" else {}
+        model = SwinTransformer(patch_size=[2, 2], embed_dim=8 * heads, depths=[2], num_heads=[heads], window_size=[4, 4],
+                                num_classes=4, **extra)
+        x = torch.randn(batch, 3, 16, 16)
+    model.eval()
+    ebcompile.prepare(model, x, ratio=ratio, structure="structured")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(torch.rand_like(p) * 2)
+    ebcompile.apply_ticket(model, draw_ticket(model))
+    report = export_onnx(model, tmp_path_factory.mktemp("onnx") / f"{kind}.onnx", x)
+    assert report.max_abs_error is not None and report.providers == ["CPUExecutionProvider"]
