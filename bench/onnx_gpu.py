@@ -32,17 +32,17 @@ from ebcompile.ticket import draw_ticket  # noqa: E402
 from _sections import write_section  # noqa: E402
 
 
-def gpt2_shaped_encoder() -> torch.nn.Module:
+def gpt2_shaped_encoder(seq: int = 512) -> torch.nn.Module:
     """12 layers, 12 heads, width 768, FFN 3072: GPT-2-small's shape as a bidirectional encoder."""
     from torchvision.models.vision_transformer import Encoder
 
-    return Encoder(seq_length=512, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072, dropout=0.0,
+    return Encoder(seq_length=seq, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072, dropout=0.0,
                    attention_dropout=0.0)
 
 
 MODELS = {
-    "vit_b_16": (lambda: torchvision.models.vit_b_16(), lambda b, s: torch.randn(b, 3, 224, 224)),
-    "swin_t": (lambda: torchvision.models.swin_t(), lambda b, s: torch.randn(b, 3, 224, 224)),
+    "vit_b_16": (lambda s: torchvision.models.vit_b_16(), lambda b, s: torch.randn(b, 3, 224, 224)),
+    "swin_t": (lambda s: torchvision.models.swin_t(), lambda b, s: torch.randn(b, 3, 224, 224)),
     "gpt2-encoder": (gpt2_shaped_encoder, lambda b, s: torch.randn(b, s, 768)),
 }
 
@@ -94,7 +94,7 @@ def run(models, ratios, batches, seq, repeats, optimize) -> list[dict]:
         x = inputs(batch, seq)
         row = {"model": name, "batch": batch, "config": "dense" if ratio == 0 else f"p={ratio}"}
         try:
-            model = build().eval()
+            model = build(seq).eval()
             if ratio:
                 ebcompile.prepare(model, inputs(1, seq), ratio=ratio, structure="structured")
                 ebcompile.apply_ticket(model, draw_ticket(model))

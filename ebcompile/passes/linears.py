@@ -8,6 +8,8 @@ without another linear op in between are tagged ``kind="head"``. Writes ``node.m
 
 from __future__ import annotations
 
+import operator
+
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +101,19 @@ def linear_nodes(cap: Captured, modules: dict[str, nn.Module]) -> dict[fx.Node, 
     return found
 
 
+_JOINS = {operator.add, operator.sub, torch.add, torch.sub, torch.cat, torch.ops.aten.add.Tensor,
+          torch.ops.aten.sub.Tensor, torch.ops.aten.cat.default}
+
+
+def _is_join(node: fx.Node) -> bool:
+    """A residual join (``x + f(x)``, a concatenation): the linears behind it are inside the network."""
+    is_add = node.target in _JOINS or (node.op == "call_method" and node.target in ("add", "sub"))
+    return is_add and len(node.all_input_nodes) >= 2
+
+
 def _output_heads(graph: fx.Graph, stops: set[fx.Node]) -> set[fx.Node]:
-    """Linear nodes from which the graph output is reached without crossing another linear op."""
+    """Linear nodes from which the graph output is reached without crossing another linear op or a residual
+    join (so an encoder without a classifier has no output layer to spare)."""
     heads: set[fx.Node] = set()
     out = next(n for n in graph.nodes if n.op == "output")
     stack, seen = list(out.all_input_nodes), set()
@@ -112,7 +125,8 @@ def _output_heads(graph: fx.Graph, stops: set[fx.Node]) -> set[fx.Node]:
         if node in stops:
             heads.add(node)
             continue
-        stack.extend(node.all_input_nodes)
+        if not _is_join(node):
+            stack.extend(node.all_input_nodes)
     return heads
 
 
