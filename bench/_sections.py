@@ -21,3 +21,11 @@ def write_section(doc: str, name: str, block: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(new)
     return path
+
+
+def publish(doc: str, name: str, header: str, text: str, write: bool = True) -> None:
+    """Print a bench's header and table, and (``write``) put them in their section of ``docs/<doc>``."""
+    block = f"{header}\n\n{text}"
+    print(block)
+    if write:
+        print(f"written to {write_section(doc, name, block)}")

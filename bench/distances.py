@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import ebcompile  # noqa: E402
 from ebcompile.demo import digits_split, small_vit  # noqa: E402
 from ebcompile.importance import compute_masks, hamming  # noqa: E402
-from _sections import write_section  # noqa: E402
+from _sections import publish  # noqa: E402
 
 RULES = [("absolute", 0.1), ("absolute", 0.01), ("relative", 0.1), ("relative", 0.2), ("relative", 0.3)]
 
@@ -132,9 +132,7 @@ def main() -> None:
               f"{time.time() - start:.0f} s by `python bench/distances.py`. sgd-step: SGD momentum 0.9, lr 0.05, x0.1 at "
               "25% and 62.5% of training; adamw-onecycle: AdamW 2e-3, one-cycle. Distances are normalized Hamming "
               "distances between consecutive epochs' masks.")
-    print(header + "\n\n" + text)
-    if not a.no_write:
-        print(f"written to {write_section('early-bird.md', 'distances', header + chr(10) + chr(10) + text)}")
+    publish("early-bird.md", "distances", header, text, write=not a.no_write)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import ebcompile  # noqa: E402
 from ebcompile.passes.shrink import storage_bytes  # noqa: E402
 from ebcompile.report import count_macs, count_parameters  # noqa: E402
-from _sections import write_section  # noqa: E402
+from _sections import publish  # noqa: E402
 
 
 def _gpt2():
@@ -128,9 +128,7 @@ def main() -> None:
               "random weights, one-shot magnitude tickets. Unstructured rows store the masked linears as CSR "
               "(`compact(sparse=True)`); structured rows are the compacted dense models.")
     text = table(rows)
-    print(header + "\n\n" + text)
-    if not a.no_write:
-        print(f"written to {write_section('benchmarks.md', 'memory', header + chr(10) + chr(10) + text)}")
+    publish("benchmarks.md", "memory", header, text, write=not a.no_write)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import ebcompile  # noqa: E402
 from ebcompile.data import load_polarity  # noqa: E402
-from _sections import write_section  # noqa: E402
+from _sections import publish  # noqa: E402
 
 
 def model_dir(name: str) -> str:
@@ -166,7 +166,7 @@ def main() -> None:
               f"`python bench/minilm_mr.py` ({a.epochs} epochs, batch {a.batch}, AdamW {a.lr:g} linear decay, max length "
               f"{a.max_len}, {len(xtr)} training / {len(xva)} validation sentences; EarlyBird {a.rule} {a.threshold:g}, "
               f"window 5, a check every {a.every} steps; structured p = {a.ratio}; the compacted ticket is retrained from the ticket's weights for the rest of the budget).")
-    print(f"written to {write_section('benchmarks.md', 'minilm_mr', header + chr(10) + chr(10) + chr(10).join(rows))}")
+    publish("benchmarks.md", "minilm_mr", header, "\n".join(rows))
 
 
 if __name__ == "__main__":

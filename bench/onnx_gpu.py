@@ -29,7 +29,7 @@ from ebcompile.export.onnx import export_onnx, ort_session  # noqa: E402
 from ebcompile.passes.shrink import compact  # noqa: E402
 from ebcompile.report import count_macs, count_parameters  # noqa: E402
 from ebcompile.ticket import draw_ticket  # noqa: E402
-from _sections import write_section  # noqa: E402
+from _sections import publish  # noqa: E402
 
 
 def gpt2_shaped_encoder(seq: int = 512) -> torch.nn.Module:
@@ -157,9 +157,7 @@ def main() -> None:
               f"torch {torch.__version__}; encoder sequence {seq}; median of {repeats}; optimizer {'on' if a.optimize else 'off'}. "
               "Written by `python bench/onnx_gpu.py" + (" --quick" if a.quick else "") + "`.")
     text = table(rows)
-    print(header + "\n\n" + text)
-    if not a.no_write:
-        print(f"written to {write_section('benchmarks.md', 'onnx_gpu', header + chr(10) + chr(10) + text)}")
+    publish("benchmarks.md", "onnx_gpu", header, text, write=not a.no_write)
 
 
 if __name__ == "__main__":
