@@ -29,7 +29,7 @@ from .errors import CheckpointError, ConfigError
 from .io import atomic_path
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
 from .passes.attention import family_of
-from .passes.shrink import _fix_attributes, _removed_indices, _set_tensor
+from .passes.shrink import fix_attributes, removed_indices, set_tensor
 
 __all__ = ["save", "load", "head_counts", "WEIGHTS", "CONFIG", "META"]
 
@@ -160,12 +160,12 @@ def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
                                   "the saved architecture.")
         if count < group.units:
             keep = torch.arange(group.units) < count
-            for (name, dim), idx in _removed_indices(group, keep).items():
+            for (name, dim), idx in removed_indices(group, keep).items():
                 owner, _, attr = name.rpartition(".")
                 t = getattr(model.get_submodule(owner), attr)
-                _set_tensor(model, name, t.detach().narrow(dim, 0, t.shape[dim] - len(idx)).clone())
+                set_tensor(model, name, t.detach().narrow(dim, 0, t.shape[dim] - len(idx)).clone())
             groups[path], kept[path] = group, (count, group.units)
-    _fix_attributes(model, groups, kept)
+    fix_attributes(model, groups, kept)
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     for name, shape in meta["shapes"].items():
         t = params.get(name)
@@ -177,8 +177,8 @@ def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
         piece = t.detach()
         for dim, size in enumerate(shape):
             piece = piece.narrow(dim, 0, int(size))
-        _set_tensor(model, name, piece.clone())
-    _fix_attributes(model, {}, {})  # nn.Linear / Conv1D feature counts follow the new shapes
+        set_tensor(model, name, piece.clone())
+    fix_attributes(model, {}, {})  # nn.Linear / Conv1D feature counts follow the new shapes
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

@@ -35,10 +35,11 @@ from ..plan import GroupSet, Plan
 from .attention import family_of
 from .masks import iter_masks, strip_masks
 
-__all__ = ["compact", "storage_bytes"]
+__all__ = ["compact", "storage_bytes", "removed_indices", "set_tensor", "fix_attributes"]
 
 
-def _removed_indices(group: GroupSet, keep: torch.Tensor) -> dict[tuple[str, int], set[int]]:
+def removed_indices(group: GroupSet, keep: torch.Tensor) -> dict[tuple[str, int], set[int]]:
+    """(tensor, dim) -> the indices the pruned units of ``group`` own there."""
     pruned = [int(u) for u in (~keep).nonzero().flatten()]
     out: dict[tuple[str, int], set[int]] = {}
     for m in group.members:
@@ -49,7 +50,8 @@ def _removed_indices(group: GroupSet, keep: torch.Tensor) -> dict[tuple[str, int
     return out
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the parameter or buffer ``name`` by ``value`` (a new shape), keeping ``requires_grad``."""
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
     old = getattr(module, attr)
@@ -67,7 +69,8 @@ def _swin_types() -> tuple[type, type] | None:
     return ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 
-def _fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: dict[str, tuple[int, int]]) -> None:
+def fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: dict[str, tuple[int, int]]) -> None:
+    """Make feature counts and head counts agree with the sliced tensors (rewrites or replaces modules)."""
     for path, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
@@ -167,7 +170,7 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> N
         if key not in ticket.masks.units:
             raise TicketMismatchError(f"the applied ticket has no unit mask for {key}. Fix: apply a ticket drawn from this model.")
         keep = _rounded_keep(g, ticket.masks.units[key].bool().cpu().flatten(), round_to)
-        for k, idx in _removed_indices(g, keep).items():
+        for k, idx in removed_indices(g, keep).items():
             removed.setdefault(k, set()).update(idx)
         if g.kind == "head":
             kept_heads[g.module or g.name] = (int(keep.sum()), g.units)
@@ -178,8 +181,8 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> N
             owner, _, attr = name.rpartition(".")
             t = getattr(new.get_submodule(owner), attr)
             keep_idx = torch.tensor([i for i in range(t.shape[dim]) if i not in idx], dtype=torch.long, device=t.device)
-            _set_tensor(new, name, t.detach().index_select(dim, keep_idx).clone())
-    _fix_attributes(new, groups, kept_heads)
+            set_tensor(new, name, t.detach().index_select(dim, keep_idx).clone())
+    fix_attributes(new, groups, kept_heads)
 
 
 def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
