@@ -138,6 +138,6 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str]) -> 
     """Head groups then FFN neuron groups, over the masked weights only."""
     from .linears import claimed_weights, linear_nodes
 
-    modules = dict(cap.root.named_modules())
-    nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed_weights(attn)}
+    modules, claimed = dict(cap.root.named_modules()), claimed_weights(attn)
+    nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed}
     return attention_groups(attn, masked) + ffn_groups(cap, nodes, masked)

@@ -134,9 +134,10 @@ def find_linears(cap: Captured) -> tuple[list[LinearOp], dict[str, nn.Module]]:
     """All linear ops of the graph in graph order, plus the attention modules that own some of them."""
     modules = dict(cap.root.named_modules())
     attn = attention_modules(cap.root, _used_modules(cap))
-    nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed_weights(attn)}
-    attention_nodes = {n for n in cap.graph.nodes if _owner(cap, n, attn) is not None}
-    heads = _output_heads(cap.graph, set(nodes) | attention_nodes)
+    claimed = claimed_weights(attn)
+    nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed}
+    owners = {n: o for n in cap.graph.nodes if (o := _owner(cap, n, attn)) is not None}
+    heads = _output_heads(cap.graph, set(nodes) | set(owners))
     ops: list[LinearOp] = []
     emitted: set[str] = set()
     for node in cap.graph.nodes:
@@ -146,7 +147,7 @@ def find_linears(cap: Captured) -> tuple[list[LinearOp], dict[str, nn.Module]]:
                 op = LinearOp(op.name, op.weight, op.bias, op.out_dim, "head")
             node.meta[META] = op
             ops.append(op)
-        elif (owner := _owner(cap, node, attn)) is not None and owner not in emitted:
+        elif (owner := owners.get(node)) is not None and owner not in emitted:
             emitted.add(owner)
             ops.extend(family_of(attn[owner]).linears(owner, attn[owner]))
             node.meta[META] = owner
