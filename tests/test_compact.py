@@ -145,6 +145,14 @@ def unstructured_ticket(model: nn.Module, density: float, seed: int) -> Ticket:
     return Ticket(masks, cfg.ratio, cfg.scope, signature_of(model))
 
 
+def half_pruned_mlp(mlp: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``mlp`` prepared with a structured ticket keeping every other neuron."""
+    model = ebcompile.prepare(mlp, x, structure="structured", ratio=0.5)
+    units = {f"{g.kind}:{g.name}": torch.arange(g.units) % 2 == 0 for g in model._ebcompile.plan.groups}
+    ebcompile.apply_ticket(model, structured_ticket(model, units))
+    return model
+
+
 # -- checks ----------------------------------------------------------------------------------------------
 
 
@@ -287,6 +295,73 @@ def test_mlp_compact_equals_masked(cfg, seed, batch, data):
     bias = cfg[2]
     assert plain_params(small) == sum(a * b + (b if bias else 0) for a, b in zip(widths[:-1], widths[1:]))
     assert [m.out_features for m in small if isinstance(m, nn.Linear)] == widths[1:]
+
+
+# -- optimizer state carried onto the compact model -------------------------------------------------------
+
+
+def _optimizer(kind: str, params) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01)
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+def _train(model: nn.Module, opt, sched, x: torch.Tensor, target: torch.Tensor, steps: int) -> None:
+    for _ in range(steps):
+        loss = ((model(x) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+@settings(max_examples=30, **PROPS)
+@given(kind=st.sampled_from(["vit", "swin1", "swin2", "mlp"]), vit=vit_cfgs, swin=swin_cfgs(), mlp=mlp_cfgs,
+       opt_kind=st.sampled_from(["sgd", "adamw"]), seed=st.integers(0, 2**16), data=st.data())
+def test_compact_with_optimizer_trains_like_the_masked_model(kind, vit, swin, mlp, opt_kind, seed, data):
+    """compact(model, optimizer=opt) mid-training, then more steps ≡ the masked model trained on."""
+    cfg = {"vit": vit, "mlp": mlp}.get(kind, swin)
+    masked = fresh(kind, cfg, "structured", seed)
+    ebcompile.apply_ticket(masked, structured_ticket(masked, keep_vectors(data, masked)))
+    twin = copy.deepcopy(masked)
+    x, x2 = example(kind, cfg, 3, seed=seed), example(kind, cfg, 2, seed=seed + 1)
+    with torch.no_grad():
+        target = torch.randn(masked(x).shape, generator=torch.Generator().manual_seed(seed))
+    runs = []
+    for model in (masked, twin):
+        opt = _optimizer(opt_kind, model.parameters())
+        runs.append((opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.7**s)))
+        _train(model, *runs[-1], x, target, 2)
+    (opt_a, sched_a), (opt_b, sched_b) = runs
+    small = compact(twin, optimizer=opt_b)
+    held = [p for g in opt_b.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in small.parameters()} and len(held) == len(list(small.parameters()))
+    for p in held:
+        for v in opt_b.state[p].values():
+            assert not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape == p.shape
+    _train(masked, opt_a, sched_a, x, target, 3)
+    _train(small, opt_b, sched_b, x, target, 3)
+    assert opt_b.param_groups[0]["lr"] == pytest.approx(opt_a.param_groups[0]["lr"])
+    with torch.no_grad():
+        for inp in (x, x2):
+            assert rel_err(small(inp), masked(inp)) <= (TOL if opt_kind == "sgd" else 1e-4)
+
+
+def test_compact_with_optimizer_refuses_what_it_cannot_carry(mlp):
+    x = torch.randn(2, 8)
+    model = half_pruned_mlp(mlp, x)
+    with pytest.raises(ConfigError, match="none of the model's parameters"):
+        compact(model, optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = next(model.parameters())
+    opt.state[first]["row_factor"] = torch.zeros(first.shape[0] + 1)  # a factored (Adafactor-like) state
+    with pytest.raises(ConfigError, match="row_factor"):
+        compact(model, optimizer=opt)
+    assert opt.param_groups[0]["params"][0] is first  # left untouched on refusal
+    other = ebcompile.prepare(build("mlp", ((8, 16, 16, 4), "relu", True)), x, ratio=0.5)
+    ebcompile.apply_ticket(other, unstructured_ticket(other, 0.5, 0))
+    with pytest.raises(ConfigError, match="sparse"):
+        compact(other, sparse=True, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
 
 
 # -- rounding --------------------------------------------------------------------------------------------
@@ -452,9 +527,7 @@ def test_compact_without_ticket_raises(mlp):
 
 def test_compact_rejects_bad_options(mlp):
     x = torch.randn(2, 8)
-    model = ebcompile.prepare(mlp, x, structure="structured", ratio=0.5)
-    units = {f"{g.kind}:{g.name}": torch.arange(g.units) % 2 == 0 for g in model._ebcompile.plan.groups}
-    ebcompile.apply_ticket(model, structured_ticket(model, units))
+    model = half_pruned_mlp(mlp, x)
     with pytest.raises(ConfigError, match="sparse"):
         compact(model, sparse=True)
     for bad in (0, -8, 2.5, "8", True):

@@ -241,6 +241,29 @@ def test_compact_computes_what_the_masked_model_computes(pipeline):
             assert family_of(m).heads(path, m).units == (1 if name == "swin" and "layers.0" in path else 2)
 
 
+@pytest.mark.parametrize("name", ["gpt2-cls", "bert", "swin"])
+def test_compact_with_optimizer_retrains_like_the_masked_model(name):
+    """AdamW moments follow the kept heads and neurons (Conv1D's [in, out] layout, BERT's q/k/v, Swin's table)."""
+    base = _pipeline(name)
+    masked, twin = copy.deepcopy(base.masked), copy.deepcopy(base.masked)
+    labels = torch.tensor([0, 1])
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01) for m in (masked, twin)]
+
+    def train(model, opt, steps):
+        for _ in range(steps):  # eval mode: no dropout, so both runs see the same function
+            opt.zero_grad()
+            model(**base.inputs, labels=labels).loss.backward()
+            opt.step()
+
+    train(masked, opts[0], 2)
+    train(twin, opts[1], 2)
+    small = ebcompile.compact(twin, optimizer=opts[1])
+    train(masked, opts[0], 2)
+    train(small, opts[1], 2)
+    torch.testing.assert_close(logits(small, base.inputs), logits(masked, base.inputs), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits(small, base.inputs), logits(base.compact, base.inputs), rtol=1e-4, atol=1e-5)
+
+
 def test_compact_attributes_follow_the_kept_heads():
     p = _pipeline("gpt2-lm")
     attn = p.compact.transformer.h[0].attn

@@ -33,6 +33,7 @@ from ..modules import (CompactMultiheadAttention, CompactShiftedWindowAttention,
                        SparseLinear)
 from ..plan import GroupSet, Plan
 from .attention import family_of
+from ..optim_state import retarget_optimizer
 from .masks import iter_masks, strip_masks
 
 __all__ = ["compact", "storage_bytes", "removed_indices", "set_tensor", "fix_attributes"]
@@ -213,7 +214,8 @@ def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
     return new
 
 
-def compact(model: nn.Module, round_to: int | None = None, sparse: bool = False) -> nn.Module:
+def compact(model: nn.Module, round_to: int | None = None, sparse: bool = False,
+            optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """A new module computing what the masked ``model`` computes, with the pruned parts gone (``model`` is
     left as it is).
 
@@ -225,12 +227,27 @@ def compact(model: nn.Module, round_to: int | None = None, sparse: bool = False)
             width exceeds the original. For GPU inference use ``round_to=8`` (tensor-core friendly shapes).
         sparse: unstructured tickets only. ``True`` stores each masked ``nn.Linear`` weight as CSR
             (``ebcompile.modules.SparseLinear``); ``False`` keeps dense weights with zeros.
+        optimizer: the optimizer training ``model``; if given, it is moved in place onto the compacted
+            model's parameters with its state (momentum, Adam moments, step) sliced like the weights, so
+            retraining the compact model continues exactly where the masked one was (a scheduler attached
+            to it keeps working). Not with ``sparse=True``.
 
     Raises:
         NotPreparedError: ``model`` was not prepared; ``NoTicketError`` (a subclass): no ticket applied.
         ConfigError: ``round_to`` with an unstructured ticket, ``sparse=True`` with a structured one, or a
             bad ``round_to``.
     """
+    _, ticket = _applied_ticket(model)
+    if optimizer is not None and sparse:
+        raise ConfigError("optimizer= carries training state onto dense compacted weights; sparse=True stores CSR weights for "
+                          "inference. Fix: compact(model, optimizer=opt) to retrain, compact(model, sparse=True) to deploy.")
+    new = _compact(model, round_to, sparse)
+    if optimizer is not None:
+        retarget_optimizer(optimizer, model, new, lambda m: _compact(m, round_to, sparse))
+    return new
+
+
+def _compact(model: nn.Module, round_to: int | None, sparse: bool) -> nn.Module:
     cfg, ticket = _applied_ticket(model)
     round_to = _check_round_to(round_to)
     structured = ticket.structure == "structured"
