@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EarlyBirdCallback"]
+__all__ = ["EarlyBirdCallback", "STATE_FILE"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "EarlyBirdCallback":
-        from .hf_trainer import EarlyBirdCallback
+    if name in __all__:
+        from . import hf_trainer
 
-        return EarlyBirdCallback
+        return getattr(hf_trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

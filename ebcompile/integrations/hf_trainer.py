@@ -3,10 +3,14 @@
 Invariants: the callback never changes how the Trainer trains until the ticket appears; it then applies the
 ticket once (``ebcompile.apply_ticket``: pruned weights are zero from then on, through every optimizer step)
 and, with ``stop=True``, asks the Trainer to stop. Every check's distances reach ``trainer.state.log_history``.
+Each Trainer checkpoint holds the search state (``earlybird.safetensors``), and ``resume_from_checkpoint``
+brings it back: the same checks, the same ticket, the ticket frozen again if it was applied.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Callable
 
 from torch import nn
@@ -16,9 +20,11 @@ from ..controller import EarlyBird
 from ..errors import ConfigError
 from ..ticket import MODES, Ticket, apply_ticket
 
-__all__ = ["EarlyBirdCallback", "PREFIX"]
+__all__ = ["EarlyBirdCallback", "PREFIX", "STATE_FILE"]
 
 PREFIX = "eb/"
+STATE_FILE = "earlybird.safetensors"  # the search state, in each Trainer checkpoint folder
+log = logging.getLogger(__name__)
 
 
 class EarlyBirdCallback(TrainerCallback):
@@ -34,6 +40,9 @@ class EarlyBirdCallback(TrainerCallback):
         stop: set ``control.should_training_stop`` once the ticket is found (end of the search phase).
         on_ticket: called with the ticket right after it is found (and applied).
         earlybird: an existing controller to drive instead of building one at train begin.
+        resume_from: a Trainer checkpoint folder (or an ``EarlyBird.save`` file) to restore the search from.
+            By default, ``trainer.train(resume_from_checkpoint=...)`` restores it from
+            ``<output_dir>/checkpoint-<step>/earlybird.safetensors`` (written at every Trainer save).
 
     Logged at each check (``trainer.state.log_history``, and every ``report_to`` integration when the callback
     is bound with ``attach(trainer)``): ``eb/distance`` (the value the rule reads), ``eb/distance_overall``,
@@ -56,6 +65,7 @@ class EarlyBirdCallback(TrainerCallback):
         seed: int | None = None,
         on_ticket: Callable[[Ticket], None] | None = None,
         earlybird: EarlyBird | None = None,
+        resume_from: str | os.PathLike | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r} is not one of {', '.join(map(repr, MODES))}. Fix: pick one of them.")
@@ -66,6 +76,7 @@ class EarlyBirdCallback(TrainerCallback):
                                              every=1 if every == "epoch" else every, warmup=warmup, criterion=criterion,
                                              rewind_at=0 if mode == "rewind" else None)
         self.earlybird = earlybird
+        self.resume_from = resume_from
         self.applied = False
         self.trainer: Any = None
         self._pending: dict[str, float] = {}
@@ -87,6 +98,12 @@ class EarlyBirdCallback(TrainerCallback):
             if model is None:
                 raise ConfigError("the Trainer passed no model to EarlyBirdCallback. Fix: pass earlybird=EarlyBird(model).")
             self.earlybird = EarlyBird(model, **self._options)  # NotPreparedError when prepare() was not called
+        self._resume(args, state)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self.earlybird is not None and os.path.isdir(folder) and args.should_save:
+            self.earlybird.save(os.path.join(folder, STATE_FILE))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: nn.Module | None = None, **kwargs: Any) -> TrainerControl:
@@ -112,6 +129,29 @@ class EarlyBirdCallback(TrainerCallback):
         if self._pending:  # the Trainer logged nothing after the last check
             state.log_history.append({**self._pending, "step": state.global_step})
             self._pending.clear()
+
+    # -- resume ---------------------------------------------------------------------------------------
+    def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Restore the search saved beside the checkpoint the Trainer resumed from (weights already loaded)."""
+        candidates = [self.resume_from] if self.resume_from is not None else (
+            [args.resume_from_checkpoint, os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+            if state.global_step > 0 else [])
+        for where in candidates:
+            path = os.path.join(where, STATE_FILE) if where is not None and os.path.isdir(where) else where
+            if path is not None and os.path.isfile(path):
+                break
+        else:
+            if self.resume_from is not None:
+                raise ConfigError(f"no early-bird search state at {self.resume_from} (looked for {STATE_FILE}). "
+                                  "Fix: pass a Trainer checkpoint folder written with this callback, or an EarlyBird.save file.")
+            if state.global_step > 0:
+                log.warning("resuming at step %d without a saved early-bird search state: the search starts over", state.global_step)
+            return
+        eb = self.earlybird
+        eb.load(path)
+        if eb.found and self.apply and not self.applied:  # the checkpoint's weights already are the ticket's
+            apply_ticket(eb.model, eb.ticket, mode="continue")
+            self.applied = True
 
     # -- the search -----------------------------------------------------------------------------------
     def _tick(self, state: TrainerState, control: TrainerControl) -> None:
