@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from .io import load_tensors, save_tensors
 from .prepare import check_ratio, config_of, current_masks
 from .ticket import Ticket, signature_of, snapshot
 
-__all__ = ["EarlyBird", "RULES"]
+__all__ = ["EarlyBird", "RULES", "load_ticket"]
 
 RULES = ("relative", "absolute")
 
@@ -209,6 +210,33 @@ class EarlyBird:
             state["ticket"]["masks"]["tensors"] = part("ticket")
         state["rewind_weights"] = part("rewind") if state.pop("has_rewind") else None
         self.load_state_dict(state)
+
+
+def load_ticket(path: str | os.PathLike) -> Ticket:
+    """The ticket in ``path``: a ``Ticket.save`` file, an ``EarlyBird.save`` file whose search found one, or a
+    Trainer checkpoint folder holding ``earlybird.safetensors`` (``EarlyBirdCallback``)."""
+    from .errors import CheckpointError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "earlybird.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist. Fix: pass a ticket, a saved search or a Trainer checkpoint folder.")
+    try:
+        return Ticket.load(path)
+    except CheckpointError:
+        try:
+            tensors, state = load_tensors(path, "earlybird")
+        except CheckpointError:
+            raise CheckpointError(f"{path} is neither a saved ticket nor a saved early-bird search. Fix: pass a file "
+                                  "written by Ticket.save or EarlyBird.save, or a Trainer checkpoint folder.") from None
+    t = state.get("ticket")
+    if t is None:
+        raise CheckpointError(f"{path} is a saved early-bird search that has not found its ticket yet "
+                              f"({len(state['history'])} checks). Fix: train on, or draw one with ebcompile.draw_ticket.")
+    t["masks"]["tensors"] = {k[len("ticket/"):]: v for k, v in tensors.items() if k.startswith("ticket/")}
+    return Ticket(_masks_from_state(t["masks"]), t["ratio"], t["scope"], {k: list(v) for k, v in t["signature"].items()},
+                  dict(t["found_at"]))
 
 
 def _pack(masks: Masks) -> np.ndarray:

@@ -66,3 +66,74 @@ def test_ci_runs_the_readme_test_command():
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
     test_cmd = next(b for b in blocks if "pytest" in b)
     assert test_cmd.strip() in (ROOT / ".ci" / "run").read_text()
+
+
+# -- compact and export from the shell (tiny Hugging Face models) ----------------------------------------------
+
+
+def _tiny_hf(kind: str):
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, n_inner=64, vocab_size=64, n_positions=32))
+    else:
+        model = BertForSequenceClassification(BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                                                         intermediate_size=64, vocab_size=64, max_position_embeddings=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_compact_then_export_from_the_command_line(kind, tmp_path, capsys):
+    import ebcompile
+    from ebcompile.cli.models import example_inputs
+
+    dense_dir, ticket_path, out = tmp_path / "dense", tmp_path / "ticket.safetensors", tmp_path / "small"
+    _tiny_hf(kind).save_pretrained(dense_dir)
+    model = _tiny_hf(kind)
+    inputs = example_inputs(model)
+    ebcompile.prepare(model, inputs, ratio=0.5, structure="structured")
+    ticket = ebcompile.draw_ticket(model)
+    ticket.save(ticket_path)
+    ebcompile.apply_ticket(model, ticket)
+    expected = ebcompile.compact(model).eval()
+
+    assert main(["compact", str(dense_dir), str(ticket_path), str(out)]) == 0
+    assert "parameters" in capsys.readouterr().out
+    small = ebcompile.load(out)
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in expected.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, expected(**inputs).logits, rtol=1e-5, atol=1e-6)
+
+    onnx_path = tmp_path / "small.onnx"
+    assert main(["export", str(out), str(onnx_path), "--seq", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert onnx_path.is_file() and "matches PyTorch" in printed
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    longer = example_inputs(small, batch=3, seq=12)  # dynamic batch and sequence
+    got = sess.run(None, {k: v.numpy() for k, v in longer.items()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), small(**longer).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compact_with_a_ticket_from_another_model_is_one_line(tmp_path):
+    import ebcompile
+
+    dense_dir, ticket_path = tmp_path / "dense", tmp_path / "ticket.safetensors"
+    _tiny_hf("bert").save_pretrained(dense_dir)
+    other = ebcompile.prepare(_tiny_hf("gpt2"), {"input_ids": torch.ones(1, 4, dtype=torch.long)}, ratio=0.5,
+                              structure="structured")
+    ebcompile.draw_ticket(other).save(ticket_path)
+    for argv in (["compact", str(dense_dir), str(ticket_path), str(tmp_path / "out")],
+                 ["export", str(tmp_path / "missing"), str(tmp_path / "m.onnx")],
+                 ["export", str(dense_dir), str(tmp_path / "m.onnx"), "--seq", "999"]):
+        proc = subprocess.run([sys.executable, "-m", "ebcompile.cli.main", *argv], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Fix:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.onnx").exists()

@@ -186,6 +186,30 @@ def test_saved_found_controller_round_trips(tmp_path):
     assert again.step() is True
 
 
+def test_load_ticket_reads_tickets_and_saved_searches(tmp_path):
+    from ebcompile.controller import load_ticket
+    from ebcompile.errors import CheckpointError
+
+    model = prepared("mlp", ratio=0.3)
+    eb = ebcompile.EarlyBird(model, window=2)
+    eb.step()
+    eb.save(tmp_path / "early.safetensors")
+    with pytest.raises(CheckpointError, match="not found its ticket yet"):
+        load_ticket(tmp_path / "early.safetensors")
+    while not eb.step():
+        pass
+    (tmp_path / "ckpt").mkdir()
+    eb.save(tmp_path / "ckpt" / "earlybird.safetensors")
+    eb.ticket.save(tmp_path / "ticket.safetensors")
+    for where in (tmp_path / "ckpt", tmp_path / "ckpt" / "earlybird.safetensors", tmp_path / "ticket.safetensors"):
+        t = load_ticket(where)
+        assert (t.ratio, t.scope, t.signature, t.found_at) == (eb.ticket.ratio, eb.ticket.scope, eb.ticket.signature, eb.ticket.found_at)
+        assert all(torch.equal(t.masks.tensors[k], v) for k, v in eb.ticket.masks.tensors.items())
+    (tmp_path / "other.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="neither a saved ticket nor a saved early-bird search"):
+        load_ticket(tmp_path / "other.safetensors")
+
+
 def test_controller_state_from_another_model_is_refused():
     from ebcompile.errors import TicketMismatchError
 

@@ -429,6 +429,17 @@ def test_trainer_resume_restores_the_search_and_the_applied_ticket(tmp_path):
     inputs = text_batch()
     torch.testing.assert_close(logits(late.eval(), inputs), logits(straight.eval(), inputs), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits(mid.eval(), inputs), logits(straight.eval(), inputs), rtol=1e-4, atol=1e-5)
+    # the checkpoint folder is also what `ebcompile compact` reads: weights (save_pretrained) + the search's ticket
+    from ebcompile.cli.main import main
+
+    ckpt = str(tmp_path / "checkpoint-4")
+    assert main(["compact", ckpt, ckpt, str(tmp_path / "small")]) == 0
+    small = ebcompile.load(tmp_path / "small")
+    reference = BertForSequenceClassification.from_pretrained(ckpt).eval()
+    ebcompile.prepare(reference, inputs, ratio=0.5, structure="structured")
+    ebcompile.apply_ticket(reference, cb.ticket)
+    torch.testing.assert_close(logits(small, inputs), logits(reference, inputs), **TOL)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in build("bert").parameters())
 
 
 def test_trainer_resume_from_a_folder_without_search_state_raises(tmp_path):

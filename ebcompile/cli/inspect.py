@@ -7,16 +7,16 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="summarise a saved ticket (.safetensors)", description=__doc__)
-    p.add_argument("path", help="a ticket written by Ticket.save")
+    p = sub.add_parser("inspect", help="summarise a saved ticket, per layer", description=__doc__)
+    p.add_argument("path", help="a ticket (Ticket.save), a saved search (EarlyBird.save) or a Trainer checkpoint folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ticket import Ticket
+    from ..controller import load_ticket
 
-    t = Ticket.load(args.path)
+    t = load_ticket(args.path)
     rows = []
     for key, keep in (t.masks.units or t.masks.tensors).items():
         rows.append({"name": key, "kept": int(keep.sum()), "total": keep.numel()})

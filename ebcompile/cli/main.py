@@ -7,9 +7,9 @@ import sys
 from typing import Sequence
 
 from ..errors import EbcompileError
-from . import demo, inspect
+from . import compact, demo, export, inspect
 
-SUBCOMMANDS = {"demo": demo, "inspect": inspect}
+SUBCOMMANDS = {"demo": demo, "inspect": inspect, "compact": compact, "export": export}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,36 @@
+"""``ebcompile export``: write a (compact) model as ONNX and check it in onnxruntime."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export an ebcompile.save directory or Hugging Face model to verified ONNX",
+                       description=__doc__)
+    p.add_argument("model", help="an ebcompile.save directory, a save_pretrained folder or a hub name")
+    p.add_argument("out", help="the .onnx file to write (nothing is left there on failure)")
+    p.add_argument("--fp16", action="store_true", help="half-precision weights and activations")
+    p.add_argument("--optimize", action="store_true", help="run onnxruntime's transformer optimizer on the graph")
+    p.add_argument("--fused-attention", action="store_true",
+                   help="nn.MultiheadAttention as one com.microsoft.Attention node (onnxruntime kernels)")
+    p.add_argument("--batch", type=int, default=1, help="example batch size used to trace and verify (axis stays dynamic)")
+    p.add_argument("--seq", type=int, default=16, help="example sequence length for text models (axis stays dynamic)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison (the checker still runs)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export.onnx import export_onnx
+    from .models import example_inputs, load_model
+
+    model = load_model(args.model)
+    rep = export_onnx(model, args.out, example_inputs(model, args.batch, args.seq), dtype="fp16" if args.fp16 else "fp32",
+                      opset=args.opset, optimize=args.optimize, verify=not args.no_verify, fused_attention=args.fused_attention)
+    checked = ("not compared with onnxruntime" if rep.max_abs_error is None else
+               f"onnxruntime ({', '.join(rep.providers)}) matches PyTorch: max |diff| {rep.max_abs_error:.2e}")
+    print(f"{rep.path}: {rep.bytes / 2**20:.1f} MiB, {sum(rep.op_counts.values())} nodes; {checked}")
+    for note in rep.notes:
+        print(f"  note: {note}")
+    return 0

@@ -1,0 +1,63 @@
+"""What the CLI commands read: a model from a path or hub name, and an example batch for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import META
+from ..errors import CheckpointError, ConfigError
+
+
+def load_model(source: str) -> nn.Module:
+    """An ``ebcompile.save`` directory, a Hugging Face model folder (``save_pretrained``, a Trainer
+    checkpoint) or a hub name, in eval mode."""
+    from .. import checkpoint
+
+    if (Path(source) / META).is_file():
+        return checkpoint.load(source)
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - missing folder, bad JSON, no network for a hub name
+        raise CheckpointError(f"{source} is neither an ebcompile.save directory nor a Hugging Face model "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Fix: pass a folder written by "
+                              "ebcompile.save or save_pretrained, or a hub name when online.") from exc
+    name = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"{source}: config.json names architecture {name!r}, which transformers does not provide. "
+                              "Fix: save the model with save_pretrained (it records its class).")
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the *_mask keys of a prepared model's save_pretrained are expected extras
+    hf_logging.disable_progress_bar()  # stderr stays for our one-line errors
+    try:
+        return cls.from_pretrained(source).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def example_inputs(model: nn.Module, batch: int = 1, seq: int = 16) -> dict[str, torch.Tensor]:
+    """A made-up batch of the right kind for a Hugging Face model: token ids + attention mask, or pixels."""
+    if batch < 1 or seq < 1:
+        raise ConfigError(f"--batch {batch} / --seq {seq} must be >= 1. Fix: e.g. --batch 1 --seq 16.")
+    config: Any = getattr(model, "config", None)
+    if config is None:
+        raise ConfigError(f"{type(model).__name__} is not a Hugging Face model, so its inputs are unknown. "
+                          "Fix: use the Python API (ebcompile.export_onnx with example inputs).")
+    g = torch.Generator().manual_seed(0)
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+        return {"pixel_values": torch.randn(batch, getattr(config, "num_channels", 3), *size, generator=g)}
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and seq > limit:
+        raise ConfigError(f"--seq {seq} exceeds the model's {limit} positions. Fix: pass --seq {limit} or less.")
+    ids = torch.randint(0, min(int(config.vocab_size), 1000), (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
