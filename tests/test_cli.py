@@ -137,3 +137,75 @@ def test_compact_with_a_ticket_from_another_model_is_one_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Fix:" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.onnx").exists()
+
+
+# -- search and retrain a text classifier from the shell (tiny BERT + word-level tokenizer, real MR texts) -------
+
+MR = ROOT.parent / "shared" / "data" / "mr-polarity"
+needs_mr = pytest.mark.skipif(not MR.is_dir(), reason="../shared/data is not beside this checkout")
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A 2-layer BERT classifier and a 400-word tokenizer built from MR's own words, saved like a hub model."""
+    import collections
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    words = collections.Counter(w for name in ("rt-polarity.pos", "rt-polarity.neg")
+                                for w in re.findall(r"\w+", (MR / name).read_text(encoding="latin-1").lower()))
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [w for w, _ in words.most_common(400)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                  sep_token="[SEP]")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                                                     intermediate_size=64, vocab_size=len(vocab), max_position_embeddings=64))
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+TRAIN = ["--data", str(MR), "--train-limit", "192", "--batch", "16", "--max-len", "32"]
+
+
+@needs_mr
+def test_search_retrain_export_from_the_command_line(tiny_classifier, tmp_path, capsys):
+    import ebcompile
+
+    search, small = tmp_path / "search", tmp_path / "small"
+    assert main(["search", str(tiny_classifier), "--out", str(search), *TRAIN, "--epochs", "2", "--every", "2",
+                 "--window", "2", "--rule", "relative", "--threshold", "1.0"]) == 0
+    assert "ticket found at step 6" in capsys.readouterr().out  # checks at steps 2, 4, 6; window 2 passes at the 3rd
+    result = json.loads((search / "search.json").read_text())
+    assert result["found"] and result["step"] == 6 and len(result["distances"]) == 2
+    assert (search / "search.png").read_bytes()[:4] == b"\x89PNG" and (search / "model" / "tokenizer.json").is_file()
+    ticket = ebcompile.Ticket.load(search / "ticket.safetensors")
+    assert ticket.structure == "structured" and 0.2 < ticket.sparsity() < 0.4
+
+    for mode in ("continue", "rewind"):
+        assert main(["retrain", str(search), "--out", str(small / mode), "--mode", mode, *TRAIN, "--epochs", "1"]) == 0
+        report = json.loads((small / mode / "retrain.json").read_text())
+        assert report["mode"] == mode and report["parameters"] < report["dense_parameters"]
+        assert 0.0 <= report["validation_accuracy"] <= 1.0
+    model = ebcompile.load(small / "continue" / "model")
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"]
+    assert main(["export", str(small / "continue" / "model"), str(tmp_path / "small.onnx")]) == 0
+    assert (tmp_path / "small.onnx").is_file()
+
+
+@needs_mr
+def test_search_without_a_ticket_exits_1_and_keeps_the_search(tiny_classifier, tmp_path, capsys):
+    out = tmp_path / "search"
+    assert main(["search", str(tiny_classifier), "--out", str(out), *TRAIN, "--epochs", "1", "--every", "4",
+                 "--threshold", "1e-9"]) == 1
+    assert "no ticket within 12 steps" in capsys.readouterr().out
+    assert (out / "earlybird.safetensors").is_file() and not (out / "ticket.safetensors").exists()
+    proc = subprocess.run([sys.executable, "-m", "ebcompile.cli.main", "retrain", str(out), "--out", str(tmp_path / "r"),
+                           *TRAIN], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "lacks model/" in proc.stderr
+    assert "Fix:" in proc.stderr and "Traceback" not in proc.stderr

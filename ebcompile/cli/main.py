@@ -7,9 +7,10 @@ import sys
 from typing import Sequence
 
 from ..errors import EbcompileError
-from . import compact, demo, export, inspect
+from . import compact, demo, export, inspect, retrain, search
 
-SUBCOMMANDS = {"demo": demo, "inspect": inspect, "compact": compact, "export": export}
+SUBCOMMANDS = {"demo": demo, "search": search, "retrain": retrain, "compact": compact, "export": export,
+               "inspect": inspect}
 
 
 def build_parser() -> argparse.ArgumentParser:

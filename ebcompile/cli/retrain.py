@@ -1,0 +1,64 @@
+"""``ebcompile retrain``: retrain the ticket a ``search`` found, compacted, and save it (``ebcompile.save``).
+
+The ticket is applied (``--mode continue``: the early-bird weights, ``rewind``: the weights before the
+search, ``reinit``: fresh ones), the pruned heads and neurons are removed, and the smaller model trains for
+``--epochs``. Writes ``--out``/``model`` (reload with ``ebcompile.load``, tokenizer beside it) and ``retrain.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from .textclf import add_training_arguments
+
+    p = sub.add_parser("retrain", help="retrain the compacted ticket found by `ebcompile search`",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("search", help="the --out folder of `ebcompile search`")
+    p.add_argument("--out", required=True, help="folder for the retrained compact model")
+    p.add_argument("--mode", default="continue", choices=["continue", "rewind", "reinit"],
+                   help="which weights the ticket retrains from (default: %(default)s)")
+    add_training_arguments(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import checkpoint
+    from ..controller import EarlyBird, load_ticket
+    from ..errors import CheckpointError
+    from ..io import atomic_path
+    from ..passes.shrink import compact
+    from ..prepare import prepare
+    from ..ticket import apply_ticket
+    from . import textclf
+
+    search = Path(args.search)
+    if not (search / "model").is_dir() or not (search / "earlybird.safetensors").is_file():
+        raise CheckpointError(f"{search} lacks model/ or earlybird.safetensors. Fix: pass the --out folder of a "
+                              "`ebcompile search` that found its ticket.")
+    train, val = textclf.load_texts(args.data, args.train_limit)
+    model, tok = textclf.load_classifier(str(search / "model"), num_labels=len(set(train[1])))
+    dense = sum(p.numel() for p in model.parameters())
+    ticket = load_ticket(search)
+    prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=ticket.ratio, structure=ticket.structure,
+            scope=ticket.scope)
+    eb = EarlyBird(model)  # the saved search: its ticket and the weights before it (for --mode rewind)
+    eb.load(search / "earlybird.safetensors")
+    apply_ticket(model, eb.ticket, mode=args.mode, weights=eb.rewind_weights, seed=args.seed)
+    small = compact(model).train()
+    out = Path(args.out)
+    textclf.trainer(small, tok, train, args, out).train()
+    acc = textclf.accuracy(small, tok, val, args.max_len)
+    checkpoint.save(small, out / "model")
+    tok.save_pretrained(out / "model")
+    params = sum(p.numel() for p in small.parameters())
+    with atomic_path(out / "retrain.json") as tmp:
+        tmp.write_text(json.dumps({"search": str(search), "mode": args.mode, "validation_accuracy": acc,
+                                   "dense_parameters": dense, "parameters": params}, indent=2) + "\n")
+    print(f"retrained the compact ticket ({args.mode}): {dense:,} -> {params:,} parameters, validation accuracy {acc:.2%}")
+    print(f"written to {out / 'model'} (reload: ebcompile.load({str(out / 'model')!r}))")
+    return 0
+

@@ -1,0 +1,72 @@
+"""``ebcompile search``: fine-tune a Hugging Face text classifier until the early-bird ticket appears.
+
+Writes to ``--out``: ``model/`` (the early-bird weights + tokenizer, save_pretrained), ``earlybird.safetensors``
+(the search, with the starting weights for ``retrain --mode rewind``), ``ticket.safetensors``,
+``search.png`` (distance plot) and ``search.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from .textclf import add_training_arguments
+
+    p = sub.add_parser("search", help="fine-tune a text classifier until the early-bird ticket appears",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a Hugging Face model folder or hub name (e.g. roberta-base when online)")
+    p.add_argument("--out", required=True, help="folder for the ticket, the search state and the early-bird model")
+    add_training_arguments(p)
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of heads and FFN neurons (or weights) to prune")
+    p.add_argument("--structure", default="structured", choices=["structured", "unstructured"])
+    p.add_argument("--every", type=int, default=50, help="optimizer steps between checks (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=0, help="optimizer steps before the first check")
+    p.add_argument("--window", type=int, default=5, help="checks whose distances must all pass (default: %(default)s)")
+    p.add_argument("--rule", default="absolute", choices=["absolute", "relative"],
+                   help="absolute (default, the seed paper's text rule) or relative to the largest distance seen")
+    p.add_argument("--threshold", type=float, default=0.01, help="(default: %(default)s, the seed paper's text threshold)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..controller import EarlyBird
+    from ..integrations.hf_trainer import EarlyBirdCallback
+    from ..io import atomic_path
+    from ..plots import plot_search
+    from ..prepare import check_ratio, prepare
+    from . import textclf
+
+    check_ratio(args.ratio)
+    train, val = textclf.load_texts(args.data, args.train_limit)
+    model, tok = textclf.load_classifier(args.model, num_labels=len(set(train[1])))
+    prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=args.ratio, structure=args.structure)
+    eb = EarlyBird(model, threshold=args.threshold, rule=args.rule, window=args.window, every=args.every,
+                   warmup=args.warmup, rewind_at=0)
+    out = Path(args.out)
+    trainer = textclf.trainer(model, tok, train, args, out, [EarlyBirdCallback(every=1, earlybird=eb, apply=False, stop=True)])
+    trainer.train()
+    out.mkdir(parents=True, exist_ok=True)
+    eb.save(out / "earlybird.safetensors")
+    plot_search(eb, out / "search.png", title=f"{args.model}: {args.structure} p={args.ratio}")
+    acc = textclf.accuracy(model, tok, val, args.max_len)
+    result = {"model": args.model, "found": eb.found, "step": trainer.state.global_step, "checks": eb.checks,
+              "validation_accuracy": acc, "distances": eb.distances()}
+    if eb.found:
+        eb.ticket.save(out / "ticket.safetensors")
+        model.save_pretrained(out / "model")
+        tok.save_pretrained(out / "model")
+        result["found_at"] = eb.ticket.found_at
+    with atomic_path(out / "search.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    if not eb.found:
+        print(f"no ticket within {trainer.state.global_step} steps ({eb.checks} checks; distances in {out / 'search.json'}). "
+              "Train longer (--epochs), check more often (--every) or loosen --threshold.")
+        return 1
+    print(f"ticket found at step {trainer.state.global_step} ({eb.checks} checks), validation accuracy of the early-bird "
+          f"model {acc:.2%}; pruned {eb.ticket.sparsity():.1%} of the {args.structure} units.")
+    print(f"written to {out}/ (model/, ticket.safetensors, earlybird.safetensors, search.png). "
+          f"Next: ebcompile retrain {out} --data {args.data} --out <folder>")
+    return 0

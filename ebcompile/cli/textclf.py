@@ -1,0 +1,127 @@
+"""Text classification for ``ebcompile search`` / ``retrain``: data, model + tokenizer, a Trainer, accuracy."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+
+Split = tuple[list[str], list[int]]
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a folder with rt-polarity.pos/.neg (MR polarity), or a datasets hub "
+                                                 "name with text/label columns such as imdb (needs `pip install datasets`)")
+    p.add_argument("--epochs", type=float, default=3.0, help="training budget in epochs (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="per-device batch size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate, linear decay (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=128, help="tokens per text (default: %(default)s)")
+    p.add_argument("--train-limit", type=int, default=None, help="use only this many training texts")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def load_texts(spec: str, train_limit: int | None = None) -> tuple[Split, Split]:
+    """(train, validation) texts and labels from an MR-style folder or a ``datasets`` hub name."""
+    from ..data import load_polarity
+
+    folder = Path(spec)
+    if (folder / "rt-polarity.pos").is_file() and (folder / "rt-polarity.neg").is_file():
+        xtr, ytr, xva, yva = load_polarity(folder)
+    elif folder.exists():
+        raise CheckpointError(f"{spec} has no rt-polarity.pos / rt-polarity.neg. Fix: pass the MR polarity folder "
+                              "(e.g. ../shared/data/mr-polarity) or a datasets hub name.")
+    else:
+        xtr, ytr, xva, yva = _hub_texts(spec)
+    if train_limit is not None:
+        if train_limit < 2:
+            raise ConfigError(f"--train-limit {train_limit} is too small. Fix: pass at least 2 (or leave it out).")
+        xtr, ytr = xtr[:train_limit], ytr[:train_limit]
+    return (xtr, ytr), (xva, yva)
+
+
+def _hub_texts(name: str) -> tuple[list[str], list[int], list[str], list[int]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"--data {name}: no such folder, and hub data sets need the datasets package. "
+                          "Fix: pip install datasets (and be online), or pass a local MR-style folder.") from None
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name, ...
+        raise ConfigError(f"--data {name}: cannot load it ({type(exc).__name__}). Fix: check the name and the network, "
+                          "or pass a local MR-style folder.") from exc
+    val = next((s for s in ("validation", "test") if s in ds), None)
+    text = next((c for c in ("text", "sentence") if c in ds["train"].column_names), None)
+    if val is None or text is None or "label" not in ds["train"].column_names:
+        raise ConfigError(f"--data {name}: expected train + validation/test splits with text/sentence and label columns. "
+                          "Fix: pick a text classification data set such as imdb.")
+    return list(ds["train"][text]), list(ds["train"]["label"]), list(ds[val][text]), list(ds[val]["label"])
+
+
+def load_classifier(source: str, num_labels: int) -> tuple[nn.Module, Any]:
+    """A sequence classifier and its tokenizer from a folder or hub name (a pad token is set if missing)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" and the *_mask extras are expected
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+    except Exception as exc:  # noqa: BLE001 - missing folder, no tokenizer, offline hub name
+        raise CheckpointError(f"{source}: cannot load a tokenizer and sequence classifier ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160]}). Fix: pass a save_pretrained folder with its tokenizer, "
+                              "or a hub name when online.") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+class Encoded(torch.utils.data.Dataset):
+    """Tokenized on access; the Trainer's collator pads each batch."""
+
+    def __init__(self, tok: Any, split: Split, max_len: int) -> None:
+        self.tok, (self.texts, self.labels), self.max_len = tok, split, max_len
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.tok(self.texts[i], truncation=True, max_length=self.max_len)
+        item["labels"] = int(self.labels[i])
+        return dict(item)
+
+
+def example_batch(tok: Any, split: Split, max_len: int) -> dict[str, torch.Tensor]:
+    return dict(tok(split[0][:2], padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
+
+
+def trainer(model: nn.Module, tok: Any, train: Split, args: argparse.Namespace, out: Path, callbacks: list | None = None):
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    if args.epochs <= 0 or args.batch < 1 or args.max_len < 1:
+        raise ConfigError("--epochs, --batch and --max-len must be positive. Fix: e.g. --epochs 3 --batch 32 --max-len 128.")
+    targs = TrainingArguments(output_dir=str(out), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
+                              learning_rate=args.lr, weight_decay=0.01, save_strategy="no", report_to="none",
+                              logging_steps=50, seed=args.seed, use_cpu=not torch.cuda.is_available())
+    return Trainer(model=model, args=targs, train_dataset=Encoded(tok, train, args.max_len),
+                   data_collator=DataCollatorWithPadding(tok), callbacks=callbacks)
+
+
+def accuracy(model: nn.Module, tok: Any, split: Split, max_len: int, batch: int = 64) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    right = 0
+    with torch.no_grad():
+        for i in range(0, len(split[0]), batch):
+            enc = tok(split[0][i:i + batch], padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
+            right += int((model(**enc).logits.argmax(-1).cpu() == torch.tensor(split[1][i:i + batch])).sum())
+    return right / max(1, len(split[0]))
