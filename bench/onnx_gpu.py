@@ -10,7 +10,6 @@ Models have random weights: a ticket drawn from them prunes arbitrary units, whi
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from ebcompile.export.onnx import export_onnx, ort_session  # noqa: E402
 from ebcompile.passes.shrink import compact  # noqa: E402
 from ebcompile.report import count_macs, count_parameters  # noqa: E402
 from ebcompile.ticket import draw_ticket  # noqa: E402
+from ebcompile.timing import median_ms  # noqa: E402
 from _sections import publish  # noqa: E402
 
 
@@ -47,25 +47,12 @@ MODELS = {
 }
 
 
-def _median_ms(fn, repeats: int, sync) -> float:
-    for _ in range(3):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def eager_ms(model, x, device, dtype, repeats) -> float:
     model = model.to(device, dtype).eval()
     x = x.to(device, dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.inference_mode():
-        return _median_ms(lambda: model(x), repeats, sync)
+        return median_ms(lambda: model(x), repeats, sync)
 
 
 def ort_ms(path, x, device, dtype, repeats) -> tuple[float, str]:
@@ -78,9 +65,9 @@ def ort_ms(path, x, device, dtype, repeats) -> tuple[float, str]:
         np_dtype = np.float16 if dtype == torch.float16 else np.float32
         binding.bind_input(name, "cuda", 0, np_dtype, list(xin.shape), xin.data_ptr())
         binding.bind_output(session.get_outputs()[0].name, "cuda")
-        return _median_ms(lambda: session.run_with_iobinding(binding), repeats, torch.cuda.synchronize), provider
+        return median_ms(lambda: session.run_with_iobinding(binding), repeats, torch.cuda.synchronize), provider
     feed = {name: x.to(dtype).numpy()}
-    return _median_ms(lambda: session.run(None, feed), repeats, lambda: None), provider
+    return median_ms(lambda: session.run(None, feed), repeats, lambda: None), provider
 
 
 def run(models, ratios, batches, seq, repeats, optimize) -> list[dict]:

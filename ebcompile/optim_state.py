@@ -32,13 +32,13 @@ def _shadow_pass(shadow: nn.Module, old_names: list[str], values: dict[str, torc
         for name in old_names:
             p = params[name]
             v = values.get(name)
-            p.data = torch.zeros_like(p.data, dtype=torch.float64) if v is None else v.detach().to(torch.float64).clone()
+            p.data = torch.zeros_like(p.data, dtype=torch.float32) if v is None else v.detach().to(torch.float32).clone()
     return {n: p.detach() for n, p in transform(shadow).named_parameters()}
 
 
 def _origins(shadow: nn.Module, old_names: list[str], transform: Transform) -> dict[str, str]:
     """new parameter name → the old parameter it was cut from."""
-    marks = {name: torch.full_like(p, i + 1, dtype=torch.float64) for i, (name, p) in
+    marks = {name: torch.full_like(p, i + 1, dtype=torch.float32) for i, (name, p) in
              enumerate((n, dict(shadow.named_parameters())[n]) for n in old_names)}
     origin: dict[str, str] = {}
     for new_name, t in _shadow_pass(shadow, old_names, marks, transform).items():

@@ -209,3 +209,21 @@ def test_search_without_a_ticket_exits_1_and_keeps_the_search(tiny_classifier, t
                            *TRAIN], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "lacks model/" in proc.stderr
     assert "Fix:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_compares_dense_and_compact(tmp_path, capsys):
+    import ebcompile
+
+    dense_dir = tmp_path / "dense"
+    _tiny_hf("bert").save_pretrained(dense_dir)
+    model = _tiny_hf("bert")
+    ebcompile.prepare(model, {"input_ids": torch.ones(1, 8, dtype=torch.long)}, ratio=0.5, structure="structured")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    ebcompile.save(model, tmp_path / "small")
+    assert main(["bench", str(dense_dir), str(tmp_path / "small"), "--seq", "8", "--repeats", "2", "--onnx",
+                 "--device", "cpu"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {tmp_path}")]
+    assert len(rows) == 2 and "CPU)" in rows[1]
+    params, macs = (float(x) for x in rows[1].rsplit("|", 2)[1].split(" / ")[:2])
+    assert params < 1.0 and macs < 1.0
+    assert rows[0].rsplit("|", 2)[1].strip().startswith("1.000 / 1.000 / 1.000 / 1.000")

@@ -7,10 +7,10 @@ import sys
 from typing import Sequence
 
 from ..errors import EbcompileError
-from . import compact, demo, export, inspect, retrain, search
+from . import bench, compact, demo, export, inspect, retrain, search
 
 SUBCOMMANDS = {"demo": demo, "search": search, "retrain": retrain, "compact": compact, "export": export,
-               "inspect": inspect}
+               "inspect": inspect, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
