@@ -51,6 +51,17 @@ def _origins(shadow: nn.Module, old_names: list[str], transform: Transform) -> d
     return origin
 
 
+def _cpu_shadow(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers live on the CPU (float32 parameters, no grads):
+    the shadow passes cost host memory, not accelerator memory."""
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.zeros(p.shape, dtype=torch.float32), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(model, memo)
+
+
 def retarget_optimizer(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module, transform: Transform) -> None:
     """Point ``optimizer`` (in place) at ``new = transform(old)``'s parameters, its state sliced alike.
 
@@ -74,7 +85,7 @@ def retarget_optimizer(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn
                                       f"{tuple(p.shape)}, so it cannot be sliced ({type(optimizer).__name__}). "
                                       "Fix: build a fresh optimizer for the compacted model.")
                 state_keys.add(k)
-    shadow = copy.deepcopy(old)
+    shadow = _cpu_shadow(old)
     names = list(old_params)
     origin = _origins(shadow, names, transform)
     sliced = {k: _shadow_pass(shadow, names, {n: optimizer.state[old_params[n]][k] for n in held

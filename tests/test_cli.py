@@ -227,3 +227,17 @@ def test_bench_compares_dense_and_compact(tmp_path, capsys):
     params, macs = (float(x) for x in rows[1].rsplit("|", 2)[1].split(" / ")[:2])
     assert params < 1.0 and macs < 1.0
     assert rows[0].rsplit("|", 2)[1].strip().startswith("1.000 / 1.000 / 1.000 / 1.000")
+
+
+@needs_mr
+def test_retrain_keeps_an_unstructured_ticket_pruned(tiny_classifier, tmp_path, capsys):
+    import ebcompile
+
+    search, small = tmp_path / "search", tmp_path / "small"
+    assert main(["search", str(tiny_classifier), "--out", str(search), *TRAIN, "--epochs", "1", "--every", "2",
+                 "--window", "2", "--rule", "relative", "--threshold", "1.0", "--structure", "unstructured"]) == 0
+    assert main(["retrain", str(search), "--out", str(small), *TRAIN, "--epochs", "1"]) == 0
+    model = ebcompile.load(small / "model")
+    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}"]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert 0.25 <= zeros <= 0.35  # the ticket's 30% stayed zero through retraining

@@ -360,8 +360,9 @@ def test_compact_with_optimizer_refuses_what_it_cannot_carry(mlp):
     assert opt.param_groups[0]["params"][0] is first  # left untouched on refusal
     other = ebcompile.prepare(build("mlp", ((8, 16, 16, 4), "relu", True)), x, ratio=0.5)
     ebcompile.apply_ticket(other, unstructured_ticket(other, 0.5, 0))
-    with pytest.raises(ConfigError, match="sparse"):
-        compact(other, sparse=True, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+    for sparse in (False, True):
+        with pytest.raises(ConfigError, match="unstructured"):
+            compact(other, sparse=sparse, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
 
 
 # -- rounding --------------------------------------------------------------------------------------------

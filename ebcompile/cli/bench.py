@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--fp16", action="store_true", help="half precision (GPU)")
-    p.add_argument("--onnx", action="store_true", help="also time onnxruntime (CUDA EP when present, else CPU EP)")
+    p.add_argument("--onnx", action="store_true", help="also time onnxruntime (CUDA EP when present, else CPU EP; fed from "
+                                                       "host memory, so on a GPU its copies are timed: bench/onnx_gpu.py binds device buffers)")
     p.set_defaults(run=run)
 
 

@@ -1,8 +1,8 @@
 """``ebcompile retrain``: retrain the ticket a ``search`` found, compacted, and save it (``ebcompile.save``).
 
 The ticket is applied (``--mode continue``: the early-bird weights, ``rewind``: the weights before the
-search, ``reinit``: fresh ones), the pruned heads and neurons are removed, and the smaller model trains for
-``--epochs``. Writes ``--out``/``model`` (reload with ``ebcompile.load``, tokenizer beside it) and ``retrain.json``.
+search, ``reinit``: fresh ones); a structured ticket's pruned heads and neurons are removed and the smaller
+model trains for ``--epochs`` (an unstructured ticket trains masked, its zeros held, and is compacted after). Writes ``--out``/``model`` (reload with ``ebcompile.load``, tokenizer beside it) and ``retrain.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{search} lacks model/ or earlybird.safetensors. Fix: pass the --out folder of a "
                               "`ebcompile search` that found its ticket.")
     train, val = textclf.load_texts(args.data, args.train_limit)
-    model, tok = textclf.load_classifier(str(search / "model"), num_labels=len(set(train[1])))
+    model, tok = textclf.load_classifier(str(search / "model"))  # the head the search trained
     dense = sum(p.numel() for p in model.parameters())
     ticket = load_ticket(search)
     prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=ticket.ratio, structure=ticket.structure,
@@ -48,10 +48,13 @@ def run(args: argparse.Namespace) -> int:
     eb = EarlyBird(model)  # the saved search: its ticket and the weights before it (for --mode rewind)
     eb.load(search / "earlybird.safetensors")
     apply_ticket(model, eb.ticket, mode=args.mode, weights=eb.rewind_weights, seed=args.seed)
-    small = compact(model).train()
+    # structured: train the compact model (cheaper steps); unstructured: the masked one (masks hold the zeros)
+    small = compact(model).train() if eb.ticket.structure == "structured" else model.train()
     out = Path(args.out)
     textclf.trainer(small, tok, train, args, out).train()
     acc = textclf.accuracy(small, tok, val, args.max_len)
+    if small is model:
+        small = compact(model)
     checkpoint.save(small, out / "model")
     tok.save_pretrained(out / "model")
     params = sum(p.numel() for p in small.parameters())

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_ratio(args.ratio)
     train, val = textclf.load_texts(args.data, args.train_limit)
-    model, tok = textclf.load_classifier(args.model, num_labels=len(set(train[1])))
+    model, tok = textclf.load_classifier(args.model, num_labels=textclf.label_count(train, val))
     prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=args.ratio, structure=args.structure)
     eb = EarlyBird(model, threshold=args.threshold, rule=args.rule, window=args.window, every=args.every,
                    warmup=args.warmup, rewind_at=0)
@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
               "validation_accuracy": acc, "distances": eb.distances()}
     if eb.found:
         eb.ticket.save(out / "ticket.safetensors")
-        model.save_pretrained(out / "model")
-        tok.save_pretrained(out / "model")
+        textclf.save_pretrained_atomically(model, tok, out / "model")
         result["found_at"] = eb.ticket.found_at
     with atomic_path(out / "search.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -37,6 +37,8 @@ def load_texts(spec: str, train_limit: int | None = None) -> tuple[Split, Split]
                               "(e.g. ../shared/data/mr-polarity) or a datasets hub name.")
     else:
         xtr, ytr, xva, yva = _hub_texts(spec)
+        order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0)).tolist()  # hub splits come sorted
+        xtr, ytr = [xtr[i] for i in order], [ytr[i] for i in order]
     if train_limit is not None:
         if train_limit < 2:
             raise ConfigError(f"--train-limit {train_limit} is too small. Fix: pass at least 2 (or leave it out).")
@@ -55,6 +57,9 @@ def _hub_texts(name: str) -> tuple[list[str], list[int], list[str], list[int]]:
     except Exception as exc:  # noqa: BLE001 - offline, unknown name, ...
         raise ConfigError(f"--data {name}: cannot load it ({type(exc).__name__}). Fix: check the name and the network, "
                           "or pass a local MR-style folder.") from exc
+    if "train" not in ds:
+        raise ConfigError(f"--data {name}: the data set has no train split (has {sorted(ds)}). Fix: pick a text "
+                          "classification data set such as imdb.")
     val = next((s for s in ("validation", "test") if s in ds), None)
     text = next((c for c in ("text", "sentence") if c in ds["train"].column_names), None)
     if val is None or text is None or "label" not in ds["train"].column_names:
@@ -63,8 +68,13 @@ def _hub_texts(name: str) -> tuple[list[str], list[int], list[str], list[int]]:
     return list(ds["train"][text]), list(ds["train"]["label"]), list(ds[val][text]), list(ds[val]["label"])
 
 
-def load_classifier(source: str, num_labels: int) -> tuple[nn.Module, Any]:
-    """A sequence classifier and its tokenizer from a folder or hub name (a pad token is set if missing)."""
+def label_count(train: Split, val: Split) -> int:
+    return max(max(train[1]), max(val[1], default=0)) + 1
+
+
+def load_classifier(source: str, num_labels: int | None = None) -> tuple[nn.Module, Any]:
+    """A sequence classifier and its tokenizer from a folder or hub name (a pad token is set if missing);
+    ``num_labels=None`` keeps the saved head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -72,7 +82,8 @@ def load_classifier(source: str, num_labels: int) -> tuple[nn.Module, Any]:
     hf_logging.set_verbosity_error()  # "newly initialized classifier" and the *_mask extras are expected
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+        kw = {} if num_labels is None else {"num_labels": num_labels}
+        model = AutoModelForSequenceClassification.from_pretrained(source, **kw)
     except Exception as exc:  # noqa: BLE001 - missing folder, no tokenizer, offline hub name
         raise CheckpointError(f"{source}: cannot load a tokenizer and sequence classifier ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:160]}). Fix: pass a save_pretrained folder with its tokenizer, "
@@ -125,3 +136,21 @@ def accuracy(model: nn.Module, tok: Any, split: Split, max_len: int, batch: int 
             enc = tok(split[0][i:i + batch], padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
             right += int((model(**enc).logits.argmax(-1).cpu() == torch.tensor(split[1][i:i + batch])).sum())
     return right / max(1, len(split[0]))
+
+
+def save_pretrained_atomically(model: nn.Module, tok: Any, folder: Path) -> None:
+    """``model`` and ``tok`` in ``folder``, written beside it and renamed into place (no half-written folder)."""
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

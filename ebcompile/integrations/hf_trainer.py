@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -101,9 +102,16 @@ class EarlyBirdCallback(TrainerCallback):
         self._resume(args, state)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if self.earlybird is not None and os.path.isdir(folder) and args.should_save:
-            self.earlybird.save(os.path.join(folder, STATE_FILE))
+        if self.earlybird is None or not args.should_save:
+            return
+        name = f"checkpoint-{state.global_step}"
+        folders = [os.path.join(args.output_dir, name)] + sorted(  # hyperparameter search: output_dir/run-*/
+            (str(p) for p in Path(args.output_dir).glob(f"run-*/{name}")), key=os.path.getmtime, reverse=True)
+        folder = next((f for f in folders if os.path.isdir(f)), None)
+        if folder is None:
+            log.warning("EarlyBirdCallback: no %s folder under %s to save the search into", name, args.output_dir)
+            return
+        self.earlybird.save(os.path.join(folder, STATE_FILE))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: nn.Module | None = None, **kwargs: Any) -> TrainerControl:
@@ -145,7 +153,9 @@ class EarlyBirdCallback(TrainerCallback):
                 raise ConfigError(f"no early-bird search state at {self.resume_from} (looked for {STATE_FILE}). "
                                   "Fix: pass a Trainer checkpoint folder written with this callback, or an EarlyBird.save file.")
             if state.global_step > 0:
-                log.warning("resuming at step %d without a saved early-bird search state: the search starts over", state.global_step)
+                log.warning("resuming at step %d, but no %s was found under %s: the early-bird search starts over. Fix: "
+                            "pass EarlyBirdCallback(resume_from=<the checkpoint folder>) when it lives elsewhere.",
+                            state.global_step, STATE_FILE, args.output_dir)
             return
         eb = self.earlybird
         eb.load(path)

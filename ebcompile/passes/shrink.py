@@ -230,7 +230,9 @@ def compact(model: nn.Module, round_to: int | None = None, sparse: bool = False,
         optimizer: the optimizer training ``model``; if given, it is moved in place onto the compacted
             model's parameters with its state (momentum, Adam moments, step) sliced like the weights, so
             retraining the compact model continues exactly where the masked one was (a scheduler attached
-            to it keeps working). Not with ``sparse=True``.
+            to it keeps working). Structured tickets only (an unstructured compact model has no masks left
+            to hold its zeros: keep training the masked model and compact afterwards). With ``round_to``
+            the padding units are ordinary zero weights and train too.
 
     Raises:
         NotPreparedError: ``model`` was not prepared; ``NoTicketError`` (a subclass): no ticket applied.
@@ -238,9 +240,10 @@ def compact(model: nn.Module, round_to: int | None = None, sparse: bool = False,
             bad ``round_to``.
     """
     _, ticket = _applied_ticket(model)
-    if optimizer is not None and sparse:
-        raise ConfigError("optimizer= carries training state onto dense compacted weights; sparse=True stores CSR weights for "
-                          "inference. Fix: compact(model, optimizer=opt) to retrain, compact(model, sparse=True) to deploy.")
+    if optimizer is not None and ticket.structure != "structured":
+        raise ConfigError("optimizer= carries training state onto a compact structured ticket; this ticket is unstructured and "
+                          "its compact model has no masks to keep the pruned weights at zero. Fix: keep training the masked "
+                          "model with its optimizer and call compact(model) when done.")
     new = _compact(model, round_to, sparse)
     if optimizer is not None:
         retarget_optimizer(optimizer, model, new, lambda m: _compact(m, round_to, sparse))
