@@ -84,6 +84,13 @@ def main() -> None:
     p.add_argument("--retrain", default="masked", choices=["masked", "compact"],
                    help="masked: keep training the ticketed model with the same optimizer and schedule, compact at the end "
                         "(the continue flow); compact: compact first (optimizer state carried) and train the smaller model")
+    p.add_argument("--scope", default="layer", choices=["layer", "global"],
+                   help="layer: every layer prunes p of its heads and neurons; global: one ranking per kind over all layers")
+    p.add_argument("--mode", default="continue", choices=["continue", "rewind"],
+                   help="retrain the ticket from the early-bird weights (continue) or from the pretrained ones (rewind)")
+    p.add_argument("--retrain-epochs", type=float, default=None,
+                   help="retrain the ticket for this many epochs on a fresh linear-decay schedule from --lr "
+                        "(default: the rest of the dense budget on the dense schedule)")
     p.add_argument("--train-limit", type=int, default=None, help="use only this many training sentences")
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args()
@@ -104,8 +111,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     example = next(batches(tok, xtr, ytr, 2, a.max_len, False, None))
     example.pop("labels")
-    ebcompile.prepare(model, example, ratio=a.ratio, structure="structured")
-    eb = ebcompile.EarlyBird(model, threshold=a.threshold, rule=a.rule, every=a.every)
+    ebcompile.prepare(model, example, ratio=a.ratio, structure="structured", scope=a.scope)
+    eb = ebcompile.EarlyBird(model, threshold=a.threshold, rule=a.rule, every=a.every, rewind_at=0 if a.mode == "rewind" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     steps = a.epochs * -(-len(xtr) // a.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
@@ -137,21 +144,26 @@ def main() -> None:
     dense_seconds = time.perf_counter() - start
     dense_acc = accuracy(model, tok, xva, yva, a.max_len)
     result = {"model": a.model, "dense_accuracy": dense_acc, "steps": steps, "dense_seconds": dense_seconds,
-              "ratio": a.ratio, "retrain": a.retrain, "rule": a.rule, "threshold": a.threshold, "every": a.every,
+              "ratio": a.ratio, "retrain": a.retrain, "retrain_epochs": a.retrain_epochs, "mode": a.mode, "scope": a.scope, "rule": a.rule, "threshold": a.threshold, "every": a.every,
               "distances": [r["distances"] for r in eb.history if r["distances"]]}
     if saved is None:
         tqdm.write("no ticket within the budget")
         result["ticket_step"] = None
     else:
-        state, opt_state, sched_state, tstep, tepoch, gen_state, search_seconds = saved
+        state, opt_state, sched_state, tstep, _, gen_state, search_seconds = saved
         model.load_state_dict(state)
         opt.load_state_dict(opt_state)
         sched.load_state_dict(sched_state)
         gen.set_state(gen_state)
-        ebcompile.apply_ticket(model, eb.ticket, mode="continue")
+        ebcompile.apply_ticket(model, eb.ticket, mode=a.mode, weights=eb.rewind_weights)
         start, left = time.perf_counter(), steps - tstep
+        if a.retrain_epochs is not None:  # a fresh schedule: back to --lr, linear decay over the retraining
+            left = round(a.retrain_epochs * -(-len(xtr) // a.batch))
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] = a.lr
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / left))
         dense_parameters = ebcompile.report(model).parameters
-        stream = (b for _ in range(tepoch, a.epochs) for b in batches(tok, xtr, ytr, a.batch, a.max_len, True, gen))
+        stream = (b for _ in itertools.count() for b in batches(tok, xtr, ytr, a.batch, a.max_len, True, gen))
         if a.retrain == "compact":  # retrain the compacted model itself (cheaper steps), AdamW state carried over
             model = ebcompile.compact(model, optimizer=opt).train()
         for b in tqdm(itertools.islice(stream, left), total=left, desc=f"retrain ticket ({a.retrain})"):
@@ -167,7 +179,7 @@ def main() -> None:
     if a.no_write:
         return
     (ROOT / "docs").mkdir(exist_ok=True)
-    section = "minilm_mr" if a.retrain == "masked" else f"minilm_mr_{a.retrain}"
+    section = "minilm_mr" + ("" if a.retrain == "masked" else f"_{a.retrain}") + ("" if a.retrain_epochs is None else "_full") + ("" if a.mode == "continue" else f"_{a.mode}") + ("" if a.scope == "layer" else f"_{a.scope}")
     (ROOT / "docs" / f"{section}.json").write_text(json.dumps(result, indent=2))
     rows = ["| model | p | dense acc | ticket at step | pruned acc | params dense → compact | wall dense / early-bird |",
             "|---|---|---|---|---|---|---|"]
@@ -178,9 +190,14 @@ def main() -> None:
     else:
         rows.append(f"| {a.model} | {a.ratio} | {dense_acc:.2%} | none | | | {dense_seconds:.0f} s |")
     header = (f"## Pretrained fine-tuning: {a.model} on MR polarity, ticket retrained {a.retrain}\n\nMeasured {time.strftime('%Y-%m-%d')} on the CPU by "
-              f"`python bench/minilm_mr.py{'' if a.retrain == 'masked' else ' --retrain ' + a.retrain}` ({a.epochs} epochs, batch {a.batch}, AdamW {a.lr:g} linear decay, max length "
+              f"`python bench/minilm_mr.py{'' if a.retrain == 'masked' else ' --retrain ' + a.retrain}"
+              f"{'' if a.retrain_epochs is None else f' --retrain-epochs {a.retrain_epochs:g}'}"
+              f"{'' if a.mode == 'continue' else ' --mode ' + a.mode}{'' if a.scope == 'layer' else ' --scope ' + a.scope}` ({a.epochs} epochs, batch {a.batch}, AdamW {a.lr:g} linear decay, max length "
               f"{a.max_len}, {len(xtr)} training / {len(xva)} validation sentences; EarlyBird {a.rule} {a.threshold:g}, "
-              f"window 5, a check every {a.every} steps; structured p = {a.ratio}; " + RETRAIN[a.retrain] + ")")
+              f"window 5, a check every {a.every} steps; structured p = {a.ratio}, {a.scope} scope; " + RETRAIN[a.retrain]
+              + ("" if a.retrain_epochs is None else f"; retrained for {a.retrain_epochs:g} epochs on a fresh linear decay from {a.lr:g}")
+              + ("" if a.mode == "continue" else "; retrained from the pretrained weights (rewind), not the early-bird ones")
+              + ")")
     publish("benchmarks.md", section, header, "\n".join(rows))
 
 
