@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_training_arguments(p)
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of heads and FFN neurons (or weights) to prune")
     p.add_argument("--structure", default="structured", choices=["structured", "unstructured"])
+    p.add_argument("--scope", default="global", choices=["global", "layer"],
+                   help="global (default): one ranking over all layers, each keeps its own widths (measured better "
+                        "when fine-tuning a pretrained model); layer: every layer prunes the same share")
     p.add_argument("--every", type=int, default=50, help="optimizer steps between checks (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=0, help="optimizer steps before the first check")
     p.add_argument("--window", type=int, default=5, help="checks whose distances must all pass (default: %(default)s)")
@@ -42,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     check_ratio(args.ratio)
     train, val = textclf.load_texts(args.data, args.train_limit)
     model, tok = textclf.load_classifier(args.model, num_labels=textclf.label_count(train, val))
-    prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=args.ratio, structure=args.structure)
+    prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=args.ratio, structure=args.structure,
+            scope=args.scope)
     eb = EarlyBird(model, threshold=args.threshold, rule=args.rule, window=args.window, every=args.every,
                    warmup=args.warmup, rewind_at=0)
     out = Path(args.out)
