@@ -130,12 +130,18 @@ def _hf_model(directory: Path) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means the config cannot be used
         raise CheckpointError(f"{directory / CONFIG} is not a usable transformers config: {exc}. Fix: save again.") from exc
+    return hf_class(config, "Fix: pass model= (a freshly built model of that architecture).")._from_config(config)
+
+
+def hf_class(config: Any, fix: str) -> type:
+    """The ``transformers`` model class a config's ``architectures`` names; ``CheckpointError`` ending in ``fix``."""
+    import transformers
+
     name = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise CheckpointError(f"config.json names architecture {name!r}, which transformers does not provide. "
-                              "Fix: pass model= (a freshly built model of that architecture).")
-    return cls._from_config(config)
+        raise CheckpointError(f"config.json names architecture {name!r}, which transformers does not provide. {fix}")
+    return cls
 
 
 def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -20,7 +21,6 @@ def load_model(source: str) -> nn.Module:
     if (Path(source) / META).is_file():
         return checkpoint.load(source)
     import transformers
-    from transformers.utils import logging as hf_logging
 
     try:
         config = transformers.AutoConfig.from_pretrained(source)
@@ -28,16 +28,22 @@ def load_model(source: str) -> nn.Module:
         raise CheckpointError(f"{source} is neither an ebcompile.save directory nor a Hugging Face model "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Fix: pass a folder written by "
                               "ebcompile.save or save_pretrained, or a hub name when online.") from exc
-    name = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise CheckpointError(f"{source}: config.json names architecture {name!r}, which transformers does not provide. "
-                              "Fix: save the model with save_pretrained (it records its class).")
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the *_mask keys of a prepared model's save_pretrained are expected extras
-    hf_logging.disable_progress_bar()  # stderr stays for our one-line errors
-    try:
+    cls = checkpoint.hf_class(config, f"Fix: save {source} with save_pretrained (it records its class).")
+    with quiet_transformers():
         return cls.from_pretrained(source).eval()
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off while loading: a prepared model's ``*_mask`` keys and a
+    new classifier head are expected, and stderr stays for our one-line errors."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

@@ -76,20 +76,18 @@ def load_classifier(source: str, num_labels: int | None = None) -> tuple[nn.Modu
     """A sequence classifier and its tokenizer from a folder or hub name (a pad token is set if missing);
     ``num_labels=None`` keeps the saved head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialized classifier" and the *_mask extras are expected
+    from .models import quiet_transformers
+
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-        kw = {} if num_labels is None else {"num_labels": num_labels}
-        model = AutoModelForSequenceClassification.from_pretrained(source, **kw)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(source)
+            kw = {} if num_labels is None else {"num_labels": num_labels}
+            model = AutoModelForSequenceClassification.from_pretrained(source, **kw)
     except Exception as exc:  # noqa: BLE001 - missing folder, no tokenizer, offline hub name
         raise CheckpointError(f"{source}: cannot load a tokenizer and sequence classifier ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:160]}). Fix: pass a save_pretrained folder with its tokenizer, "
                               "or a hub name when online.") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     model.config.pad_token_id = tok.pad_token_id
