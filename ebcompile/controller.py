@@ -226,7 +226,7 @@ def load_ticket(path: str | os.PathLike) -> Ticket:
         return Ticket.load(path)
     except CheckpointError:
         try:
-            tensors, state = load_tensors(path, "earlybird")
+            tensors, state = load_tensors(path, "earlybird", prefix="ticket/")  # not the rewind weights
         except CheckpointError:
             raise CheckpointError(f"{path} is neither a saved ticket nor a saved early-bird search. Fix: pass a file "
                                   "written by Ticket.save or EarlyBird.save, or a Trainer checkpoint folder.") from None

@@ -47,20 +47,23 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], head
         save_file(flat, str(tmp), metadata=meta)
 
 
-def load_tensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by ``save_tensors`` with the same ``kind``; never unpickles anything."""
+def load_tensors(path: str | os.PathLike, kind: str, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by ``save_tensors`` with the same ``kind`` (only the tensors whose names start with
+    ``prefix``); never unpickles anything."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist. Fix: pass the path of a file ebcompile saved.")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("format") != f"ebcompile-{kind}":  # checked before any tensor is read
+                raise CheckpointError(
+                    f"{path} holds {meta.get('format', 'no ebcompile data')!r}, not an ebcompile {kind}. "
+                    f"Fix: pass a file written by the {kind}'s save()."
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any parse failure means "not our file"
         raise CheckpointError(f"{path} is not a safetensors file ({exc}). Fix: pass a file ebcompile saved.") from exc
-    if meta.get("format") != f"ebcompile-{kind}":
-        raise CheckpointError(
-            f"{path} holds {meta.get('format', 'no ebcompile data')!r}, not an ebcompile {kind}. "
-            f"Fix: pass a file written by the {kind}'s save()."
-        )
     return tensors, json.loads(meta["header"])
