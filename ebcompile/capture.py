@@ -63,8 +63,20 @@ def check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
         model.train(was_training)
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, but a ``torch.nn`` container (``nn.TransformerEncoder``, ``nn.TransformerEncoderLayer``) is
+    traced through instead of kept as one opaque call; ``nn.MultiheadAttention`` stays a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, nn.MultiheadAttention):
+            return True
+        return super().is_leaf_module(m, qualname) and not any(True for _ in m.children())
+
+
 def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
-    gm = fx.symbolic_trace(model)
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     cap = Captured(graph=gm.graph, method="symbolic_trace", root=model)
     params = dict(model.named_parameters(remove_duplicate=False))
     for node in gm.graph.nodes:

@@ -45,3 +45,7 @@ class CheckpointError(EbcompileError):
 
 class ExportError(EbcompileError):
     """ONNX export or its verification failed; no file is left behind."""
+
+
+class CompactionError(EbcompileError):
+    """The compact model does not compute what the masked one does (a module the rewrites do not cover)."""

@@ -115,7 +115,7 @@ def _structured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Masks
     for g in plan.groups:
         by_kind.setdefault(g.kind, []).append(g)
     for kind, groups in by_kind.items():
-        scores = [group_scores(model, g) for g in groups]
+        scores = [_ranked(group_scores(model, g), g) for g in groups]
         if scope == "global":
             # every set keeps its best unit: give it +inf so that it is never among the k lowest
             guarded = []
@@ -127,7 +127,8 @@ def _structured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Masks
             k = min(round(ratio * flat.numel()), flat.numel() - len(groups))
             keeps = _bottom_k(flat, k).split([s.numel() for s in scores])
         else:
-            keeps = [_bottom_k(s, min(round(ratio * s.numel()), s.numel() - 1)) for s in scores]
+            keeps = [_bottom_k(s, _layer_quota(s.numel(), g, ratio)) for s, g in zip(scores, groups)]
+        keeps = [_per_group_keep(group_scores(model, g), g, keep) for g, keep in zip(groups, keeps)]
         for g, keep in zip(groups, keeps):
             key = f"{g.kind}:{g.name}"
             masks.units[key] = keep
@@ -138,6 +139,35 @@ def _structured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Masks
             t = raw_tensor(model, op.weight)
             masks.tensors[op.weight] = torch.ones(t.shape, dtype=torch.bool, device=t.device)
     return masks
+
+
+def _ranked(scores: torch.Tensor, group: GroupSet) -> torch.Tensor:
+    """Grouped query heads (``per_group``) are removed the same number per KV group: score rank ``j`` of every
+    group by the mean of the groups' ``j``-th smallest scores (sorted, so that lower ranks go first)."""
+    if group.per_group <= 1:
+        return scores
+    ranks = scores.reshape(-1, group.per_group).sort(dim=1).values.mean(0)
+    return ranks.repeat_interleave(scores.numel() // group.per_group)
+
+
+def _layer_quota(units: int, group: GroupSet, ratio: float) -> int:
+    """Units a layer-scope ranking removes from ``group`` (grouped query heads: whole ranks, one per KV group)."""
+    if group.per_group > 1:
+        return min(round(ratio * group.per_group), group.per_group - 1) * (units // group.per_group)
+    return min(round(ratio * units), units - 1)
+
+
+def _per_group_keep(scores: torch.Tensor, group: GroupSet, keep: torch.Tensor) -> torch.Tensor:
+    """Turn a keep-mask over ranks back into one over query heads: each KV group drops its lowest ``c``."""
+    if group.per_group <= 1:
+        return keep
+    n = group.per_group
+    drop = min(int((~keep).sum()) // (scores.numel() // n), n - 1)
+    blocks = scores.reshape(-1, n)
+    out = torch.ones_like(blocks, dtype=torch.bool)
+    if drop:
+        out.scatter_(1, blocks.topk(drop, dim=1, largest=False).indices, False)
+    return out.flatten()
 
 
 def hamming(a: Masks, b: Masks) -> dict[str, float]:

@@ -47,6 +47,7 @@ class GroupSet:
     members: tuple[Member, ...]
     module: str | None = None  # module whose head-count attributes compaction rewrites
     attributes: tuple[str, ...] = ()  # e.g. ("num_heads",)
+    per_group: int = 0  # grouped-query heads kept per KV head: units come in runs of this many, each run keeps as many
 
 
 @dataclass

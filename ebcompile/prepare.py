@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .capture import capture
+from .capture import capture, graph_kwargs, normalize_inputs
 from .errors import ConfigError, InvalidRatioError, NoPrunableLayerError, NotPreparedError
 from .importance import Masks, compute_masks
 from .passes.groups import find_groups
@@ -21,6 +21,7 @@ __all__ = ["prepare", "PrepareConfig", "config_of", "mask_nodes", "MaskNode", "c
 
 STRUCTURES = ("unstructured", "structured")
 SCOPES = ("global", "layer")
+KV_HEADS = ("prune", "keep")
 
 
 @dataclass
@@ -31,6 +32,9 @@ class PrepareConfig:
     ratio: float
     structure: str
     scope: str
+    kv_heads: str = "prune"
+    example: Any = None  # (args, kwargs) of the example inputs: compact checks its result on them
+    ticket: Any = None  # the applied Ticket (set by apply_ticket)
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ def prepare(
     exclude: Sequence[str] | None = None,
     prune_output_layer: bool = False,
     capture_method: str = "auto",
+    kv_heads: str = "prune",
 ) -> nn.Module:
     """Mask every prunable linear weight of ``model`` and return the same module, ready to train.
 
@@ -86,6 +91,9 @@ def prepare(
         include / exclude: fnmatch patterns over linear names (module paths, e.g. ``"encoder.*.mlp.*"``).
         prune_output_layer: also mask linears that feed the model output (the classifier head).
         capture_method: ``"auto"``, ``"symbolic_trace"`` or ``"export"``.
+        kv_heads: grouped-query attention. ``"prune"`` (default) removes whole KV groups with the query
+            heads that read them: the KV cache shrinks too. ``"keep"`` keeps every KV head and removes the same
+            number of query heads inside every group (finer-grained; the KV cache is unchanged).
 
     The returned model trains exactly like the original while its masks are all ones (no multiply is
     even done); ``EarlyBird`` draws masks and ``apply_ticket`` freezes them.
@@ -93,6 +101,7 @@ def prepare(
     ratio = check_ratio(ratio)
     _check_choice("structure", structure, STRUCTURES)
     scope = _check_choice("scope", scope or ("global" if structure == "unstructured" else "layer"), SCOPES)
+    _check_choice("kv_heads", kv_heads, KV_HEADS)
     if getattr(model, "_ebcompile", None) is not None:
         raise ConfigError("this model is already prepared. Fix: call prepare once, on the plain model.")
     cap = capture(model, example_inputs, capture_method)
@@ -114,7 +123,11 @@ def prepare(
             "Fix: loosen include=/exclude=, or pass prune_output_layer=True if the only linear is the output layer."
         )
     masked_weights = {op.weight for op in plan.linears}
-    plan.groups = find_groups(cap, attn, masked_weights)
+    plan.groups, why = find_groups(cap, attn, masked_weights, example_inputs, keep_kv=kv_heads == "keep")
+    grouped = {m.tensor for g in plan.groups for m in g.members}
+    for op in plan.linears:  # masked, but in no head or neuron group: say why (structured masks keep it whole)
+        if structure == "structured" and op.weight not in grouped and op.name in why:
+            plan.skipped.setdefault(op.name, why[op.name])
     if structure == "structured":
         if not plan.groups:
             raise NoPrunableLayerError(
@@ -126,8 +139,20 @@ def prepare(
     else:
         tensors = [op.weight for op in plan.linears]
     insert_masks(model, tensors)
-    model._ebcompile = PrepareConfig(plan, ratio, structure, scope)
+    args, kwargs = normalize_inputs(example_inputs)
+    example = (_detached(args), graph_kwargs(model, _detached(kwargs)))
+    model._ebcompile = PrepareConfig(plan, ratio, structure, scope, kv_heads, example)
     return model
+
+
+def _detached(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _detached(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_detached(v) for v in x)
+    return x
 
 
 def config_of(model: nn.Module) -> PrepareConfig:

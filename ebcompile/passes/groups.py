@@ -134,10 +134,36 @@ def attention_groups(attn: dict[str, nn.Module], masked: set[str]) -> list[Group
     return groups
 
 
-def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str]) -> list[GroupSet]:
-    """Head groups then FFN neuron groups, over the masked weights only."""
+def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], example_inputs=None,
+                keep_kv: bool = False) -> tuple[list[GroupSet], dict[str, str]]:
+    """Head groups of registered attention families, then the heads, KV groups and neurons the structure
+    analysis finds in the ``torch.export`` graph (exported here when the capture was ``symbolic_trace``); the
+    pointwise fc1 -> fc2 search of this module only when no export graph can be had. Also returns, per linear
+    module, why it got no group."""
     from .linears import claimed_weights, linear_nodes
+    from .structure import discover
 
-    modules, claimed = dict(cap.root.named_modules()), claimed_weights(attn)
+    claimed = claimed_weights(attn)
+    graph = _export_graph(cap, example_inputs)
+    if graph is not None:
+        params = dict(cap.root.named_parameters(remove_duplicate=False))
+        found, skipped = discover(graph[0], graph[1], params, masked, claimed, keep_kv)
+        return attention_groups(attn, masked) + found, skipped
+    modules = dict(cap.root.named_modules())
     nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed}
-    return attention_groups(attn, masked) + ffn_groups(cap, nodes, masked)
+    return attention_groups(attn, masked) + ffn_groups(cap, nodes, masked), {}
+
+
+def _export_graph(cap: Captured, example_inputs) -> tuple[fx.Graph, dict[str, str]] | None:
+    if cap.method == "export":
+        return cap.graph, cap.param_of
+    if example_inputs is None:
+        return None
+    from ..capture import CAPTURE_PATHS, normalize_inputs
+
+    args, kwargs = normalize_inputs(example_inputs)
+    try:
+        exported = CAPTURE_PATHS["export"](cap.root, args, kwargs)
+    except Exception:  # noqa: BLE001 - the model cannot be exported: the fx-graph search still finds FFN neurons
+        return None
+    return exported.graph, exported.param_of

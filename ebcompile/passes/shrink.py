@@ -34,6 +34,8 @@ from ..modules import (CompactMultiheadAttention, CompactShiftedWindowAttention,
 from ..plan import GroupSet, Plan
 from .attention import family_of
 from ..optim_state import retarget_optimizer
+from .counts import rewrite_counts
+from .verify import check_same_function
 from .masks import iter_masks, strip_masks
 
 __all__ = ["compact", "storage_bytes", "removed_indices", "set_tensor", "fix_attributes"]
@@ -93,9 +95,11 @@ def fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: di
             _replace(model, path, CompactShiftedWindowAttentionV2.from_module(mod, heads))
         elif swin is not None and isinstance(mod, swin[0]):
             _replace(model, path, CompactShiftedWindowAttention.from_module(mod, heads))
-        else:
+        elif groups[path].attributes:
             for attr in groups[path].attributes:
                 setattr(mod, attr, heads)
+        else:  # found by the structure analysis: the attribute table of passes.counts
+            rewrite_counts(model, groups[path], heads)
 
 
 def _compact_mha(mod: nn.MultiheadAttention, heads: int, path: str = "") -> CompactMultiheadAttention:
@@ -165,7 +169,7 @@ def _rounded_keep(group: GroupSet, keep: torch.Tensor, round_to: int | None) -> 
 def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> None:
     removed: dict[tuple[str, int], set[int]] = {}
     kept_heads: dict[str, tuple[int, int]] = {}
-    groups = {g.name: g for g in plan.groups}
+    groups = {(g.module or g.name): g for g in plan.groups if g.kind == "head"}
     for g in plan.groups:
         key = f"{g.kind}:{g.name}"
         if key not in ticket.masks.units:
@@ -175,6 +179,8 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> N
             removed.setdefault(k, set()).update(idx)
         if g.kind == "head":
             kept_heads[g.module or g.name] = (int(keep.sum()), g.units)
+        else:
+            rewrite_counts(new, g, int(keep.sum()))
     with torch.no_grad():
         for (name, dim), idx in removed.items():
             if not idx:
@@ -265,6 +271,8 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool) -> nn.Module:
     new.__dict__.pop("_ebcompile", None)
     if structured:
         _remove_units(new, cfg.plan, ticket, round_to)
+        watch = [g.module if g.kind == "head" else g.name.rpartition(".")[0] for g in cfg.plan.groups]
+        check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])
     elif sparse:
         new = _sparsify(new, sorted(ticket.masks.tensors))
     return new

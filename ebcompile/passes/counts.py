@@ -1,0 +1,62 @@
+"""Transform: rewrite the head counts and widths a module's forward reads, after its tensors were sliced.
+
+Data first: the attribute names below are where Transformer code keeps these numbers (``num_heads``,
+``num_key_value_heads``, ``num_key_value_groups``, ``all_head_size``, ``intermediate_size``, ...). An attribute
+is rewritten only when its value is the one the removed units imply (a head count equal to the number of
+heads, a width equal to heads x head_dim), scaled by kept / original. Modules the table does not cover are
+caught by ``compact``'s check on the example inputs, never silently wrong.
+
+Invariant: only ``int`` attributes of the group's module and its submodules change; tensors are untouched.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..plan import GroupSet
+
+__all__ = ["HEAD_COUNTS", "KV_COUNTS", "GROUP_COUNTS", "WIDTHS", "NEURON_WIDTHS", "rewrite_counts"]
+
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "nhead", "num_q_heads", "heads")
+KV_COUNTS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "num_kv")
+GROUP_COUNTS = ("num_key_value_groups", "n_rep", "num_queries_per_kv", "kv_groups")
+WIDTHS = ("all_head_size", "inner_dim", "attn_dim", "split_size", "hidden_size_per_partition", "qkv_dim")
+NEURON_WIDTHS = ("intermediate_size", "ffn_dim", "d_ff", "dim_feedforward", "hidden_features", "mlp_dim")
+
+
+def _scaled(value: int, kept: int, units: int) -> int | None:
+    return value * kept // units if value * kept % units == 0 else None
+
+
+def rewrite_counts(root: nn.Module, group: GroupSet, kept: int) -> list[str]:
+    """Scale the count attributes under ``group.module`` (heads) or the producer's module (neurons) by
+    ``kept / group.units``; returns the attributes changed (``path.attr``)."""
+    if kept == group.units:
+        return []
+    if group.kind == "head":
+        path = group.module or ""
+        names = HEAD_COUNTS + WIDTHS + (() if group.per_group else KV_COUNTS)
+    else:
+        path = group.name.rpartition(".")[0]
+        names = NEURON_WIDTHS
+    try:
+        top = root.get_submodule(path)
+    except AttributeError:
+        return []
+    changed = []
+    for sub_path, module in top.named_modules(prefix=path):
+        if isinstance(module, nn.Linear) or (module is root and path == ""):
+            continue
+        for attr in GROUP_COUNTS if group.per_group else ():  # query heads per KV head
+            if module.__dict__.get(attr) == group.per_group and kept % (group.units // group.per_group) == 0:
+                setattr(module, attr, kept // (group.units // group.per_group))
+                changed.append(f"{sub_path}.{attr}")
+        for attr in names:
+            value = module.__dict__.get(attr)
+            if isinstance(value, bool) or not isinstance(value, int) or value < group.units:
+                continue
+            new = _scaled(value, kept, group.units)
+            if new is not None and new > 0:
+                setattr(module, attr, new)
+                changed.append(f"{sub_path}.{attr}")
+    return changed

@@ -1,0 +1,101 @@
+"""Channel labels: which parameter slice every feature of every tensor of a graph comes from.
+
+The data the structure analysis (``passes.structure``) propagates. Every dimension of every parameter that a
+linear op, an embedding or a pointwise op touches gets one *element* per index; ``Labels`` holds, for one
+tensor of the graph, the element each position belongs to (``-1``: none) as a numpy array broadcastable to
+the tensor (size 1 along dimensions the labels do not vary on). ``Elements`` is the union-find over elements
+plus what must hold at the end: elements that may not be removed (``invalid``, with why) and sets of elements
+that must end up in one unit (``same_unit``: reductions, normalisations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Elements", "Labels", "compress", "varying"]
+
+MATERIALIZE_LIMIT = 50_000_000  # a label array larger than this is not followed (the unit is left alone)
+
+
+class Elements:
+    """Union-find over parameter-slice elements, with their owners and the end-of-analysis constraints."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.where: list[tuple[str, int, int]] = []  # element -> (tensor, dim, index)
+        self.base: dict[tuple[str, int], int] = {}
+        self.invalid: dict[int, str] = {}  # element -> why it may not be removed
+        self.same_unit: list[tuple[np.ndarray, str]] = []  # (elements, why) that must form a single unit
+        self.attention: set[int] = set()  # elements that pass through an attention op (heads)
+        self.roles: dict[tuple[str, int], str] = {}  # (tensor, dim) -> "out" | "in" | "bias" (of a linear op)
+
+    def of(self, tensor: str, dim: int, size: int) -> np.ndarray:
+        """The elements of ``tensor`` along ``dim`` (created on first use)."""
+        key = (tensor, dim)
+        if key not in self.base:
+            self.base[key] = len(self.parent)
+            self.parent.extend(range(len(self.parent), len(self.parent) + size))
+            self.where.extend((tensor, dim, i) for i in range(size))
+        start = self.base[key]
+        return np.arange(start, start + size, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Union elementwise (broadcast) where both sides are labelled."""
+        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
+        keep = (a >= 0) & (b >= 0)
+        for x, y in {(int(x), int(y)) for x, y in zip(a[keep].ravel(), b[keep].ravel())}:
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def union_along(self, ids: np.ndarray, axis: int) -> None:
+        """Make all elements along ``axis`` one unit (a head from its head_dim channels)."""
+        if ids.shape[axis] > 1:
+            first = np.take(ids, [0], axis=axis)
+            self.union(ids, first)
+
+    def forbid(self, ids: np.ndarray, why: str) -> None:
+        for x in np.unique(ids[ids >= 0]):
+            self.invalid.setdefault(int(x), why)
+
+    def roots(self, ids: np.ndarray) -> set[int]:
+        return {self.find(int(x)) for x in np.unique(ids[ids >= 0])}
+
+
+@dataclass
+class Labels:
+    """Elements of one tensor's positions; ``param``: it comes straight from a parameter (shared, not a unit)."""
+
+    ids: np.ndarray
+    param: bool = False
+
+    def full(self, shape: tuple[int, ...]) -> np.ndarray:
+        if int(np.prod(shape, dtype=np.int64)) > MATERIALIZE_LIMIT:
+            raise OverflowError("label array too large")
+        return np.broadcast_to(self.ids, shape)
+
+
+def varying(ids: np.ndarray) -> list[int]:
+    """Dimensions along which the labels change."""
+    return [d for d in range(ids.ndim) if ids.shape[d] > 1]
+
+
+def compress(ids: np.ndarray) -> np.ndarray:
+    """The smallest broadcastable array equal to ``ids`` (size 1 where the labels do not vary)."""
+    for d in range(ids.ndim):
+        if ids.shape[d] > 1:
+            first = np.take(ids, [0], axis=d)
+            if np.array_equal(np.broadcast_to(first, ids.shape), ids):
+                ids = first
+    return np.ascontiguousarray(ids)

@@ -1,0 +1,240 @@
+"""One small handler per aten op: how channel labels flow through it (for ``passes.structure``).
+
+A handler gets the ``Flow`` (labels so far, the elements, the node's shapes) and the node; it returns the
+output's ``Labels`` (or a list of them for ops with several outputs, or None: nothing labelled). An op with a
+labelled input and no handler makes those elements unremovable — the analysis never guesses.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import fx
+
+from .labels import Elements, Labels, compress, varying
+
+__all__ = ["HANDLERS", "Flow", "handler"]
+
+aten = torch.ops.aten
+
+
+class Flow:
+    """Per-graph state the handlers read and write."""
+
+    def __init__(self, elements: Elements, param_of: dict[str, str], keep_kv: bool) -> None:
+        self.el = elements
+        self.param_of = param_of  # node name -> qualified parameter name
+        self.labels: dict[fx.Node, Any] = {}
+        self.keep_kv = keep_kv  # grouped-query attention: prune query heads inside groups, never KV heads
+        self.kv_groups: list[tuple[np.ndarray, np.ndarray]] = []  # (query-head elements, kv-group index)
+
+    def lab(self, arg: Any) -> Labels | None:
+        return self.labels.get(arg) if isinstance(arg, fx.Node) else None
+
+    def forbid(self, arg: Any, why: str) -> None:
+        lab = self.lab(arg)
+        if isinstance(lab, Labels):
+            self.el.forbid(lab.ids, why)
+        elif isinstance(lab, list):
+            for x in lab:
+                if x is not None:
+                    self.el.forbid(x.ids, why)
+
+
+def shape(arg: Any) -> tuple[int, ...] | None:
+    val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+HANDLERS: dict[str, Callable[[Flow, fx.Node], Any]] = {}
+
+
+def handler(*names: str):
+    def register(fn):
+        for name in names:
+            HANDLERS[name] = fn
+        return fn
+    return register
+
+
+def _norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _out(ids: np.ndarray, param: bool = False) -> Labels | None:
+    return Labels(compress(ids), param) if (ids >= 0).any() else None
+
+
+# -- sources: linear ops and embeddings ------------------------------------------------------------------------
+def linear_source(flow: Flow, x: Any, weight: str, w_shape: tuple[int, ...], out_dim: int, bias: str | None,
+                  out_shape: tuple[int, ...]) -> Labels:
+    """Output labels of ``x @ W.T (+ b)``; the input's last-dim labels are tied to W's input columns."""
+    el = flow.el
+    in_dim = 1 - out_dim
+    out_ids = el.of(weight, out_dim, w_shape[out_dim])
+    el.roles[(weight, out_dim)], el.roles[(weight, in_dim)] = "out", "in"
+    if bias is not None:
+        el.roles[(bias, 0)] = "bias"
+        el.union(out_ids, el.of(bias, 0, w_shape[out_dim]))
+    lab = flow.lab(x)
+    if lab is not None:
+        ids = lab.ids
+        if any(d != ids.ndim - 1 for d in varying(ids)):
+            el.forbid(ids, "read by a linear along a dimension other than its features")
+        else:
+            el.union(ids.reshape(-1)[-ids.shape[-1]:] if ids.shape[-1] > 1 else ids.reshape(-1)[:1],
+                     el.of(weight, in_dim, w_shape[in_dim]))
+    ids = out_ids.reshape((1,) * (len(out_shape) - 1) + (-1,))
+    return Labels(ids)
+
+
+def _param_shape(flow: Flow, node: Any):
+    name = flow.param_of.get(node.name) if isinstance(node, fx.Node) else None
+    return name, shape(node)
+
+
+@handler("linear")
+def _linear(flow: Flow, node: fx.Node):
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    wname, wshape = _param_shape(flow, w)
+    if wname is None:  # a computed weight: treat like a matmul with a transposed operand
+        flow.forbid(x, "read by a linear op whose weight is computed")
+        flow.forbid(w, "used as a computed linear weight")
+        return None
+    bname = flow.param_of.get(b.name) if isinstance(b, fx.Node) else None
+    return linear_source(flow, x, wname, wshape, 0, bname, shape(node))
+
+
+@handler("addmm")
+def _addmm(flow: Flow, node: fx.Node):  # Hugging Face Conv1D: addmm(bias, x2d, weight[in, out])
+    b, x, w = node.args[:3]
+    wname = flow.param_of.get(w.name) if isinstance(w, fx.Node) else None
+    if wname is None:
+        from .ops_attention import matmul_like
+
+        return matmul_like(flow, node, node.args[1], node.args[2], bias=node.args[0])
+    bname = flow.param_of.get(b.name) if isinstance(b, fx.Node) else None
+    return linear_source(flow, x, wname, shape(w), 1, bname, shape(node))
+
+
+@handler("embedding")
+def _embedding(flow: Flow, node: fx.Node):
+    w = node.args[0]
+    wname = flow.param_of.get(w.name) if isinstance(w, fx.Node) else None
+    if wname is None:
+        return None
+    ws = shape(w)
+    return Labels(flow.el.of(wname, 1, ws[1]).reshape((1,) * (len(shape(node)) - 1) + (-1,)))
+
+
+# -- pointwise ------------------------------------------------------------------------------------------------
+_ZERO_PRESERVING = {"mul", "div", "where", "masked_fill", "_to_copy", "to", "clone", "type_as"}
+
+
+def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None):
+    """Labels of several operands meet position by position: activations are tied together; a parameter vector
+    follows the units when each of its entries meets one unit (a bias), and is shared otherwise (a norm weight
+    over head_dim); an unlabelled activation that varies along a labelled dimension is data of its own, which
+    removing those positions would lose — unless the op keeps zeros zero (``mul``)."""
+    out_shape = shape(node)
+    if out_shape is None:
+        return None
+    name = node.target._opname if isinstance(node.target, torch._ops.OpOverload) else str(node.target)
+    if zero_preserving is None:
+        zero_preserving = name in _ZERO_PRESERVING
+    operands = [a for a in node.args if isinstance(a, fx.Node) and shape(a) is not None]
+    labelled = [(a, flow.lab(a)) for a in operands if isinstance(flow.lab(a), Labels)]
+    if not labelled:
+        return None
+    nd = len(out_shape)
+
+    def aligned(ids: np.ndarray) -> np.ndarray:
+        return ids.reshape((1,) * (nd - ids.ndim) + ids.shape)
+
+    acts = [(a, aligned(lab.ids)) for a, lab in labelled if not lab.param]
+    params = [(a, aligned(lab.ids)) for a, lab in labelled if lab.param]
+    if not acts:  # only parameters: e.g. a scaled bias vector
+        return Labels(compress(params[0][1]), True)
+    primary = acts[0][1]
+    for _, ids in acts[1:]:
+        flow.el.union(primary, ids)
+    for _, ids in params:
+        a, b = np.broadcast_arrays(primary, ids)
+        keep = (a >= 0) & (b >= 0)
+        pairs = {(int(x), int(y)) for x, y in zip(a[keep].ravel(), b[keep].ravel())}
+        per_param: dict[int, set[int]] = {}
+        for x, y in pairs:
+            per_param.setdefault(y, set()).add(flow.el.find(x))
+        if pairs and all(len(s) == 1 for s in per_param.values()):
+            flow.el.union(a, b)
+    vary = set(varying(primary))
+    for a in operands:
+        if isinstance(flow.lab(a), Labels):
+            continue
+        s = (1,) * (nd - len(shape(a))) + shape(a)
+        leaks = any(s[d] > 1 for d in vary)
+        numerator = node.args and a is node.args[0]
+        if leaks and not (zero_preserving and not (name == "div" and numerator)):
+            flow.el.forbid(primary, f"its features are mixed with other data by {name} (a residual connection)")
+    return _out(primary)
+
+
+# -- reductions and normalisations ------------------------------------------------------------------------------
+def reduce_dims(flow: Flow, x: Any, dims: list[int], keepdim: bool, why: str, out_ndim: int | None = None):
+    lab = flow.lab(x)
+    if not isinstance(lab, Labels):
+        return None
+    ids = lab.ids
+    nd = ids.ndim
+    dims = sorted({_norm_dim(d, nd) for d in dims})
+    if any(ids.shape[d] > 1 for d in dims):
+        moved = np.moveaxis(ids, dims, list(range(nd - len(dims), nd)))
+        flat = moved.reshape(moved.shape[: nd - len(dims)] + (-1,))
+        for row in flat.reshape(-1, flat.shape[-1]):
+            flow.el.same_unit.append((row.copy(), why))
+    out = np.take(ids, [0], axis=dims[0]) if dims else ids
+    for d in dims[1:]:
+        out = np.take(out, [0], axis=d)
+    if not keepdim:
+        out = np.squeeze(out, axis=tuple(dims))
+    return _out(out, lab.param)
+
+
+@handler("mean", "sum", "amax", "amin", "var", "std", "logsumexp", "norm", "linalg_vector_norm", "var_mean", "prod")
+def _reduce(flow: Flow, node: fx.Node):
+    x = node.args[0]
+    s = shape(x)
+    if s is None:
+        return None
+    dims = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], (list, tuple, int)) else node.kwargs.get("dim")
+    if dims is None or dims == []:
+        dims = list(range(len(s)))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    keep = bool(node.args[2]) if len(node.args) > 2 and isinstance(node.args[2], bool) else bool(node.kwargs.get("keepdim", False))
+    out = reduce_dims(flow, x, dims, keep, f"its features are reduced by {node.target._opname} across units")
+    return [out, out] if node.target._opname == "var_mean" else out
+
+
+@handler("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
+def _softmax(flow: Flow, node: fx.Node):
+    lab = flow.lab(node.args[0])
+    if not isinstance(lab, Labels):
+        return None
+    reduce_dims(flow, node.args[0], [node.args[1]], True, "its features are normalised by softmax across units")
+    return lab
+
+
+@handler("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm")
+def _layer_norm(flow: Flow, node: fx.Node):
+    x, normalized = node.args[0], node.args[1]
+    lab = flow.lab(x)
+    if not isinstance(lab, Labels):
+        return None
+    nd = len(shape(x))
+    reduce_dims(flow, x, list(range(nd - len(normalized), nd)), True, "its features are normalised by a norm layer across units")
+    out = Labels(lab.ids)
+    return [out, None, None] if node.target._opname in ("native_layer_norm", "_fused_rms_norm") else out

@@ -1,0 +1,175 @@
+"""Label handlers for products of two activations: ``matmul``/``bmm`` (eager attention: scores = q @ k^T,
+out = probs @ v) and ``scaled_dot_product_attention`` (``passes.structure``).
+
+A contracted labelled dimension ties each position of one side to the same position of the other (q's head
+channels to k's) and makes the contracted slice one unit; labelled batch dimensions (the head axis) are tied
+across the two sides — which, when one side repeats its heads (grouped-query attention), joins the query
+heads of a group to their KV head: whole KV groups are the units. With ``kv_heads="keep"`` the repeated side is
+kept whole instead and the query heads stay units of their own, grouped by the KV head they read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import fx
+
+from .labels import Labels
+from .ophandlers import Flow, _out, handler, shape
+
+
+def _aligned(lab: Labels | None, nd: int) -> np.ndarray | None:
+    if not isinstance(lab, Labels) or lab.param:
+        return None
+    return lab.ids.reshape((1,) * (nd - lab.ids.ndim) + lab.ids.shape)
+
+
+def _repeats(flow: Flow, ids: np.ndarray, axis: int) -> np.ndarray | None:
+    """For a head axis whose slices repeat (k/v expanded to the query heads): the group index of each position."""
+    if ids.shape[axis] < 2:
+        return None
+    keys = [frozenset(flow.el.roots(np.take(ids, [i], axis=axis))) for i in range(ids.shape[axis])]
+    if any(not k for k in keys) or len(set(keys)) == len(keys):
+        return None
+    index: dict[frozenset, int] = {}
+    return np.array([index.setdefault(k, len(index)) for k in keys])
+
+
+def product(flow: Flow, a: Labels | None, b: Labels | None, out_shape: tuple[int, ...], transpose_b: bool = False,
+            what: str = "matmul") -> Labels | None:
+    """Labels of ``a @ b`` (``b`` given as ``[..., N, K]`` when ``transpose_b``)."""
+    nd = len(out_shape)
+    la, lb = _aligned(a, nd), _aligned(b, nd)
+    if la is None and lb is None:
+        return None
+    if lb is not None and transpose_b:
+        lb = np.swapaxes(lb, -1, -2)
+    el = flow.el
+    if flow.keep_kv and la is not None and lb is not None:
+        kept = _keep_kv(flow, la[..., :, :1], lb[..., :1, :], la, lb)
+        if kept is not None:
+            return kept
+    # contracted dimension: a[..., m, k] with b[..., k, n]
+    if la is not None and lb is not None:
+        el.union(la[..., :, :, None], lb[..., None, :, :])
+    elif la is not None and la.shape[-1] > 1:
+        el.forbid(la, f"its features are contracted with other data by {what}")
+        la = None
+    elif lb is not None and lb.shape[-2] > 1:
+        el.forbid(lb, f"its features are contracted with other data by {what}")
+        lb = None
+    for ids, axis in ((la, -1), (lb, -2)):
+        if ids is not None:
+            el.union_along(ids, ids.ndim + axis)
+    left = la[..., :, :1] if la is not None else None  # [..., M, 1]
+    right = lb[..., :1, :] if lb is not None else None  # [..., 1, N]
+    if left is None or right is None:
+        return _out(left if right is None else right)
+    batch_axis = _head_axis(left, right)
+    el.union(left, right)
+    if batch_axis is not None:
+        el.attention.update(int(x) for x in left[left >= 0].ravel())
+    lb_, rb_ = np.broadcast_arrays(left, right)
+    return _out(np.where(lb_ >= 0, lb_, rb_))
+
+
+def _keep_kv(flow: Flow, left: np.ndarray, right: np.ndarray, la: np.ndarray, lb: np.ndarray) -> Labels | None:
+    """``kv_heads="keep"``: when one side repeats its heads (KV heads expanded to the query heads), keep that
+    side whole and let the other side's heads be units of their own, grouped by the KV head they read."""
+    axis = _head_axis(left, right)
+    if axis is None:
+        return None
+    for mine, other, full, k_axis in ((left, right, la, -1), (right, left, lb, -2)):
+        groups = _repeats(flow, other, axis)
+        if groups is None or _repeats(flow, mine, axis) is not None:
+            continue
+        flow.el.forbid(la if mine is right else lb, "KV heads are kept whole (kv_heads='keep')")
+        flow.el.union_along(full, full.ndim + k_axis)
+        heads = np.take(full, 0, axis=k_axis)
+        flow.kv_groups.append((np.moveaxis(np.broadcast_to(heads, heads.shape), axis, 0).reshape(heads.shape[axis], -1)[:, 0],
+                               groups))
+        flow.el.attention.update(int(x) for x in mine[mine >= 0].ravel())
+        out_shape = np.broadcast_shapes(left.shape, right.shape)
+        return _out(np.broadcast_to(mine, out_shape).copy())
+    return None
+
+
+def _head_axis(left: np.ndarray, right: np.ndarray) -> int | None:
+    """The batch axis both sides are labelled along (the head axis of attention), if any."""
+    for axis in range(left.ndim - 2):
+        if left.shape[axis] > 1 and right.shape[axis] > 1:
+            return axis
+    return None
+
+
+@handler("matmul", "bmm", "mm")
+def _matmul(flow: Flow, node: fx.Node):
+    a, b = node.args[0], node.args[1]
+    if shape(a) is None or shape(b) is None or len(shape(a)) < 2 or len(shape(b)) < 2:
+        flow.forbid(a, "a vector product")
+        flow.forbid(b, "a vector product")
+        return None
+    if isinstance(b, fx.Node) and b.name in flow.param_of:  # x @ W with a parameter: a linear op
+        from .ophandlers import linear_source
+
+        return linear_source(flow, a, flow.param_of[b.name], shape(b), 1, None, shape(node))
+    return product(flow, flow.lab(a), flow.lab(b), shape(node))
+
+
+def matmul_like(flow: Flow, node: fx.Node, a, b, bias=None):
+    out = product(flow, flow.lab(a), flow.lab(b), shape(node))
+    if isinstance(bias, fx.Node) and isinstance(flow.lab(bias), Labels):
+        flow.forbid(bias, "added to a matmul")
+    return out
+
+
+@handler("baddbmm")
+def _baddbmm(flow: Flow, node: fx.Node):
+    out = product(flow, flow.lab(node.args[1]), flow.lab(node.args[2]), shape(node))
+    extra = flow.lab(node.args[0])
+    if isinstance(extra, Labels) and out is not None:
+        flow.el.union(out.ids, extra.ids)
+    return out
+
+
+@handler("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention")
+def _sdpa(flow: Flow, node: fx.Node):
+    q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    qs, ks, vs = shape(q), shape(k), shape(v)
+    if qs is None or ks is None or vs is None:
+        return None
+    heads, kv = qs[-3] if len(qs) >= 3 else 1, ks[-3] if len(ks) >= 3 else 1
+    lk, lv = flow.lab(k), flow.lab(v)
+    if heads != kv and kv > 0 and heads % kv == 0:  # enable_gqa: each KV head serves heads // kv query heads
+        lk = Labels(np.repeat(lk.ids, heads // kv, axis=-3), lk.param) if isinstance(lk, Labels) and lk.ids.shape[-3] > 1 else lk
+        lv = Labels(np.repeat(lv.ids, heads // kv, axis=-3), lv.param) if isinstance(lv, Labels) and lv.ids.shape[-3] > 1 else lv
+    scores_shape = qs[:-1] + (ks[-2],)
+    scores = product(flow, flow.lab(q), lk, scores_shape, transpose_b=True, what="attention")
+    lmask = flow.lab(mask) if isinstance(mask, fx.Node) else None
+    if isinstance(lmask, Labels) and scores is not None:
+        flow.el.union(scores.ids, lmask.ids.reshape((1,) * (len(scores_shape) - lmask.ids.ndim) + lmask.ids.shape))
+    out = _probs_v(flow, scores, lv, qs[:-1] + (vs[-1],))
+    return out if node.target._opname == "scaled_dot_product_attention" else [out, None]
+
+
+def _probs_v(flow: Flow, scores: Labels | None, lv: Labels | None, out_shape: tuple[int, ...]) -> Labels | None:
+    """Labels of ``probs @ v`` where ``probs`` carries the scores' labels."""
+    nd = len(out_shape)
+    left = _aligned(scores, nd)
+    right = _aligned(lv, nd)
+    el = flow.el
+    if right is not None:
+        el.union_along(right, nd - 1)
+    if left is None or right is None:
+        return _out(right) if left is None and right is not None else (_out(left[..., :, :1]) if left is not None else None)
+    left = left[..., :, :1]
+    right_b = right[..., :1, :]
+    axis = _head_axis(left, right_b)
+    if flow.keep_kv and axis is not None and _repeats(flow, right_b, axis) is not None:
+        el.forbid(right_b, "KV heads are kept whole (kv_heads='keep')")
+        shape_ = np.broadcast_shapes(left.shape, right_b.shape)
+        return _out(np.broadcast_to(left, shape_).copy())
+    el.union(left, right_b)
+    lb_, rb_ = np.broadcast_arrays(left, right_b)
+    return _out(np.where(rb_ >= 0, rb_, lb_))

@@ -1,0 +1,174 @@
+"""Label handlers for ops that move features around without computing: views, permutes, slices, splits,
+concatenation, repeats (``passes.structure``). Registered into ``ophandlers.HANDLERS`` on import."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+from torch import fx
+
+from .labels import Labels, compress, varying
+from .ophandlers import Flow, _norm_dim, _out, handler, shape
+
+IDENTITY = ("clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "dropout", "lift_fresh_copy",
+            "_assert_tensor_metadata", "feature_dropout", "alpha_dropout", "expand", "expand_as", "_unsafe_view_copy")
+
+
+@handler(*IDENTITY)
+def _identity(flow: Flow, node: fx.Node):
+    lab = flow.lab(node.args[0])
+    out = shape(node)
+    if not isinstance(lab, Labels) or out is None:
+        return None
+    ids = lab.ids.reshape((1,) * (len(out) - lab.ids.ndim) + lab.ids.shape)
+    return Labels(ids, lab.param)
+
+
+@handler("native_dropout")
+def _native_dropout(flow: Flow, node: fx.Node):
+    return [_identity(flow, node), None]
+
+
+@handler("view", "reshape", "_unsafe_view", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze")
+def _reshape(flow: Flow, node: fx.Node):
+    """Element order is kept: reshape the labels with the tensor. A labelled dimension split into several
+    (features -> heads x head_dim) makes each slice along the innermost new one a single unit (a head)."""
+    lab, src, dst = flow.lab(node.args[0]), shape(node.args[0]), shape(node)
+    if not isinstance(lab, Labels) or src is None or dst is None:
+        return None
+    try:
+        ids = np.array(lab.full(src)).reshape(dst)
+    except OverflowError:
+        flow.forbid(node.args[0], "too large to follow")
+        return None
+    ids = compress(ids)
+    vary = varying(ids)
+    if len(vary) > len(varying(lab.ids)) and not lab.param:
+        flow.el.union_along(ids, vary[-1])
+    return Labels(ids, lab.param)
+
+
+@handler("permute", "transpose", "t", "movedim", "swapaxes")
+def _permute(flow: Flow, node: fx.Node):
+    lab = flow.lab(node.args[0])
+    if not isinstance(lab, Labels):
+        return None
+    nd = lab.ids.ndim
+    name = node.target._opname
+    if name == "permute":
+        order = [_norm_dim(d, nd) for d in node.args[1]]
+        return Labels(np.transpose(lab.ids, order), lab.param)
+    if name == "t":
+        return Labels(lab.ids.T, lab.param)
+    if name == "movedim":
+        return Labels(np.moveaxis(lab.ids, node.args[1], node.args[2]), lab.param)
+    return Labels(np.swapaxes(lab.ids, node.args[1], node.args[2]), lab.param)
+
+
+@handler("slice")
+def _slice(flow: Flow, node: fx.Node):
+    lab = flow.lab(node.args[0])
+    if not isinstance(lab, Labels):
+        return None
+    ids = lab.ids
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, ids.ndim)
+    if ids.shape[dim] == 1:
+        return lab
+    size = ids.shape[dim]
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+    step = node.args[4] if len(node.args) > 4 else 1
+    idx = range(*slice(start, end, step).indices(size))
+    return _out(np.take(ids, list(idx), axis=dim), lab.param)
+
+
+@handler("select")
+def _select(flow: Flow, node: fx.Node):
+    lab = flow.lab(node.args[0])
+    if not isinstance(lab, Labels):
+        return None
+    dim = _norm_dim(node.args[1], lab.ids.ndim)
+    index = node.args[2] if lab.ids.shape[dim] > 1 else 0
+    return _out(np.take(lab.ids, index, axis=dim), lab.param)
+
+
+@handler("split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split")
+def _split(flow: Flow, node: fx.Node):
+    lab = flow.lab(node.args[0])
+    vals = node.meta.get("val")
+    if not isinstance(lab, Labels) or not isinstance(vals, (list, tuple)):
+        return None
+    ids = lab.ids
+    name = node.target._opname
+    default = 0 if name == "unbind" else 0
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", default)
+    if name == "unbind":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = _norm_dim(dim, ids.ndim)
+    if ids.shape[dim] == 1:
+        return [Labels(ids if name != "unbind" else np.squeeze(ids, dim), lab.param) for _ in vals]
+    out, start = [], 0
+    for v in vals:
+        size = 1 if name == "unbind" else int(v.shape[dim])
+        piece = np.take(ids, list(range(start, start + size)), axis=dim)
+        out.append(_out(np.squeeze(piece, dim) if name == "unbind" else piece, lab.param))
+        start += size
+    return out
+
+
+@handler("getitem")
+def _getitem(flow: Flow, node: fx.Node):
+    labs = flow.labels.get(node.args[0])
+    if isinstance(labs, list) and isinstance(node.args[1], int) and node.args[1] < len(labs):
+        return labs[node.args[1]]
+    return None
+
+
+@handler("cat", "concat", "concatenate")
+def _cat(flow: Flow, node: fx.Node):
+    tensors = node.args[0]
+    if not any(isinstance(flow.lab(t), Labels) for t in tensors):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dst = shape(node)
+    dim = _norm_dim(dim, len(dst))
+    pieces = []
+    for t in tensors:
+        s = shape(t)
+        lab = flow.lab(t)
+        ids = lab.ids if isinstance(lab, Labels) else -np.ones((1,) * len(s), dtype=np.int64)
+        full = list(dst)
+        full[dim] = s[dim]
+        pieces.append(np.broadcast_to(ids, full))
+    return _out(np.concatenate(pieces, axis=dim))
+
+
+@handler("repeat_interleave")
+def _repeat_interleave(flow: Flow, node: fx.Node):
+    lab = flow.lab(node.args[0])
+    if not isinstance(lab, Labels) or not isinstance(node.args[1], int):
+        flow.forbid(node.args[0], "repeated by a tensor of counts")
+        return None
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None:
+        flow.forbid(node.args[0], "flattened by repeat_interleave")
+        return None
+    dim = _norm_dim(dim, lab.ids.ndim)
+    if lab.ids.shape[dim] == 1:
+        return lab
+    return Labels(np.repeat(lab.ids, node.args[1], axis=dim), lab.param)
+
+
+@handler("repeat")
+def _repeat(flow: Flow, node: fx.Node):
+    lab, src = flow.lab(node.args[0]), shape(node.args[0])
+    if not isinstance(lab, Labels):
+        return None
+    reps = list(node.args[1])
+    ids = np.broadcast_to(lab.ids, src)
+    ids = ids.reshape((1,) * (len(reps) - ids.ndim) + ids.shape)
+    return Labels(compress(np.tile(ids, reps)), lab.param)
+
+
+HANDLER_FUNCTIONS = {operator.getitem: "getitem"}

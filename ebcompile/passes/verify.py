@@ -1,0 +1,103 @@
+"""Check: the compact model computes what the masked model computes, on the example inputs of ``prepare``.
+
+Run by ``compact`` after every structured compaction. On a mismatch the modules of the head and neuron groups
+are compared one by one (forward hooks, in execution order) and the first that differs is named in a
+``CompactionError``: a compaction is never silently wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CompactionError
+
+__all__ = ["check_same_function", "TOLERANCE"]
+
+TOLERANCE = 1e-3  # max |compact - masked| / max(|masked|, 1e-2); float32 rounding is ~1e-6, a wrong head ~1
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for x in out for t in _tensors(x)]
+    return []
+
+
+def _error(a: Any, b: Any) -> float:
+    xs, ys = _tensors(a), _tensors(b)
+    if len(xs) != len(ys) or any(x.shape != y.shape for x, y in zip(xs, ys)):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(xs, ys):
+        if x.is_floating_point():
+            scale = max(float(x.detach().abs().max()) if x.numel() else 0.0, 1e-2)
+            worst = max(worst, float((x.detach() - y.detach()).abs().max()) / scale if x.numel() else 0.0)
+        elif not torch.equal(x, y):
+            return float("inf")
+    return worst
+
+
+def _run(model: nn.Module, args: tuple, kwargs: dict, watch: list[str]) -> tuple[Any, list[tuple[str, Any]]]:
+    seen: list[tuple[str, Any]] = []
+    handles = []
+    for path in watch:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        handles.append(module.register_forward_hook(lambda m, i, o, p=path: seen.append((p, o))))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs), seen
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+
+
+def _on(device: torch.device, x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _on(device, v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_on(device, v) for v in x)
+    return x
+
+
+def check_same_function(masked: nn.Module, compact: nn.Module, example: tuple[tuple, dict] | None,
+                        modules: list[str]) -> float:
+    """Max relative error of ``compact`` against ``masked`` on ``example``; ``CompactionError`` above
+    ``TOLERANCE``, naming the first of ``modules`` whose output differs."""
+    if example is None:
+        return 0.0
+    device = next((p.device for p in masked.parameters()), torch.device("cpu"))
+    args, kwargs = _on(device, example[0]), _on(device, example[1])
+    try:
+        ref, ref_seen = _run(masked, args, kwargs, modules)
+        out, out_seen = _run(compact, args, kwargs, modules)
+    except Exception as exc:  # noqa: BLE001 - the compact model fails to run: a rewrite is missing
+        raise CompactionError(
+            f"the compact model fails on the example inputs: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
+            "Fix: exclude the module named in that error from pruning (exclude=['<module>.*']), or register a family "
+            "for it (docs/extending.md)."
+        ) from exc
+    err = _error(ref, out)
+    if err <= TOLERANCE:
+        return err
+    got = dict(out_seen)
+    culprit = next((p for p, o in ref_seen if p in got and _error(o, got[p]) > TOLERANCE), None)
+    where = f"{culprit} ({type(compact.get_submodule(culprit)).__name__})" if culprit else "the model"
+    raise CompactionError(
+        f"the compact model differs from the masked one (relative error {err:.2e}) starting at {where}: its forward "
+        "reads a head count or width that the attribute rewrites do not cover. Fix: exclude it from pruning "
+        f"(exclude=['{culprit or '<module>'}.*']), or register a family for it (docs/extending.md)."
+    )
