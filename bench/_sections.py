@@ -17,7 +17,10 @@ def write_section(doc: str, name: str, block: str) -> Path:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{begin}\n{block}\n{end}"
-    new = old[: old.index(begin)] + block + old[old.index(end) + len(end):] if begin in old else old.rstrip() + "\n\n" + block + "\n"
+    if begin in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
     with atomic_path(path) as tmp:
         tmp.write_text(new)
     return path

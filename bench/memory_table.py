@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 import ebcompile  # noqa: E402
 from ebcompile.passes.shrink import storage_bytes  # noqa: E402
 from ebcompile.report import count_macs, count_parameters  # noqa: E402
+
 from _sections import publish  # noqa: E402
 
 
@@ -102,10 +103,14 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             out.append(f"| {r['model']} | {r['config']} | failed: {r['error']} | | | | | |")
             continue
-        rel = lambda k: f" ({r[k] / d[k]:.2f}×)" if r is not d else ""  # noqa: E731
+
+        def rel(k: str, r: dict = r, d: dict = d) -> str:
+            return f" ({r[k] / d[k]:.2f}×)" if r is not d else ""
+
         bitmap = f"{r['bitmap_bytes'] / 1e6:.1f} MB ({r['bitmap_bytes'] / d['bytes']:.2f}×)" if "bitmap_bytes" in r else ""
-        out.append(f"| {r['model']} | {r['config']} | {r['params'] / 1e6:.1f}M{rel('params')} | {r['nonzero'] / 1e6:.1f}M{rel('nonzero')} | "
-                   f"{r['bytes'] / 1e6:.1f} MB{rel('bytes')} | {bitmap} | {r['macs'] / 1e9:.2f} G{rel('macs')} | {r['ms']:.0f}{rel('ms')} |")
+        out.append(f"| {r['model']} | {r['config']} | {r['params'] / 1e6:.1f}M{rel('params')} "
+                   f"| {r['nonzero'] / 1e6:.1f}M{rel('nonzero')} | {r['bytes'] / 1e6:.1f} MB{rel('bytes')} | {bitmap} "
+                   f"| {r['macs'] / 1e9:.2f} G{rel('macs')} | {r['ms']:.0f}{rel('ms')} |")
     return "\n".join(out)
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import ebcompile  # noqa: E402
 from ebcompile.data import load_polarity  # noqa: E402
+
 from _sections import publish  # noqa: E402
 
 
@@ -80,7 +81,8 @@ def main() -> None:
     p.add_argument("--every", type=int, default=30, help="optimizer steps between checks")
     p.add_argument("--threshold", type=float, default=0.01, help="the seed paper's text threshold")
     p.add_argument("--rule", default="absolute", choices=["relative", "absolute"],
-                   help="absolute by default: in fine-tuning the distances are flat from the start and the relative rule never fires")
+                   help="absolute by default: in fine-tuning the distances are flat from the start "
+                        "and the relative rule never fires")
     p.add_argument("--retrain", default="masked", choices=["masked", "compact"],
                    help="masked: keep training the ticketed model with the same optimizer and schedule, compact at the end "
                         "(the continue flow); compact: compact first (optimizer state carried) and train the smaller model")
@@ -112,7 +114,8 @@ def main() -> None:
     example = next(batches(tok, xtr, ytr, 2, a.max_len, False, None))
     example.pop("labels")
     ebcompile.prepare(model, example, ratio=a.ratio, structure="structured", scope=a.scope)
-    eb = ebcompile.EarlyBird(model, threshold=a.threshold, rule=a.rule, every=a.every, rewind_at=0 if a.mode == "rewind" else None)
+    eb = ebcompile.EarlyBird(model, threshold=a.threshold, rule=a.rule, every=a.every,
+                             rewind_at=0 if a.mode == "rewind" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     steps = a.epochs * -(-len(xtr) // a.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
@@ -144,7 +147,8 @@ def main() -> None:
     dense_seconds = time.perf_counter() - start
     dense_acc = accuracy(model, tok, xva, yva, a.max_len)
     result = {"model": a.model, "dense_accuracy": dense_acc, "steps": steps, "dense_seconds": dense_seconds,
-              "ratio": a.ratio, "retrain": a.retrain, "retrain_epochs": a.retrain_epochs, "mode": a.mode, "scope": a.scope, "rule": a.rule, "threshold": a.threshold, "every": a.every,
+              "ratio": a.ratio, "retrain": a.retrain, "retrain_epochs": a.retrain_epochs, "mode": a.mode, "scope": a.scope,
+              "rule": a.rule, "threshold": a.threshold, "every": a.every,
               "distances": [r["distances"] for r in eb.history if r["distances"]]}
     if saved is None:
         tqdm.write("no ticket within the budget")
@@ -173,29 +177,35 @@ def main() -> None:
             model = ebcompile.compact(model)
             result["masked_accuracy"] = masked_acc
         pruned_acc = accuracy(model, tok, xva, yva, a.max_len)
-        result.update({"ticket_step": tstep, "pruned_accuracy": pruned_acc, "earlybird_seconds": search_seconds + time.perf_counter() - start,
+        result.update({"ticket_step": tstep, "pruned_accuracy": pruned_acc,
+                       "earlybird_seconds": search_seconds + time.perf_counter() - start,
                        "dense_parameters": dense_parameters, "pruned_parameters": ebcompile.report(model).parameters})
     print(json.dumps({k: v for k, v in result.items() if k != "distances"}, indent=2))
     if a.no_write:
         return
     (ROOT / "docs").mkdir(exist_ok=True)
-    section = "minilm_mr" + ("" if a.retrain == "masked" else f"_{a.retrain}") + ("" if a.retrain_epochs is None else "_full") + ("" if a.mode == "continue" else f"_{a.mode}") + ("" if a.scope == "layer" else f"_{a.scope}")
+    section = ("minilm_mr" + ("" if a.retrain == "masked" else f"_{a.retrain}") + ("" if a.retrain_epochs is None else "_full")
+               + ("" if a.mode == "continue" else f"_{a.mode}") + ("" if a.scope == "layer" else f"_{a.scope}"))
     (ROOT / "docs" / f"{section}.json").write_text(json.dumps(result, indent=2))
     rows = ["| model | p | dense acc | ticket at step | pruned acc | params dense → compact | wall dense / early-bird |",
             "|---|---|---|---|---|---|---|"]
     if result["ticket_step"] is not None:
-        rows.append(f"| {a.model} | {a.ratio} | {dense_acc:.2%} | {result['ticket_step']} of {steps} | {result['pruned_accuracy']:.2%} | "
+        rows.append(f"| {a.model} | {a.ratio} | {dense_acc:.2%} | {result['ticket_step']} of {steps} "
+                    f"| {result['pruned_accuracy']:.2%} | "
                     f"{result['dense_parameters'] / 1e6:.1f}M → {result['pruned_parameters'] / 1e6:.1f}M | "
                     f"{dense_seconds:.0f} s / {result['earlybird_seconds']:.0f} s |")
     else:
         rows.append(f"| {a.model} | {a.ratio} | {dense_acc:.2%} | none | | | {dense_seconds:.0f} s |")
-    header = (f"## Pretrained fine-tuning: {a.model} on MR polarity, ticket retrained {a.retrain}\n\nMeasured {time.strftime('%Y-%m-%d')} on the CPU by "
+    header = (f"## Pretrained fine-tuning: {a.model} on MR polarity, ticket retrained {a.retrain}\n\n"
+              f"Measured {time.strftime('%Y-%m-%d')} on the CPU by "
               f"`python bench/minilm_mr.py{'' if a.retrain == 'masked' else ' --retrain ' + a.retrain}"
               f"{'' if a.retrain_epochs is None else f' --retrain-epochs {a.retrain_epochs:g}'}"
-              f"{'' if a.mode == 'continue' else ' --mode ' + a.mode}{'' if a.scope == 'layer' else ' --scope ' + a.scope}` ({a.epochs} epochs, batch {a.batch}, AdamW {a.lr:g} linear decay, max length "
+              f"{'' if a.mode == 'continue' else ' --mode ' + a.mode}{'' if a.scope == 'layer' else ' --scope ' + a.scope}` "
+              f"({a.epochs} epochs, batch {a.batch}, AdamW {a.lr:g} linear decay, max length "
               f"{a.max_len}, {len(xtr)} training / {len(xva)} validation sentences; EarlyBird {a.rule} {a.threshold:g}, "
               f"window 5, a check every {a.every} steps; structured p = {a.ratio}, {a.scope} scope; " + RETRAIN[a.retrain]
-              + ("" if a.retrain_epochs is None else f"; retrained for {a.retrain_epochs:g} epochs on a fresh linear decay from {a.lr:g}")
+              + ("" if a.retrain_epochs is None
+                 else f"; retrained for {a.retrain_epochs:g} epochs on a fresh linear decay from {a.lr:g}")
               + ("" if a.mode == "continue" else "; retrained from the pretrained weights (rewind), not the early-bird ones")
               + ")")
     publish("benchmarks.md", section, header, "\n".join(rows))

@@ -29,6 +29,7 @@ from ebcompile.passes.shrink import compact  # noqa: E402
 from ebcompile.report import count_macs, count_parameters  # noqa: E402
 from ebcompile.ticket import draw_ticket  # noqa: E402
 from ebcompile.timing import median_ms  # noqa: E402
+
 from _sections import publish  # noqa: E402
 
 
@@ -117,7 +118,8 @@ def table(rows: list[dict]) -> str:
             f"{r['macs'] / d['macs']:.3f} | {r['eager_ms']:.2f} | {r['eager_ms'] / d['eager_ms']:.3f} | "
             f"{r['ort_ms']:.2f} | {r['ort_ms'] / d['ort_ms']:.3f} | {r['ort_ms'] / r['eager_ms']:.2f} | "
             f"{r['fused_ms']:.2f} | {r['fused_ms'] / d['fused_ms']:.3f} | {r['fused_ms'] / r['eager_ms']:.2f} | "
-            f"{r['provider'].replace('ExecutionProvider', '')} |" if ok else f"| {r['model']} | {r['batch']} | {r['config']} | dense failed | | | | | | | | | | |"
+            f"{r['provider'].replace('ExecutionProvider', '')} |" if ok
+            else f"| {r['model']} | {r['batch']} | {r['config']} | dense failed | | | | | | | | | | |"
         )
     return "\n".join(out)
 
@@ -139,9 +141,11 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = run(a.models, a.ratios, batches, seq, repeats, a.optimize)
     where = (f"GPU {torch.cuda.get_device_name()} (fp16, ORT CUDA EP + IOBinding)" if gpu
-             else f"CPU only ({torch.get_num_threads()} threads, fp32, ORT CPU EP; no GPU on this machine — GPU lines unmeasured)")
+             else f"CPU only ({torch.get_num_threads()} threads, fp32, ORT CPU EP; "
+                  "no GPU on this machine — GPU lines unmeasured)")
     header = (f"## ONNX Runtime vs eager, dense vs compact\n\nMeasured {time.strftime('%Y-%m-%d')} on {where}; "
-              f"torch {torch.__version__}; encoder sequence {seq}; median of {repeats}; optimizer {'on' if a.optimize else 'off'}. "
+              f"torch {torch.__version__}; encoder sequence {seq}; median of {repeats}; "
+              f"optimizer {'on' if a.optimize else 'off'}. "
               "Written by `python bench/onnx_gpu.py" + (" --quick" if a.quick else "") + "`.")
     text = table(rows)
     publish("benchmarks.md", "onnx_gpu", header, text, write=not a.no_write)

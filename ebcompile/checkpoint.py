@@ -29,6 +29,7 @@ from .errors import CheckpointError, ConfigError
 from .io import atomic_path
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
 from .passes.attention import family_of
+from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
 from .passes.shrink import fix_attributes, removed_indices, set_tensor
 
 __all__ = ["save", "load", "head_counts", "WEIGHTS", "CONFIG", "META"]
@@ -56,6 +57,33 @@ def head_counts(model: nn.Module) -> dict[str, int]:
         elif (family := family_of(m)) is not None and (group := family.heads(path, m)) is not None:
             counts[path] = int(group.units)
     return counts
+
+
+def count_attributes(model: nn.Module) -> dict[str, int]:
+    """Every head count and width attribute of the table in ``passes.counts`` (``path.attr`` -> value): what a
+    fresh model needs rewritten, besides its tensor shapes, to compute what the compact one does."""
+    names = set(HEAD_COUNTS + KV_COUNTS + GROUP_COUNTS + WIDTHS + NEURON_WIDTHS)
+    out = {}
+    for path, module in model.named_modules():
+        for attr in names & set(module.__dict__):
+            value = module.__dict__[attr]
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[f"{path}.{attr}" if path else attr] = value
+    return out
+
+
+def _set_counts(model: nn.Module, counts: dict[str, Any]) -> None:
+    for key, value in counts.items():
+        owner, _, attr = key.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError as exc:
+            raise CheckpointError(f"the checkpoint sets {key}, which the model lacks. Fix: pass a model of the saved "
+                                  "architecture.") from exc
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{META}: {key}={value!r} is not a count. Fix: save the model again.")
+        if isinstance(module.__dict__.get(attr), int):
+            setattr(module, attr, value)
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -86,7 +114,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     is_hf = _is_hf(net)
     meta = {"format": FORMAT, "version": VERSION, "class": f"{type(net).__module__}.{type(net).__qualname__}",
             "transformers": is_hf, "shapes": {k: list(v.shape) for k, v in state.items()},
-            "heads": head_counts(net), "aliases": aliases}
+            "heads": head_counts(net), "aliases": aliases, "counts": count_attributes(net)}
     from safetensors.torch import save_file
 
     with atomic_path(directory / WEIGHTS) as tmp:
@@ -114,7 +142,8 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has version {meta.get('version')!r}; this ebcompile reads version {VERSION}. "
                               "Fix: save it again with this version.")
-    for key, kind in (("shapes", dict), ("heads", dict), ("aliases", dict)):
+    meta.setdefault("counts", {})
+    for key, kind in (("shapes", dict), ("heads", dict), ("aliases", dict), ("counts", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{path} lacks a valid {key!r} entry. Fix: save the model again.")
     return meta
@@ -185,6 +214,34 @@ def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
             piece = piece.narrow(dim, 0, int(size))
         set_tensor(model, name, piece.clone())
     fix_attributes(model, {}, {})  # nn.Linear / Conv1D feature counts follow the new shapes
+    _set_counts(model, meta.get("counts", {}))
+
+
+def _load_pretrained(directory: Path, model: nn.Module | None) -> nn.Module:
+    """A ``save_pretrained`` directory: tensor shapes from the files, counts from ``ebcompile.json`` if written;
+    tied weights (absent from the files) are tied again."""
+    from .pretrained import pretrained_weights
+
+    try:
+        weights = pretrained_weights(directory)
+        meta = json.loads((directory / META).read_text()) if (directory / META).is_file() else {}
+    except Exception as exc:  # noqa: BLE001 - unreadable files
+        raise CheckpointError(f"{directory} cannot be read ({type(exc).__name__}: {exc}). Fix: save the model again.") from exc
+    if weights is None:
+        raise CheckpointError(f"{directory} has no model.safetensors. Fix: save with save_pretrained(safe_serialization=True).")
+    model = _hf_model(directory) if model is None else model
+    meta = {"heads": {}, "counts": meta.get("counts", {}) if isinstance(meta, dict) else {},
+            "shapes": {k: list(v.shape) for k, v in weights.items()}}
+    _shrink(model, meta)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in weights}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise CheckpointError(f"{directory}: the saved tensors do not fit {type(model).__name__} (missing {untied[:3]}, "
+                              f"unexpected {list(unexpected)[:3]}). Fix: pass a model of the saved architecture.")
+    return model.eval()
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -194,6 +251,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     ``model=``: a freshly built, uncompacted instance of the saved architecture (it is shrunk in place).
     """
     directory = Path(directory)
+    pretrained = not (directory / META).is_file() or json.loads((directory / META).read_text()).get("pretrained")
+    if pretrained and (directory / CONFIG).is_file():  # save_pretrained: sizes from the tensors themselves
+        return _load_pretrained(directory, model)
     meta = _read_meta(directory)
     if model is None:
         if not meta["transformers"]:

@@ -14,6 +14,7 @@ from torch import nn
 from .errors import ConfigError
 from .importance import Masks, hamming
 from .io import load_tensors, save_tensors
+from .masks_io import STATE_TAGS, masks_from_tensors, masks_to_tensors, pack_bits
 from .prepare import check_ratio, config_of, current_masks
 from .ticket import Ticket, signature_of, snapshot
 
@@ -111,7 +112,7 @@ class EarlyBird:
             self.max_distance = max(self.max_distance, value)
             self._recent.append(value)
             record["distance"] = value
-        self._packed.append(_pack(masks))
+        self._packed.append(pack_bits(masks))
         self.history.append(record)
         self._previous = masks
         if len(self._recent) == self.window and all(self._passes(v) for v in self._recent):
@@ -124,7 +125,8 @@ class EarlyBird:
             kinds = [v for k, v in d.items() if k != "overall"]
             return max(kinds) if kinds else d["overall"]
         if self.criterion not in d:
-            raise ConfigError(f"criterion={self.criterion!r} is not measured here (have {sorted(d)}). Fix: use 'max' or 'overall'.")
+            raise ConfigError(f"criterion={self.criterion!r} is not measured here (have {sorted(d)}). "
+                              "Fix: use 'max' or 'overall'.")
         return d[self.criterion]
 
     def _passes(self, value: float) -> bool:
@@ -177,11 +179,13 @@ class EarlyBird:
         self._previous = _masks_from_state(state["previous"])
         self.rewind_weights = state.get("rewind_weights")
         t = state.get("ticket")
-        self.ticket = None if t is None else Ticket(_masks_from_state(t["masks"]), t["ratio"], t["scope"], t["signature"], t["found_at"])
+        self.ticket = None if t is None else Ticket(_masks_from_state(t["masks"]), t["ratio"], t["scope"], t["signature"],
+                                                    t["found_at"])
         if self.ticket is not None and self.ticket.signature != signature_of(self.model):
             from .errors import TicketMismatchError
 
-            raise TicketMismatchError("this controller state was saved on another model. Fix: load it into the same prepared model.")
+            raise TicketMismatchError("this controller state was saved on another model. "
+                                      "Fix: load it into the same prepared model.")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``state_dict()`` as safetensors + JSON (atomic)."""
@@ -234,29 +238,17 @@ def load_ticket(path: str | os.PathLike) -> Ticket:
     if t is None:
         raise CheckpointError(f"{path} is a saved early-bird search that has not found its ticket yet "
                               f"({len(state['history'])} checks). Fix: train on, or draw one with ebcompile.draw_ticket.")
-    t["masks"]["tensors"] = {k[len("ticket/"):]: v for k, v in tensors.items() if k.startswith("ticket/")}
-    return Ticket(_masks_from_state(t["masks"]), t["ratio"], t["scope"], {k: list(v) for k, v in t["signature"].items()},
+    masks = masks_from_tensors(tensors, t["masks"], prefix="ticket/", tags=STATE_TAGS)
+    return Ticket(masks, t["ratio"], t["scope"], {k: list(v) for k, v in t["signature"].items()},
                   dict(t["found_at"]))
-
-
-def _pack(masks: Masks) -> np.ndarray:
-    flat = torch.cat([v.flatten().cpu() for v in masks.compared().values()]).numpy()
-    return np.packbits(flat)
 
 
 def _masks_to_state(masks: Masks | None) -> dict[str, Any] | None:
     if masks is None:
         return None
-    tensors = {f"t:{k}": v.to(torch.uint8) for k, v in masks.tensors.items()}
-    tensors.update({f"u:{k}": v.to(torch.uint8) for k, v in masks.units.items()})
-    return {"structure": masks.structure, "kinds": dict(masks.kinds), "tensors": tensors}
+    tensors, header = masks_to_tensors(masks, tags=STATE_TAGS)
+    return {**header, "tensors": tensors}
 
 
 def _masks_from_state(state: dict[str, Any] | None) -> Masks | None:
-    if state is None:
-        return None
-    masks = Masks(state["structure"], kinds=dict(state["kinds"]))
-    for key, value in state["tensors"].items():
-        where, _, name = key.partition(":")
-        (masks.tensors if where == "t" else masks.units)[name] = value.bool()
-    return masks
+    return None if state is None else masks_from_tensors(state["tensors"], state, tags=STATE_TAGS)

@@ -36,7 +36,8 @@ def load_mnist(folder: str | Path, train: int = 8000) -> tuple[torch.Tensor, tor
     return x[:train], y[:train], x[train:], y[train:]
 
 
-def load_polarity(folder: str | Path, seed: int = 0, val_fraction: float = 0.1) -> tuple[list[str], list[int], list[str], list[int]]:
+def load_polarity(folder: str | Path, seed: int = 0, val_fraction: float = 0.1
+                  ) -> tuple[list[str], list[int], list[str], list[int]]:
     """MR sentence polarity (Latin-1 lines), shuffled with ``seed``, split 90/10."""
     folder = Path(folder)
     rows = [(line.strip(), label) for label, name in ((1, "rt-polarity.pos"), (0, "rt-polarity.neg"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -18,9 +18,8 @@ from .controller import EarlyBird
 from .io import atomic_path
 from .passes.shrink import compact
 from .plots import plot_search
-from .prepare import prepare
+from .prepare import current_masks, prepare
 from .report import count_macs, count_parameters
-from .prepare import current_masks
 from .ticket import Ticket, apply_ticket, signature_of
 
 __all__ = ["DemoResult", "run_demo", "digits_split", "small_vit"]

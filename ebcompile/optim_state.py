@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,7 +25,8 @@ from .errors import ConfigError
 Transform = Callable[[nn.Module], nn.Module]
 
 
-def _shadow_pass(shadow: nn.Module, old_names: list[str], values: dict[str, torch.Tensor], transform: Transform) -> dict[str, torch.Tensor]:
+def _shadow_pass(shadow: nn.Module, old_names: list[str], values: dict[str, torch.Tensor], transform: Transform
+                 ) -> dict[str, torch.Tensor]:
     """``transform`` applied to ``shadow`` with each parameter's data replaced by ``values[name]`` (zeros if absent)."""
     params = dict(shadow.named_parameters())
     with torch.no_grad():
@@ -88,9 +89,12 @@ def retarget_optimizer(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn
     shadow = _cpu_shadow(old)
     names = list(old_params)
     origin = _origins(shadow, names, transform)
-    sliced = {k: _shadow_pass(shadow, names, {n: optimizer.state[old_params[n]][k] for n in held
-                                              if isinstance(optimizer.state.get(old_params[n], {}).get(k), torch.Tensor)}, transform)
-              for k in sorted(state_keys)}
+
+    def held_values(k: str) -> dict[str, torch.Tensor]:
+        return {n: optimizer.state[old_params[n]][k] for n in held
+                if isinstance(optimizer.state.get(old_params[n], {}).get(k), torch.Tensor)}
+
+    sliced = {k: _shadow_pass(shadow, names, held_values(k), transform) for k in sorted(state_keys)}
     new_params = dict(new.named_parameters())
     successors: dict[str, list[str]] = defaultdict(list)
     for new_name, old_name in origin.items():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .errors import ConfigError, TicketMismatchError
 from .importance import Masks, raw_tensor
 from .io import load_tensors, save_tensors
+from .masks_io import masks_from_tensors, masks_to_tensors
 from .passes.masks import iter_masks
 from .prepare import config_of
 
@@ -41,19 +43,15 @@ class Ticket:
         return self.masks.pruned_fraction()
 
     def save(self, path: str | os.PathLike) -> None:
-        tensors = {f"tensor/{k}": v.to(torch.uint8) for k, v in self.masks.tensors.items()}
-        tensors.update({f"unit/{k}": v.to(torch.uint8) for k, v in self.masks.units.items()})
-        header = {"structure": self.structure, "ratio": self.ratio, "scope": self.scope,
-                  "signature": self.signature, "found_at": self.found_at, "kinds": self.masks.kinds}
+        tensors, mask_header = masks_to_tensors(self.masks)  # key order kept as before: same bytes on disk
+        header = {"structure": mask_header["structure"], "ratio": self.ratio, "scope": self.scope,
+                  "signature": self.signature, "found_at": self.found_at, "kinds": mask_header["kinds"]}
         save_tensors(path, tensors, header, "ticket")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Ticket":
+    def load(cls, path: str | os.PathLike) -> Ticket:
         tensors, h = load_tensors(path, "ticket")
-        masks = Masks(h["structure"], kinds=dict(h["kinds"]))
-        for key, value in tensors.items():
-            where, _, name = key.partition("/")
-            (masks.tensors if where == "tensor" else masks.units)[name] = value.bool()
+        masks = masks_from_tensors(tensors, h)
         return cls(masks, h["ratio"], h["scope"], {k: list(v) for k, v in h["signature"].items()}, dict(h["found_at"]))
 
 
@@ -81,7 +79,7 @@ def _check_signature(model: nn.Module, ticket: Ticket) -> None:
     )
 
 
-_FROZEN_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_FROZEN_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _HOOK: Any = None
 
 
@@ -123,7 +121,8 @@ def apply_ticket(
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not one of {', '.join(map(repr, MODES))}. Fix: pick one of them.")
     if not isinstance(ticket, Ticket):
-        raise TicketMismatchError(f"expected an ebcompile Ticket, got {type(ticket).__name__}. Fix: pass EarlyBird.ticket or Ticket.load(path).")
+        raise TicketMismatchError(f"expected an ebcompile Ticket, got {type(ticket).__name__}. "
+                                  "Fix: pass EarlyBird.ticket or Ticket.load(path).")
     _check_signature(model, ticket)
     masks = list(iter_masks(model))
     for _, _, _, m in masks:  # identity parametrizations: weights read/written in place below

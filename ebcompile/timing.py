@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ def median_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None] = la
     return statistics.median(times)
 
 
-def eager_ms(model: nn.Module, inputs: dict[str, torch.Tensor], device: str, repeats: int, dtype: torch.dtype | None = None) -> float:
+def eager_ms(model: nn.Module, inputs: dict[str, torch.Tensor], device: str, repeats: int,
+             dtype: torch.dtype | None = None) -> float:
     """PyTorch eager latency of ``model(**inputs)`` (floating inputs and the model cast to ``dtype``)."""
     model = model.to(device=device, dtype=dtype).eval() if dtype is not None else model.to(device).eval()
     feed = {k: v.to(device=device, dtype=dtype) if dtype is not None and v.is_floating_point() else v.to(device)

@@ -203,7 +203,8 @@ def test_load_ticket_reads_tickets_and_saved_searches(tmp_path):
     eb.ticket.save(tmp_path / "ticket.safetensors")
     for where in (tmp_path / "ckpt", tmp_path / "ckpt" / "earlybird.safetensors", tmp_path / "ticket.safetensors"):
         t = load_ticket(where)
-        assert (t.ratio, t.scope, t.signature, t.found_at) == (eb.ticket.ratio, eb.ticket.scope, eb.ticket.signature, eb.ticket.found_at)
+        expected = (eb.ticket.ratio, eb.ticket.scope, eb.ticket.signature, eb.ticket.found_at)
+        assert (t.ratio, t.scope, t.signature, t.found_at) == expected
         assert all(torch.equal(t.masks.tensors[k], v) for k, v in eb.ticket.masks.tensors.items())
     (tmp_path / "other.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="neither a saved ticket nor a saved early-bird search"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchvision.models import VisionTransformer
 
 import ebcompile

@@ -11,9 +11,8 @@ import copy
 import functools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -21,9 +20,19 @@ import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,  # noqa: E402
-                          GPT2LMHeadModel, RobertaConfig, RobertaForSequenceClassification, SwinConfig,
-                          SwinForImageClassification, ViTConfig, ViTForImageClassification)
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    SwinConfig,
+    SwinForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 import ebcompile  # noqa: E402
 from ebcompile.errors import CheckpointError, ConfigError, NoPrunableLayerError  # noqa: E402
@@ -130,7 +139,7 @@ class Pipeline:
     inputs: dict[str, torch.Tensor]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pipeline(name: str) -> Pipeline:
     inputs = ARCHS[name].batch()
     model = ebcompile.prepare(build(name), inputs, ratio=0.5, structure="structured")

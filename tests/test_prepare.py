@@ -164,7 +164,8 @@ def unit_slices(model: nn.Module, group) -> dict[str, list[tuple[int, torch.Tens
             qkv_w, qkv_b, proj = f"{group.name}.qkv.weight", f"{group.name}.qkv.bias", f"{group.name}.proj.weight"
             embed = mod.qkv.in_features
         hd = embed // group.units
-        rows = [torch.cat([torch.arange(i * embed + u * hd, i * embed + (u + 1) * hd) for i in range(3)]) for u in range(group.units)]
+        rows = [torch.cat([torch.arange(i * embed + u * hd, i * embed + (u + 1) * hd) for i in range(3)])
+                for u in range(group.units)]
         out[qkv_w] = [(0, r) for r in rows]
         out[qkv_b] = [(0, r) for r in rows]
         out[proj] = [(1, torch.arange(u * hd, (u + 1) * hd)) for u in range(group.units)]

@@ -19,8 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--fp16", action="store_true", help="half precision (GPU)")
-    p.add_argument("--onnx", action="store_true", help="also time onnxruntime (CUDA EP when present, else CPU EP; fed from "
-                                                       "host memory, so on a GPU its copies are timed: bench/onnx_gpu.py binds device buffers)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also time onnxruntime (CUDA EP when present, else CPU EP; fed from host memory, "
+                        "so on a GPU its copies are timed: bench/onnx_gpu.py binds device buffers)")
     p.set_defaults(run=run)
 
 
@@ -64,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
 def table(rows: list[dict], device: str, args: argparse.Namespace) -> str:
     base = rows[0]
-    head = "| model | parameters | MACs | eager ms |" + (" ORT ms |" if args.onnx else "") + " vs first: params / MACs / eager" + \
-           (" / ORT" if args.onnx else "") + " |"
+    head = ("| model | parameters | MACs | eager ms |" + (" ORT ms |" if args.onnx else "")
+            + " vs first: params / MACs / eager" + (" / ORT" if args.onnx else "") + " |")
     lines = [f"batch {args.batch}, seq {args.seq}, {device}{' fp16' if args.fp16 else ''}, median of {args.repeats}", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:

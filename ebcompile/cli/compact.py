@@ -18,10 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import checkpoint
+    from ..controller import load_ticket
     from ..passes.shrink import compact
     from ..prepare import prepare
     from ..report import report
-    from ..controller import load_ticket
     from ..ticket import apply_ticket
     from .models import example_inputs, load_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import EbcompileError
 from . import bench, compact, demo, export, inspect, retrain, search
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Early-bird lottery tickets for Transformers: search, retrain, compact, export.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for name, module in SUBCOMMANDS.items():
+    for module in SUBCOMMANDS.values():
         module.add_parser(sub)
     return parser
 

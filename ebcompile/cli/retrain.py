@@ -2,7 +2,8 @@
 
 The ticket is applied (``--mode continue``: the early-bird weights, ``rewind``: the weights before the
 search, ``reinit``: fresh ones); a structured ticket's pruned heads and neurons are removed and the smaller
-model trains for ``--epochs`` (an unstructured ticket trains masked, its zeros held, and is compacted after). Writes ``--out``/``model`` (reload with ``ebcompile.load``, tokenizer beside it) and ``retrain.json``.
+model trains for ``--epochs`` (an unstructured ticket trains masked, its zeros held, and is compacted after).
+Writes ``--out``/``model`` (reload with ``ebcompile.load``, tokenizer beside it) and ``retrain.json``.
 """
 
 from __future__ import annotations

@@ -79,13 +79,13 @@ def _to_compact_attention(net: nn.Module) -> None:
 
 @contextlib.contextmanager
 def _fused(enabled: bool):
-    from .. import modules
+    from ..modules import mha
 
-    old, modules.FUSED_EXPORT = modules.FUSED_EXPORT, enabled
+    old, mha.FUSED_EXPORT = mha.FUSED_EXPORT, enabled
     try:
         yield
     finally:
-        modules.FUSED_EXPORT = old
+        mha.FUSED_EXPORT = old
 
 
 def _parameters(net: nn.Module) -> set[str]:
@@ -172,7 +172,8 @@ def export_onnx(
     against PyTorch on ``example_inputs``, |ort - torch| <= atol + rtol * |torch| (default 1e-4/1e-4 in fp32,
     2e-2/2e-2 in fp16). ``fused_attention=True`` writes each packed self-attention (``nn.MultiheadAttention``,
     compact or not) as one onnxruntime ``com.microsoft.Attention`` node (any head count), the kernel that
-    makes ORT's CUDA EP faster than eager PyTorch on BERT-shaped attention. On any failure an ``ExportError`` is raised and no file is left at ``path``.
+    makes ORT's CUDA EP faster than eager PyTorch on BERT-shaped attention. On any failure an ``ExportError``
+    is raised and no file is left at ``path``.
     """
     import onnx
 
@@ -237,7 +238,8 @@ def export_onnx(
                 w = want.detach().float().cpu().numpy()
                 h = np.asarray(have, dtype=np.float32)
                 if w.shape != h.shape:
-                    raise ExportError(f"onnxruntime output {name} has shape {h.shape}, PyTorch {w.shape}. Fix: check dynamic_axes.")
+                    raise ExportError(f"onnxruntime output {name} has shape {h.shape}, PyTorch {w.shape}. "
+                                      "Fix: check dynamic_axes.")
                 excess = np.abs(h - w) - (atol + rtol * np.abs(w))
                 err = max(err, float(np.abs(h - w).max(initial=0.0)))
                 if (excess > 0).any():

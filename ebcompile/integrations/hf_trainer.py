@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -86,7 +87,7 @@ class EarlyBirdCallback(TrainerCallback):
     def ticket(self) -> Ticket | None:
         return self.earlybird.ticket if self.earlybird is not None else None
 
-    def attach(self, trainer: Any) -> "EarlyBirdCallback":
+    def attach(self, trainer: Any) -> EarlyBirdCallback:
         """Add this callback to ``trainer`` and log through ``trainer.log`` (reaches every integration)."""
         self.trainer = trainer
         trainer.add_callback(self)

@@ -273,6 +273,10 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool) -> nn.Module:
         _remove_units(new, cfg.plan, ticket, round_to)
         watch = [g.module if g.kind == "head" else g.name.rpartition(".")[0] for g in cfg.plan.groups]
         check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])
+        from ..pretrained import attach_save_pretrained, sync_config
+
+        sync_config(new)
+        attach_save_pretrained(new)
     elif sparse:
         new = _sparsify(new, sorted(ticket.masks.tensors))
     return new

@@ -1,0 +1,105 @@
+"""Compact Hugging Face models and ``save_pretrained``: a directory that reloads.
+
+- ``sync_config``: when every layer of the compact model keeps the same counts and the family's config can say
+  so (Llama, Qwen2, Mistral, Gemma carry ``head_dim``), the config is rewritten (``num_attention_heads``,
+  ``num_key_value_heads``, ``intermediate_size``) — checked by building the class from it on the meta device
+  and comparing every tensor shape — so ``save_pretrained`` writes a directory that stock
+  ``AutoModel*.from_pretrained`` reloads. Otherwise the config is left as it was.
+- ``attach_save_pretrained``: the compact model's ``save_pretrained`` also writes ``ebcompile.json`` (the
+  per-layer counts), which ``ebcompile.load`` reads; without it, ``load`` infers the sizes from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["sync_config", "attach_save_pretrained", "pretrained_weights", "CONFIG_FIELDS"]
+
+# config field -> (names of the linears whose output width gives it, divide by the config's head_dim?)
+CONFIG_FIELDS = {
+    "num_attention_heads": (("q_proj", "query", "q", "q_lin"), True),
+    "num_key_value_heads": (("k_proj", "key", "k", "k_lin"), True),
+    "intermediate_size": (("up_proj", "gate_proj", "fc1", "c_fc", "w1", "lin1", "wi", "dense_h_to_4h"), False),
+}
+
+
+def _widths(model: nn.Module, names: tuple[str, ...]) -> set[int]:
+    return {m.out_features for path, m in model.named_modules()
+            if isinstance(m, nn.Linear) and path.rpartition(".")[2] in names}
+
+
+def sync_config(model: nn.Module) -> bool:
+    """Rewrite ``model.config`` to the compact sizes when one config can describe them; True if it did."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(type(model), "_from_config"):
+        return False
+    new = copy.deepcopy(config)
+    head_dim = getattr(config, "head_dim", None)
+    for field, (names, per_head) in CONFIG_FIELDS.items():
+        if not isinstance(getattr(config, field, None), int):
+            continue
+        widths = _widths(model, names)
+        if len(widths) != 1 or (per_head and not isinstance(head_dim, int)):
+            continue
+        width = widths.pop()
+        setattr(new, field, width // head_dim if per_head else width)
+    if new.to_dict() == config.to_dict():
+        return False
+    try:
+        with torch.device("meta"):
+            fresh = type(model)._from_config(new)
+    except Exception:  # noqa: BLE001 - the config cannot describe these sizes
+        return False
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in fresh.state_dict().items()} != want:
+        return False
+    model.config = new
+    for module in model.modules():  # submodules holding the shared config object
+        if getattr(module, "config", None) is config:
+            module.config = new
+    return True
+
+
+def attach_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained(dir)`` also write ``ebcompile.json`` with the per-layer counts."""
+    original = getattr(model, "save_pretrained", None)
+    if original is None:
+        return
+
+    def save_pretrained(save_directory, *args: Any, **kwargs: Any):
+        from .checkpoint import FORMAT, META, VERSION, count_attributes, head_counts
+
+        out = original(save_directory, *args, **kwargs)
+        meta = {"format": FORMAT, "version": VERSION, "class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "transformers": True, "pretrained": True, "shapes": {}, "heads": head_counts(model), "aliases": {},
+                "counts": count_attributes(model)}
+        from .io import atomic_path
+
+        with atomic_path(Path(save_directory) / META) as tmp:
+            tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        return out
+
+    model.save_pretrained = save_pretrained
+
+
+def pretrained_weights(directory: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of a ``save_pretrained`` directory (one file or an index of shards), or None if there are none."""
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return None
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update(load_file(str(directory / name)))
+    return weights
