@@ -8,8 +8,9 @@ anything with data-dependent Python). The graph is only analysed; the user's mod
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx, nn

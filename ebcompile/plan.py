@@ -68,7 +68,7 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
+    def from_dict(cls, data: dict) -> Plan:
         groups = [
             GroupSet(**dict(g, members=tuple(Member(**m) for m in g["members"]), attributes=tuple(g.get("attributes", ()))))
             for g in data["groups"]

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-import zoo
 from torch import nn
 
 import ebcompile
+
+import zoo
 
 RATIO = 0.3
 TOL = 1e-5
@@ -97,7 +98,7 @@ class Pipeline:
     inputs: Any
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pipeline(name: str, kv_heads: str | None = None) -> Pipeline:
     model, inputs = zoo.build(name)
     kw = {"kv_heads": kv_heads} if kv_heads is not None else {}

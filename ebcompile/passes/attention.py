@@ -9,8 +9,8 @@ it owns and which tensor slices make up each head; every other parameter under t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 

@@ -9,7 +9,7 @@ modules, so the model keeps its class, call signature and methods; state_dict ke
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

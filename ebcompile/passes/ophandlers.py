@@ -7,8 +7,8 @@ labelled input and no handler makes those elements unremovable — the analysis 
 
 from __future__ import annotations
 
-import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

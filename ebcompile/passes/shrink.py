@@ -29,14 +29,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, NoTicketError, NotPreparedError, TicketMismatchError
-from ..modules import (CompactMultiheadAttention, CompactShiftedWindowAttention, CompactShiftedWindowAttentionV2,
-                       SparseLinear)
+from ..modules import CompactMultiheadAttention, CompactShiftedWindowAttention, CompactShiftedWindowAttentionV2, SparseLinear
+from ..optim_state import retarget_optimizer
 from ..plan import GroupSet, Plan
 from .attention import family_of
-from ..optim_state import retarget_optimizer
 from .counts import rewrite_counts
-from .verify import check_same_function
 from .masks import iter_masks, strip_masks
+from .verify import check_same_function
 
 __all__ = ["compact", "storage_bytes", "removed_indices", "set_tensor", "fix_attributes"]
 
@@ -74,7 +73,7 @@ def _swin_types() -> tuple[type, type] | None:
 
 def fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: dict[str, tuple[int, int]]) -> None:
     """Make feature counts and head counts agree with the sliced tensors (rewrites or replaces modules)."""
-    for path, module in list(model.named_modules()):
+    for _path, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
         elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):

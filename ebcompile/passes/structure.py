@@ -27,7 +27,7 @@ from ..plan import GroupSet, Member
 from . import ops_attention as _ops_attention  # noqa: F401 - registers handlers
 from . import ops_shape as _ops_shape  # noqa: F401 - registers handlers
 from .labels import Elements, Labels
-from .ophandlers import HANDLERS, Flow, pointwise, shape
+from .ophandlers import HANDLERS, Flow, pointwise
 
 __all__ = ["discover", "META"]
 
