@@ -251,7 +251,11 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     ``model=``: a freshly built, uncompacted instance of the saved architecture (it is shrunk in place).
     """
     directory = Path(directory)
-    pretrained = not (directory / META).is_file() or json.loads((directory / META).read_text()).get("pretrained")
+    meta_path = directory / META
+    try:
+        pretrained = not meta_path.is_file() or bool(json.loads(meta_path.read_text()).get("pretrained"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        pretrained = False  # _read_meta below reports the broken file
     if pretrained and (directory / CONFIG).is_file():  # save_pretrained: sizes from the tensors themselves
         return _load_pretrained(directory, model)
     meta = _read_meta(directory)
