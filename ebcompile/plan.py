@@ -56,7 +56,7 @@ class Plan:
 
     linears: list[LinearOp] = field(default_factory=list)
     groups: list[GroupSet] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # linear name -> why it is not masked
+    skipped: dict[str, str] = field(default_factory=dict)  # linear -> why it is not masked (structured: or kept whole)
     capture: str = ""
 
     def to_dict(self) -> dict:
