@@ -30,6 +30,7 @@ from .io import atomic_path
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
 from .passes.attention import family_of
 from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
+from .passes.reshapes import install_rewrite, rewrites_of
 from .passes.shrink import fix_attributes, removed_indices, set_tensor
 
 __all__ = ["save", "load", "head_counts", "WEIGHTS", "CONFIG", "META"]
@@ -114,7 +115,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     is_hf = _is_hf(net)
     meta = {"format": FORMAT, "version": VERSION, "class": f"{type(net).__module__}.{type(net).__qualname__}",
             "transformers": is_hf, "shapes": {k: list(v.shape) for k, v in state.items()},
-            "heads": head_counts(net), "aliases": aliases, "counts": count_attributes(net)}
+            "heads": head_counts(net), "aliases": aliases, "counts": count_attributes(net),
+            "reshapes": rewrites_of(net)}
     from safetensors.torch import save_file
 
     with atomic_path(directory / WEIGHTS) as tmp:
@@ -143,7 +145,8 @@ def _read_meta(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} has version {meta.get('version')!r}; this ebcompile reads version {VERSION}. "
                               "Fix: save it again with this version.")
     meta.setdefault("counts", {})
-    for key, kind in (("shapes", dict), ("heads", dict), ("aliases", dict), ("counts", dict)):
+    meta.setdefault("reshapes", {})
+    for key, kind in (("shapes", dict), ("heads", dict), ("aliases", dict), ("counts", dict), ("reshapes", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{path} lacks a valid {key!r} entry. Fix: save the model again.")
     return meta
@@ -176,6 +179,7 @@ def hf_class(config: Any, fix: str) -> type:
 def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
     """Cut ``model``'s heads, then every other tensor, to the recorded counts and shapes (values are garbage
     until the weights are loaded)."""
+    _reinstall_rewrites(model, meta.get("reshapes", {}))
     groups, kept = {}, {}
     for path, count in meta["heads"].items():
         try:
@@ -217,6 +221,18 @@ def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
     _set_counts(model, meta.get("counts", {}))
 
 
+def _reinstall_rewrites(model: nn.Module, rewrites: dict[str, Any]) -> None:
+    """Forwards that compact rewrote (``passes.reshapes``): traced again from the fresh model's own code."""
+    for path, changes in rewrites.items():
+        try:
+            module = model.get_submodule(path)
+            install_rewrite(module, module, changes)
+        except Exception as exc:  # noqa: BLE001 - a missing module, an untraceable forward or a malformed entry
+            raise CheckpointError(f"the forward of {path} was rewritten at compaction and cannot be rewritten again here "
+                                  f"({type(exc).__name__}: {str(exc)[:200]}). Fix: pass model= built from the same code as "
+                                  "the saved one, before compaction.") from exc
+
+
 def _load_pretrained(directory: Path, model: nn.Module | None) -> nn.Module:
     """A ``save_pretrained`` directory: tensor shapes from the files, counts from ``ebcompile.json`` if written;
     tied weights (absent from the files) are tied again."""
@@ -231,6 +247,7 @@ def _load_pretrained(directory: Path, model: nn.Module | None) -> nn.Module:
         raise CheckpointError(f"{directory} has no model.safetensors. Fix: save with save_pretrained(safe_serialization=True).")
     model = _hf_model(directory) if model is None else model
     meta = {"heads": {}, "counts": meta.get("counts", {}) if isinstance(meta, dict) else {},
+            "reshapes": meta.get("reshapes", {}) if isinstance(meta, dict) else {},
             "shapes": {k: list(v.shape) for k, v in weights.items()}}
     _shrink(model, meta)
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -74,11 +74,12 @@ def attach_save_pretrained(model: nn.Module) -> None:
 
     def save_pretrained(save_directory, *args: Any, **kwargs: Any):
         from .checkpoint import FORMAT, META, VERSION, count_attributes, head_counts
+        from .passes.reshapes import rewrites_of
 
         out = original(save_directory, *args, **kwargs)
         meta = {"format": FORMAT, "version": VERSION, "class": f"{type(model).__module__}.{type(model).__qualname__}",
                 "transformers": True, "pretrained": True, "shapes": {}, "heads": head_counts(model), "aliases": {},
-                "counts": count_attributes(model)}
+                "counts": count_attributes(model), "reshapes": rewrites_of(model)}
         from .io import atomic_path
 
         with atomic_path(Path(save_directory) / META) as tmp:

@@ -322,7 +322,7 @@ ZOO: dict[str, Spec] = {
         "attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2")), hf=True),
     "t5-encoder": Spec(_t5_encoder, text_batch, _per_layer("encoder.block.{i}.layer.{n}", (
         "0.SelfAttention.q", "0.SelfAttention.k", "0.SelfAttention.v", "0.SelfAttention.o", "1.DenseReluDense.wi",
-        "1.DenseReluDense.wo")), hf=True),
+        "1.DenseReluDense.wo")), hf=True, heads=1),  # one relative-position bias read by every layer: one head group
     "timm-vit": Spec(_timm_vit, image_batch, _per_layer("blocks.{i}.{n}", ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")),
                      needs="timm"),
 }

@@ -35,6 +35,7 @@ from ..plan import GroupSet, Plan
 from .attention import family_of
 from .counts import rewrite_counts
 from .masks import iter_masks, strip_masks
+from .reshapes import adapt_forwards
 from .verify import check_same_function
 
 __all__ = ["compact", "storage_bytes", "removed_indices", "set_tensor", "fix_attributes"]
@@ -165,7 +166,7 @@ def _rounded_keep(group: GroupSet, keep: torch.Tensor, round_to: int | None) -> 
     return keep
 
 
-def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> None:
+def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> dict[tuple[str, int], set[int]]:
     removed: dict[tuple[str, int], set[int]] = {}
     kept_heads: dict[str, tuple[int, int]] = {}
     groups = {(g.module or g.name): g for g in plan.groups if g.kind == "head"}
@@ -189,6 +190,7 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> N
             keep_idx = torch.tensor([i for i in range(t.shape[dim]) if i not in idx], dtype=torch.long, device=t.device)
             set_tensor(new, name, t.detach().index_select(dim, keep_idx).clone())
     fix_attributes(new, groups, kept_heads)
+    return removed
 
 
 def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
@@ -269,8 +271,10 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool) -> nn.Module:
     strip_masks(new, bake=True)
     new.__dict__.pop("_ebcompile", None)
     if structured:
-        _remove_units(new, cfg.plan, ticket, round_to)
+        removed = _remove_units(new, cfg.plan, ticket, round_to)
         watch = [g.module if g.kind == "head" else g.name.rpartition(".")[0] for g in cfg.plan.groups]
+        heads = [g.module for g in cfg.plan.groups if g.kind == "head" and g.module]
+        adapt_forwards(model, new, list(dict.fromkeys(heads)), getattr(cfg, "example", None), removed)
         check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])
         from ..pretrained import attach_save_pretrained, sync_config
 

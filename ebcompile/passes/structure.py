@@ -52,10 +52,14 @@ def _handler_of(node: fx.Node):
         return HANDLERS["getitem"]
     if isinstance(node.target, torch._ops.OpOverload):
         fn = HANDLERS.get(node.target._opname)
-        if fn is None and torch.Tag.pointwise in node.target.tags:
-            return pointwise
-        return fn
+        return pointwise if fn is None and _is_pointwise(node.target) else fn
     return None
+
+
+def _is_pointwise(op: torch._ops.OpOverload) -> bool:
+    """Tagged pointwise, in this overload or another of the same op (``where.ScalarOther`` is not tagged)."""
+    packet = op.overloadpacket
+    return torch.Tag.pointwise in op.tags or any(torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads())
 
 
 def _labelled_inputs(flow: Flow, node: fx.Node) -> list[fx.Node]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import CompactionError
 
-__all__ = ["check_same_function", "TOLERANCE"]
+__all__ = ["check_same_function", "relative_error", "TOLERANCE"]
 
 TOLERANCE = 1e-3  # max |compact - masked| / max(|masked|, 1e-2); float32 rounding is ~1e-6, a wrong head ~1
 
@@ -29,7 +29,7 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _error(a: Any, b: Any) -> float:
+def relative_error(a: Any, b: Any) -> float:
     xs, ys = _tensors(a), _tensors(b)
     if len(xs) != len(ys) or any(x.shape != y.shape for x, y in zip(xs, ys)):
         return float("inf")
@@ -43,15 +43,33 @@ def _error(a: Any, b: Any) -> float:
     return worst
 
 
-def _run(model: nn.Module, args: tuple, kwargs: dict, watch: list[str]) -> tuple[Any, list[tuple[str, Any]]]:
+def _entering(entered: list[str], path: str):
+    def hook(module: nn.Module, args: tuple) -> None:
+        entered.append(path)
+    return hook
+
+
+def _leaving(entered: list[str], seen: list[tuple[str, Any]], path: str):
+    def hook(module: nn.Module, args: tuple, out: Any) -> None:
+        seen.append((path, out))
+        entered.remove(path)
+    return hook
+
+
+def _run(model: nn.Module, args: tuple, kwargs: dict, watch: list[str],
+         entered: list[str] | None = None) -> tuple[Any, list[tuple[str, Any]]]:
+    """The output and each watched module's output; ``entered`` keeps the watched modules still running (on an
+    exception: the one that raised, innermost last)."""
     seen: list[tuple[str, Any]] = []
+    entered = [] if entered is None else entered
     handles = []
     for path in watch:
         try:
             module = model.get_submodule(path)
         except AttributeError:
             continue
-        handles.append(module.register_forward_hook(lambda m, i, o, p=path: seen.append((p, o))))
+        handles.append(module.register_forward_pre_hook(_entering(entered, path)))
+        handles.append(module.register_forward_hook(_leaving(entered, seen, path)))
     was = model.training
     model.eval()
     try:
@@ -81,20 +99,23 @@ def check_same_function(masked: nn.Module, compact: nn.Module, example: tuple[tu
         return 0.0
     device = next((p.device for p in masked.parameters()), torch.device("cpu"))
     args, kwargs = _on(device, example[0]), _on(device, example[1])
+    ref, ref_seen = _run(masked, args, kwargs, modules)
+    entered: list[str] = []
     try:
-        ref, ref_seen = _run(masked, args, kwargs, modules)
-        out, out_seen = _run(compact, args, kwargs, modules)
+        out, out_seen = _run(compact, args, kwargs, modules, entered)
     except Exception as exc:  # noqa: BLE001 - the compact model fails to run: a rewrite is missing
+        where = f"{entered[-1]} ({type(compact.get_submodule(entered[-1])).__name__})" if entered else "a module"
         raise CompactionError(
-            f"the compact model fails on the example inputs: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
-            "Fix: exclude the module named in that error from pruning (exclude=['<module>.*']), or register a family "
-            "for it (docs/extending.md)."
+            f"the compact model fails on the example inputs in {where}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300]}. Its forward reads a head count or width that neither the attribute "
+            f"rewrites nor the traced reshape rewrite reach. Fix: exclude it from pruning "
+            f"(exclude=['{entered[-1] if entered else '<module>'}.*']), or register a family for it (docs/extending.md)."
         ) from exc
-    err = _error(ref, out)
+    err = relative_error(ref, out)
     if err <= TOLERANCE:
         return err
     got = dict(out_seen)
-    culprit = next((p for p, o in ref_seen if p in got and _error(o, got[p]) > TOLERANCE), None)
+    culprit = next((p for p, o in ref_seen if p in got and relative_error(o, got[p]) > TOLERANCE), None)
     where = f"{culprit} ({type(compact.get_submodule(culprit)).__name__})" if culprit else "the model"
     raise CompactionError(
         f"the compact model differs from the masked one (relative error {err:.2e}) starting at {where}: its forward "

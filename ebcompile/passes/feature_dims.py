@@ -1,0 +1,254 @@
+"""Analysis: which original feature indices every dimension of every tensor of a traced module carries.
+
+Runs a ``torch.fx.symbolic_trace`` of one module (an ``fx.Interpreter`` on real inputs) after some of its
+linears lost output rows: each linear's output feature dim carries the kept rows (a bool array over the
+original rows), and the arrays follow the values through views and reshapes (dims matched in groups of equal
+products; a head split must stay a rectangle of kept heads x kept channels), permutes, splits, chunks and
+slices, matmuls, attention and pointwise ops. Batch and sequence dims carry nothing (``None``). Writes
+``node.meta["ebcompile.features"]``; ``shape_changes`` reads it and says which size arguments of which shape
+ops must change for the compact weights (``passes.reshapes`` applies them).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+__all__ = ["FollowFeatures", "Irregular", "shape_changes", "op_name", "size_args", "META"]
+
+META = "ebcompile.features"
+
+Dims = tuple  # per dimension of a tensor: a bool array over its original indices (a feature dim), or None
+VIEWS = {"view", "reshape", "expand"}
+SPLITS = {"split", "chunk", "split_with_sizes", "tensor_split", "unbind"}
+PERMUTES = {"transpose", "swapaxes", "permute", "t"}
+
+
+class Irregular(Exception):
+    """The kept features of a dimension cannot be laid out as a smaller dense tensor."""
+
+
+def op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        if node.target is operator.getitem:
+            return "getitem"
+        return "matmul" if node.target is operator.matmul else getattr(node.target, "__name__", "")
+    return node.op
+
+
+def _reshape(dims: Dims, old: tuple[int, ...], new: tuple[int, ...]) -> Dims:
+    """Masks of a view from ``old`` to ``new``: dims are matched in groups of equal products."""
+    out: list[np.ndarray | None] = [None] * len(new)
+    i = j = 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+            i += 1
+            continue
+        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
+            j += 1
+            continue
+        gi, gj = [i], [j]
+        a, b = old[i], new[j]
+        while a != b:
+            if a < b:
+                i += 1
+                gi.append(i)
+                a *= old[i]
+            else:
+                j += 1
+                gj.append(j)
+                b *= new[j]
+        i, j = i + 1, j + 1
+        masks = [dims[k] for k in gi]
+        if all(m is None for m in masks) or any(m is None for m in masks):
+            continue  # not (only) features: a batch or sequence dimension stays dynamic
+        full = functools.reduce(np.logical_and.outer, masks).reshape([new[k] for k in gj])
+        parts = [full.any(axis=tuple(x for x in range(len(gj)) if x != p)) for p in range(len(gj))]
+        if not np.array_equal(full, functools.reduce(np.logical_and.outer, parts)):
+            raise Irregular(f"view to {new}")
+        for k, m in zip(gj, parts):
+            out[k] = m
+    return tuple(out)
+
+
+def _entries(index: tuple, ndim: int) -> list[tuple[Any, int | None]]:
+    """Each entry of a tensor index with the input dimension it reads (None for ``None``/``...``)."""
+    used = sum(1 for x in index if x is not None and x is not Ellipsis)
+    out, d = [], 0
+    for x in index:
+        if x is Ellipsis:
+            out.append((x, None))
+            d += ndim - used
+        elif x is None:
+            out.append((x, None))
+        else:
+            out.append((x, d))
+            d += 1
+    return out
+
+
+def _index(dims: Dims, index: Any, ndim: int) -> Dims:
+    index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(x, (torch.Tensor, list)) for x in index):
+        raise Irregular("tensor index")
+    out, d = [], 0
+    for x, dim in _entries(index, ndim):
+        if x is Ellipsis:
+            used = sum(1 for y in index if y is not None and y is not Ellipsis)
+            out.extend(dims[d:d + ndim - used])
+            d += ndim - used
+        elif x is None:
+            out.append(None)
+        elif isinstance(x, slice):
+            out.append(None if dims[dim] is None else dims[dim][x])
+            d = dim + 1
+        else:
+            d = dim + 1
+    return tuple(out) + tuple(dims[d:])
+
+
+class FollowFeatures(fx.Interpreter):
+    """Runs a traced module and records, per node, its value and the original feature indices of its dims."""
+
+    def __init__(self, gm: fx.GraphModule, rows: dict[str, np.ndarray]) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.rows = rows  # submodule path -> kept output rows
+        self.dims: dict[fx.Node, Any] = {}
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n] = out
+        self.dims[n] = n.meta[META] = self._follow(n, out)
+        return out
+
+    def concrete(self, arg: Any) -> Any:
+        """``arg`` with the values its nodes took in this run."""
+        return fx.node.map_arg(arg, lambda a: self.values[a])
+
+    def _arg(self, a: Any) -> Any:
+        return self.dims.get(a) if isinstance(a, fx.Node) else None
+
+    def _follow(self, n: fx.Node, out: Any) -> Any:
+        op, args = op_name(n), n.args
+        if isinstance(out, (tuple, list)) and op not in SPLITS:
+            return [(None,) * o.dim() if isinstance(o, torch.Tensor) else None for o in out]
+        if not isinstance(out, (torch.Tensor, tuple, list)):
+            return None
+        if n.op in ("placeholder", "get_attr"):
+            return (None,) * out.dim() if isinstance(out, torch.Tensor) else None
+        src = self._arg(args[0]) if args else None
+        x = self.values.get(args[0]) if args and isinstance(args[0], fx.Node) else None
+        if n.op == "call_module":
+            if n.target in self.rows:
+                return (*(src or (None,) * out.dim())[:-1], self.rows[n.target])
+            if isinstance(self.module.get_submodule(n.target), nn.Linear):
+                return (*(src or (None,) * out.dim())[:-1], np.ones(out.shape[-1], dtype=bool))
+        if op in VIEWS | {"flatten", "unflatten", "view_as", "reshape_as"} and src is not None and op != "expand":
+            return _reshape(src, tuple(x.shape), tuple(out.shape))
+        if op in PERMUTES | SPLITS:
+            args = self.concrete(args)  # dims computed at run time
+        if op in PERMUTES and src is not None:
+            if op == "permute":
+                order = args[1] if isinstance(args[1], (tuple, list)) else args[1:]
+            else:
+                order = list(range(x.dim()))
+                a, b = (args[1], args[2]) if op != "t" else (0, 1)
+                order[a], order[b] = order[b], order[a]
+            return tuple(src[int(k)] for k in order)
+        if op in SPLITS and src is not None:
+            dim = self.concrete(n.kwargs).get("dim", args[2] if len(args) > 2 else 0) if op != "unbind" else (args[1] if len(args) > 1 else 0)
+            dim %= x.dim()
+            if op == "unbind":
+                return [src[:dim] + src[dim + 1:] for _ in out]
+            pieces, start = [], 0
+            for o in out:
+                m = src[dim]
+                pieces.append(src[:dim] + (None if m is None else m[start:start + o.shape[dim]],) + src[dim + 1:])
+                start += o.shape[dim]
+            return pieces
+        if op == "getitem":
+            if isinstance(x, (tuple, list)):
+                got = self.dims.get(args[0])
+                return got[args[1]] if isinstance(got, list) else None
+            return _index(src, self.concrete(args[1]), x.dim()) if src is not None else None
+        if op in ("matmul", "bmm") and src is not None:
+            other = self._arg(args[1]) or (None,) * out.dim()
+            return (*src[:-2], src[-2], other[-1])
+        if op == "scaled_dot_product_attention" and src is not None:
+            v = self._arg(args[2]) or (None,) * out.dim()
+            return (*src[:-1], v[-1])
+        return self._pointwise(n, out) if isinstance(out, torch.Tensor) else None
+
+    def _pointwise(self, n: fx.Node, out: torch.Tensor) -> Dims:
+        """Each output dim takes the mask of an input dim of the same size, aligned from the right."""
+        ins = [(self.values[a], self.dims[a]) for a in n.all_input_nodes if isinstance(self.values.get(a), torch.Tensor)]
+        dims: list[np.ndarray | None] = []
+        for k in range(out.dim()):
+            back = out.dim() - k
+            masks = [d[-back] for v, d in ins if d is not None and v.dim() >= back and d[-back] is not None
+                     and len(d[-back]) == out.shape[k]]
+            dims.append(masks[0] if masks else None)
+        return tuple(dims)
+
+
+def size_args(n: fx.Node) -> tuple[list[Any], bool]:
+    """The size arguments of a view/reshape/expand node, and whether they are passed as one tuple."""
+    if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)):
+        return list(n.args[1]), True
+    return list(n.args[1:]), False
+
+
+def shape_changes(follow: FollowFeatures) -> dict[str, dict[str, Any]]:
+    """Node name -> the new size arguments of every shape op on feature dims whose sizes change (JSON data)."""
+    changes: dict[str, dict[str, Any]] = {}
+    for n, dims in follow.dims.items():
+        op, out = op_name(n), follow.values[n]
+        if op in VIEWS and isinstance(out, torch.Tensor) and dims is not None:
+            sizes, _ = size_args(n)
+            if len(sizes) != out.dim():
+                continue
+            new = [int(m.sum()) if m is not None and not (isinstance(s, int) and s == -1) else None
+                   for m, s in zip(dims, sizes)]
+            if any(v is not None and (not isinstance(s, int) or v != s) for v, s in zip(new, sizes)):
+                changes[n.name] = {"sizes": new}
+        elif op in SPLITS - {"unbind", "tensor_split"} and isinstance(dims, list):
+            dim = _split_dim(n, follow)
+            old = [int(o.shape[dim]) for o in out]
+            new = [_kept(d, dim, s) for d, s in zip(dims, old)]
+            if new != old:
+                changes[n.name] = {"split": new}
+        elif op == "getitem" and isinstance(follow.values.get(n.args[0]), torch.Tensor):
+            src = follow.dims.get(n.args[0])
+            index = follow.concrete(n.args[1])
+            index = index if isinstance(index, tuple) else (index,)
+            if src is None:
+                continue
+            new_index: dict[str, list[int]] = {}
+            for k, (x, dim) in enumerate(_entries(index, len(src))):
+                if isinstance(x, slice) and dim is not None and src[dim] is not None:
+                    start, stop, step = x.indices(len(src[dim]))
+                    if step != 1:
+                        raise Irregular("strided slice of a pruned dimension")
+                    bounds = [int(src[dim][:start].sum()), int(src[dim][:stop].sum())]
+                    if bounds != [start, stop]:
+                        new_index[str(k)] = bounds
+            if new_index:
+                changes[n.name] = {"slices": new_index}
+    return changes
+
+
+def _split_dim(n: fx.Node, follow: FollowFeatures) -> int:
+    dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
+    return dim % follow.values[n.args[0]].dim()
+
+
+def _kept(dims: Dims, dim: int, old: int) -> int:
+    return old if dims[dim] is None else int(dims[dim].sum())
