@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .importance import Masks, hamming
+from .errors import CheckpointError, ConfigError, NonFiniteWeightsError, TicketMismatchError
+from .importance import Masks, hamming, raw_tensor
 from .io import load_tensors, save_tensors
 from .masks_io import STATE_TAGS, masks_from_tensors, masks_to_tensors, pack_bits
 from .prepare import check_ratio, config_of, current_masks
-from .ticket import Ticket, signature_of, snapshot
+from .ticket import Ticket, signature_of, snapshot, ticket_from
 
 __all__ = ["EarlyBird", "RULES", "load_ticket"]
 
@@ -58,8 +58,8 @@ class EarlyBird:
         self.ratio = check_ratio(cfg.ratio if ratio is None else ratio)
         if rule not in RULES:
             raise ConfigError(f"rule={rule!r} is not one of {RULES}. Fix: use 'relative' or 'absolute'.")
-        if not threshold > 0:
-            raise ConfigError(f"threshold={threshold!r} must be > 0. Fix: e.g. threshold=0.1.")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < float("inf"):
+            raise ConfigError(f"threshold={threshold!r} must be a number > 0. Fix: e.g. threshold=0.1.")
         if not isinstance(window, int) or window < 1:
             raise ConfigError(f"window={window!r} must be an integer >= 1. Fix: e.g. window=5.")
         if every == "epoch":
@@ -69,6 +69,10 @@ class EarlyBird:
         if not isinstance(warmup, int) or warmup < 0:
             raise ConfigError(f"warmup={warmup!r} must be an integer >= 0 (calls to step() before the first check).")
         self.threshold, self.rule, self.window, self.every, self.warmup = float(threshold), rule, window, every, warmup
+        if not isinstance(criterion, str):
+            raise ConfigError(f"criterion={criterion!r} must be 'max', 'overall' or a kind name. Fix: e.g. criterion='max'.")
+        if rewind_at is not None and (isinstance(rewind_at, bool) or not isinstance(rewind_at, int) or rewind_at < 0):
+            raise ConfigError(f"rewind_at={rewind_at!r} must be None or a call count >= 0. Fix: e.g. rewind_at=0 (now).")
         self.criterion = criterion
         self.rewind_at = rewind_at
         self.rewind_weights: dict[str, torch.Tensor] | None = None
@@ -103,6 +107,7 @@ class EarlyBird:
 
     def check(self) -> bool:
         """Draw masks now and update the window, whatever the schedule says."""
+        _check_finite(self.model)
         masks = current_masks(self.model, self.ratio)
         record: dict[str, Any] = {"check": self.checks, "tick": self.ticks, "distances": None, "pruned": masks.pruned_fraction()}
         if self._previous is not None:
@@ -171,21 +176,60 @@ class EarlyBird:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state["config"].items():
+        """Resume from ``state_dict()``; the whole state is checked against this model before any of it is used."""
+        try:
+            new = self._parse_state(state)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"the early-bird search state is broken ({type(exc).__name__}: {str(exc)[:150]}). "
+                                  "Fix: resume from another saved search, or start the search again.") from exc
+        for key, value in new.items():
             setattr(self, key, value)
-        self.ticks, self.history, self.max_distance = state["ticks"], list(state["history"]), state["max_distance"]
-        self._recent = deque(state["recent"], maxlen=self.window)
-        self._packed = [np.asarray(p.numpy() if isinstance(p, torch.Tensor) else p, dtype=np.uint8) for p in state["packed"]]
-        self._previous = _masks_from_state(state["previous"])
-        self.rewind_weights = state.get("rewind_weights")
-        t = state.get("ticket")
-        self.ticket = None if t is None else Ticket(_masks_from_state(t["masks"]), t["ratio"], t["scope"], t["signature"],
-                                                    t["found_at"])
-        if self.ticket is not None and self.ticket.signature != signature_of(self.model):
-            from .errors import TicketMismatchError
 
+    def _parse_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        config = dict(state["config"])
+        unknown = set(config) - set(_CONFIG_KEYS)
+        if unknown:
+            raise KeyError(f"unknown settings {sorted(unknown)}")
+        probe = EarlyBird.__new__(EarlyBird)  # the constructor's checks on the saved settings, nothing else
+        try:
+            EarlyBird.__init__(probe, self.model, **{**config, "rewind_at": None})
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        rewind_at = config.get("rewind_at")
+        if rewind_at is not None and (isinstance(rewind_at, bool) or not isinstance(rewind_at, int) or rewind_at < 0):
+            raise ValueError(f"rewind_at {rewind_at!r}")
+        new: dict[str, Any] = {k: getattr(probe, k) for k in _CONFIG_KEYS if k != "rewind_at"}
+        new["rewind_at"] = config.get("rewind_at")
+        ticks, max_distance = state["ticks"], float(state["max_distance"])
+        if isinstance(ticks, bool) or not isinstance(ticks, int) or ticks < 0:
+            raise ValueError(f"ticks {ticks!r}")
+        fresh = current_masks(self.model, new["ratio"])
+        shapes = {k: tuple(v.shape) for k, v in fresh.compared().items()}
+        nbytes = -(-sum(v.numel() for v in fresh.compared().values()) // 8)
+        packed = [np.asarray(p.numpy() if isinstance(p, torch.Tensor) else p, dtype=np.uint8) for p in state["packed"]]
+        if any(p.shape != (nbytes,) for p in packed):
+            raise TicketMismatchError("this search state was saved on another model (its masks have other sizes). "
+                                      "Fix: load it into the same prepared model.")
+        previous = _masks_from_state(state["previous"])
+        if previous is not None and {k: tuple(v.shape) for k, v in previous.compared().items()} != shapes:
+            raise TicketMismatchError("this search state was saved on another model (its last masks do not fit). "
+                                      "Fix: load it into the same prepared model.")
+        t = state.get("ticket")
+        ticket = None if t is None else ticket_from(_masks_from_state(t["masks"]), t)
+        if ticket is not None and ticket.signature != signature_of(self.model):
             raise TicketMismatchError("this controller state was saved on another model. "
                                       "Fix: load it into the same prepared model.")
+        rewind = state.get("rewind_weights")
+        if rewind is not None:
+            model_state = self.model.state_dict()
+            bad = [k for k, v in rewind.items() if k not in model_state or tuple(v.shape) != tuple(model_state[k].shape)]
+            if bad:
+                raise TicketMismatchError(f"the saved rewind weights do not fit this model ({bad[:3]}). "
+                                          "Fix: load the search into the same prepared model.")
+        recent = [float(v) for v in state["recent"]]
+        return {**new, "ticks": ticks, "history": list(state["history"]), "max_distance": max_distance,
+                "_recent": deque(recent, maxlen=new["window"]), "_packed": packed, "_previous": previous,
+                "rewind_weights": rewind, "ticket": ticket}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``state_dict()`` as safetensors + JSON (atomic)."""
@@ -203,16 +247,21 @@ class EarlyBird:
         save_tensors(path, tensors, state, "earlybird")
 
     def load(self, path: str | os.PathLike) -> None:
+        """Resume the search saved in ``path``; refused (nothing changed) if it is broken or from another model."""
         tensors, state = load_tensors(path, "earlybird")
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
-        packed = part("packed")
-        state["packed"] = [packed[str(i)] for i in range(len(packed))]
-        if state["previous"] is not None:
-            state["previous"]["tensors"] = part("previous")
-        if state["ticket"] is not None:
-            state["ticket"]["masks"]["tensors"] = part("ticket")
-        state["rewind_weights"] = part("rewind") if state.pop("has_rewind") else None
+        try:
+            packed = part("packed")
+            state["packed"] = [packed[str(i)] for i in range(len(packed))]
+            if state["previous"] is not None:
+                state["previous"]["tensors"] = part("previous")
+            if state["ticket"] is not None:
+                state["ticket"]["masks"]["tensors"] = part("ticket")
+            state["rewind_weights"] = part("rewind") if state.pop("has_rewind") else None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path} is a broken early-bird search ({type(exc).__name__}: {str(exc)[:150]}). Fix: "
+                                  "resume from another saved search, or start the search again.") from exc
         self.load_state_dict(state)
 
 
@@ -241,6 +290,19 @@ def load_ticket(path: str | os.PathLike) -> Ticket:
     masks = masks_from_tensors(tensors, t["masks"], prefix="ticket/", tags=STATE_TAGS)
     return Ticket(masks, t["ratio"], t["scope"], {k: list(v) for k, v in t["signature"].items()},
                   dict(t["found_at"]))
+
+
+_CONFIG_KEYS = ("ratio", "threshold", "rule", "window", "every", "warmup", "criterion", "rewind_at")
+
+
+def _check_finite(model: nn.Module) -> None:
+    """Masks are drawn from weight magnitudes: NaN or inf weights (a diverged run) are refused, not ranked."""
+    for op in config_of(model).plan.linears:
+        w = raw_tensor(model, op.weight)
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise NonFiniteWeightsError(f"{op.weight} holds NaN or inf: training diverged, and masks drawn from it would "
+                                        "mean nothing. Fix: lower the learning rate (or clip gradients) and resume from "
+                                        "the last saved search (EarlyBird.load).")
 
 
 def _masks_to_state(masks: Masks | None) -> dict[str, Any] | None:

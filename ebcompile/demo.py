@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .controller import EarlyBird
-from .io import atomic_path
+from .io import atomic_path, check_writable
 from .passes.shrink import compact
 from .plots import plot_search
 from .prepare import current_masks, prepare
@@ -101,7 +101,7 @@ def run_demo(
     with the same schedule (fresh momentum) to ``epochs``.
     """
     torch.manual_seed(seed)
-    out = Path(out_dir)
+    out = check_writable(out_dir, directory=True)  # before training, not after
     xtr, ytr, xva, yva = digits_split(seed)
     model = prepare(small_vit(), xtr[:2], ratio=ratio, structure="structured")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)

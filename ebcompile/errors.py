@@ -49,3 +49,12 @@ class ExportError(EbcompileError):
 
 class CompactionError(EbcompileError):
     """The compact model does not compute what the masked one does (a module the rewrites do not cover)."""
+
+
+class OutputPathError(EbcompileError):
+    """A path ebcompile was asked to write cannot be written: a directory or file in the way, a file where a
+    parent directory should be, no permission, a full disk. Nothing is left half-written."""
+
+
+class NonFiniteWeightsError(EbcompileError):
+    """Masked weights hold NaN or inf (training diverged): masks drawn from them would mean nothing."""

@@ -1,9 +1,17 @@
-"""Safe checkpoint files: safetensors tensors + a JSON header, written to a temp file then renamed."""
+"""Safe writes: every file goes to a temp file beside it and is renamed into place; a save directory is written
+whole into a sibling temp directory and swapped in. A kill at any instant leaves the old or the new version
+readable (``resolve_saved`` finds the old one if the kill fell between the two renames of a swap); temp files
+and directories of killed writers are removed by the next write to the same path. Every OS error becomes an
+``OutputPathError`` naming the path and the fix, and a failed write removes what it created.
+
+Also: safetensors tensors + a JSON header (``save_tensors``/``load_tensors``); nothing is ever unpickled.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,32 +19,213 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputPathError
 
-__all__ = ["atomic_path", "save_tensors", "load_tensors"]
+__all__ = ["atomic_path", "atomic_dir", "check_writable", "resolve_saved", "save_tensors", "load_tensors"]
+
+_TMP, _TMPDIR, _OLD = ".tmp", ".tmpdir", ".old"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _leftovers(path: Path, suffix: str) -> list[Path]:
+    """Temp entries ``.{name}.{pid}.*{suffix}`` beside ``path`` whose writer process is gone."""
+    out = []
+    try:
+        siblings = list(path.parent.glob(f".{path.name}.*{suffix}"))
+    except OSError:
+        return []
+    for p in siblings:
+        pid = p.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            out.append(p)
+    return out
+
+
+def _remove(p: Path) -> None:
+    try:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _os_error(path: Path, exc: OSError, what: str) -> OutputPathError:
+    reason = exc.strerror or str(exc)
+    return OutputPathError(f"cannot {what} {path}: {reason}. Fix: pass a path in a writable directory "
+                           "(no file in the way of its folders, enough disk space).")
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing folders above ``path``; returns those created (deepest last)."""
+    missing = []
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.is_dir():
+            break
+        if parent.exists() or parent.is_symlink():
+            raise OutputPathError(f"{parent} is a file, so {path} cannot be created under it. Fix: pass a path whose "
+                                  "folders are directories (or remove that file).")
+        missing.append(parent)
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            _remove_created(created)
+            raise _os_error(folder, exc, "create the folder") from exc
+        created.append(folder)
+    return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def _public_mode(path: Path, mode: int) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)  # mkstemp/mkdtemp make 0600/0700
 
 
 class atomic_path:
-    """Context manager yielding a temp path beside ``path``; renamed onto ``path`` only on success."""
+    """Context manager yielding a temp path beside ``path`` (in a private temp folder, so that a writer's own
+    temp files are cleaned with it); renamed onto ``path`` only on success."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
     def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
+        if self.path.is_dir():
+            raise OutputPathError(f"{self.path} is a directory, not a file. Fix: pass a file path (e.g. "
+                                  f"{self.path / 'file'}) or remove the directory.")
+        self.created = _make_parents(self.path)
+        for stale in _leftovers(self.path, _TMPDIR) + _leftovers(self.path, _TMP):
+            _remove(stale)
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=_TMPDIR, dir=self.path.parent))
+        except OSError as exc:
+            _remove_created(self.created)
+            raise _os_error(self.path, exc, "write") from exc
+        self.tmp = self.folder / self.path.name
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+            try:
+                if not self.tmp.is_file():
+                    raise FileNotFoundError(2, "nothing was written")
+                _public_mode(self.tmp, 0o666)
+                os.replace(self.tmp, self.path)
+                _remove(self.folder)
+                return
+            except OSError as err:
+                _remove(self.folder)
+                _remove_created(self.created)
+                raise _os_error(self.path, err, "write") from err
+        _remove(self.folder)
+        _remove_created(self.created)
+        if isinstance(exc, OSError):
+            raise _os_error(self.path, exc, "write") from exc
+
+
+class atomic_dir:
+    """Context manager yielding a temp directory beside ``path``, swapped in for ``path`` on success.
+
+    ``path`` may be missing, an empty directory, or an earlier save (it holds ``marker``); any other existing
+    directory is refused (a save replaces its directory whole and never deletes other files)."""
+
+    def __init__(self, path: str | os.PathLike, marker: str) -> None:
+        self.path, self.marker = Path(path), marker
+
+    def __enter__(self) -> Path:
+        path = self.path
+        _recover(path)
+        if path.exists() and not path.is_dir():
+            raise OutputPathError(f"{path} is a file, not a directory. Fix: pass a directory path or remove the file.")
+        if path.is_dir() and not (path / self.marker).is_file() and any(path.iterdir()):
+            raise OutputPathError(f"{path} holds files that are not an ebcompile save; a save replaces its directory "
+                                  "whole. Fix: pass a new or empty directory.")
+        self.created = _make_parents(path)
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMPDIR, dir=path.parent))
+        except OSError as exc:
+            _remove_created(self.created)
+            raise _os_error(path, exc, "write") from exc
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            _remove(self.tmp)
+            _remove_created(self.created)
+            if isinstance(exc, OSError):
+                raise _os_error(self.path, exc, "write") from exc
+            return
+        old = self.path.parent / f".{self.path.name}.{os.getpid()}{_OLD}"
+        try:
+            _public_mode(self.tmp, 0o777)
+            if self.path.exists():
+                os.rename(self.path, old)  # a kill from here to the next rename: resolve_saved reads ``old``
+            os.rename(self.tmp, self.path)
+        except OSError as err:
+            if old.exists() and not self.path.exists():
+                os.rename(old, self.path)
+            _remove(self.tmp)
+            raise _os_error(self.path, err, "write") from err
+        _remove(old)
+
+
+def _recover(path: Path) -> None:
+    """Undo what killed writers left beside ``path``: put a swapped-out save back, drop temp directories."""
+    olds = sorted(_leftovers(path, _OLD), key=lambda p: p.stat().st_mtime)
+    if olds and not path.exists():
+        try:
+            os.rename(olds.pop(), path)
+        except OSError:
+            pass
+    for stale in olds + _leftovers(path, _TMPDIR):
+        _remove(stale)
+
+
+def check_writable(path: str | os.PathLike, directory: bool) -> Path:
+    """Fail now, not after training, if ``path`` cannot be written (as a directory or as a file); creates
+    nothing."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        kind = "a directory" if path.is_dir() else "a file"
+        raise OutputPathError(f"{path} is {kind}; a {'directory' if directory else 'file'} is needed there. Fix: pass "
+                              "another path or remove it.")
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.is_dir():
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputPathError(f"cannot write under {parent}: permission denied. Fix: pass a path in a writable "
+                                      "directory.")
+            break
+        if parent.exists():
+            raise OutputPathError(f"{parent} is a file, so {path} cannot be created under it. Fix: pass a path whose "
+                                  "folders are directories (or remove that file).")
+    return path
+
+
+def resolve_saved(path: str | os.PathLike) -> Path:
+    """``path``, or the earlier save a writer killed mid-swap left beside it."""
+    path = Path(path)
+    if path.exists():
+        return path
+    olds = sorted(path.parent.glob(f".{path.name}.*{_OLD}"), key=lambda p: p.stat().st_mtime) if path.parent.is_dir() else []
+    return olds[-1] if olds else path
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict, kind: str) -> None:
@@ -66,4 +255,11 @@ def load_tensors(path: str | os.PathLike, kind: str, prefix: str = "") -> tuple[
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure means "not our file"
         raise CheckpointError(f"{path} is not a safetensors file ({exc}). Fix: pass a file ebcompile saved.") from exc
-    return tensors, json.loads(meta["header"])
+    try:
+        header = json.loads(meta["header"])
+        if not isinstance(header, dict):
+            raise TypeError("not a JSON object")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} has a broken ebcompile {kind} header ({type(exc).__name__}). Fix: save the {kind} "
+                              "again.") from exc
+    return tensors, header

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .errors import ConfigError, TicketMismatchError
+from .errors import CheckpointError, ConfigError, TicketMismatchError
 from .importance import Masks, raw_tensor
 from .io import load_tensors, save_tensors
 from .masks_io import masks_from_tensors, masks_to_tensors
@@ -51,8 +51,24 @@ class Ticket:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Ticket:
         tensors, h = load_tensors(path, "ticket")
-        masks = masks_from_tensors(tensors, h)
-        return cls(masks, h["ratio"], h["scope"], {k: list(v) for k, v in h["signature"].items()}, dict(h["found_at"]))
+        try:
+            return ticket_from(masks_from_tensors(tensors, h), h)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path} is a broken ticket ({type(exc).__name__}: {str(exc)[:120]}). Fix: save the "
+                                  "ticket again.") from exc
+
+
+def ticket_from(masks: Masks, h: dict[str, Any]) -> Ticket:
+    """A ``Ticket`` from its header fields, checked (raises KeyError/TypeError/ValueError when malformed)."""
+    ratio, scope, found_at = h["ratio"], h["scope"], dict(h["found_at"])
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ValueError(f"ratio {ratio!r}")
+    if not isinstance(scope, str):
+        raise TypeError(f"scope {scope!r}")
+    signature = {str(k): [int(x) for x in v] for k, v in dict(h["signature"]).items()}
+    if any(x < 0 for v in signature.values() for x in v):
+        raise ValueError("negative size in the signature")
+    return Ticket(masks, float(ratio), scope, signature, found_at)
 
 
 def signature_of(model: nn.Module) -> dict[str, list[int]]:
@@ -100,6 +116,32 @@ def _reset_all(model: nn.Module) -> None:
                 break
 
 
+def _check_complete(model: nn.Module, ticket: Ticket, masks: list, mode: str, weights: Any) -> None:
+    """Every mask the model holds is in the ticket with its shape; rewind weights fit the model."""
+    for name, _, _, m in masks:
+        t = ticket.masks.tensors.get(name)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(m.mask.shape):
+            got = "no mask" if not isinstance(t, torch.Tensor) else f"a mask of shape {list(t.shape)}"
+            raise TicketMismatchError(f"the ticket has {got} for {name} (the model's is {list(m.mask.shape)}). Fix: apply "
+                                      "a complete ticket drawn from this prepared model (EarlyBird.ticket or Ticket.load).")
+    if mode != "rewind":
+        return
+    if not isinstance(weights, dict) or not weights:
+        raise ConfigError("mode='rewind' needs weights=. Fix: pass EarlyBird(..., rewind_at=0).rewind_weights "
+                          "or a snapshot(model) taken at the point to rewind to.")
+    state = model.state_dict()
+    missing = [k for k in weights if k not in state]
+    if missing:
+        raise TicketMismatchError(f"rewind weights name tensors the model lacks ({missing[:3]}). Fix: snapshot this model.")
+    for k, v in weights.items():
+        if not isinstance(v, torch.Tensor) or v.shape != state[k].shape:
+            got = type(v).__name__ if not isinstance(v, torch.Tensor) else f"shape {list(v.shape)}"
+            raise TicketMismatchError(f"rewind weight {k} has {got}, the model's has shape {list(state[k].shape)}. "
+                                      "Fix: snapshot this model (ebcompile.snapshot) at the point to rewind to.")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise TicketMismatchError(f"rewind weight {k} holds NaN or inf. Fix: snapshot the model before training diverged.")
+
+
 def apply_ticket(
     model: nn.Module,
     ticket: Ticket,
@@ -125,15 +167,10 @@ def apply_ticket(
                                   "Fix: pass EarlyBird.ticket or Ticket.load(path).")
     _check_signature(model, ticket)
     masks = list(iter_masks(model))
+    _check_complete(model, ticket, masks, mode, weights)  # everything validated before anything changes
     for _, _, _, m in masks:  # identity parametrizations: weights read/written in place below
         m.active = False
     if mode == "rewind":
-        if weights is None:
-            raise ConfigError("mode='rewind' needs weights=. Fix: pass EarlyBird(..., rewind_at=0).rewind_weights "
-                              "or a snapshot(model) taken at the point to rewind to.")
-        missing = [k for k in weights if k not in model.state_dict()]
-        if missing:
-            raise TicketMismatchError(f"rewind weights name tensors the model lacks ({missing[:3]}). Fix: snapshot this model.")
         model.load_state_dict(weights, strict=False)
     elif mode == "reinit":
         if seed is not None:

@@ -73,7 +73,7 @@ def _to_compact_attention(net: nn.Module) -> None:
     for path, module in list(net.named_modules()):
         if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None \
                 and not module.add_zero_attn and module.in_proj_bias is not None:
-            owner, _, name = path.rpartition(".")
+            owner, name = split_name(path)
             setattr(net.get_submodule(owner) if owner else net, name, CompactMultiheadAttention.from_module(module))
 
 
@@ -150,6 +150,22 @@ def _optimize(path: Path, fp16: bool, notes: list[str]) -> bool:
         return False
 
 
+def _with_attention_mask(net: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, str]:
+    """Token inputs without an ``attention_mask`` for a model that takes one: an all-ones mask becomes an input
+    (without it, Hugging Face decoders build their mask with ops ONNX lacks)."""
+    params = _parameters(net)
+    if "attention_mask" not in params or "attention_mask" in kwargs:
+        return args, kwargs, ""
+    if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point() \
+            and "input_ids" in params:
+        args, kwargs = (), {"input_ids": args[0]}
+    ids = kwargs.get("input_ids")
+    if args or not isinstance(ids, torch.Tensor):
+        return args, kwargs, ""
+    return args, {**kwargs, "attention_mask": torch.ones_like(ids)}, \
+        "attention_mask added as an input (all ones in the example): pass it to the exported model"
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -188,6 +204,7 @@ def export_onnx(
     if fused_attention:
         _to_compact_attention(net)
     args, kwargs = normalize_inputs(example_inputs)
+    args, kwargs, mask_note = _with_attention_mask(net, args, kwargs)
     if kwargs:  # keyword inputs (Hugging Face models): ONNX inputs in input_names order, passed back by name
         input_names = input_names or [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
         args = tuple(kwargs[k] for k in input_names)
@@ -201,7 +218,7 @@ def export_onnx(
     input_names = input_names or [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     output_names = output_names or (["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))])
     axes = _auto_axes(input_names, list(args)) | _auto_axes(output_names, reference) if dynamic_axes == "auto" else dynamic_axes
-    notes: list[str] = []
+    notes: list[str] = [mask_note] if mask_note else []
     path = Path(path)
     with atomic_path(path) as tmp:
         try:
