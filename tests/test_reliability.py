@@ -305,3 +305,24 @@ def test_gpt2_exports_without_an_attention_mask_and_keeps_the_terminal_quiet(tmp
     out, err = capfd.readouterr()
     assert len((out + err).splitlines()) < 20, (out + err)[:2000]
     assert listing(tmp_path) == ["m.onnx"]
+
+
+def _mr(folder: Path, pos: str, neg: str) -> Path:
+    folder.mkdir()
+    (folder / "rt-polarity.pos").write_text(pos, encoding="latin-1")
+    (folder / "rt-polarity.neg").write_text(neg, encoding="latin-1")
+    return folder
+
+
+@pytest.mark.parametrize("data,words", [
+    ("empty", "empty"), ("one-class", "two classes"), ("./no-such-folder", "no such folder"),
+    ("../../no/such/folder", "no such folder")])
+def test_search_checks_its_data_before_training(tmp_path, data, words):
+    if data == "empty":
+        _mr(tmp_path / data, "", "\n\n")
+    elif data == "one-class":
+        _mr(tmp_path / data, "".join(f"good film {i}\n" for i in range(50)), "")
+    proc = cli("search", "./no-model-needed-first", "--data", data, "--out", "run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Fix:" in proc.stderr and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()

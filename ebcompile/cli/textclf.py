@@ -31,10 +31,17 @@ def load_texts(spec: str, train_limit: int | None = None) -> tuple[Split, Split]
 
     folder = Path(spec)
     if (folder / "rt-polarity.pos").is_file() and (folder / "rt-polarity.neg").is_file():
-        xtr, ytr, xva, yva = load_polarity(folder)
+        try:
+            xtr, ytr, xva, yva = load_polarity(folder)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(f"--data {spec}: cannot read it ({type(exc).__name__}: {str(exc)[:120]}). Fix: pass a "
+                              "readable MR polarity folder (one sentence per line in rt-polarity.pos / .neg).") from exc
     elif folder.exists():
         raise CheckpointError(f"{spec} has no rt-polarity.pos / rt-polarity.neg. Fix: pass the MR polarity folder "
                               "(e.g. ../shared/data/mr-polarity) or a datasets hub name.")
+    elif looks_local(spec):
+        raise ConfigError(f"--data {spec}: no such folder. Fix: check the path (a hub name has no ./, ../, / or ~ "
+                          "in front).")
     else:
         xtr, ytr, xva, yva = _hub_texts(spec)
         order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0)).tolist()  # hub splits come sorted
@@ -43,7 +50,25 @@ def load_texts(spec: str, train_limit: int | None = None) -> tuple[Split, Split]
         if train_limit < 2:
             raise ConfigError(f"--train-limit {train_limit} is too small. Fix: pass at least 2 (or leave it out).")
         xtr, ytr = xtr[:train_limit], ytr[:train_limit]
+    check_split("training", spec, xtr, ytr)
+    check_split("validation", spec, xva, yva)
     return (xtr, ytr), (xva, yva)
+
+
+def looks_local(spec: str) -> bool:
+    """A path, not a hub id (``name`` or ``owner/name``): it must exist, never be looked up online."""
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or spec in (".", "..") or spec.count("/") > 1 or "\\" in spec
+
+
+def check_split(what: str, spec: str, texts: list, labels: list) -> None:
+    """Data fit to train a classifier on: not empty, integer labels >= 0, at least two classes (training)."""
+    if not texts or len(texts) != len(labels):
+        raise ConfigError(f"--data {spec}: the {what} split is empty. Fix: pass data with examples in both files.")
+    if any(isinstance(y, bool) or not isinstance(y, int) or y < 0 for y in labels):
+        raise ConfigError(f"--data {spec}: {what} labels must be integers >= 0. Fix: pass a text classification data set.")
+    if what == "training" and len(set(labels)) < 2:
+        raise ConfigError(f"--data {spec}: every training example has label {labels[0]}; a classifier needs two classes "
+                          "at least. Fix: pass data with both positive and negative examples.")
 
 
 def _hub_texts(name: str) -> tuple[list[str], list[int], list[str], list[int]]:
@@ -79,6 +104,8 @@ def load_classifier(source: str, num_labels: int | None = None) -> tuple[nn.Modu
 
     from .models import quiet_transformers
 
+    if looks_local(source) and not Path(source).expanduser().exists():
+        raise CheckpointError(f"{source}: no such folder. Fix: check the path, or pass a hub name when online.")
     try:
         with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(source)
