@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
+from .families import family_of
 from .io import atomic_path
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
-from .passes.attention import family_of
+from .names import split_name, tensor_at
 from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
 from .passes.reshapes import install_rewrite, rewrites_of
 from .passes.shrink import fix_attributes, removed_indices, set_tensor
@@ -75,7 +76,7 @@ def count_attributes(model: nn.Module) -> dict[str, int]:
 
 def _set_counts(model: nn.Module, counts: dict[str, Any]) -> None:
     for key, value in counts.items():
-        owner, _, attr = key.rpartition(".")
+        owner, attr = split_name(key)
         try:
             module = model.get_submodule(owner)
         except AttributeError as exc:
@@ -200,8 +201,7 @@ def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
         if count < group.units:
             keep = torch.arange(group.units) < count
             for (name, dim), idx in removed_indices(group, keep).items():
-                owner, _, attr = name.rpartition(".")
-                t = getattr(model.get_submodule(owner), attr)
+                t = tensor_at(model, name)
                 set_tensor(model, name, t.detach().narrow(dim, 0, t.shape[dim] - len(idx)).clone())
             groups[path], kept[path] = group, (count, group.units)
     fix_attributes(model, groups, kept)

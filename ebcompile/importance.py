@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .names import split_name
 from .plan import GroupSet, Plan
 
 __all__ = ["Masks", "compute_masks", "raw_tensor", "expand_units", "hamming"]
@@ -41,7 +42,7 @@ class Masks:
 
 def raw_tensor(model: nn.Module, name: str) -> torch.Tensor:
     """The stored (unmasked) tensor behind ``name``, parametrized or not."""
-    owner, _, attr = name.rpartition(".")
+    owner, attr = split_name(name)
     module = model.get_submodule(owner)
     if parametrize.is_parametrized(module, attr):
         return module.parametrizations[attr].original

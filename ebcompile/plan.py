@@ -17,7 +17,18 @@ class LinearOp:
     weight: str
     bias: str | None = None
     out_dim: int = 0
-    kind: str = "linear"  # "linear" | "attention" (a projection inside an attention op) | "head" (model output)
+    # "linear" | "attention" (a projection inside an attention op) | "output" (the output layer, e.g. a classifier);
+    # never "head", which names attention heads (``GroupSet.kind``)
+    kind: str = "linear"
+
+
+# LinearOp kinds renamed since a plan was saved: the output layer was "head" before it became "output"
+_RENAMED_KINDS = {"head": "output"}
+
+
+def _linear_op(data: dict) -> LinearOp:
+    kind = data.get("kind", "linear")
+    return LinearOp(**dict(data, kind=_RENAMED_KINDS.get(kind, kind)))
 
 
 @dataclass(frozen=True)
@@ -73,4 +84,4 @@ class Plan:
             GroupSet(**dict(g, members=tuple(Member(**m) for m in g["members"]), attributes=tuple(g.get("attributes", ()))))
             for g in data["groups"]
         ]
-        return cls([LinearOp(**x) for x in data["linears"]], groups, dict(data.get("skipped", {})), data.get("capture", ""))
+        return cls([_linear_op(x) for x in data["linears"]], groups, dict(data.get("skipped", {})), data.get("capture", ""))

@@ -109,7 +109,7 @@ def prepare(
     linears, attn = find_linears(cap)
     plan = Plan(capture=cap.method)
     for op in linears:
-        if op.kind == "head" and not prune_output_layer:
+        if op.kind == "output" and not prune_output_layer:
             plan.skipped[op.name] = "feeds the model output (pass prune_output_layer=True to mask it)"
         elif include and not _matches(op.name, include):
             plan.skipped[op.name] = "not matched by include"

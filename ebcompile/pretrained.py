@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .names import split_name
+
 __all__ = ["sync_config", "attach_save_pretrained", "pretrained_weights", "CONFIG_FIELDS"]
 
 # config field -> (names of the linears whose output width gives it, divide by the config's head_dim?)
@@ -31,7 +33,7 @@ CONFIG_FIELDS = {
 
 def _widths(model: nn.Module, names: tuple[str, ...]) -> set[int]:
     return {m.out_features for path, m in model.named_modules()
-            if isinstance(m, nn.Linear) and path.rpartition(".")[2] in names}
+            if isinstance(m, nn.Linear) and split_name(path)[1] in names}
 
 
 def sync_config(model: nn.Module) -> bool:

@@ -287,8 +287,8 @@ def _opaque_net() -> nn.Module:
 
 
 def test_a_registered_family_makes_opaque_attention_prunable(tmp_path):
-    from ebcompile.passes import attention
-    from ebcompile.passes.attention import AttentionFamily, linear_op
+    from ebcompile import families
+    from ebcompile.families import AttentionFamily, linear_op
     from ebcompile.plan import GroupSet, Member
 
     def heads(path: str, m: OpaqueAttention) -> GroupSet:
@@ -301,7 +301,7 @@ def test_a_registered_family_makes_opaque_attention_prunable(tmp_path):
 
     family = AttentionFamily("tests.OpaqueAttention", lambda m: isinstance(m, OpaqueAttention),
                              lambda path, m: [linear_op(path, n, getattr(m, n)) for n in "qkvo"], heads, rewrite)
-    attention.register(family)
+    families.register(family)
     try:
         x = zoo.feature_batch()
         model = ebcompile.prepare(_opaque_net(), x, ratio=0.5, structure="structured", scope="layer")
@@ -317,8 +317,8 @@ def test_a_registered_family_makes_opaque_attention_prunable(tmp_path):
             ebcompile.save(small, tmp_path)
             assert rel_err(ebcompile.load(tmp_path, model=_opaque_net())(x), small(x)) <= TOL
     finally:
-        if family in getattr(attention, "FAMILIES", []):
-            attention.FAMILIES.remove(family)
+        if family in families.FAMILIES:
+            families.FAMILIES.remove(family)
 
 
 class UntraceableAttention(nn.Module):

@@ -37,7 +37,7 @@ from transformers import (  # noqa: E402
 import ebcompile  # noqa: E402
 from ebcompile.errors import CheckpointError, ConfigError, NoPrunableLayerError  # noqa: E402
 from ebcompile.export.onnx import ort_session  # noqa: E402
-from ebcompile.passes.attention import family_of  # noqa: E402
+from ebcompile.families import family_of  # noqa: E402
 from ebcompile.passes.masks import iter_masks  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -167,7 +167,7 @@ def test_heads_and_ffn_neurons_are_found(name):
     assert sum(g.kind == "head" for g in plan.groups) == layers
     assert sum(g.kind == "neuron" for g in plan.groups) == layers
     assert type(model).__name__ == type(ARCHS[name].build()).__name__  # the user's class, not a wrapper
-    assert all(op.kind != "head" for op in plan.linears)  # the classifier / lm_head is left alone
+    assert all(op.kind != "output" for op in plan.linears)  # the classifier / lm_head is left alone
 
 
 def test_deit_heads_compact_like_vit():

@@ -16,16 +16,16 @@ from ebcompile.ticket import Ticket, signature_of
 
 from conftest import TINY, make_mlp
 
-HEADS = {"vit": "heads.head", "swin": "head", "mlp": "4", "vit_b_16": "heads.head", "swin_t": "head"}
+OUTPUT_LAYERS = {"vit": "heads.head", "swin": "head", "mlp": "4", "vit_b_16": "heads.head", "swin_t": "head"}
 
 
-def expected_weights(model: nn.Module, head: str) -> set[str]:
-    """Every nn.Linear weight and MHA packed in-projection, except the classifier head (computed independently)."""
+def expected_weights(model: nn.Module, output: str) -> set[str]:
+    """Every nn.Linear weight and MHA packed in-projection, except the output layer (the classifier; computed independently)."""
     out = set()
     for path, mod in model.named_modules():
         if isinstance(mod, nn.MultiheadAttention):
             out.add(f"{path}.in_proj_weight")
-        elif isinstance(mod, nn.Linear) and path != head:
+        elif isinstance(mod, nn.Linear) and path != output:
             out.add(f"{path}.weight")
     return out
 
@@ -36,10 +36,10 @@ def effective(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(owner), attr)
 
 
-def check_prepared(model: nn.Module, head: str, expected: set[str], x: torch.Tensor, y: torch.Tensor, structure: str) -> None:
+def check_prepared(model: nn.Module, output: str, expected: set[str], x: torch.Tensor, y: torch.Tensor, structure: str) -> None:
     plan = model._ebcompile.plan
     assert {op.weight for op in plan.linears} == expected
-    assert list(plan.skipped)[0] == head and "model output" in plan.skipped[head]
+    assert list(plan.skipped)[0] == output and "model output" in plan.skipped[output]
     grouped = {m.tensor for g in plan.groups for m in g.members}
     kept_whole = {op.name for op in plan.linears if op.weight not in grouped}
     # structured: a masked linear in no group (Swin's patch-merging reduction feeds a norm) says why
@@ -51,7 +51,7 @@ def check_prepared(model: nn.Module, head: str, expected: set[str], x: torch.Ten
     else:  # every prunable linear is masked, plus the biases that follow the head/neuron rows
         assert expected <= masked
         assert all(n.endswith("bias") for n in masked - expected)
-    assert f"{head}.weight" not in masked
+    assert f"{output}.weight" not in masked
     assert all(n.density == 1.0 and not n.frozen for n in ebcompile.mask_nodes(model))
     with torch.no_grad():
         assert torch.equal(model(x), y)
@@ -72,10 +72,10 @@ def full_size(request):
 def test_full_size_torchvision_models_mask_every_prunable_linear_and_keep_outputs(full_size, structure):
     name, base, x, y = full_size
     model = copy.deepcopy(base)
-    expected = expected_weights(model, HEADS[name])
+    expected = expected_weights(model, OUTPUT_LAYERS[name])
     assert len(expected) == {"vit_b_16": 48, "swin_t": 51}[name]
     assert ebcompile.prepare(model, x, ratio=0.3, structure=structure) is model
-    check_prepared(model, HEADS[name], expected, x, y, structure)
+    check_prepared(model, OUTPUT_LAYERS[name], expected, x, y, structure)
 
 
 @pytest.mark.parametrize("structure", ["unstructured", "structured"])
@@ -83,9 +83,9 @@ def test_tiny_models_mask_every_prunable_linear_and_keep_outputs(tiny, structure
     name, model, x = tiny
     with torch.no_grad():
         y = model(x)
-    expected = expected_weights(model, HEADS[name])
+    expected = expected_weights(model, OUTPUT_LAYERS[name])
     ebcompile.prepare(model, x, structure=structure)
-    check_prepared(model, HEADS[name], expected, x, y, structure)
+    check_prepared(model, OUTPUT_LAYERS[name], expected, x, y, structure)
     kinds = {g.kind for g in model._ebcompile.plan.groups}
     assert kinds == ({"neuron"} if name == "mlp" else {"head", "neuron"})
 
@@ -108,6 +108,19 @@ def test_prune_output_layer_and_patterns(mlp):
     assert mlp._ebcompile.plan.skipped == {"2": "matched by exclude"}
     other = ebcompile.prepare(make_mlp(), x, include=["2"])
     assert {n.tensor for n in ebcompile.mask_nodes(other)} == {"2.weight"}
+
+
+def test_output_layer_kind_is_output_and_old_plans_still_load(mlp):
+    from ebcompile.plan import Plan
+
+    x = TINY["mlp"][1]()
+    plan = ebcompile.prepare(mlp, x, prune_output_layer=True)._ebcompile.plan
+    assert [op.kind for op in plan.linears if op.name == "4"] == ["output"]
+    assert Plan.from_dict(plan.to_dict()) == plan
+    old = plan.to_dict()
+    for op in old["linears"]:
+        op["kind"] = "head" if op["kind"] == "output" else op["kind"]  # saved before the rename
+    assert Plan.from_dict(old) == plan
 
 
 # -- exact pruning counts ------------------------------------------------------------------------------------

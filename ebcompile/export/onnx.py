@@ -18,6 +18,7 @@ from torch import nn
 from ..capture import graph_kwargs, normalize_inputs
 from ..errors import ConfigError, ExportError
 from ..io import atomic_path
+from ..names import split_name
 
 __all__ = ["export_onnx", "ExportReport", "ort_session", "plain_model"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..names import split_name
 from ..plan import GroupSet
 
 __all__ = ["HEAD_COUNTS", "KV_COUNTS", "GROUP_COUNTS", "WIDTHS", "NEURON_WIDTHS", "rewrite_counts"]
@@ -37,7 +38,7 @@ def rewrite_counts(root: nn.Module, group: GroupSet, kept: int) -> list[str]:
         path = group.module or ""
         names = HEAD_COUNTS + WIDTHS + (() if group.per_group else KV_COUNTS)
     else:
-        path = group.name.rpartition(".")[0]
+        path = split_name(group.name)[0]
         names = NEURON_WIDTHS
     try:
         top = root.get_submodule(path)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..capture import Captured
+from ..families import family_of
 from ..plan import GroupSet, LinearOp, Member
-from .attention import family_of
 
 __all__ = ["find_groups", "attention_groups", "ffn_groups"]
 

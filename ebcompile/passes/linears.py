@@ -3,7 +3,7 @@
 Invariant: every weight that enters a linear op (``nn.Linear``, ``F.linear``/``aten.linear``,
 ``aten.addmm`` of HF ``Conv1D``, ``nn.MultiheadAttention``'s packed ``in_proj_weight``, torchvision Swin's
 ``qkv``/``proj``) appears in exactly one ``LinearOp``; linears whose output reaches the model output
-without another linear op in between are tagged ``kind="head"``. Writes ``node.meta["ebcompile.linear"]``.
+without another linear op in between are tagged ``kind="output"`` (the output layer). Writes ``node.meta["ebcompile.linear"]``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..capture import Captured
+from ..families import family_of
+from ..names import split_name
 from ..plan import LinearOp
-from .attention import family_of
 
 __all__ = ["find_linears", "attention_modules", "linear_nodes"]
 
@@ -45,7 +46,7 @@ def _used_modules(cap: Captured) -> set[str]:
         if node.op == "call_module":
             add(str(node.target))
         if (p := cap.param(node)) is not None:
-            add(p.rpartition(".")[0])
+            add(split_name(p)[0])
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
             add(_clean_stack_path(path))
     return used
@@ -96,7 +97,7 @@ def linear_nodes(cap: Captured, modules: dict[str, nn.Module]) -> dict[fx.Node, 
             continue
         weight, bias, out_dim = hit
         seen.add(weight)
-        found[node] = LinearOp(weight.rpartition(".")[0], weight, bias, out_dim)
+        found[node] = LinearOp(split_name(weight)[0], weight, bias, out_dim)
     return found
 
 
@@ -110,10 +111,10 @@ def _is_join(node: fx.Node) -> bool:
     return is_add and len(node.all_input_nodes) >= 2
 
 
-def _output_heads(graph: fx.Graph, stops: set[fx.Node]) -> set[fx.Node]:
+def _output_layers(graph: fx.Graph, stops: set[fx.Node]) -> set[fx.Node]:
     """Linear nodes from which the graph output is reached without crossing another linear op or a residual
     join (so an encoder without a classifier has no output layer to spare)."""
-    heads: set[fx.Node] = set()
+    outputs: set[fx.Node] = set()
     out = next(n for n in graph.nodes if n.op == "output")
     stack, seen = list(out.all_input_nodes), set()
     while stack:
@@ -122,11 +123,11 @@ def _output_heads(graph: fx.Graph, stops: set[fx.Node]) -> set[fx.Node]:
             continue
         seen.add(node)
         if node in stops:
-            heads.add(node)
+            outputs.add(node)
             continue
         if not _is_join(node):
             stack.extend(node.all_input_nodes)
-    return heads
+    return outputs
 
 
 def find_linears(cap: Captured) -> tuple[list[LinearOp], dict[str, nn.Module]]:
@@ -136,14 +137,14 @@ def find_linears(cap: Captured) -> tuple[list[LinearOp], dict[str, nn.Module]]:
     claimed = claimed_weights(attn)
     nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed}
     owners = {n: o for n in cap.graph.nodes if (o := _owner(cap, n, attn)) is not None}
-    heads = _output_heads(cap.graph, set(nodes) | set(owners))
+    outputs = _output_layers(cap.graph, set(nodes) | set(owners))
     ops: list[LinearOp] = []
     emitted: set[str] = set()
     for node in cap.graph.nodes:
         if node in nodes:
             op = nodes[node]
-            if node in heads:
-                op = LinearOp(op.name, op.weight, op.bias, op.out_dim, "head")
+            if node in outputs:
+                op = LinearOp(op.name, op.weight, op.bias, op.out_dim, "output")
             node.meta[META] = op
             ops.append(op)
         elif (owner := owners.get(node)) is not None and owner not in emitted:

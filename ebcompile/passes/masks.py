@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..names import split_name
+
 __all__ = ["WeightMask", "insert_masks", "strip_masks", "iter_masks", "MASK_SUFFIX"]
 
 MASK_SUFFIX = "_mask"
@@ -40,16 +42,11 @@ class WeightMask(nn.Module):
         self.active = not bool(self.mask.all())
 
 
-def _split(name: str) -> tuple[str, str]:
-    owner, _, attr = name.rpartition(".")
-    return owner, attr
-
-
 def insert_masks(model: nn.Module, tensors: list[str]) -> None:
     """Put a ``WeightMask`` on each named parameter of ``model``."""
     modules = dict(model.named_modules())
     for name in tensors:
-        owner, attr = _split(name)
+        owner, attr = split_name(name)
         module = modules[owner]
         if parametrize.is_parametrized(module, attr):
             continue

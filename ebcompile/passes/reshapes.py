@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..names import split_name
 from .feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, op_name, shape_changes, size_args
 from .verify import TOLERANCE, relative_error
 
@@ -174,7 +175,7 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
             continue
         rows = {}
         for (name, dim), idx in removed.items():
-            owner, _, attr = name.rpartition(".")
+            owner, attr = split_name(name)
             if dim == 0 and attr == "weight" and owner.startswith(path + ".") and idx:
                 size = masked.get_submodule(owner).weight.shape[0]
                 rows[owner[len(path) + 1:]] = ~np.isin(np.arange(size), sorted(idx))

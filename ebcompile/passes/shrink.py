@@ -7,7 +7,7 @@ Invariant: does not preserve shapes, does preserve the function of the masked mo
 Structured tickets: the pruned units' slices are cut out of every member tensor of their group (q/k/v rows,
 out-projection columns, relative-position bias columns, logit scales, FFN rows and columns). Head counts are
 rewritten where they live: by the attention family's ``rewrite`` hook where it has one
-(``ebcompile.passes.attention``); otherwise ``nn.MultiheadAttention`` becomes ``CompactMultiheadAttention``
+(``ebcompile.families``); otherwise ``nn.MultiheadAttention`` becomes ``CompactMultiheadAttention``
 and torchvision ``ShiftedWindowAttention``/``V2`` become ``CompactShiftedWindowAttention``/``V2`` (their
 functional form takes the head width from the residual width, which is wrong once heads are gone).
 Attention modules that lose no head are left as they are. ``round_to=k`` keeps widths (``heads * head_dim``, FFN neurons) at
@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, NoTicketError, NotPreparedError, TicketMismatchError
+from ..families import family_of
 from ..modules import CompactMultiheadAttention, CompactShiftedWindowAttention, CompactShiftedWindowAttentionV2, SparseLinear
+from ..names import split_name, tensor_at
 from ..optim_state import retarget_optimizer
 from ..plan import GroupSet, Plan
-from .attention import family_of
 from .counts import rewrite_counts
 from .masks import iter_masks, strip_masks
 from .reshapes import adapt_forwards
@@ -55,7 +56,7 @@ def removed_indices(group: GroupSet, keep: torch.Tensor) -> dict[tuple[str, int]
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace the parameter or buffer ``name`` by ``value`` (a new shape), keeping ``requires_grad``."""
-    owner, _, attr = name.rpartition(".")
+    owner, attr = split_name(name)
     module = model.get_submodule(owner)
     old = getattr(module, attr)
     if isinstance(old, nn.Parameter):
@@ -112,7 +113,7 @@ def _compact_mha(mod: nn.MultiheadAttention, heads: int, path: str = "") -> Comp
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    owner, _, name = path.rpartition(".")
+    owner, name = split_name(path)
     setattr(model.get_submodule(owner) if owner else model, name, new)
 
 
@@ -185,8 +186,7 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> d
         for (name, dim), idx in removed.items():
             if not idx:
                 continue
-            owner, _, attr = name.rpartition(".")
-            t = getattr(new.get_submodule(owner), attr)
+            t = tensor_at(new, name)
             keep_idx = torch.tensor([i for i in range(t.shape[dim]) if i not in idx], dtype=torch.long, device=t.device)
             set_tensor(new, name, t.detach().index_select(dim, keep_idx).clone())
     fix_attributes(new, groups, kept_heads)
@@ -210,7 +210,7 @@ def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
             keep_dense.add(f"{path}.out_proj")
     modules = dict(new.named_modules())
     for name in sorted(targets):
-        owner, _, attr = name.rpartition(".")
+        owner, attr = split_name(name)
         mod = modules.get(owner)
         if attr != "weight" or type(mod) not in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear) or owner in keep_dense:
             continue  # e.g. Hugging Face Conv1D: left dense (pruned entries zero)
@@ -272,7 +272,7 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool) -> nn.Module:
     new.__dict__.pop("_ebcompile", None)
     if structured:
         removed = _remove_units(new, cfg.plan, ticket, round_to)
-        watch = [g.module if g.kind == "head" else g.name.rpartition(".")[0] for g in cfg.plan.groups]
+        watch = [g.module if g.kind == "head" else split_name(g.name)[0] for g in cfg.plan.groups]
         heads = [g.module for g in cfg.plan.groups if g.kind == "head" and g.module]
         adapt_forwards(model, new, list(dict.fromkeys(heads)), getattr(cfg, "example", None), removed)
         check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])

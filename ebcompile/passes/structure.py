@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from ..names import split_name
 from ..plan import GroupSet, Member
 from . import ops_attention as _ops_attention  # noqa: F401 - registers handlers
 from . import ops_shape as _ops_shape  # noqa: F401 - registers handlers
@@ -130,7 +131,7 @@ def _members(units: list[dict[tuple[str, int], list[int]]], roles: dict[tuple[st
 
 
 def _common_module(tensors: list[str]) -> str:
-    parts = [t.rpartition(".")[0].split(".") for t in tensors]
+    parts = [split_name(t)[0].split(".") for t in tensors]
     common = []
     for level in zip(*parts):
         if len(set(level)) != 1:
@@ -177,7 +178,7 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
         producers = sorted(k[0] for k in slices if el.roles.get(k) == "out")
         if reason is not None:
             for w in producers:
-                skipped.setdefault(w.rpartition(".")[0], f"no heads or neurons: {reason}")
+                skipped.setdefault(split_name(w)[0], f"no heads or neurons: {reason}")
             continue
         by_shape[tuple(sorted(slices))].append((root, dict(slices)))
     groups: list[GroupSet] = []
@@ -186,7 +187,7 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
     for key, units in sorted(by_shape.items(), key=lambda kv: min(order.get(t, 1 << 30) for t, _ in kv[0])):
         first = min((k for k in key if el.roles.get(k) == "out"), key=lambda k: order.get(k[0], 1 << 30))
         units.sort(key=lambda u: min(u[1][first]))
-        producer = first[0].rpartition(".")[0]
+        producer = split_name(first[0])[0]
         members = _members([u for _, u in units], {k for k in key if el.roles.get(k) in ("out", "in", "bias")})
         if members is None:
             skipped.setdefault(producer, "its units are laid out irregularly in the weights")

@@ -1,0 +1,25 @@
+"""Dotted names of tensors and modules: ``"encoder.0.attn.q.weight"`` is attribute ``weight`` of module ``encoder.0.attn.q``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["split_name", "tensor_at"]
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``(owner, attribute)`` of a dotted name: ``"a.b.weight"`` -> ``("a.b", "weight")``; ``"weight"`` -> ``("", "weight")``.
+
+    The owner is the path of the module holding the attribute (``""``: the root); works for module paths too
+    (``"a.b"`` -> ``("a", "b")``).
+    """
+    owner, _, attr = name.rpartition(".")
+    return owner, attr
+
+
+def tensor_at(model: nn.Module, name: str) -> Any:
+    """The parameter, buffer or attribute ``name`` of ``model`` (as the owner module returns it: masked if parametrized)."""
+    owner, attr = split_name(name)
+    return getattr(model.get_submodule(owner), attr)
