@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .families import family_of
-from .io import atomic_path
+from .io import atomic_dir, resolve_saved
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
 from .names import split_name, tensor_at
 from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
@@ -89,7 +89,9 @@ def _set_counts(model: nn.Module, counts: dict[str, Any]) -> None:
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``model`` to ``directory`` (created if needed) and return its path.
+    """Write ``model`` to ``directory`` and return its path: created if needed, or an earlier save replaced
+    whole (written beside it and swapped in; a kill at any instant leaves the old or the new save loadable).
+    Any other non-empty directory is refused (``OutputPathError``): a save never deletes files it did not write.
 
     A prepared model is saved as what it deploys to: compacted when a ticket is applied (structured tickets
     lose their pruned heads and neurons), otherwise with its masks baked into the weights.
@@ -101,7 +103,6 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise ConfigError("save writes dense models; this one holds SparseLinear (compact(..., sparse=True)) layers. "
                           "Fix: save compact(model) without sparse=True.")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = net.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -120,15 +121,13 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
             "reshapes": rewrites_of(net)}
     from safetensors.torch import save_file
 
-    with atomic_path(directory / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    if is_hf:
-        config = net.config.to_dict()
-        config["architectures"] = [type(net).__name__]
-        with atomic_path(directory / CONFIG) as tmp:
-            tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    with atomic_path(directory / META) as tmp:
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    with atomic_dir(directory, marker=META) as tmp:  # a kill at any instant leaves the old or the new save
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if is_hf:
+            config = net.config.to_dict()
+            config["architectures"] = [type(net).__name__]
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
     return directory
 
 
@@ -267,7 +266,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     Hugging Face models are rebuilt from ``config.json`` (class from ``architectures``); any other model needs
     ``model=``: a freshly built, uncompacted instance of the saved architecture (it is shrunk in place).
     """
-    directory = Path(directory)
+    directory = resolve_saved(directory)  # an earlier save a writer killed mid-swap left beside it
     meta_path = directory / META
     try:
         pretrained = not meta_path.is_file() or bool(json.loads(meta_path.read_text()).get("pretrained"))

@@ -326,3 +326,69 @@ def test_search_checks_its_data_before_training(tmp_path, data, words):
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Fix:" in proc.stderr and words in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# -- whole save directories ------------------------------------------------------------------------------------
+
+
+def test_save_refuses_a_directory_of_other_files_and_replaces_an_earlier_save(tmp_path):
+    model = make_mlp()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputPathError) as info:
+        ebcompile.save(model, theirs)
+    check(info, "not an ebcompile save")
+    assert listing(theirs) == ["notes.txt"]
+    ebcompile.save(model, tmp_path / "run")
+    other = make_mlp()
+    with torch.no_grad():
+        other[0].weight.add_(1.0)
+    ebcompile.save(other, tmp_path / "run")
+    assert torch.equal(ebcompile.load(tmp_path / "run", model=make_mlp())[0].weight, other[0].weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "theirs"]
+
+
+def test_a_kill_between_the_two_renames_of_a_swap_leaves_the_old_save_loadable(tmp_path):
+    model = make_mlp()
+    ebcompile.save(model, tmp_path / "run")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    (tmp_path / "run").rename(tmp_path / f".run.{dead}.old")  # the swapped-out save, the new one not yet in place
+    (tmp_path / f".run.{dead}.x1.tmpdir").mkdir()
+    x = mlp_batch()
+    assert torch.equal(ebcompile.load(tmp_path / "run", model=make_mlp())(x), model(x))
+    ebcompile.save(model, tmp_path / "run")  # recovers, then replaces; leftovers removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+SAVE_KILL_SCRIPT = """
+import sys, torch, ebcompile
+sys.path.insert(0, {tests!r})
+from conftest import make_mlp
+model = make_mlp()
+print("ready", flush=True)
+i = 0
+while True:
+    with torch.no_grad():
+        model[0].weight.fill_(float(i % 7))
+    ebcompile.save(model, {path!r})
+    i += 1
+"""
+
+
+def test_sigkill_while_overwriting_a_save_directory_leaves_a_loadable_save(tmp_path):
+    path = tmp_path / "run"
+    ebcompile.save(make_mlp(), path)
+    script = textwrap.dedent(SAVE_KILL_SCRIPT).format(tests=str(ROOT / "tests"), path=str(path))
+    for delay in (0.05, 0.3, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        loaded = ebcompile.load(path, model=make_mlp())  # the old or the new save, whole
+        assert loaded[0].weight.unique().numel() in (1, make_mlp()[0].weight.numel())
+    ebcompile.save(make_mlp(), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
