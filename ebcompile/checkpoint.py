@@ -209,7 +209,8 @@ def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
         t = params.get(name)
         if t is None or list(t.shape) == list(shape):
             continue  # unknown keys are reported by the strict load
-        if len(shape) != t.dim() or any(int(s) > n for s, n in zip(shape, t.shape)):
+        if not isinstance(shape, list) or len(shape) != t.dim() or any(
+                isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= n for s, n in zip(shape, t.shape)):
             raise CheckpointError(f"{name} was saved with shape {shape}, which is no slice of the model's {list(t.shape)}. "
                                   "Fix: pass a model of the saved architecture, before compaction.")
         piece = t.detach()

@@ -392,3 +392,15 @@ def test_sigkill_while_overwriting_a_save_directory_leaves_a_loadable_save(tmp_p
         assert loaded[0].weight.unique().numel() in (1, make_mlp()[0].weight.numel())
     ebcompile.save(make_mlp(), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("size", [-1, 1.5, "4", True])
+def test_a_bad_size_in_ebcompile_json_is_a_checkpoint_error(tmp_path, size):
+    ebcompile.save(make_mlp(), tmp_path / "run")
+    meta_path = tmp_path / "run" / "ebcompile.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shapes"]["0.weight"] = [size, 8]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as info:
+        ebcompile.load(tmp_path / "run", model=make_mlp())
+    check(info, "0.weight")
