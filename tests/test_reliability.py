@@ -106,6 +106,17 @@ def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     assert listing(tmp_path) == ["t.safetensors"]
 
 
+def kill_after(script: str, delay: float) -> None:
+    """Run ``script`` until it prints "ready", then SIGKILL it ``delay`` seconds later (mid-write)."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 KILL_SCRIPT = """
 import sys, torch, ebcompile
 sys.path.insert(0, {tests!r})
@@ -127,13 +138,7 @@ def test_sigkill_while_overwriting_a_ticket_leaves_a_loadable_ticket(tmp_path):
     ebcompile.draw_ticket(model).save(path)
     script = textwrap.dedent(KILL_SCRIPT).format(tests=str(ROOT / "tests"), path=str(path))
     for delay in (0.05, 0.2, 0.5):
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        kill_after(script, delay)
         ebcompile.Ticket.load(path)  # the old or the new ticket, whole
     ebcompile.draw_ticket(model).save(path)  # the next write removes what the killed ones left
     assert listing(tmp_path) == ["ticket.safetensors"]
@@ -381,13 +386,7 @@ def test_sigkill_while_overwriting_a_save_directory_leaves_a_loadable_save(tmp_p
     ebcompile.save(make_mlp(), path)
     script = textwrap.dedent(SAVE_KILL_SCRIPT).format(tests=str(ROOT / "tests"), path=str(path))
     for delay in (0.05, 0.3, 0.8):
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        kill_after(script, delay)
         loaded = ebcompile.load(path, model=make_mlp())  # the old or the new save, whole
         assert loaded[0].weight.unique().numel() in (1, make_mlp()[0].weight.numel())
     ebcompile.save(make_mlp(), path)
