@@ -107,6 +107,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     stored: dict[tuple, str] = {}
+    extra = _extra_state(state)  # get_extra_state() values: JSON, beside the tensors
+    state = {k: v for k, v in state.items() if k not in extra}
     for key, value in state.items():
         ident = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()))
         if ident in stored:  # tied weights (GPT-2 lm_head / wte): stored once
@@ -118,7 +120,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     meta = {"format": FORMAT, "version": VERSION, "class": f"{type(net).__module__}.{type(net).__qualname__}",
             "transformers": is_hf, "shapes": {k: list(v.shape) for k, v in state.items()},
             "heads": head_counts(net), "aliases": aliases, "counts": count_attributes(net),
-            "reshapes": rewrites_of(net)}
+            "reshapes": rewrites_of(net), "extra_state": extra}
     from safetensors.torch import save_file
 
     with atomic_dir(directory, marker=META) as tmp:  # a kill at any instant leaves the old or the new save
@@ -129,6 +131,19 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
             (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
     return directory
+
+
+def _extra_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The state_dict entries that are not tensors (``get_extra_state``); refused unless JSON can hold them."""
+    extra = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    for key, value in extra.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} (get_extra_state) is a {type(value).__name__} that JSON cannot hold, and ebcompile "
+                              "saves tensors and JSON only (never pickle). Fix: return tensors or JSON values (dict, list, "
+                              "str, numbers) from get_extra_state.") from None
+    return extra
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
@@ -299,6 +314,10 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     floats = {v.dtype for v in weights.values() if v.is_floating_point()}
     if len(floats) == 1:
         model.to(floats.pop())
+    extra = meta.get("extra_state", {})
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{META}: extra_state must be an object. Fix: save the model again.")
+    weights.update(extra)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:

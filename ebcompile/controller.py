@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import all_finite, check_same, is_main, unwrap
 from .errors import CheckpointError, ConfigError, NonFiniteWeightsError, TicketMismatchError
 from .importance import Masks, hamming, raw_tensor
 from .io import load_tensors, save_tensors
@@ -53,6 +54,7 @@ class EarlyBird:
         criterion: str = "max",
         rewind_at: int | None = None,
     ) -> None:
+        model = unwrap(model)  # DistributedDataParallel: the user's model inside
         cfg = config_of(model)
         self.model = model
         self.ratio = check_ratio(cfg.ratio if ratio is None else ratio)
@@ -117,10 +119,15 @@ class EarlyBird:
             self.max_distance = max(self.max_distance, value)
             self._recent.append(value)
             record["distance"] = value
-        self._packed.append(pack_bits(masks))
+        packed = pack_bits(masks)
+        found = len(self._recent) == self.window and all(self._passes(v) for v in self._recent)
+        check_same(f"the masks and the decision at check {record['check']}", packed.tobytes() + bytes([found]),
+                   "Fix: every rank must hold the same weights (wrap the model in DistributedDataParallel or fully_shard "
+                   "before training), call step() on every rank, and resume every rank from the same saved search.")
+        self._packed.append(packed)
         self.history.append(record)
         self._previous = masks
-        if len(self._recent) == self.window and all(self._passes(v) for v in self._recent):
+        if found:
             self.ticket = Ticket(masks, self.ratio, config_of(self.model).scope, signature_of(self.model),
                                  {"check": record["check"], "tick": self.ticks})
         return self.found
@@ -232,7 +239,10 @@ class EarlyBird:
                 "rewind_weights": rewind, "ticket": ticket}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write ``state_dict()`` as safetensors + JSON (atomic)."""
+        """Write ``state_dict()`` as safetensors + JSON (atomic). Across processes only global rank 0 writes: every
+        rank holds the same search (checked at every check), and every rank reads the file to resume."""
+        if not is_main():
+            return
         state = self.state_dict()
         tensors: dict[str, torch.Tensor] = {}
         for i, p in enumerate(state.pop("packed")):
@@ -268,7 +278,6 @@ class EarlyBird:
 def load_ticket(path: str | os.PathLike) -> Ticket:
     """The ticket in ``path``: a ``Ticket.save`` file, an ``EarlyBird.save`` file whose search found one, or a
     Trainer checkpoint folder holding ``earlybird.safetensors`` (``EarlyBirdCallback``)."""
-    from .errors import CheckpointError
 
     path = Path(path)
     if path.is_dir():
@@ -297,9 +306,9 @@ _CONFIG_KEYS = ("ratio", "threshold", "rule", "window", "every", "warmup", "crit
 
 def _check_finite(model: nn.Module) -> None:
     """Masks are drawn from weight magnitudes: NaN or inf weights (a diverged run) are refused, not ranked."""
-    for op in config_of(model).plan.linears:
-        w = raw_tensor(model, op.weight)
-        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+    ops = config_of(model).plan.linears
+    for op, ok in zip(ops, all_finite([raw_tensor(model, op.weight) for op in ops])):
+        if not ok:
             raise NonFiniteWeightsError(f"{op.weight} holds NaN or inf: training diverged, and masks drawn from it would "
                                         "mean nothing. Fix: lower the learning rate (or clip gradients) and resume from "
                                         "the last saved search (EarlyBird.load).")

@@ -58,3 +58,8 @@ class OutputPathError(EbcompileError):
 
 class NonFiniteWeightsError(EbcompileError):
     """Masked weights hold NaN or inf (training diverged): masks drawn from them would mean nothing."""
+
+
+class DistributedError(EbcompileError):
+    """Processes of one training run disagree (different masks, decisions or saved states on different ranks),
+    or a sharding layout ebcompile cannot read."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .distributed import full_vector, is_sharded
 from .names import split_name
 from .plan import GroupSet, Plan
 
@@ -49,21 +50,21 @@ def raw_tensor(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(module, attr)
 
 
-def _unit_view(t: torch.Tensor, dim: int, offset: int, unit_size: int, units: int) -> torch.Tensor:
-    """The slice of ``t`` owned by the units, reshaped to [units, -1]."""
-    piece = t.narrow(dim, offset, units * unit_size).movedim(dim, 0)
-    return piece.reshape(units, -1)
-
-
 def group_scores(model: nn.Module, group: GroupSet) -> torch.Tensor:
-    """L2 norm of each unit over all its masked slices (q/k/v rows + out columns; fc1 row + bias + fc2 column)."""
+    """L2 norm of each unit over all its masked slices (q/k/v rows + out columns; fc1 row + bias + fc2 column).
+
+    Sums of squares are taken per index along each member's unit dim first, so a sharded (FSDP2) tensor
+    contributes from its local shard and only that small vector crosses processes."""
     total = None
     for m in group.members:
         if not m.masked:
             continue
         t = raw_tensor(model, m.tensor).detach().float()
-        sq = _unit_view(t, m.dim, m.offset, m.unit_size, group.units).pow(2).sum(1)
-        total = sq if total is None else total + sq.to(total.device)
+        sq = t.pow(2)
+        other = [d for d in range(t.dim()) if d != m.dim % t.dim()]
+        per_index = full_vector(sq.sum(other) if other else sq)
+        units = per_index.narrow(0, m.offset, group.units * m.unit_size).reshape(group.units, m.unit_size).sum(1)
+        total = units if total is None else total + units.to(total.device)
     return total.sqrt()
 
 
@@ -97,6 +98,10 @@ def compute_masks(model: nn.Module, plan: Plan, ratio: float, structure: str, sc
 
 def _unstructured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Masks:
     names = [op.weight for op in plan.linears]
+    if any(is_sharded(raw_tensor(model, n)) for n in names):
+        from .sharded_masks import unstructured_sharded
+
+        return unstructured_sharded(model, names, ratio, scope)
     tensors = [raw_tensor(model, n).detach().abs().float().flatten() for n in names]
     masks = Masks("unstructured")
     if scope == "global":
@@ -116,7 +121,8 @@ def _structured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Masks
     for g in plan.groups:
         by_kind.setdefault(g.kind, []).append(g)
     for kind, groups in by_kind.items():
-        scores = [_ranked(group_scores(model, g), g) for g in groups]
+        raw = [group_scores(model, g) for g in groups]
+        scores = [_ranked(r, g) for r, g in zip(raw, groups)]
         if scope == "global":
             # every set keeps its best unit: give it +inf so that it is never among the k lowest
             guarded = []
@@ -129,7 +135,7 @@ def _structured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Masks
             keeps = _bottom_k(flat, k).split([s.numel() for s in scores])
         else:
             keeps = [_bottom_k(s, _layer_quota(s.numel(), g, ratio)) for s, g in zip(scores, groups)]
-        keeps = [_per_group_keep(group_scores(model, g), g, keep) for g, keep in zip(groups, keeps)]
+        keeps = [_per_group_keep(r, g, keep) for r, g, keep in zip(raw, groups, keeps)]
         for g, keep in zip(groups, keeps):
             key = f"{g.kind}:{g.name}"
             masks.units[key] = keep

@@ -9,10 +9,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .capture import capture, graph_kwargs, normalize_inputs
+from .distributed import is_sharded, unwrap
 from .errors import ConfigError, InvalidRatioError, NoPrunableLayerError, NotPreparedError
 from .importance import Masks, compute_masks
+from .names import split_name
 from .passes.groups import find_groups
 from .passes.linears import find_linears
 from .passes.masks import insert_masks, iter_masks
@@ -99,6 +102,11 @@ def prepare(
     The returned model trains exactly like the original while its masks are all ones (no multiply is
     even done); ``EarlyBird`` draws masks and ``apply_ticket`` freezes them.
     """
+    require_module(model, "prepare")
+    if any(is_sharded(p) for p in model.parameters()) or unwrap(model) is not model:
+        raise ConfigError(f"prepare got a model already wrapped for several processes ({type(model).__name__}, or sharded "
+                          "parameters). Fix: call ebcompile.prepare on the plain model first, then wrap it in "
+                          "DistributedDataParallel or fully_shard it.")
     ratio = check_ratio(ratio)
     _check_choice("structure", structure, STRUCTURES)
     scope = _check_choice("scope", scope or ("global" if structure == "unstructured" else "layer"), SCOPES)
@@ -115,8 +123,15 @@ def prepare(
             plan.skipped[op.name] = "not matched by include"
         elif _matches(op.name, exclude):
             plan.skipped[op.name] = "matched by exclude"
+        elif _recomputed(model, op.weight):
+            plan.skipped[op.name] = ("its weight is recomputed at every forward (a hook, e.g. nn.utils.weight_norm): a mask "
+                                     "on it would be overwritten; remove the hook to prune it")
         else:
             plan.linears.append(op)
+    for name, module in model.named_modules():  # linears the graph shows only through their parametrization
+        if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight") and name not in plan.skipped:
+            plan.skipped[name] = ("its weight is parametrized (e.g. parametrizations.weight_norm); ebcompile masks stored "
+                                  "weights: remove the parametrization to prune it")
     found = ", ".join(op.name for op in linears) or "none"
     if not plan.linears:
         raise NoPrunableLayerError(
@@ -144,6 +159,20 @@ def prepare(
     example = (_detached(args), graph_kwargs(model, _detached(kwargs)))
     model._ebcompile = PrepareConfig(plan, ratio, structure, scope, kv_heads, example)
     return model
+
+
+def require_module(model: Any, what: str) -> None:
+    """``model`` must be an ``nn.Module``: a model name or path is loaded first by the caller."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{what} needs an nn.Module, got {type(model).__name__} {str(model)[:60]!r}. Fix: build or load the "
+                          "model first (e.g. AutoModel.from_pretrained(name), or ebcompile.load(directory)).")
+
+
+def _recomputed(model: nn.Module, weight: str) -> bool:
+    """True when ``weight`` is not a stored parameter but a tensor a hook recomputes (old-style weight_norm)."""
+    owner, attr = split_name(weight)
+    module = model.get_submodule(owner)
+    return attr not in module._parameters and not parametrize.is_parametrized(module, attr)
 
 
 def _detached(x: Any) -> Any:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .distributed import full_state_dict, is_main, load_full_state_dict, mask_, unwrap
 from .errors import CheckpointError, ConfigError, TicketMismatchError
 from .importance import Masks, raw_tensor
 from .io import load_tensors, save_tensors
@@ -43,6 +44,9 @@ class Ticket:
         return self.masks.pruned_fraction()
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the ticket (safetensors + JSON, atomic). Across processes only global rank 0 writes."""
+        if not is_main():
+            return
         tensors, mask_header = masks_to_tensors(self.masks)  # key order kept as before: same bytes on disk
         header = {"structure": mask_header["structure"], "ratio": self.ratio, "scope": self.scope,
                   "signature": self.signature, "found_at": self.found_at, "kinds": mask_header["kinds"]}
@@ -76,8 +80,10 @@ def signature_of(model: nn.Module) -> dict[str, list[int]]:
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the model's weights (no masks), for ``apply_ticket(..., mode="rewind")``."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if not k.endswith("_mask")}
+    """A CPU copy of the model's weights (no masks), for ``apply_ticket(..., mode="rewind")``. Sharded (FSDP2)
+    tensors are gathered whole: call it on every rank."""
+    state = full_state_dict(unwrap(model))
+    return {k: v for k, v in state.items() if not k.endswith("_mask")}
 
 
 def _check_signature(model: nn.Module, ticket: Ticket) -> None:
@@ -105,7 +111,7 @@ def _rezero_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any)
         for model in list(_FROZEN_MODELS):
             for name, _, _, m in iter_masks(model):
                 if m.frozen and m.active:
-                    raw_tensor(model, name).mul_(m.mask)
+                    mask_(raw_tensor(model, name), m.mask)
 
 
 def _reset_all(model: nn.Module) -> None:
@@ -159,6 +165,7 @@ def apply_ticket(
     Pruned weights are then exactly zero in the forward, in ``state_dict`` and in the stored parameters,
     and stay zero through any optimizer step (momentum and weight decay included).
     """
+    model = unwrap(model)
     config_of(model)
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not one of {', '.join(map(repr, MODES))}. Fix: pick one of them.")
@@ -171,7 +178,7 @@ def apply_ticket(
     for _, _, _, m in masks:  # identity parametrizations: weights read/written in place below
         m.active = False
     if mode == "rewind":
-        model.load_state_dict(weights, strict=False)
+        load_full_state_dict(model, weights)
     elif mode == "reinit":
         if seed is not None:
             torch.manual_seed(seed)
@@ -180,7 +187,7 @@ def apply_ticket(
         for name, _, _, m in masks:
             m.set(ticket.masks.tensors[name])
             m.frozen = True
-            raw_tensor(model, name).mul_(m.mask)
+            mask_(raw_tensor(model, name), m.mask)
     global _HOOK
     if _HOOK is None:
         _HOOK = register_optimizer_step_post_hook(_rezero_after_step)
@@ -193,6 +200,7 @@ def draw_ticket(model: nn.Module, ratio: float | None = None) -> Ticket:
     """The ticket magnitude pruning at ``ratio`` gives right now, without a search (one-shot pruning)."""
     from .prepare import current_masks
 
+    model = unwrap(model)
     cfg = config_of(model)
     masks = current_masks(model, ratio)
     return Ticket(masks, cfg.ratio if ratio is None else float(ratio), cfg.scope, signature_of(model), {})

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..distributed import masked
 from ..names import split_name
 
 __all__ = ["WeightMask", "insert_masks", "strip_masks", "iter_masks", "MASK_SUFFIX"]
@@ -108,7 +109,7 @@ def _save_hook(attr: str):
         mask = state.pop(f"{prefix}parametrizations.{attr}.0.mask", None)
         if orig is None:
             return
-        state[f"{prefix}{attr}"] = (orig * mask) if mask is not None else orig
+        state[f"{prefix}{attr}"] = masked(orig, mask) if mask is not None else orig
         if mask is not None:
             state[f"{prefix}{attr}{MASK_SUFFIX}"] = mask
 

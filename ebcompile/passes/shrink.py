@@ -28,7 +28,8 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ConfigError, NoTicketError, NotPreparedError, TicketMismatchError
+from ..distributed import is_sharded, unwrap
+from ..errors import ConfigError, DistributedError, NoTicketError, NotPreparedError, TicketMismatchError
 from ..families import family_of
 from ..modules import CompactMultiheadAttention, CompactShiftedWindowAttention, CompactShiftedWindowAttentionV2, SparseLinear
 from ..names import split_name, tensor_at
@@ -246,6 +247,15 @@ def compact(model: nn.Module, round_to: int | None = None, sparse: bool = False,
         ConfigError: ``round_to`` with an unstructured ticket, ``sparse=True`` with a structured one, or a
             bad ``round_to``.
     """
+    from ..prepare import require_module
+
+    require_module(model, "compact")
+    model = unwrap(model)
+    if any(is_sharded(p) for p in model.parameters()):
+        raise DistributedError("compact needs the whole model, and this one is sharded (FSDP2). Fix: gather it first: "
+                               "state = ebcompile.distributed.full_state_dict(model) on every rank, then on rank 0 "
+                               "plain = ebcompile.prepare(build_model(), example); plain.load_state_dict(state); "
+                               "ebcompile.apply_ticket(plain, ticket); ebcompile.compact(plain) (README: multi-process).")
     _, ticket = _applied_ticket(model)
     if optimizer is not None and ticket.structure != "structured":
         raise ConfigError("optimizer= carries training state onto a compact structured ticket; this ticket is unstructured and "

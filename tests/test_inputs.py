@@ -1,0 +1,102 @@
+"""Bad inputs the reliability catalogue named, beyond files and saves: each a typed error naming the fix, raised
+before anything changes, or (weight_norm, get_extra_state) handled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ebcompile
+from ebcompile.errors import ConfigError, DistributedError, NoPrunableLayerError
+
+X = torch.randn(3, 4)
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("call", ["prepare", "compact"])
+@pytest.mark.parametrize("model", ["bert-base-uncased", "./my-model", None, 3])
+def test_a_model_that_is_not_a_module_is_a_config_error(call, model):
+    fn = {"prepare": lambda: ebcompile.prepare(model, (X,)), "compact": lambda: ebcompile.compact(model)}[call]
+    with pytest.raises(ConfigError, match="needs an nn.Module.*Fix: build or load the model first"):
+        fn()
+
+
+def test_prepare_refuses_a_wrapped_model_and_leaves_it_untouched():
+    inner = mlp()
+    wrapped = nn.DataParallel(inner)
+    before = {k: v.clone() for k, v in inner.state_dict().items()}
+    with pytest.raises(ConfigError, match="already wrapped.*Fix: call ebcompile.prepare on the plain model first"):
+        ebcompile.prepare(wrapped, (X,))
+    assert not hasattr(inner, "_ebcompile") and not any("parametrizations" in k for k in inner.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in inner.state_dict().items())
+
+
+def test_old_style_weight_norm_linear_is_skipped_with_the_reason():
+    model = mlp()
+    model[0] = nn.utils.weight_norm(model[0])
+    want = model(X)
+    prepared = ebcompile.prepare(model, (X,), ratio=0.3)
+    reason = prepared._ebcompile.plan.skipped["0"]
+    assert "recomputed at every forward" in reason
+    assert [n.tensor for n in ebcompile.mask_nodes(prepared)] == ["2.weight"]
+    assert torch.equal(prepared(X), want)  # still the same function
+    with pytest.raises(NoPrunableLayerError, match="Fix:"):
+        ebcompile.prepare(nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 4), nn.Linear(4, 2)),
+                          (X,), structure="structured")
+
+
+def test_parametrized_weight_norm_linear_is_skipped_with_the_reason():
+    model = mlp()
+    model[2] = nn.utils.parametrizations.weight_norm(model[2])
+    prepared = ebcompile.prepare(model, (X,), ratio=0.3)
+    assert "parametrized" in prepared._ebcompile.plan.skipped["2"]
+    assert [n.tensor for n in ebcompile.mask_nodes(prepared)] == ["0.weight"]
+
+
+class WithExtraState(nn.Module):
+    def __init__(self, extra: object = None) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(4, 2)
+        self.extra = extra if extra is not None else {"scale": 1.0, "tags": ["a"]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc2(torch.relu(self.fc1(x)))) * self.extra.get("scale", 1.0)
+
+    def get_extra_state(self) -> object:
+        return self.extra
+
+    def set_extra_state(self, state: object) -> None:
+        self.extra = state
+
+
+def test_get_extra_state_round_trips_through_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = ebcompile.prepare(WithExtraState({"scale": 2.5, "tags": ["x", "y"]}), (X,), ratio=0.5, structure="structured")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model)
+    ebcompile.save(small, tmp_path / "m")
+    back = ebcompile.load(tmp_path / "m", model=WithExtraState())
+    assert back.extra == {"scale": 2.5, "tags": ["x", "y"]}
+    assert torch.allclose(back(X), small(X))
+
+
+def test_extra_state_json_cannot_hold_is_refused_and_nothing_written(tmp_path):
+    model = WithExtraState({"scale": 1.0, "fn": object()})
+    with pytest.raises(ConfigError, match="JSON cannot hold.*Fix:"):
+        ebcompile.save(model, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compact_on_a_sharded_model_says_to_gather_first(monkeypatch):
+    import ebcompile.passes.shrink as shrink
+
+    model = ebcompile.prepare(mlp(), (X,), ratio=0.5, structure="structured")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    monkeypatch.setattr(shrink, "is_sharded", lambda p: True)  # as FSDP2 DTensor parameters look
+    with pytest.raises(DistributedError, match="sharded.*Fix: gather it first.*full_state_dict"):
+        ebcompile.compact(model)
