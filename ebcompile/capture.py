@@ -7,17 +7,18 @@ anything with data-dependent Python). The graph is only analysed; the user's mod
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .errors import CaptureError, InputMismatchError
+from .errors import CaptureError, EbcompileError, InputMismatchError
 
-__all__ = ["Captured", "capture", "normalize_inputs", "graph_kwargs"]
+__all__ = ["Captured", "capture", "normalize_inputs", "graph_kwargs", "inputs_fit"]
 
 
 @dataclass
@@ -49,8 +50,19 @@ def check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inputs_fit(model, args, kwargs):
             model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def inputs_fit(model: nn.Module, args: tuple, kwargs: dict) -> Iterator[None]:
+    """Turn any error of a forward on the example inputs into ``InputMismatchError`` naming their shapes."""
+    try:
+        yield
+    except EbcompileError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure here means the inputs do not fit
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
         shapes += [f"{k}={tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}" for k, v in kwargs.items()]
@@ -60,8 +72,6 @@ def check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
             "Fix: pass example_inputs shaped like one real batch (a tensor, a tuple of tensors, or a dict of "
             "keyword tensors)."
         ) from exc
-    finally:
-        model.train(was_training)
 
 
 class _Tracer(fx.Tracer):

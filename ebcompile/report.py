@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .capture import normalize_inputs
+from .capture import inputs_fit, normalize_inputs
+from .errors import CheckpointError, ConfigError
 
 __all__ = ["count_parameters", "count_macs", "report", "Report"]
 
@@ -31,7 +32,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel is invisible to the counter
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), inputs_fit(model, args, kwargs), FlopCounterMode(display=False) as counter:
             model(*args, **kwargs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -77,6 +78,9 @@ def report(model_or_path: nn.Module | str | os.PathLike, example_inputs: Any = N
     the file size and parameters the initializers).
     """
     if not isinstance(model_or_path, nn.Module):
+        if not isinstance(model_or_path, (str, os.PathLike)):
+            raise ConfigError(f"report needs an nn.Module or the path of an .onnx file, got {type(model_or_path).__name__}. "
+                              "Fix: pass the model or the exported file's path.")
         return _report_onnx(Path(model_or_path))
     model = model_or_path
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_mask")}
@@ -102,10 +106,12 @@ def _report_onnx(path: Path) -> Report:
     from onnx import numpy_helper
 
     if not path.is_file():
-        from .errors import CheckpointError
-
         raise CheckpointError(f"{path} does not exist. Fix: pass an nn.Module or the path of an exported .onnx file.")
-    graph = onnx.load(str(path)).graph
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as exc:  # noqa: BLE001 - not ONNX, truncated, or unreadable
+        raise CheckpointError(f"{path} cannot be read as ONNX ({type(exc).__name__}: {str(exc)[:150]}). Fix: pass a file "
+                              "written by ebcompile.export_onnx (or ebcompile export).") from exc
     arrays = [numpy_helper.to_array(t) for t in graph.initializer]
     params = sum(a.size for a in arrays if a.dtype.kind == "f")
     nonzero = sum(int((a != 0).sum()) for a in arrays if a.dtype.kind == "f")

@@ -100,3 +100,17 @@ def test_compact_on_a_sharded_model_says_to_gather_first(monkeypatch):
     monkeypatch.setattr(shrink, "is_sharded", lambda p: True)  # as FSDP2 DTensor parameters look
     with pytest.raises(DistributedError, match="sharded.*Fix: gather it first.*full_state_dict"):
         ebcompile.compact(model)
+
+
+def test_report_errors_are_typed(tmp_path):
+    from ebcompile.errors import CheckpointError, InputMismatchError
+
+    with pytest.raises(InputMismatchError, match=r"\(2, 5\).*Fix: pass example_inputs"):
+        ebcompile.report(mlp(), torch.randn(2, 5))
+    garbage = tmp_path / "model.onnx"
+    garbage.write_bytes(b"not onnx at all")
+    with pytest.raises(CheckpointError, match="cannot be read as ONNX.*Fix:"):
+        ebcompile.report(garbage)
+    with pytest.raises(ConfigError, match="Fix:"):
+        ebcompile.report(3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
