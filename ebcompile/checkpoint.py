@@ -97,7 +97,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     lose their pruned heads and neurons), otherwise with its masks baked into the weights.
     """
     from .export.onnx import plain_model
+    from .prepare import require_module
 
+    require_module(model, "save")
     net = plain_model(model)
     if any(isinstance(m, SparseLinear) for m in net.modules()):
         raise ConfigError("save writes dense models; this one holds SparseLinear (compact(..., sparse=True)) layers. "

@@ -71,6 +71,9 @@ def retarget_optimizer(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn
     Scalar state (``step``) is copied; a state tensor shaped unlike its parameter (factored optimizers such
     as Adafactor) raises ``ConfigError``.
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer= must be a torch.optim.Optimizer, got {type(optimizer).__name__}. "
+                          "Fix: pass the optimizer object that trains this model.")
     old_params = dict(old.named_parameters())
     name_of = {id(p): n for n, p in old_params.items()}
     held = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"] if id(p) in name_of]

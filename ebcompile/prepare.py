@@ -71,6 +71,18 @@ def _matches(name: str, patterns: Sequence[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
+def _patterns(name: str, value: Any) -> list[str] | None:
+    """include/exclude: None, one fnmatch pattern, or a list of them."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, set)) and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise ConfigError(f"{name}={value!r} must be a pattern or a list of patterns over linear names. "
+                      f'Fix: e.g. {name}=["encoder.*.mlp.*"].')
+
+
 def prepare(
     model: nn.Module,
     example_inputs: Any,
@@ -108,6 +120,9 @@ def prepare(
                           "parameters). Fix: call ebcompile.prepare on the plain model first, then wrap it in "
                           "DistributedDataParallel or fully_shard it.")
     ratio = check_ratio(ratio)
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
+    if not isinstance(prune_output_layer, bool):
+        raise ConfigError(f"prune_output_layer={prune_output_layer!r} must be True or False. Fix: e.g. prune_output_layer=True.")
     _check_choice("structure", structure, STRUCTURES)
     scope = _check_choice("scope", scope or ("global" if structure == "unstructured" else "layer"), SCOPES)
     _check_choice("kv_heads", kv_heads, KV_HEADS)

@@ -18,12 +18,33 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4), nn.Linear(4, 2))
 
 
-@pytest.mark.parametrize("call", ["prepare", "compact"])
+@pytest.mark.parametrize("call", ["prepare", "compact", "save", "snapshot"])
 @pytest.mark.parametrize("model", ["bert-base-uncased", "./my-model", None, 3])
-def test_a_model_that_is_not_a_module_is_a_config_error(call, model):
-    fn = {"prepare": lambda: ebcompile.prepare(model, (X,)), "compact": lambda: ebcompile.compact(model)}[call]
+def test_a_model_that_is_not_a_module_is_a_config_error(call, model, tmp_path):
+    fn = {"prepare": lambda: ebcompile.prepare(model, (X,)), "compact": lambda: ebcompile.compact(model),
+          "save": lambda: ebcompile.save(model, tmp_path / "out"), "snapshot": lambda: ebcompile.snapshot(model)}[call]
     with pytest.raises(ConfigError, match="needs an nn.Module.*Fix: build or load the model first"):
         fn()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_include_and_exclude_take_one_pattern_or_a_list():
+    one = ebcompile.prepare(mlp(), (X,), include="2")
+    assert [n.tensor for n in ebcompile.mask_nodes(one)] == ["2.weight"]
+    many = ebcompile.prepare(mlp(), (X,), exclude=("2",))
+    assert [n.tensor for n in ebcompile.mask_nodes(many)] == ["0.weight"]
+    for bad in (dict(include=3), dict(exclude=[1]), dict(prune_output_layer="yes")):
+        model = mlp()
+        with pytest.raises(ConfigError, match="Fix:"):
+            ebcompile.prepare(model, (X,), **bad)
+        assert not hasattr(model, "_ebcompile")
+
+
+def test_compact_optimizer_must_be_an_optimizer():
+    model = ebcompile.prepare(mlp(), (X,), ratio=0.5, structure="structured")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    with pytest.raises(ConfigError, match="torch.optim.Optimizer.*Fix:"):
+        ebcompile.compact(model, optimizer="adam")
 
 
 def test_prepare_refuses_a_wrapped_model_and_leaves_it_untouched():
