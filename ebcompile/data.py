@@ -101,7 +101,7 @@ def load_images(spec: str, seed: int = 0, val_fraction: float = 0.2) -> ImageDat
         raise ConfigError(f"{spec}: no such folder. Fix: check the path (a data set name such as cifar10 has no ./, ../, "
                           "/ or ~ in front).")
     elif spec.lower() in NAMED:
-        data = _named(spec.lower(), seed)
+        data = _named(spec.lower())
     else:
         raise ConfigError(f"{spec} is neither a folder nor a known data set name. Fix: pass an IDX folder, an image folder "
                           f"(one subfolder per class) or one of {', '.join(NAMED)} (downloaded when online).")
@@ -260,7 +260,7 @@ def _read_classes(spec: str, folder: Path, classes: list[str]) -> tuple[torch.Te
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor([c for _, c in files], dtype=torch.long)
 
 
-def _named(name: str, seed: int) -> ImageData:
+def _named(name: str) -> ImageData:
     """A torchvision data set, downloaded once into ``$EBCOMPILE_DATA`` (default ``~/.cache/ebcompile``)."""
     import os
 

@@ -301,5 +301,4 @@ def load_saved(folder: str | os.PathLike) -> tuple[nn.Module, Recipe]:
     from .. import checkpoint
 
     recipe = Recipe.load(folder)
-    torch.manual_seed(0)
     return checkpoint.load(folder, model=recipe.build()), recipe

@@ -38,15 +38,15 @@ RESUMABLE = ("model", "model_kwargs", "data", "image_size", "train_limit", "batc
 
 
 def _data(args: argparse.Namespace) -> ImageData:
+    if args.epochs <= 0 or args.batch < 1:
+        raise ConfigError("--epochs and --batch must be positive. Fix: e.g. --epochs 10 --batch 32.")
+    if args.train_limit is not None and args.train_limit < 2:
+        raise ConfigError(f"--train-limit {args.train_limit} is too small. Fix: pass at least 2 (or leave it out).")
     data = load_images(args.data, seed=args.seed)
     if args.train_limit is not None:
-        if args.train_limit < 2:
-            raise ConfigError(f"--train-limit {args.train_limit} is too small. Fix: pass at least 2 (or leave it out).")
         data.train_x, data.train_y = data.train_x[:args.train_limit], data.train_y[:args.train_limit]
         if len(torch.unique(data.train_y)) < 2:
             raise ConfigError(f"--train-limit {args.train_limit} keeps one class only. Fix: pass a larger limit.")
-    if args.epochs <= 0 or args.batch < 1:
-        raise ConfigError("--epochs and --batch must be positive. Fix: e.g. --epochs 10 --batch 32.")
     return data
 
 
@@ -306,11 +306,11 @@ def load_optimizer(opt: torch.optim.Optimizer, model: nn.Module, path: Path) -> 
         raise CheckpointError(f"{path} holds optimizer state for other parameters. Fix: resume with the model and settings "
                               "it was saved with.")
     state: dict[int, dict[str, Any]] = {}
-    for key, value in list(tensors.items()) + list(header.get("scalars", {}).items()):
-        idx, name = key.split("/", 1)
-        state.setdefault(int(idx), {})[name] = value
     try:
+        for key, value in list(tensors.items()) + list(header.get("scalars", {}).items()):
+            idx, name = key.split("/", 1)
+            state.setdefault(int(idx), {})[name] = value
         opt.load_state_dict({"state": state, "param_groups": header["param_groups"]})
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path} is broken ({type(exc).__name__}: {str(exc)[:120]}). Fix: start the search again "
                               "in a new --out.") from exc
