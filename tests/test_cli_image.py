@@ -125,6 +125,38 @@ def test_image_folder_and_a_user_factory_search_retrain_export(tmp_path, monkeyp
     heads = [layer.self_attention.num_heads for layer in model.encoder.layers]
     assert len(heads) == 2 and sum(heads) < 8
 
+    other = _png_folder(tmp_path / "other")
+    (other / "gray").rename(other / "grey")  # other class names: refused before any training
+    assert main(["retrain", str(search), "--out", str(tmp_path / "r2"), "--data", str(other)]) == 2
+    assert "the search trained on" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+
+
+def test_image_data_layouts(tmp_path):
+    from PIL import Image
+
+    from ebcompile.data import load_images
+
+    root = tmp_path / "idx"
+    root.mkdir()
+    for prefix, n in (("train", 12), ("t10k", 4)):  # MNIST's file names: the train pair trains, the t10k pair validates
+        _idx(root / f"{prefix}-images-idx3-ubyte.gz", np.arange(n * 25).reshape(n, 5, 5) % 256)
+        _idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 3)
+    d = load_images(str(root))
+    assert d.train_x.shape == (12, 1, 5, 5) and d.val_x.shape == (4, 1, 5, 5) and d.classes == ["0", "1", "2"]
+    assert d.train_x[1, 0, 0, 0] == 25  # file order, pixels as stored
+
+    for split, n in (("train", 4), ("val", 2)):  # train/ + val/ folders of grayscale class folders
+        for c in ("a", "b"):
+            (tmp_path / "f" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (6, 4), 50 * i).save(tmp_path / "f" / split / c / f"{i}.png")
+    d = load_images(str(tmp_path / "f"))
+    assert d.train_x.shape == (8, 1, 4, 6) and d.val_x.shape == (4, 1, 4, 6) and d.classes == ["a", "b"]
+
+    d = load_images(str(_png_folder(tmp_path / "one")))  # one split: 20% of every class held out, seeded
+    assert d.channels == 3 and d.size == (12, 12) and torch.bincount(d.val_y).tolist() == [2, 2, 2]
+    assert torch.equal(load_images(str(tmp_path / "one")).train_y, d.train_y)
+
 
 @needs_mnist
 def test_a_resumed_search_draws_the_checks_of_an_uninterrupted_one(tmp_path, capsys):

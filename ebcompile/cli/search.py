@@ -4,7 +4,9 @@ Text: fine-tune a Hugging Face sequence classifier (a model folder or hub name).
 model named ``torchvision:NAME``, ``timm:NAME`` or ``MODULE:FACTORY`` (``--model-kwargs`` JSON, e.g.
 ``torchvision:VisionTransformer --model-kwargs '{"image_size": 28, "patch_size": 7, "num_layers": 2,
 "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}'``) on an IDX folder, an image folder or cifar10; a second
-search into the same ``--out`` resumes the saved one (see ebcompile/cli/imagetrain.py).
+search into the same ``--out`` resumes the saved one (see ebcompile/cli/imagetrain.py). Pixels are fitted to the
+model: grayscale repeated to 3 channels (or RGB to luma for a 1-channel model), resized (bilinear, antialiased)
+to its image size (``--image-size``, else its own ``image_size``/``img_size``, else the data's), scaled to [-1, 1].
 
 Writes to ``--out``: ``model/`` (the early-bird weights: save_pretrained + tokenizer for text; ebcompile.save +
 ``imageclf.json`` recipe + optimizer and search state for images), ``earlybird.safetensors`` (the search, with
