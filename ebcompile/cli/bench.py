@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..report import count_macs
     from ..timing import eager_ms, ort_ms
-    from .models import example_inputs, load_model
+    from .models import load_with_inputs
 
     if args.repeats < 1:
         raise ConfigError(f"--repeats {args.repeats} must be >= 1. Fix: e.g. --repeats 20.")
@@ -44,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float16 if args.fp16 else None
     rows = []
     for source in args.models:
-        model = load_model(source)
-        inputs = example_inputs(model, args.batch, args.seq)
+        model, inputs = load_with_inputs(source, args.batch, args.seq)
         row = {"model": source, "parameters": sum(p.numel() for p in model.parameters()),
                "macs": count_macs(model, inputs), "eager": eager_ms(model, inputs, device, args.repeats, dtype)}
         if args.onnx:
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "model.onnx")
-                export_onnx(model.float().cpu(), path, example_inputs(model, args.batch, args.seq),
+                export_onnx(model.float().cpu(), path, inputs,
                             dtype="fp16" if args.fp16 else "fp32", verify=False)
                 session = ort_session(path, prefer_gpu=device == "cuda")
                 row["ort"] = ort_ms(session, inputs, args.repeats)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compact", help="apply a saved ticket to a Hugging Face model and write the compact model",
+    p = sub.add_parser("compact", help="apply a saved ticket to a model (Hugging Face, or an image run's model/) and write the compact model",
                        description=__doc__)
     p.add_argument("model", help="the trained model: a save_pretrained folder, a Trainer checkpoint or a hub name")
     p.add_argument("ticket", help="the ticket drawn on this model: a Ticket.save file, an EarlyBird.save file, or a "
@@ -23,17 +24,24 @@ def run(args: argparse.Namespace) -> int:
     from ..prepare import prepare
     from ..report import report
     from ..ticket import apply_ticket
-    from .models import example_inputs, load_model
+    from . import imageclf
+    from .models import load_with_inputs
 
     ticket = load_ticket(args.ticket)
-    model = load_model(args.model)
+    model, inputs = load_with_inputs(args.model)
     dense = sum(p.numel() for p in model.parameters())
-    prepare(model, example_inputs(model), ratio=ticket.ratio, structure=ticket.structure, scope=ticket.scope)
+    prepare(model, inputs, ratio=ticket.ratio, structure=ticket.structure, scope=ticket.scope)
     apply_ticket(model, ticket, mode="continue")
     small = compact(model, round_to=args.round_to)
-    where = checkpoint.save(small, args.out)
+    if imageclf.is_saved(args.model):  # an image model: its recipe goes along, so that export can rebuild it
+        imageclf.save_model(small, imageclf.Recipe.load(args.model), Path(args.out))
+        where = Path(args.out)
+    else:
+        where = checkpoint.save(small, args.out)
     print(f"{args.model}: {ticket.structure} ticket (ratio {ticket.ratio}) applied and compacted: "
           f"{dense:,} -> {sum(p.numel() for p in small.parameters()):,} parameters")
     print(report(small))
-    print(f"written to {where} (reload: ebcompile.load({str(where)!r}))")
+    how = "ebcompile export, or ebcompile.load(path, model=Recipe.load(path).build())" if imageclf.is_saved(where) else \
+        f"ebcompile.load({str(where)!r})"
+    print(f"written to {where} (reload: {how})")
     return 0

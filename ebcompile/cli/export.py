@@ -8,7 +8,8 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export an ebcompile.save directory or Hugging Face model to verified ONNX",
                        description=__doc__)
-    p.add_argument("model", help="an ebcompile.save directory, a save_pretrained folder or a hub name")
+    p.add_argument("model", help="an ebcompile.save directory (an image run's model/ too), a save_pretrained folder or a "
+                                 "hub name")
     p.add_argument("out", help="the .onnx file to write (nothing is left there on failure)")
     p.add_argument("--fp16", action="store_true", help="half-precision weights and activations")
     p.add_argument("--optimize", action="store_true", help="run onnxruntime's transformer optimizer on the graph")
@@ -23,10 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..export.onnx import export_onnx
-    from .models import example_inputs, load_model
+    from .models import load_with_inputs
 
-    model = load_model(args.model)
-    rep = export_onnx(model, args.out, example_inputs(model, args.batch, args.seq), dtype="fp16" if args.fp16 else "fp32",
+    model, inputs = load_with_inputs(args.model, args.batch, args.seq)
+    rep = export_onnx(model, args.out, inputs, dtype="fp16" if args.fp16 else "fp32",
                       opset=args.opset, optimize=args.optimize, verify=not args.no_verify, fused_attention=args.fused_attention)
     checked = ("not compared with onnxruntime" if rep.max_abs_error is None else
                f"onnxruntime ({', '.join(rep.providers)}) matches PyTorch: max |diff| {rep.max_abs_error:.2e}")

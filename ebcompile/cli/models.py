@@ -15,10 +15,13 @@ from ..errors import CheckpointError, ConfigError
 
 
 def load_model(source: str) -> nn.Module:
-    """An ``ebcompile.save`` directory, a Hugging Face model folder (``save_pretrained``, a Trainer
-    checkpoint) or a hub name, in eval mode."""
+    """An ``ebcompile.save`` directory (an image model's is rebuilt from its ``imageclf.json`` recipe), a Hugging
+    Face model folder (``save_pretrained``, a Trainer checkpoint) or a hub name, in eval mode."""
     from .. import checkpoint
+    from . import imageclf
 
+    if imageclf.is_saved(source):
+        return imageclf.load_saved(source)[0]
     if (Path(source) / META).is_file():
         return checkpoint.load(source)
     import transformers
@@ -32,6 +35,17 @@ def load_model(source: str) -> nn.Module:
     cls = checkpoint.hf_class(config, f"Fix: save {source} with save_pretrained (it records its class).")
     with quiet_transformers():
         return cls.from_pretrained(source).eval()
+
+
+def load_with_inputs(source: str, batch: int = 1, seq: int = 16) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """``load_model(source)`` and a made-up batch for it (``example_inputs``; random pixels for an image model)."""
+    from . import imageclf
+
+    if imageclf.is_saved(source):
+        model, recipe = imageclf.load_saved(source)
+        return model, imageclf.example_inputs(model, recipe, batch)
+    model = load_model(source)
+    return model, example_inputs(model, batch, seq)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ The ticket is applied (``--mode continue``: the early-bird weights, ``rewind``: 
 search, ``reinit``: fresh ones); a structured ticket's pruned heads and neurons are removed and the smaller
 model trains for ``--epochs`` (an unstructured ticket trains masked, its zeros held, and is compacted after).
 Writes ``--out``/``model`` (reload with ``ebcompile.load``, tokenizer beside it) and ``retrain.json``.
+An image search's folder (``model/imageclf.json``) retrains the same way in a PyTorch loop; with ``--mode
+continue`` its optimizer state is carried onto the compact model (``compact(model, optimizer=opt)``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .imageclf import is_saved
+
+    if is_saved(Path(args.search) / "model"):
+        from .imagetrain import retrain
+
+        return retrain(args)
     from .. import checkpoint
     from ..controller import EarlyBird, load_ticket
     from ..errors import CheckpointError

@@ -1,8 +1,17 @@
-"""``ebcompile search``: fine-tune a Hugging Face text classifier until the early-bird ticket appears.
+"""``ebcompile search``: train a classifier until the early-bird ticket appears.
 
-Writes to ``--out``: ``model/`` (the early-bird weights + tokenizer, save_pretrained), ``earlybird.safetensors``
-(the search, with the starting weights for ``retrain --mode rewind``), ``ticket.safetensors``,
-``search.png`` (distance plot) and ``search.json``.
+Text: fine-tune a Hugging Face sequence classifier (a model folder or hub name). Images: train from scratch a
+model named ``torchvision:NAME``, ``timm:NAME`` or ``MODULE:FACTORY`` (``--model-kwargs`` JSON, e.g.
+``torchvision:VisionTransformer --model-kwargs '{"image_size": 28, "patch_size": 7, "num_layers": 2,
+"num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}'``) on an IDX folder, an image folder or cifar10; a second
+search into the same ``--out`` resumes the saved one (see ebcompile/cli/imagetrain.py). Pixels are fitted to the
+model: grayscale repeated to 3 channels (or RGB to luma for a 1-channel model), resized (bilinear, antialiased)
+to its image size (``--image-size``, else its own ``image_size``/``img_size``, else the data's), scaled to [-1, 1].
+
+Writes to ``--out``: ``model/`` (the early-bird weights: save_pretrained + tokenizer for text; ebcompile.save +
+``imageclf.json`` recipe + optimizer and search state for images), ``earlybird.safetensors`` (the search, with
+the starting weights for ``retrain --mode rewind``), ``ticket.safetensors``, ``search.png`` (mask-distance
+heatmap + distance curve) and ``search.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("search", help="fine-tune a text classifier until the early-bird ticket appears",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a Hugging Face model folder or hub name (e.g. roberta-base when online)")
+    p.add_argument("model", help="a Hugging Face model folder or hub name (e.g. roberta-base when online), or an image "
+                                 "model: torchvision:NAME, timm:NAME or MODULE:FACTORY")
     p.add_argument("--out", required=True, help="folder for the ticket, the search state and the early-bird model")
     add_training_arguments(p)
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of heads and FFN neurons (or weights) to prune")
@@ -30,12 +40,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=5, help="checks whose distances must all pass (default: %(default)s)")
     p.add_argument("--rule", default="absolute", choices=["absolute", "relative"],
                    help="absolute (default, the seed paper's text rule) or relative to the largest distance seen")
-    p.add_argument("--threshold", type=float, default=0.01, help="(default: %(default)s, the seed paper's text threshold)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="(default: the seed paper's thresholds: 0.01 for text, 0.1 for images)")
+    p.add_argument("--model-kwargs", default=None, help="images: JSON object of arguments for the model builder")
+    p.add_argument("--image-size", default=None, help="images: N or HxW fed to the model (default: the model's own "
+                                                      "image_size, else the data's)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from .imageclf import is_image_model
+
+    if is_image_model(args.model):
+        from .imagetrain import search
+
+        return search(args)
     from ..controller import EarlyBird
+    from ..errors import ConfigError
     from ..integrations.hf_trainer import EarlyBirdCallback
     from ..io import atomic_path
     from ..plots import plot_search
@@ -43,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
     from . import textclf
 
     check_ratio(args.ratio)
+    if args.threshold is None:
+        args.threshold = 0.01
+    if args.model_kwargs is not None or args.image_size is not None:
+        raise ConfigError("--model-kwargs and --image-size are for image models. Fix: leave them out for a text model, "
+                          "or name an image model (torchvision:NAME, timm:NAME, MODULE:FACTORY).")
     train, val = textclf.load_texts(args.data, args.train_limit)
     model, tok = textclf.load_classifier(args.model, num_labels=textclf.label_count(train, val))
     prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=args.ratio, structure=args.structure,

@@ -12,16 +12,20 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 
 Split = tuple[list[str], list[int]]
+LR = 5e-5  # text default: fine-tuning a pretrained model
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="a folder with rt-polarity.pos/.neg (MR polarity), or a datasets hub "
-                                                 "name with text/label columns such as imdb (needs `pip install datasets`)")
+    p.add_argument("--data", required=True, help="text: a folder with rt-polarity.pos/.neg (MR polarity), or a datasets "
+                                                 "hub name with text/label columns such as imdb (needs `pip install datasets`); "
+                                                 "images: an MNIST-style IDX folder, an image folder (one subfolder per "
+                                                 "class) or cifar10 (downloaded when online)")
     p.add_argument("--epochs", type=float, default=3.0, help="training budget in epochs (default: %(default)s)")
     p.add_argument("--batch", type=int, default=32, help="per-device batch size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate, linear decay (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default: {LR} for text, with linear decay; "
+                                                          "1e-3 for images)")
     p.add_argument("--max-len", type=int, default=128, help="tokens per text (default: %(default)s)")
-    p.add_argument("--train-limit", type=int, default=None, help="use only this many training texts")
+    p.add_argument("--train-limit", type=int, default=None, help="use only this many training texts or images")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -146,7 +150,7 @@ def trainer(model: nn.Module, tok: Any, train: Split, args: argparse.Namespace, 
     if args.epochs <= 0 or args.batch < 1 or args.max_len < 1:
         raise ConfigError("--epochs, --batch and --max-len must be positive. Fix: e.g. --epochs 3 --batch 32 --max-len 128.")
     targs = TrainingArguments(output_dir=str(out), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
-                              learning_rate=args.lr, weight_decay=0.01, save_strategy="no", report_to="none",
+                              learning_rate=LR if args.lr is None else args.lr, weight_decay=0.01, save_strategy="no", report_to="none",
                               logging_steps=50, seed=args.seed, use_cpu=not torch.cuda.is_available())
     return Trainer(model=model, args=targs, train_dataset=Encoded(tok, train, args.max_len),
                    data_collator=DataCollatorWithPadding(tok), callbacks=callbacks)
