@@ -135,3 +135,14 @@ def test_report_errors_are_typed(tmp_path):
     with pytest.raises(ConfigError, match="Fix:"):
         ebcompile.report(3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("argv", [["export", "./no-such-model", "x.onnx"], ["bench", "../no-such-model"]])
+def test_cli_local_looking_model_path_that_does_not_exist_is_one_line_exit_2(argv, capsys, tmp_path, monkeypatch):
+    from ebcompile.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such folder" in err[0] and "Fix:" in err[0]
+    assert list(tmp_path.iterdir()) == []
