@@ -40,6 +40,10 @@ class EarlyBird:
     ``criterion`` picks the distance the rule reads: ``"max"`` (every structure kind must be stable),
     ``"overall"``, or one kind. ``warmup`` calls are skipped before the first check. ``rewind_at=k``
     keeps a CPU copy of the weights at call k (0: now) in ``rewind_weights``.
+
+    Across processes (torchrun with DDP, FSDP2 ``fully_shard``, Accelerate, the HF Trainer) build it and call
+    ``step()`` on every rank: scores come from each rank's shard and are reduced as small vectors, every rank
+    checks that all drew the same masks and decision (else ``DistributedError``), and ``save`` writes on rank 0.
     """
 
     def __init__(
