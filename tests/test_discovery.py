@@ -23,6 +23,7 @@ from torch import nn
 import ebcompile
 
 import zoo
+from eb_search import search
 
 RATIO = 0.3
 TOL = 1e-5
@@ -64,21 +65,6 @@ def n_params(model: nn.Module, prefix: str) -> int:
     """Parameters under module ``prefix`` (the module must exist: a renamed or dropped module is an error)."""
     model.get_submodule(prefix)
     return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix + "."))
-
-
-def search(model: nn.Module, inputs: Any, steps: int = 3) -> ebcompile.Ticket:
-    """A short EarlyBird search: one SGD step on a made-up loss between checks; the ticket appears at once."""
-    eb = ebcompile.EarlyBird(model, window=2, threshold=1.0)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        zoo.main_output(zoo.call(model, inputs)).float().pow(2).mean().backward()
-        opt.step()
-        eb.step()
-    model.eval()
-    assert eb.found, eb.history
-    return eb.ticket
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Hugging Face transformers: attention families, GPT-2 FFN groups, the pipeline prepare -> EarlyBird ->
-apply_ticket -> compact -> export_onnx / save -> load, generation, and the Trainer callback.
+apply_ticket -> compact -> export_onnx / save -> load, and generation. The Trainer callback is in
+tests/test_hf_trainer.py.
 
-Tiny random configurations (2 layers, 4 heads, hidden 32, intermediate 64, vocab 100, sequence 8); nothing is
-downloaded. Each architecture is prepared and ticketed once per module (``pipeline``) and copied per test.
+Tiny random configurations (tests/hf_models.py: 2 layers, 4 heads, hidden 32, intermediate 64, vocab 100, sequence 8);
+nothing is downloaded. Each architecture is prepared and ticketed once per module (``pipeline``) and copied per test.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,116 +19,25 @@ import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2ForSequenceClassification,
-    GPT2LMHeadModel,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-    SwinConfig,
-    SwinForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from transformers import GPT2LMHeadModel  # noqa: E402
 
 import ebcompile  # noqa: E402
-from ebcompile.errors import CheckpointError, ConfigError, NoPrunableLayerError  # noqa: E402
+from ebcompile.errors import CheckpointError, NoPrunableLayerError  # noqa: E402
 from ebcompile.export.onnx import ort_session  # noqa: E402
 from ebcompile.families import family_of  # noqa: E402
-from ebcompile.passes.masks import iter_masks  # noqa: E402
 
-TOL = dict(rtol=1e-5, atol=1e-6)
-SEQ, VOCAB = 8, 100
+from eb_search import search  # noqa: E402
+from hf_models import (  # noqa: E402
+    ARCHS,
+    TOL,
+    build,
+    image_batch,
+    logits,
+    quiet_one_thread,  # noqa: F401 - an autouse fixture: one thread, quiet transformers
+    text_batch,
+)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def quiet_one_thread():
-    """Tiny tensors: one intra-op thread is faster and the machine is shared; transformers stays quiet."""
-    threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(threads)
-    transformers.logging.set_verbosity(verbosity)
-
-
-# -- models ------------------------------------------------------------------------------------------------
-
-
-def _gpt2_config(**kw) -> GPT2Config:
-    return GPT2Config(n_layer=2, n_head=4, n_embd=32, n_inner=64, vocab_size=VOCAB, n_positions=16,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
-
-
-def _text_config(cls, **kw):
-    return cls(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64, vocab_size=VOCAB,
-               max_position_embeddings=24, **kw)
-
-
-def text_batch(batch: int = 2, seq: int = SEQ, seed: int = 1, pad: bool = True) -> dict[str, torch.Tensor]:
-    """Token ids in [2, VOCAB) (never a pad or special id) and an attention mask with one padded row."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    if pad and batch > 1:
-        mask[-1, seq - 2:] = 0
-    return {"input_ids": torch.randint(2, VOCAB, (batch, seq), generator=g), "attention_mask": mask}
-
-
-def image_batch(batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
-    return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))}
-
-
-@dataclass(frozen=True)
-class Arch:
-    build: Callable[[], nn.Module]
-    batch: Callable[..., dict[str, torch.Tensor]]
-    text: bool
-
-
-ARCHS = {
-    "gpt2-lm": Arch(lambda: GPT2LMHeadModel(_gpt2_config()), text_batch, True),
-    "gpt2-cls": Arch(lambda: GPT2ForSequenceClassification(_gpt2_config()), text_batch, True),
-    "bert": Arch(lambda: BertForSequenceClassification(_text_config(BertConfig)), text_batch, True),
-    "roberta": Arch(lambda: RobertaForSequenceClassification(_text_config(RobertaConfig, pad_token_id=1)), text_batch, True),
-    "vit": Arch(lambda: ViTForImageClassification(ViTConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
-                                                            intermediate_size=64, image_size=32, patch_size=8,
-                                                            num_labels=3)), image_batch, False),
-    "swin": Arch(lambda: SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
-                                                               num_heads=[2, 4], window_size=4, num_labels=3)),
-                 image_batch, False),
-}
-
-
-def build(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = ARCHS[name].build().eval()
-    with torch.no_grad():  # weights large enough that a pruned head visibly changes the outputs
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
-    return model
-
-
-def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def search(model: nn.Module, inputs: dict[str, torch.Tensor], steps: int = 3) -> ebcompile.Ticket:
-    """A short EarlyBird search: one SGD step on a made-up loss between checks; the ticket appears at once."""
-    eb = ebcompile.EarlyBird(model, window=2, threshold=1.0)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        model(**inputs).logits.float().pow(2).mean().backward()
-        opt.step()
-        eb.step()
-    model.eval()
-    assert eb.found, eb.history
-    return eb.ticket
+# -- one ticketed model per architecture -------------------------------------------------------------------
 
 
 @dataclass
@@ -378,106 +286,3 @@ def test_prepared_model_computes_a_loss_and_saves_with_save_pretrained(tmp_path)
     assert model.lm_head.weight is model.transformer.wte.weight
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()  # *_mask keys are ignored, weights are masked
     torch.testing.assert_close(logits(reloaded, inputs), logits(model, inputs), **TOL)
-
-
-def test_trainer_with_earlybird_callback_finds_and_applies_a_ticket(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    from ebcompile.integrations import EarlyBirdCallback
-
-    model = ebcompile.prepare(build("bert"), text_batch(), ratio=0.5, structure="structured")
-    g = torch.Generator().manual_seed(0)
-    data = [dict(input_ids=torch.randint(2, VOCAB, (SEQ,), generator=g), attention_mask=torch.ones(SEQ, dtype=torch.long),
-                 labels=torch.tensor(i % 2)) for i in range(16)]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
-                             report_to="none", save_strategy="no", logging_steps=100, use_cpu=True, disable_tqdm=True)
-    callback = EarlyBirdCallback(every=1, window=2, threshold=1.0, stop=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data)
-    callback.attach(trainer)
-    trainer.train()
-    assert callback.applied and callback.ticket is not None
-    assert trainer.state.global_step == 3  # found at the third check; stop=True ends the search phase
-    assert all(m.frozen for *_, m in iter_masks(model))
-    logged = [h for h in trainer.state.log_history if "eb/distance_overall" in h]
-    assert len(logged) == 2 and all({"eb/distance", "eb/distance_head", "eb/distance_neuron"} <= set(h) for h in logged)
-    assert any(h.get("eb/ticket_found") == 1.0 for h in trainer.state.log_history)
-
-
-def test_trainer_resume_restores_the_search_and_the_applied_ticket(tmp_path):
-    """Checkpoints every 2 steps; the ticket appears at step 3. Resuming from step 2 finds it at the same
-    check; resuming from step 4 starts with it applied and frozen, without searching again."""
-    from transformers import Trainer, TrainingArguments
-
-    from ebcompile.integrations import STATE_FILE, EarlyBirdCallback
-
-    g = torch.Generator().manual_seed(0)
-    data = [dict(input_ids=torch.randint(2, VOCAB, (SEQ,), generator=g), attention_mask=torch.ones(SEQ, dtype=torch.long),
-                 labels=torch.tensor(i % 2)) for i in range(24)]
-
-    def run(resume: str | None = None):
-        model = ebcompile.prepare(build("bert"), text_batch(), ratio=0.5, structure="structured")
-        args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
-                                 report_to="none", save_strategy="steps", save_steps=2, logging_steps=100, use_cpu=True,
-                                 disable_tqdm=True, seed=0)
-        callback = EarlyBirdCallback(every=1, window=2, threshold=1.0)
-        trainer = Trainer(model=model, args=args, train_dataset=data)
-        callback.attach(trainer)
-        trainer.train(resume_from_checkpoint=resume)
-        return model, callback
-
-    straight, cb = run()
-    assert cb.ticket.found_at == {"check": 2, "tick": 3}
-    assert all((tmp_path / f"checkpoint-{s}" / STATE_FILE).is_file() for s in (2, 4, 6))
-    mid, cb_mid = run(str(tmp_path / "checkpoint-2"))
-    assert cb_mid.applied and cb_mid.ticket.found_at == cb.ticket.found_at
-    assert [r["tick"] for r in cb_mid.earlybird.history] == [r["tick"] for r in cb.earlybird.history] == [1, 2, 3]
-    assert all(torch.equal(cb_mid.ticket.masks.units[k], v) for k, v in cb.ticket.masks.units.items())
-    late, cb_late = run(str(tmp_path / "checkpoint-4"))
-    assert cb_late.applied and len(cb_late.earlybird.history) == 3 and cb_late.ticket.found_at == cb.ticket.found_at
-    assert all(m.frozen for *_, m in iter_masks(late))
-    inputs = text_batch()
-    torch.testing.assert_close(logits(late.eval(), inputs), logits(straight.eval(), inputs), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(logits(mid.eval(), inputs), logits(straight.eval(), inputs), rtol=1e-4, atol=1e-5)
-    # the checkpoint folder is also what `ebcompile compact` reads: weights (save_pretrained) + the search's ticket
-    from ebcompile.cli.main import main
-
-    ckpt = str(tmp_path / "checkpoint-4")
-    assert main(["compact", ckpt, ckpt, str(tmp_path / "small")]) == 0
-    small = ebcompile.load(tmp_path / "small")
-    reference = BertForSequenceClassification.from_pretrained(ckpt).eval()
-    ebcompile.prepare(reference, inputs, ratio=0.5, structure="structured")
-    ebcompile.apply_ticket(reference, cb.ticket)
-    torch.testing.assert_close(logits(small, inputs), logits(reference, inputs), **TOL)
-    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in build("bert").parameters())
-
-
-def test_trainer_resume_from_a_folder_without_search_state_raises(tmp_path):
-    from transformers import TrainerControl, TrainerState, TrainingArguments
-
-    from ebcompile.integrations import EarlyBirdCallback
-
-    model = ebcompile.prepare(build("bert"), text_batch(), ratio=0.5, structure="structured")
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    callback = EarlyBirdCallback(resume_from=tmp_path)
-    with pytest.raises(ConfigError, match="no early-bird search state"):
-        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
-
-
-def test_trainer_callback_unbound_logs_into_the_trainer_entries(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    from ebcompile.integrations import EarlyBirdCallback
-
-    inputs = text_batch()
-    model = ebcompile.prepare(build("gpt2-lm"), inputs, ratio=0.5, structure="structured")
-    data = [dict(input_ids=row, attention_mask=torch.ones(SEQ, dtype=torch.long), labels=row)
-            for row in torch.randint(2, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(0))]
-    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=4,
-                             report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
-    callback = EarlyBirdCallback(every="epoch", window=1, threshold=1.0, mode="rewind")
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
-    trainer.train()
-    assert callback.applied and callback.ticket.found_at == {"check": 1, "tick": 2}
-    assert model.lm_head.weight is model.transformer.wte.weight
-    assert [h.get("eb/pruned") for h in trainer.state.log_history if "eb/pruned" in h] == [0.5, 0.5]
-    assert sum("eb/distance_overall" in h for h in trainer.state.log_history) == 1

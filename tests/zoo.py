@@ -2,7 +2,7 @@
 
 Every factory returns ``(model.eval(), example_inputs)``: CPU, seeded (the same call gives the same weights),
 hidden 32, 2 layers, 4 heads, intermediate 64, vocab 100, sequence 8. 2-D+ weights are re-drawn with std
-``1/sqrt(fan_in)`` (as ``tests/test_hf.py``'s ``build``) so that a pruned head or neuron visibly changes the
+``1/sqrt(fan_in)`` (``seeded``, shared with ``tests/hf_models.py``) so that a pruned head or neuron visibly changes the
 outputs. ``ZOO[name].shrink`` lists the modules (q/k/v/out projections — a fused qkv counts as one — and the
 FFN linears) that a structured ticket must make smaller.
 
@@ -328,15 +328,21 @@ ZOO: dict[str, Spec] = {
 }
 
 
-def fresh(name: str) -> nn.Module:
-    """The zoo model ``name``, uncompacted, in eval mode, with its seeded weights (same every call)."""
+def seeded(make: Callable[[], nn.Module]) -> nn.Module:
+    """``make()`` in eval mode after ``torch.manual_seed(0)``, its 2-D+ weights re-drawn with std ``1/sqrt(fan_in)``
+    (same every call; also tests/hf_models.py's ``build``)."""
     torch.manual_seed(0)
-    model = ZOO[name].make().eval()
+    model = make().eval()
     with torch.no_grad():  # weights large enough that a pruned head visibly changes the outputs
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
     return model
+
+
+def fresh(name: str) -> nn.Module:
+    """The zoo model ``name``, uncompacted, in eval mode, with its seeded weights (same every call)."""
+    return seeded(ZOO[name].make)
 
 
 def build(name: str) -> tuple[nn.Module, Any]:
