@@ -56,11 +56,11 @@ class _ContribAttention(torch.autograd.Function):
     The forward returns ``eager``, the model's own result, so tracing sees exactly what the model computes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, eager, heads: int, kv_heads: int, scale: float, causal: int):  # noqa: ARG004
+    def forward(ctx, q, k, v, bias, eager, heads: int, kv_heads: int, scale: float, causal: int, same_width: bool):  # noqa: ARG004
         return eager.clone()
 
     @staticmethod
-    def symbolic(g, q, k, v, bias, eager, heads: int, kv_heads: int, scale: float, causal: int):  # noqa: ARG004
+    def symbolic(g, q, k, v, bias, eager, heads: int, kv_heads: int, scale: float, causal: int, same_width: bool):  # noqa: ARG004
         bias = bias if bias is not None and not bias.node().mustBeNone() else _absent(g)
         if kv_heads == heads:
             out = g.op("com.microsoft::MultiHeadAttention", q, k, v, _absent(g), _absent(g), bias, num_heads_i=heads,
@@ -74,15 +74,16 @@ class _ContribAttention(torch.autograd.Function):
             out, _, _ = g.op("com.microsoft::GroupQueryAttention", q, k, v, _absent(g), _absent(g), seqlens, total,
                              _absent(g), _absent(g), _absent(g), bias, num_heads_i=heads, kv_num_heads_i=kv_heads,
                              scale_f=scale, causal_i=causal, outputs=3)
-        if eager.type().kind() == "TensorType":
-            out.setType(eager.type())
+        # the output's type: q's ([batch, seq, H*D], symbolic sizes), else v's; a type copied from the traced eager
+        # tensor would carry the example's batch into every shape read from the output
+        out.setType(q.type() if same_width else v.type())
         return out
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An SDPA-style mask (bool: True takes part; float: added) as an additive float mask."""
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)  # *_like: shapes stay traced
     return mask.to(dtype)
 
 
@@ -110,15 +111,16 @@ def emit_attention(mode: AttentionFusion, q: torch.Tensor, k: torch.Tensor, v: t
         k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
         kv_heads = heads
     if causal and seq != total:  # top-left aligned causal mask (SDPA's) as a bias; the ops take bottom-right
-        tri = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        tri = torch.ones_like(q[0, 0, :, :1] * k[0, 0, :, 0], dtype=torch.bool).tril()  # [S, T], traced sizes
         causal_bias = _additive(tri, q.dtype)[None, None]
         bias = causal_bias if bias is None else bias + causal_bias
         causal = False
     flat = [t.transpose(1, 2).flatten(2) for t in (q, k, v)]
-    out = _ContribAttention.apply(*flat, bias, eager.transpose(1, 2).flatten(2), heads, kv_heads, scale, int(causal))
+    out = _ContribAttention.apply(*flat, bias, eager.transpose(1, 2).flatten(2), heads, kv_heads, scale, int(causal),
+                                  dim == dim_v)
     mode.fused.append(FusedCall(mode.layer, "GroupQueryAttention" if kv_heads != heads else "MultiHeadAttention",
                                 heads, kv_heads))
-    return out.unflatten(-1, (heads, dim_v)).transpose(1, 2)
+    return out.reshape(q.shape[0], q.shape[2], heads, dim_v).transpose(1, 2)  # sizes read from q: they stay dynamic
 
 
 class AttentionFusion(TorchFunctionMode):

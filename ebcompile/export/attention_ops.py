@@ -154,7 +154,7 @@ def _masked_fill(mode, func, args, kwargs):
     value = float(value) if isinstance(value, (numbers.Number, torch.Tensor)) else 0.0
     if value > -1e4 or out.shape != a.shape:
         return _tag(out, None, f"masked_fill of the scores with {value:g} (only a large negative value is a mask)")
-    add = torch.zeros(mask.shape, dtype=a.dtype, device=a.device).masked_fill(mask, torch.finfo(a.dtype).min)
+    add = torch.zeros_like(mask, dtype=a.dtype).masked_fill(mask, torch.finfo(a.dtype).min)
     return _tag(out, replace(info, bias=add if info.bias is None else info.bias + add))
 
 
