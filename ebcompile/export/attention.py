@@ -71,9 +71,9 @@ class _ContribAttention(torch.autograd.Function):
             batch = g.op("Gather", shape, g.op("Constant", value_t=torch.tensor([0])), axis_i=0)
             seqlens = g.op("Expand", g.op("Sub", total, g.op("Constant", value_t=torch.tensor(1))), batch)
             seqlens, total = g.op("Cast", seqlens, to_i=6), g.op("Cast", total, to_i=6)  # int32
-            out, _, _ = g.op("com.microsoft::GroupQueryAttention", q, k, v, _absent(g), _absent(g), seqlens, total,
+            out = g.op("com.microsoft::GroupQueryAttention", q, k, v, _absent(g), _absent(g), seqlens, total,
                              _absent(g), _absent(g), _absent(g), bias, num_heads_i=heads, kv_num_heads_i=kv_heads,
-                             scale_f=scale, causal_i=causal, outputs=3)
+                             scale_f=scale, causal_i=causal)  # no cache: present_key/value left out
         # the output's type: q's ([batch, seq, H*D], symbolic sizes), else v's; a type copied from the traced eager
         # tensor would carry the example's batch into every shape read from the output
         out.setType(q.type() if same_width else v.type())

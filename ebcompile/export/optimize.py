@@ -8,6 +8,8 @@ A failing optimizer leaves the file unchanged and says why in the notes.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -54,7 +56,7 @@ def optimize_file(path: Path, net: nn.Module, fp16: bool, notes: list[str]) -> b
         model_type = optimizer_model_type(net, path)
         options = FusionOptions(model_type)
         options.enable_embed_layer_norm = False  # its mask output would replace the model's own attention mask
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_logging():
             warnings.simplefilter("ignore")
             opt = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=1,
                                  optimization_options=options)
@@ -66,6 +68,16 @@ def optimize_file(path: Path, net: nn.Module, fp16: bool, notes: list[str]) -> b
     except Exception as exc:  # noqa: BLE001 - an optimizer failure keeps the plain export
         notes.append(f"optimizer skipped: {type(exc).__name__}: {str(exc)[:200]}")
         return False
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """The optimizer logs shape-inference chatter at WARNING from many module-named loggers: silence it while it runs."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def attention_summary(graph: onnx.GraphProto) -> str | None:
