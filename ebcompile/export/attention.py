@@ -8,28 +8,21 @@ KV-head counts are read from each call's tensor shapes, so per-layer counts left
 construction. Attention is found where it is computed, not by model type: ``F.scaled_dot_product_attention``
 (Hugging Face SDPA, ``nn.MultiheadAttention``, nanoGPT...) and the eager ``softmax(q @ k^T * scale + bias) @ v``
 chain, followed op by op (``attention_ops.py``). An attention that cannot be fused is left as it is and the
-reason is noted with the module it ran in.
+reason is noted with the module it ran in. Masks become an additive ``attention_bias`` (a masked position gets
+the dtype's lowest value): a query row whose keys are all masked is the one case where the fused op and an eager
+``masked_fill(-inf)`` may differ (both rows are meaningless padding).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["AttentionFusion", "FusedCall", "emit_attention", "gqa_supported"]
-
-
-@dataclass
-class FusedCall:
-    layer: str
-    op: str
-    heads: int
-    kv_heads: int
+__all__ = ["AttentionFusion", "emit_attention", "gqa_supported"]
 
 
 @functools.cache
@@ -118,8 +111,6 @@ def emit_attention(mode: AttentionFusion, q: torch.Tensor, k: torch.Tensor, v: t
     flat = [t.transpose(1, 2).flatten(2) for t in (q, k, v)]
     out = _ContribAttention.apply(*flat, bias, eager.transpose(1, 2).flatten(2), heads, kv_heads, scale, int(causal),
                                   dim == dim_v)
-    mode.fused.append(FusedCall(mode.layer, "GroupQueryAttention" if kv_heads != heads else "MultiHeadAttention",
-                                heads, kv_heads))
     return out.reshape(q.shape[0], q.shape[2], heads, dim_v).transpose(1, 2)  # sizes read from q: they stay dynamic
 
 
@@ -129,7 +120,6 @@ class AttentionFusion(TorchFunctionMode):
     def __init__(self, net: nn.Module, gqa: bool = True) -> None:
         super().__init__()
         self.net, self.gqa = net, gqa
-        self.fused: list[FusedCall] = []
         self.notes: list[str] = []
         self._names = {m: n for n, m in net.named_modules()}
         self._stack: list[str] = []
