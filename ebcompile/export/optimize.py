@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def optimizer_model_type(net: nn.Module, path: Path) -> str:
 
 def optimize_file(path: Path, net: nn.Module, fp16: bool, notes: list[str]) -> bool:
     """Run the optimizer on ``path`` in place (head counts found per layer: ``num_heads=0``); True when it ran."""
+    path = Path(path).resolve()  # the optimizer runs in a scratch working directory
     try:
         from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
@@ -56,7 +58,9 @@ def optimize_file(path: Path, net: nn.Module, fp16: bool, notes: list[str]) -> b
         model_type = optimizer_model_type(net, path)
         options = FusionOptions(model_type)
         options.enable_embed_layer_norm = False  # its mask output would replace the model's own attention mask
-        with warnings.catch_warnings(), _quiet_logging():
+        # onnxruntime's shape inference saves a model into the working directory when it cannot finish: run it in a
+        # temporary one, so an export never leaves files behind
+        with warnings.catch_warnings(), _quiet_logging(), tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
             warnings.simplefilter("ignore")
             opt = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=1,
                                  optimization_options=options)
