@@ -12,9 +12,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                  "hub name")
     p.add_argument("out", help="the .onnx file to write (nothing is left there on failure)")
     p.add_argument("--fp16", action="store_true", help="half-precision weights and activations")
-    p.add_argument("--optimize", action="store_true", help="run onnxruntime's transformer optimizer on the graph")
+    p.add_argument("--optimize", action="store_true",
+                   help="fused attention (one onnxruntime node per layer) + onnxruntime's transformer optimizer")
     p.add_argument("--fused-attention", action="store_true",
-                   help="nn.MultiheadAttention as one com.microsoft.Attention node (onnxruntime kernels)")
+                   help="each attention as one onnxruntime contrib node (Attention / MultiHeadAttention / GroupQueryAttention)")
     p.add_argument("--batch", type=int, default=1, help="example batch size used to trace and verify (axis stays dynamic)")
     p.add_argument("--seq", type=int, default=16, help="example sequence length for text models (axis stays dynamic)")
     p.add_argument("--opset", type=int, default=17)
@@ -27,8 +28,9 @@ def run(args: argparse.Namespace) -> int:
     from .models import load_with_inputs
 
     model, inputs = load_with_inputs(args.model, args.batch, args.seq)
-    rep = export_onnx(model, args.out, inputs, dtype="fp16" if args.fp16 else "fp32",
-                      opset=args.opset, optimize=args.optimize, verify=not args.no_verify, fused_attention=args.fused_attention)
+    rep = export_onnx(model, args.out, inputs, dtype="fp16" if args.fp16 else "fp32", opset=args.opset,
+                      optimize=args.optimize, verify=not args.no_verify,
+                      fused_attention=args.fused_attention or None)  # None: follows --optimize
     checked = ("not compared with onnxruntime" if rep.max_abs_error is None else
                f"onnxruntime ({', '.join(rep.providers)}) matches PyTorch: max |diff| {rep.max_abs_error:.2e}")
     print(f"{rep.path}: {rep.bytes / 2**20:.1f} MiB, {sum(rep.op_counts.values())} nodes; {checked}")

@@ -7,6 +7,7 @@ import copy
 import inspect
 import os
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from ..capture import graph_kwargs, normalize_inputs
 from ..errors import ConfigError, ExportError
 from ..io import atomic_path
 from ..names import split_name
+from .attention import AttentionFusion
+from .optimize import attention_summary, optimize_file
 
 __all__ = ["export_onnx", "ExportReport", "ort_session", "plain_model"]
 
@@ -134,23 +137,6 @@ def _flatten(out: Any) -> list[torch.Tensor]:
     return [t for o in out for t in _flatten(o)] if isinstance(out, (list, tuple)) else []
 
 
-def _optimize(path: Path, fp16: bool, notes: list[str]) -> bool:
-    """onnxruntime's transformer optimizer (fused attention / LayerNorm / GELU, head counts found per layer)."""
-    try:
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
-            if fp16:
-                opt.convert_float_to_float16(keep_io_types=False)
-            opt.save_model_to_file(str(path))
-        return True
-    except Exception as exc:  # noqa: BLE001 - an optimizer failure keeps the plain export
-        notes.append(f"optimizer skipped: {type(exc).__name__}: {str(exc)[:200]}")
-        return False
-
-
 def _with_attention_mask(net: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, str]:
     """Token inputs without an ``attention_mask`` for a model that takes one: an all-ones mask becomes an input
     (without it, Hugging Face decoders build their mask with ops ONNX lacks)."""
@@ -180,17 +166,20 @@ def export_onnx(
     verify: bool = True,
     rtol: float | None = None,
     atol: float | None = None,
-    fused_attention: bool = False,
+    fused_attention: bool | None = None,
 ) -> ExportReport:
     """Export ``model`` (a prepared model is compacted first) to ONNX at ``path`` and verify it.
 
     ``dynamic_axes="auto"`` makes dim 0 of every input/output the batch and dim 1 of integer inputs the
     sequence. Verification: ``onnx.checker``, then onnxruntime (CUDA EP when a GPU is there, else CPU)
-    against PyTorch on ``example_inputs``, |ort - torch| <= atol + rtol * |torch| (default 1e-4/1e-4 in fp32,
-    2e-2/2e-2 in fp16). ``fused_attention=True`` writes each packed self-attention (``nn.MultiheadAttention``,
-    compact or not) as one onnxruntime ``com.microsoft.Attention`` node (any head count), the kernel that
-    makes ORT's CUDA EP faster than eager PyTorch on BERT-shaped attention. On any failure an ``ExportError``
-    is raised and no file is left at ``path``.
+    against PyTorch on ``example_inputs``, |ort - torch| <= atol + rtol * |torch| (default 1e-4/1e-4 in fp32;
+    an fp16 export is held to 2e-2/2e-2 of the fp32 model). ``fused_attention`` (default: ``optimize``) writes each attention as ONE onnxruntime
+    contrib node with that layer's own head counts: packed ``nn.MultiheadAttention`` self-attention as
+    ``Attention``, every other ``scaled_dot_product_attention`` or ``softmax(q k^T) v`` as ``MultiHeadAttention``,
+    or ``GroupQueryAttention`` when key/value have fewer heads (see ``export/attention.py``); an attention left
+    unfused is named in ``report.notes`` with the reason. ``optimize=True`` then runs onnxruntime's transformer
+    optimizer (LayerNorm, SkipLayerNorm, RMSNorm, GELU fusions) with the model type of the model's family.
+    On any failure an ``ExportError`` is raised and no file is left at ``path``.
     """
     import onnx
 
@@ -202,6 +191,8 @@ def export_onnx(
     net = plain_model(model)
     net = copy.deepcopy(net) if net is model else net
     net.eval()
+    fused_attention = optimize if fused_attention is None else fused_attention
+    family_net = net
     if fused_attention:
         _to_compact_attention(net)
     args, kwargs = normalize_inputs(example_inputs)
@@ -211,11 +202,13 @@ def export_onnx(
         args = tuple(kwargs[k] for k in input_names)
         extra = {k: v for k, v in graph_kwargs(net, kwargs).items() if k not in input_names}
         net = KeywordCall(net, input_names, extra)
-    if fp16:
-        net = net.half()
-        args = tuple(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-    with torch.no_grad():
+    with torch.no_grad():  # fp16 is checked against the fp32 model: the error of the export, not of two fp16 runs
         reference = _flatten(net(*args))
+    traced, traced_args = net, args  # optimize + fp16: optimized in fp32, then converted (onnxruntime's own order)
+    if fp16:
+        args = tuple(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        if not optimize:
+            traced, traced_args = net.half(), args
     input_names = input_names or [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     output_names = output_names or (["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))])
     axes = _auto_axes(input_names, list(args)) | _auto_axes(output_names, reference) if dynamic_axes == "auto" else dynamic_axes
@@ -223,9 +216,10 @@ def export_onnx(
     path = Path(path)
     with atomic_path(path) as tmp:
         try:
-            with warnings.catch_warnings(), _fused(fused_attention):
+            fusion = AttentionFusion(traced) if fused_attention else nullcontext()
+            with warnings.catch_warnings(), _fused(fused_attention), fusion:
                 warnings.simplefilter("ignore")
-                torch.onnx.export(net, args, str(tmp), input_names=input_names, output_names=output_names,
+                torch.onnx.export(traced, traced_args, str(tmp), input_names=input_names, output_names=output_names,
                                   dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
             onnx.checker.check_model(str(tmp))
         except Exception as exc:  # noqa: BLE001
@@ -235,8 +229,11 @@ def export_onnx(
                    "export a compact model with fixed-shape inputs, or report the failing op")
             raise ExportError(f"torch.onnx.export / onnx.checker failed for {type(net).__name__}: "
                               f"{type(exc).__name__}: {str(exc)[:300]}. Fix: {fix}.") from exc
-        optimized = _optimize(tmp, fp16, notes) if optimize else False
+        notes += fusion.notes if fused_attention else []
+        optimized = optimize_file(tmp, family_net, fp16, notes) if optimize else False
         graph = onnx.load(str(tmp), load_external_data=False).graph
+        summary = attention_summary(graph)
+        notes += [summary] if summary else []
         counts: dict[str, int] = {}
         for node in graph.node:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1

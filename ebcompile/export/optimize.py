@@ -1,0 +1,95 @@
+"""onnxruntime's transformer optimizer on an exported file: LayerNorm, SkipLayerNorm, RMSNorm
+(``SimplifiedLayerNormalization``), GELU / BiasGelu fusions, run with the optimizer ``model_type`` of the model's
+family (data below, else read off the graph), then optional fp16.
+
+Invariant: inputs, outputs and function stay; contrib attention nodes written at export are kept as they are.
+A failing optimizer leaves the file unchanged and says why in the notes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+from torch import nn
+
+__all__ = ["optimize_file", "optimizer_model_type", "FUSED_ATTENTION_OPS", "attention_summary"]
+
+FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
+
+# onnxruntime.transformers.optimizer model_type per family: Hugging Face ``config.model_type`` ...
+HF_MODEL_TYPES = {
+    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "electra": "bert", "albert": "bert",
+    "deberta": "bert", "mpnet": "bert", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "vit": "vit", "deit": "vit", "beit": "vit",
+    "dinov2": "vit", "swin": "swin", "swinv2": "swin", "t5": "t5", "mt5": "t5", "bart": "bart", "clip": "clip", "phi": "phi",
+    "llama": "gpt2", "mistral": "gpt2", "qwen2": "gpt2", "qwen3": "qwen3", "gemma": "gpt2",
+}
+# ... or the model's class name (torchvision, timm)
+CLASS_MODEL_TYPES = {"VisionTransformer": "vit", "SwinTransformer": "swin"}
+
+
+def optimizer_model_type(net: nn.Module, path: Path) -> str:
+    """The optimizer ``model_type`` for ``net``: from its family, else the graph (causal attention: gpt2; a
+    convolution input: vit; else bert), always one the installed onnxruntime knows."""
+    from onnxruntime.transformers.optimizer import MODEL_TYPES
+
+    config = getattr(net, "config", None)
+    wanted = HF_MODEL_TYPES.get(getattr(config, "model_type", None) or "")
+    wanted = wanted or next((CLASS_MODEL_TYPES[c.__name__] for c in type(net).__mro__ if c.__name__ in CLASS_MODEL_TYPES), None)
+    if wanted in MODEL_TYPES:
+        return wanted
+    graph = onnx.load(str(path), load_external_data=False).graph
+    causal = any(n.op_type == "GroupQueryAttention" or any(a.name == "unidirectional" and a.i for a in n.attribute)
+                 for n in graph.node if n.op_type in FUSED_ATTENTION_OPS)
+    return "gpt2" if causal else "vit" if any(n.op_type == "Conv" for n in graph.node) else "bert"
+
+
+def optimize_file(path: Path, net: nn.Module, fp16: bool, notes: list[str]) -> bool:
+    """Run the optimizer on ``path`` in place (head counts found per layer: ``num_heads=0``); True when it ran."""
+    path = Path(path).resolve()  # the optimizer runs in a scratch working directory
+    try:
+        from onnxruntime.transformers.fusion_options import FusionOptions
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        model_type = optimizer_model_type(net, path)
+        options = FusionOptions(model_type)
+        options.enable_embed_layer_norm = False  # its mask output would replace the model's own attention mask
+        # onnxruntime's shape inference saves a model into the working directory when it cannot finish: run it in a
+        # temporary one, so an export never leaves files behind
+        with warnings.catch_warnings(), _quiet_logging(), tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+            warnings.simplefilter("ignore")
+            opt = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=1,
+                                 optimization_options=options)
+            if fp16:
+                opt.convert_float_to_float16(keep_io_types=False)
+            opt.save_model_to_file(str(path))
+        notes.append(f"optimizer model_type {model_type}")
+        return True
+    except Exception as exc:  # noqa: BLE001 - an optimizer failure keeps the plain export
+        notes.append(f"optimizer skipped: {type(exc).__name__}: {str(exc)[:200]}")
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """The optimizer logs shape-inference chatter at WARNING from many module-named loggers: silence it while it runs."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def attention_summary(graph: onnx.GraphProto) -> str | None:
+    """One line: the fused attention nodes and their head counts (KV heads after a slash), in graph order."""
+    heads = []
+    for node in graph.node:
+        if node.op_type in FUSED_ATTENTION_OPS:
+            attrs = {a.name: a.i for a in node.attribute}
+            kv = attrs.get("kv_num_heads")
+            heads.append(f"{node.op_type}:{attrs.get('num_heads')}" + (f"/{kv}" if kv else ""))
+    return f"fused attention nodes (heads per node): {', '.join(heads)}" if heads else None
