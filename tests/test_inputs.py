@@ -146,3 +146,33 @@ def test_cli_local_looking_model_path_that_does_not_exist_is_one_line_exit_2(arg
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such folder" in err[0] and "Fix:" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def _nan_model() -> nn.Sequential:
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    return model
+
+
+@pytest.mark.parametrize("case", ["inputs", "nan", "not-a-module", "swapped", "onnxruntime"])
+def test_export_errors_are_typed_and_leave_nothing(case, tmp_path, monkeypatch):
+    from ebcompile.errors import ExportError, InputMismatchError
+    from ebcompile.export import onnx as export_module
+
+    target = tmp_path / "new" / "deeper" / "m.onnx"
+    call = {
+        "inputs": (InputMismatchError, lambda: ebcompile.export_onnx(mlp(), target, torch.randn(2, 5))),
+        "nan": (ExportError, lambda: ebcompile.export_onnx(_nan_model(), target, X)),
+        "not-a-module": (ConfigError, lambda: ebcompile.export_onnx("bert-base", target, X)),
+        "swapped": (ConfigError, lambda: ebcompile.export_onnx(mlp(), (X,), target)),
+        "onnxruntime": (ExportError, lambda: ebcompile.export_onnx(mlp(), target, X)),
+    }
+    if case == "onnxruntime":
+        def broken(*args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation")
+        monkeypatch.setattr(export_module, "ort_session", broken)
+    error, fn = call[case]
+    with pytest.raises(error, match="Fix:"):
+        fn()
+    assert list(tmp_path.iterdir()) == []  # no file, no folder created on the way

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import graph_kwargs, normalize_inputs
+from ..capture import graph_kwargs, inputs_fit, normalize_inputs
 from ..errors import ConfigError, ExportError
 from ..io import atomic_path
 from ..names import split_name
@@ -183,6 +183,11 @@ def export_onnx(
     """
     import onnx
 
+    from ..prepare import require_module
+
+    require_module(model, "export_onnx")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"path={type(path).__name__} is not a file path. Fix: call export_onnx(model, path, example_inputs).")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not one of {list(DTYPES)}. Fix: use 'fp32' or 'fp16'.")
     fp16 = dtype == "fp16"
@@ -202,8 +207,11 @@ def export_onnx(
         args = tuple(kwargs[k] for k in input_names)
         extra = {k: v for k, v in graph_kwargs(net, kwargs).items() if k not in input_names}
         net = KeywordCall(net, input_names, extra)
-    with torch.no_grad():  # fp16 is checked against the fp32 model: the error of the export, not of two fp16 runs
+    with torch.no_grad(), inputs_fit(family_net, args, {}):  # fp16 is checked against the fp32 model
         reference = _flatten(net(*args))
+    if any(r.is_floating_point() and not bool(torch.isfinite(r).all()) for r in reference):
+        raise ExportError(f"{type(family_net).__name__} itself outputs NaN or inf on example_inputs, so no export can be "
+                          "verified. Fix: check the weights (a diverged training run) and pass finite, realistic inputs.")
     traced, traced_args = net, args  # optimize + fp16: optimized in fp32, then converted (onnxruntime's own order)
     if fp16:
         args = tuple(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
@@ -231,7 +239,11 @@ def export_onnx(
                               f"{type(exc).__name__}: {str(exc)[:300]}. Fix: {fix}.") from exc
         notes += fusion.notes if fused_attention else []
         optimized = optimize_file(tmp, family_net, fp16, notes) if optimize else False
-        graph = onnx.load(str(tmp), load_external_data=False).graph
+        try:
+            graph = onnx.load(str(tmp), load_external_data=False).graph
+        except Exception as exc:  # noqa: BLE001 - a file the optimizer broke
+            raise ExportError(f"the exported file cannot be read back ({type(exc).__name__}: {str(exc)[:150]}). "
+                              "Fix: export with optimize=False, or report the model.") from exc
         summary = attention_summary(graph)
         notes += [summary] if summary else []
         counts: dict[str, int] = {}
@@ -243,11 +255,15 @@ def export_onnx(
         providers: list[str] = []
         err = None
         if verify:
-            session = ort_session(tmp)
-            providers = session.get_providers()
-            feeds = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args) if isinstance(a, torch.Tensor)}
-            feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
-            got = session.run(None, feeds)
+            try:
+                session = ort_session(tmp)
+                providers = session.get_providers()
+                feeds = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args) if isinstance(a, torch.Tensor)}
+                feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
+                got = session.run(None, feeds)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime refuses the graph or one of its kernels fails
+                raise ExportError(f"onnxruntime cannot run the exported file ({type(exc).__name__}: {str(exc)[:200]}). Fix: "
+                                  "export with optimize=False (or fused_attention=False), or dtype='fp32'.") from exc
             err = 0.0
             for name, want, have in zip(output_names, reference, got):
                 w = want.detach().float().cpu().numpy()
