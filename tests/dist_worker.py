@@ -13,6 +13,7 @@ across processes must find what one process finds. Each rank writes OUT/<mode>[-
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -167,7 +168,9 @@ def main() -> None:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     tag = "-resumed" if a.resume else ""
     (a.out / f"{a.mode}{tag}-{world}-rank{rank}.json").write_text(json.dumps(results))
+    gc.collect()  # DDP reducers of finished searches go before their process group does
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
