@@ -269,5 +269,5 @@ def recipe_section(rows: list[dict], tasks, total: float) -> tuple[str, str]:
             gap = (_mean([r["acc"] for r in eb]) - _mean([r["acc"] for r in _pick(rows, model=t.name, pipeline="dense")])) * 100
             trad = _ratio(rows, num, {"pipeline": "traditional", "structure": "structured", "p": p})
             body.append(f"| {t.name} | {p:g} | {_ticket_cell(eb)} | {_mean(_ratio(rows, num, {'pipeline': 'dense'})):.2f}x | "
-                        f"{_mean(trad):.2f}x | {gap:+.2f} |")
+                        f"{_mean(trad):.2f}x | {gap:+.2f} |".replace("nanx", "–"))
     return header, "\n".join(body)

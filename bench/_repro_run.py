@@ -134,6 +134,7 @@ class DenseRun:
     final: Snapshot
     snapshots: dict[Search, Snapshot] = field(default_factory=dict)
     traces: dict[str, list[float]] = field(default_factory=dict)  # kind -> distance per check (whole run)
+    kinds: dict[str, list[float]] = field(default_factory=dict)  # structured distance per kind ("head", "neuron", "overall")
     clock: list[tuple[int, float]] = field(default_factory=list)  # (step, training wall seconds) at every check
     matrix: Any = None  # pairwise structured mask distances over the whole run
     macs: float = 0.0  # forward MACs per sample
@@ -206,6 +207,8 @@ def dense_run(task: Task, seed: int, searches: list[Search], scope: str, record:
                    _snapshot(model, opt, sched, gen, step, -1, train_seconds, train_cpu, 0.0), snaps)
     run.clock = clock
     run.traces = {k: (r.distances() if k == "structured" else r.trace) for k, r in recorders.items()}
+    records = [r["distances"] for r in recorders["structured"].history if r["distances"]]
+    run.kinds = {k: [d[k] for d in records] for k in (records[0] if records else {})}
     run.matrix = recorders["structured"].distance_matrix()
     run.macs = count_macs(model, task.example(8)) / 8
     run.report = ebcompile.report(model)
