@@ -76,14 +76,20 @@ def targets(rows: list[dict], tasks) -> list[str]:
         dense = _pick(rows, model=m, pipeline="dense")
         frac = [r["step"] / r["steps"] if r["found"] else 1.0 for r in eb3]
         ok = _mean(frac) <= TARGETS["fraction"]
+        first = all(r["found"] and r["check"] <= 5 for r in eb3)
         out.append(f"| ticket drawn within the first 30% of the search budget (structured p = 0.3) | {m} | {_mean(frac):.0%} | "
-                   f"{'met' if ok else 'missed'} | " + ("the rule fired early enough" if ok else
-                   "the masks kept moving by more than the rule allows; distances fall with the learning rate, not before") + " |")
-        gap = (_mean([r["acc"] for r in dense]) - _mean([r["acc"] for r in eb3])) * 100
+                   f"{'met' if ok else 'missed'} | " + (("met only because the rule fires at the first check it can (pitfall table)"
+                   if first else "the rule fired early enough") if ok else "the structured distances fall with the learning rate "
+                   "over the whole run (plot), so no rule that waits for them to settle fires in the first 30%") + " |")
+        dense_acc = _mean([r["acc"] for r in dense])
+        gap = (dense_acc - _mean([r["acc"] for r in eb3])) * 100
+        trad_acc = _mean([r["acc"] for r in _pick(rows, model=m, pipeline="traditional", structure="structured", p=0.3)])
         ok = gap <= TARGETS["acc_gap"]
+        why = "" if ok else (f"the budget is short for this model: dense is still learning (the traditional pipeline, trained twice "
+                             f"as long, reaches {trad_acc:.1%}), and the ticket, drawn at {_mean(frac):.0%}, is compacted while "
+                             "the weights still move; the narrower model does not catch up in the steps left")
         out.append(f"| structured p = 0.3 accuracy within 1 point of dense | {m} | {gap:+.2f} points below dense | "
-                   f"{'met' if ok else 'missed'} | " + ("" if ok else "the ticket retrains on the rest of a short budget; "
-                   "the compacted model has 30% fewer heads/neurons and too few steps to recover") + " |")
+                   f"{'met' if ok else 'missed'} | {why} |")
         for p, key in ((0.3, "p0.3"), (0.5, "p0.5")):
             eb = _pick(rows, model=m, pipeline="early-bird", structure="structured", p=p)
             if not eb:
@@ -98,14 +104,17 @@ def targets(rows: list[dict], tasks) -> list[str]:
             ok = _mean(wall) <= TARGETS[key]
             out.append(f"| early-bird wall time ≤ {TARGETS[key]}x dense at p = {p} | {m} | {_mean(wall):.2f}x (CPU time "
                        f"{_mean(cpu):.2f}x, training MACs {_mean(macs):.2f}x) | {'met' if ok else 'missed'} | search "
-                       f"{search:.0%} of the dense time, then compact steps at {steps}" + ("" if ok else
-                       " (per-step costs that do not shrink with the widths: embeddings, norms, optimizer, Python)") + " |")
+                       f"{search:.0%} of the dense time, then compaction and compact steps at {steps} (the one-off compaction included: "
+                       "copy, equivalence check, optimizer-state slicing)" + ("" if ok else "; the search is too long for the ratio")
+                       + " |")
             trad = _ratio(rows, {"model": m, "pipeline": "early-bird", "structure": "structured", "p": p},
                           {"pipeline": "traditional", "structure": "structured", "p": p})
             ok = _mean(trad) <= TARGETS["trad"]
+            share = _mean([r["step"] / r["steps"] if r["found"] else 1.0 for r in eb])
             out.append(f"| early-bird wall time ≤ 0.45x traditional at p = {p} | {m} | {_mean(trad):.2f}x | "
                        f"{'met' if ok else 'missed'} | traditional = the dense run + the whole budget again on the pruned model"
-                       + ("" if ok else "; the pruned model's steps are not cheap enough for the ratio") + " |")
+                       + ("" if ok else f"; the search runs {share:.0%} of the budget at full width before the ticket, so "
+                          "early-bird costs about half of traditional, not less") + " |")
     mini = _pick(rows, model="minilm", pipeline="early-bird", structure="structured", p=0.3)
     if mini:
         dense = _pick(rows, model="minilm", pipeline="dense")[0]
@@ -113,8 +122,11 @@ def targets(rows: list[dict], tasks) -> list[str]:
         ratio = mini[0]["wall"] / dense["wall"]
         ok = gap <= 1.0 and ratio < 1.0
         out.append(f"| MiniLM on MR: recommended recipe within 1 point of dense and cheaper in wall time | minilm | "
-                   f"{gap:+.2f} points below dense, {ratio:.2f}x dense wall time | {'met' if ok else 'missed'} | "
-                   + ("accuracy " + ("ok" if gap <= 1 else "lost") + ", time " + ("saved" if ratio < 1 else "not saved")) + " |")
+                   f"{gap:+.2f} points below dense, {ratio:.2f}x dense wall time | {'met' if ok else 'missed'} | time "
+                   + ("saved" if ratio < 1 else "not saved") + ("; accuracy lost: the seed's text rule fires at the first check it "
+                   "can, so the ticket is the pretrained magnitude ranking after a few steps, and one short epoch is too little "
+                   "to fine-tune the narrower model (bench/minilm_mr.py, 3 epochs on all of MR, measured 84.07% vs 84.91%)"
+                   if gap > 1 else "") + " |")
     return out
 
 
@@ -192,7 +204,7 @@ def render(rows: list[dict], tasks, total: float, args) -> str:
                 trk = {"pipeline": "traditional", "structure": st, "p": p}
                 lines.append(
                     f"| {m} | {st} | {p:g} | {_mean([r['wall'] for r in dense]):.1f} | "
-                    f"{_mean([r['wall'] for r in tr]):.1f} | {_mean([r['wall'] for r in eb]):.1f} | "
+                    f"{_mean([r['wall'] for r in tr]):.1f} | {_mean([r['wall'] for r in eb]):.1f} | ".replace("nan", "–") +
                     f"{_ms(_ratio(rows, num, {'pipeline': 'dense'}))} | {_ms(_ratio(rows, num, {'pipeline': 'dense'}, 'cpu'))} | "
                     f"{_ms(_ratio(rows, num, trk)) if tr else '–'} | {_ms(_ratio(rows, num, {'pipeline': 'dense'}, 'train_macs'))} | "
                     f"{_ms(_ratio(rows, num, trk, 'train_macs')) if tr else '–'} | {_mean([r['acc'] for r in dense]):.2%} / "
@@ -248,6 +260,7 @@ def write_plot(run, fires: dict, path: Path) -> None:
             ax2.axvline(check, ls=":" if kind == "unstructured" else "--", c=colors[(i + 2) % len(colors)], lw=1,
                         label=f"{kind[:5]}. {label}")
     ax2.set_yscale("symlog", linthresh=1e-3)
+    ax2.set_ylim(0, 1.5 * max((max(t) for t in run.traces.values() if t), default=1.0))
     ax2.set_xlabel(f"check (every {run.every} steps)")
     ax2.set_ylabel("normalized Hamming distance to the previous check")
     ax2.legend(fontsize=6, ncol=2)
