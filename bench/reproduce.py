@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -149,10 +148,6 @@ def main(argv: list[str] | None = None) -> None:
             header, body = recipe_section(rows, tasks, total)
             publish("early-bird.md", "recipe", header, body)
         print(f"written to {out}")
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 if __name__ == "__main__":
