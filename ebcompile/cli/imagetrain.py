@@ -109,20 +109,9 @@ def search(args: argparse.Namespace) -> int:
     acc = accuracy(model, data, recipe)
     result = {"task": "image", "model": args.model, "found": eb.found, "step": step, "epoch": round(step / per_epoch, 3),
               "checks": eb.checks, "validation_accuracy": acc, "distances": eb.distances()}
-    if eb.found:
-        eb.ticket.save(out / "ticket.safetensors")
-        result["found_at"] = eb.ticket.found_at
-    with atomic_path(out / "search.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-    if not eb.found:
-        print(f"no ticket within {step} steps ({eb.checks} checks; distances in {out / 'search.json'}). Train longer "
-              "(--epochs, the search resumes where it stopped), check more often (--every) or loosen --threshold.")
-        return 1
-    print(f"ticket found at step {eb.ticket.found_at['tick']} ({eb.checks} checks), validation accuracy of the early-bird "
-          f"model {acc:.2%}; pruned {eb.ticket.sparsity():.1%} of the {args.structure} units.")
-    print(f"written to {out}/ (model/, ticket.safetensors, earlybird.safetensors, search.png). "
-          f"Next: ebcompile retrain {out} --data {args.data} --out <folder>")
-    return 0
+    from .search import finish
+
+    return finish(args, out, eb, result, step, "Train longer (--epochs, the search resumes where it stopped)")
 
 
 def _saved_progress(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:

@@ -19,6 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
+
+from ..io import atomic_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     from ..controller import EarlyBird
     from ..errors import ConfigError
     from ..integrations.hf_trainer import EarlyBirdCallback
-    from ..io import atomic_path
     from ..plots import plot_search
     from ..prepare import check_ratio, prepare
     from . import textclf
@@ -85,17 +87,23 @@ def run(args: argparse.Namespace) -> int:
     result = {"model": args.model, "found": eb.found, "step": trainer.state.global_step, "checks": eb.checks,
               "validation_accuracy": acc, "distances": eb.distances()}
     if eb.found:
-        eb.ticket.save(out / "ticket.safetensors")
         textclf.save_pretrained_atomically(model, tok, out / "model")
+    return finish(args, out, eb, result, trainer.state.global_step, "Train longer (--epochs)")
+
+
+def finish(args: argparse.Namespace, out: Path, eb: Any, result: dict[str, Any], step: int, longer: str) -> int:
+    """Write the ticket and ``search.json`` of a finished search and say what to do next; 1 when no ticket appeared."""
+    if eb.found:
+        eb.ticket.save(out / "ticket.safetensors")
         result["found_at"] = eb.ticket.found_at
     with atomic_path(out / "search.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     if not eb.found:
-        print(f"no ticket within {trainer.state.global_step} steps ({eb.checks} checks; distances in {out / 'search.json'}). "
-              "Train longer (--epochs), check more often (--every) or loosen --threshold.")
+        print(f"no ticket within {step} steps ({eb.checks} checks; distances in {out / 'search.json'}). {longer}, check "
+              "more often (--every) or loosen --threshold.")
         return 1
-    print(f"ticket found at step {trainer.state.global_step} ({eb.checks} checks), validation accuracy of the early-bird "
-          f"model {acc:.2%}; pruned {eb.ticket.sparsity():.1%} of the {args.structure} units.")
+    print(f"ticket found at step {eb.ticket.found_at['tick']} ({eb.checks} checks), validation accuracy of the early-bird "
+          f"model {result['validation_accuracy']:.2%}; pruned {eb.ticket.sparsity():.1%} of the {args.structure} units.")
     print(f"written to {out}/ (model/, ticket.safetensors, earlybird.safetensors, search.png). "
           f"Next: ebcompile retrain {out} --data {args.data} --out <folder>")
     return 0
