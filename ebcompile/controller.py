@@ -44,6 +44,8 @@ class EarlyBird:
     Across processes (torchrun with DDP, FSDP2 ``fully_shard``, Accelerate, the HF Trainer) build it and call
     ``step()`` on every rank: scores come from each rank's shard and are reduced as small vectors, every rank
     checks that all drew the same masks and decision (else ``DistributedError``), and ``save`` writes on rank 0.
+    ``sync=False`` skips the cross-rank checks, for a search that one rank runs alone (e.g. under
+    ``if rank == 0``); with the default, a rank that stops calling ``step()`` leaves the others waiting.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class EarlyBird:
         warmup: int = 0,
         criterion: str = "max",
         rewind_at: int | None = None,
+        sync: bool = True,
     ) -> None:
         model = unwrap(model)  # DistributedDataParallel: the user's model inside
         cfg = config_of(model)
@@ -81,6 +84,9 @@ class EarlyBird:
             raise ConfigError(f"rewind_at={rewind_at!r} must be None or a call count >= 0. Fix: e.g. rewind_at=0 (now).")
         self.criterion = criterion
         self.rewind_at = rewind_at
+        if not isinstance(sync, bool):
+            raise ConfigError(f"sync={sync!r} must be True or False. Fix: sync=False only when one rank alone runs the search.")
+        self.sync = sync
         self.rewind_weights: dict[str, torch.Tensor] | None = None
         self.ticks = 0
         self.history: list[dict[str, Any]] = []  # one record per check: check, tick, distances
@@ -113,21 +119,24 @@ class EarlyBird:
 
     def check(self) -> bool:
         """Draw masks now and update the window, whatever the schedule says."""
-        _check_finite(self.model)
+        _check_finite(self.model, self.sync)
         masks = current_masks(self.model, self.ratio)
         record: dict[str, Any] = {"check": self.checks, "tick": self.ticks, "distances": None, "pruned": masks.pruned_fraction()}
+        max_distance, recent = self.max_distance, deque(self._recent, maxlen=self.window)
         if self._previous is not None:
             d = hamming(self._previous, masks)
-            record["distances"] = d
             value = self._criterion_value(d)
-            self.max_distance = max(self.max_distance, value)
-            self._recent.append(value)
-            record["distance"] = value
+            max_distance = max(max_distance, value)
+            recent.append(value)
+            record.update(distances=d, distance=value)
         packed = pack_bits(masks)
-        found = len(self._recent) == self.window and all(self._passes(v) for v in self._recent)
-        check_same(f"the masks and the decision at check {record['check']}", packed.tobytes() + bytes([found]),
-                   "Fix: every rank must hold the same weights (wrap the model in DistributedDataParallel or fully_shard "
-                   "before training), call step() on every rank, and resume every rank from the same saved search.")
+        found = len(recent) == self.window and all(self._passes(v, max_distance) for v in recent)
+        if self.sync:  # nothing is changed until every rank agrees
+            check_same(f"the masks and the decision at check {record['check']}", packed.tobytes() + bytes([found]),
+                       "Fix: every rank must hold the same weights (wrap the model in DistributedDataParallel or "
+                       "fully_shard before training), call step() on every rank (or pass sync=False to a search one "
+                       "rank runs alone), and resume every rank from the same saved search.")
+        self.max_distance, self._recent = max_distance, recent
         self._packed.append(packed)
         self.history.append(record)
         self._previous = masks
@@ -145,10 +154,10 @@ class EarlyBird:
                               "Fix: use 'max' or 'overall'.")
         return d[self.criterion]
 
-    def _passes(self, value: float) -> bool:
+    def _passes(self, value: float, max_distance: float) -> bool:
         if self.rule == "absolute":
             return value < self.threshold
-        return value <= self.threshold * self.max_distance
+        return value <= self.threshold * max_distance
 
     # -- what it saw ----------------------------------------------------------------------------------
     def distances(self) -> list[float]:
@@ -308,10 +317,10 @@ def load_ticket(path: str | os.PathLike) -> Ticket:
 _CONFIG_KEYS = ("ratio", "threshold", "rule", "window", "every", "warmup", "criterion", "rewind_at")
 
 
-def _check_finite(model: nn.Module) -> None:
+def _check_finite(model: nn.Module, sync: bool = True) -> None:
     """Masks are drawn from weight magnitudes: NaN or inf weights (a diverged run) are refused, not ranked."""
     ops = config_of(model).plan.linears
-    for op, ok in zip(ops, all_finite([raw_tensor(model, op.weight) for op in ops])):
+    for op, ok in zip(ops, all_finite([raw_tensor(model, op.weight) for op in ops], reduce=sync)):
         if not ok:
             raise NonFiniteWeightsError(f"{op.weight} holds NaN or inf: training diverged, and masks drawn from it would "
                                         "mean nothing. Fix: lower the learning rate (or clip gradients) and resume from "

@@ -96,10 +96,11 @@ def all_agree(flag: bool) -> bool:
     return bool(t.item())
 
 
-def all_finite(tensors: list[torch.Tensor]) -> list[bool]:
-    """For each tensor: no NaN or inf in it, on any rank (one small all-reduce, so that every rank decides alike)."""
+def all_finite(tensors: list[torch.Tensor], reduce: bool = True) -> list[bool]:
+    """For each tensor: no NaN or inf in it, on any rank (one small all-reduce, so that every rank decides alike;
+    ``reduce=False``: this rank's view only, unless the tensors are sharded)."""
     flags = [bool(torch.isfinite(local_tensor(t)).all()) if t.is_floating_point() else True for t in tensors]
-    if world()[1] == 1:
+    if world()[1] == 1 or not (reduce or any(is_sharded(t) for t in tensors)):
         return flags
     t = _group_tensor([int(f) for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MIN)

@@ -176,3 +176,28 @@ def test_export_errors_are_typed_and_leave_nothing(case, tmp_path, monkeypatch):
     with pytest.raises(error, match="Fix:"):
         fn()
     assert list(tmp_path.iterdir()) == []  # no file, no folder created on the way
+
+
+def test_ranks_that_disagree_change_nothing_and_sync_false_skips_the_check(monkeypatch):
+    import ebcompile.controller as controller
+
+    def disagree(what, data, fix):
+        raise DistributedError(f"ranks disagree on {what}. {fix}")
+
+    model = ebcompile.prepare(mlp(), (X,), ratio=0.5)
+    eb = ebcompile.EarlyBird(model, window=1, every=1)
+    eb.step()
+    eb.step()
+    before = (eb.checks, list(eb.distances()), eb.max_distance, list(eb._recent), len(eb.history))
+    with torch.no_grad():
+        model[0].weight.mul_(-1.5).add_(0.3)  # the masks move, so the check has something to record
+    monkeypatch.setattr(controller, "check_same", disagree)
+    with pytest.raises(DistributedError, match="Fix:.*sync=False"):
+        eb.check()
+    assert (eb.checks, list(eb.distances()), eb.max_distance, list(eb._recent), len(eb.history)) == before
+    alone = ebcompile.EarlyBird(model, window=1, every=1, sync=False)
+    alone.check()
+    alone.check()  # no cross-rank check: nothing raised
+    assert alone.checks == 2
+    with pytest.raises(ConfigError, match="sync="):
+        ebcompile.EarlyBird(model, sync="yes")
