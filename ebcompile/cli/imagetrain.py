@@ -31,7 +31,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path, load_tensors, save_tensors
 from .imageclf import Recipe, build_model, check_classifier, logits_of, model_geometry, parse_kwargs, save_model
 
-LR, THRESHOLD = 1e-3, 0.1  # image defaults: from-scratch AdamW; the seed paper's vision threshold
+LR, RULE, THRESHOLD = 1e-3, "relative", 0.3  # image defaults: from-scratch AdamW; the rule measured in docs/RESULTS.md
 PROGRESS, OPTIMIZER, SEARCH_STATE = "progress.json", "optimizer.safetensors", "earlybird.safetensors"
 RESUMABLE = ("model", "model_kwargs", "data", "image_size", "train_limit", "batch", "lr", "seed", "ratio", "structure",
              "scope", "every", "warmup", "window", "rule", "threshold")
@@ -71,6 +71,7 @@ def search(args: argparse.Namespace) -> int:
     check_ratio(args.ratio)
     args.lr = LR if args.lr is None else args.lr
     args.threshold = THRESHOLD if args.threshold is None else args.threshold
+    args.rule = RULE if args.rule is None else args.rule
     out, settings = Path(args.out), _settings(args)
     progress = _saved_progress(out, settings)  # refused before any training
     data = _data(args)

@@ -41,10 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=int, default=50, help="optimizer steps between checks (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=0, help="optimizer steps before the first check")
     p.add_argument("--window", type=int, default=5, help="checks whose distances must all pass (default: %(default)s)")
-    p.add_argument("--rule", default="absolute", choices=["absolute", "relative"],
-                   help="absolute (default, the seed paper's text rule) or relative to the largest distance seen")
+    p.add_argument("--rule", default=None, choices=["absolute", "relative"],
+                   help="absolute, or relative to the largest distance seen (default: absolute for text, the seed paper's "
+                        "fine-tuning rule; relative for images, trained from scratch, where the seed's absolute 0.1 fires "
+                        "at the first possible check: docs/early-bird.md)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="(default: the seed paper's thresholds: 0.01 for text, 0.1 for images)")
+                   help="(default: 0.01 for text, the seed paper's; 0.3 for images, relative, as measured by "
+                        "bench/reproduce.py: docs/RESULTS.md)")
     p.add_argument("--model-kwargs", default=None, help="images: JSON object of arguments for the model builder")
     p.add_argument("--image-size", default=None, help="images: N or HxW fed to the model (default: the model's own "
                                                       "image_size, else the data's)")
@@ -68,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     check_ratio(args.ratio)
     if args.threshold is None:
         args.threshold = 0.01
+    if args.rule is None:
+        args.rule = "absolute"
     if args.model_kwargs is not None or args.image_size is not None:
         raise ConfigError("--model-kwargs and --image-size are for image models. Fix: leave them out for a text model, "
                           "or name an image model (torchvision:NAME, timm:NAME, MODULE:FACTORY).")
