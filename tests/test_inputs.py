@@ -201,3 +201,14 @@ def test_ranks_that_disagree_change_nothing_and_sync_false_skips_the_check(monke
     assert alone.checks == 2
     with pytest.raises(ConfigError, match="sync="):
         ebcompile.EarlyBird(model, sync="yes")
+
+
+def test_save_and_export_of_a_wrapped_model_write_the_model_inside(tmp_path):
+    model = ebcompile.prepare(mlp(), (X,), ratio=0.5, structure="structured")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    wrapped = nn.DataParallel(model)  # DistributedDataParallel is unwrapped the same way
+    ebcompile.save(wrapped, tmp_path / "saved")
+    back = ebcompile.load(tmp_path / "saved", model=mlp())
+    assert torch.allclose(back(X), model(X), atol=1e-6)
+    report = ebcompile.export_onnx(wrapped, tmp_path / "m.onnx", X)
+    assert report.max_abs_error is not None and report.max_abs_error < 1e-4

@@ -42,7 +42,11 @@ class ExportReport:
 
 
 def plain_model(model: nn.Module) -> nn.Module:
-    """The model to export: a prepared model is compacted (structured ticket) or has its masks baked in."""
+    """The model to export: a prepared model is compacted (structured ticket) or has its masks baked in; a
+    DistributedDataParallel wrapper gives the model inside."""
+    from ..distributed import unwrap
+
+    model = unwrap(model)
     cfg = getattr(model, "_ebcompile", None)
     if cfg is None:
         return model
