@@ -20,8 +20,9 @@ from torch import nn
 
 from .errors import DistributedError
 
-__all__ = ["world", "is_main", "is_sharded", "full_vector", "local_part", "mask_", "masked", "copy_", "all_agree",
-           "check_same", "all_finite", "full_state_dict", "load_full_state_dict", "unwrap"]
+__all__ = ["world", "is_main", "is_sharded", "full_vector", "local_part", "local_tensor", "shard_rows", "mask_", "masked",
+           "copy_", "collective_ints", "check_same", "all_finite", "full_state_dict", "load_full_state_dict",
+           "unwrap"]
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -81,19 +82,11 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
-def _group_tensor(values: list[int]) -> torch.Tensor:
+def collective_ints(values: list[int]) -> torch.Tensor:
+    """Small integers as a tensor on the device the process group's backend communicates from."""
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     return torch.tensor(values, dtype=torch.int64, device=device)
-
-
-def all_agree(flag: bool) -> bool:
-    """True when ``flag`` is true on every rank."""
-    if world()[1] == 1:
-        return flag
-    t = _group_tensor([int(bool(flag))])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def all_finite(tensors: list[torch.Tensor], reduce: bool = True) -> list[bool]:
@@ -102,7 +95,7 @@ def all_finite(tensors: list[torch.Tensor], reduce: bool = True) -> list[bool]:
     flags = [bool(torch.isfinite(local_tensor(t)).all()) if t.is_floating_point() else True for t in tensors]
     if world()[1] == 1 or not (reduce or any(is_sharded(t) for t in tensors)):
         return flags
-    t = _group_tensor([int(f) for f in flags])
+    t = collective_ints([int(f) for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return [bool(v) for v in t.tolist()]
 
@@ -113,7 +106,7 @@ def check_same(what: str, data: bytes, fix: str) -> None:
     if size == 1:
         return
     digest = zlib.crc32(data) ^ (len(data) << 32)
-    mine = _group_tensor([digest])
+    mine = collective_ints([digest])
     gathered = [torch.zeros_like(mine) for _ in range(size)]
     dist.all_gather(gathered, mine)
     digests = [int(g.item()) for g in gathered]

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import DTensor, _group_tensor, local_tensor, shard_rows, world
+from .distributed import DTensor, collective_ints, local_tensor, shard_rows, world
 from .errors import DistributedError
 from .importance import Masks, raw_tensor
 
@@ -69,13 +69,13 @@ def _kth_smallest(bits: list[torch.Tensor], owned: list[bool], rankings: list[li
 
 
 def _all_reduce(values: list[int]) -> list[int]:
-    t = _group_tensor(values)
+    t = collective_ints(values)
     dist.all_reduce(t)
     return [int(v) for v in t.tolist()]
 
 
 def _all_gather(values: list[int], size: int) -> list[list[int]]:
-    mine = _group_tensor(values)
+    mine = collective_ints(values)
     out = [torch.zeros_like(mine) for _ in range(size)]
     dist.all_gather(out, mine)
     return [[int(v) for v in o.tolist()] for o in out]
