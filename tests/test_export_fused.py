@@ -191,3 +191,25 @@ def test_fused_attention_off_keeps_the_plain_graph(tmp_path):
     model, x = _compact("nanogpt")
     report = export_onnx(model, tmp_path / "m.onnx", x, fused_attention=False)
     assert report.op_counts.get("Softmax") == 2 and not _fused_nodes(tmp_path / "m.onnx")
+
+
+class InPlaceOnProbabilities(nn.Module):
+    """softmax, then an in-place change of the probabilities: a fused node cannot hold it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        p = (q @ k.transpose(-2, -1) * 0.5).softmax(-1)
+        p.mul_(0.5)
+        return self.out((p @ v).transpose(1, 2).reshape(b, t, c))
+
+
+def test_in_place_change_of_the_probabilities_is_left_unfused(tmp_path):
+    torch.manual_seed(0)
+    report = export_onnx(InPlaceOnProbabilities(), tmp_path / "m.onnx", torch.randn(2, 5, 8), optimize=True)
+    assert not any(op in report.op_counts for op in FUSED_ATTENTION_OPS)
+    assert any("not fused" in n and "in place" in n for n in report.notes), report.notes

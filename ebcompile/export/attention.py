@@ -147,12 +147,16 @@ class AttentionFusion(TorchFunctionMode):
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        from .attention_ops import HANDLERS, forget_in_place
+        from .attention_ops import HANDLERS, forget_in_place, scores_of
 
         kwargs = kwargs or {}
         handler = HANDLERS.get(func)
         if handler is not None:
-            return handler(self, func, args, kwargs)
+            before = scores_of(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+            out = handler(self, func, args, kwargs)
+            if before is not None and out is args[0] and scores_of(out) is before:
+                forget_in_place(func, args, kwargs)  # an in-place op the handler left untracked (e.g. on the probabilities)
+            return out
         out = func(*args, **kwargs)
         forget_in_place(func, args, kwargs)
         return out

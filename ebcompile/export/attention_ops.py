@@ -35,6 +35,9 @@ def _scores(t) -> Scores | None:
     return getattr(t, "_ebc_scores", None) if isinstance(t, torch.Tensor) else None
 
 
+scores_of = _scores  # what the fusion mode reads to tell a followed in-place op from one left untracked
+
+
 def _tag(t: torch.Tensor, info: Scores | None, lost: str | None = None) -> torch.Tensor:
     for name in TAGS[0], TAGS[3]:
         if hasattr(t, name):

@@ -243,6 +243,10 @@ def export_onnx(
                               f"{type(exc).__name__}: {str(exc)[:300]}. Fix: {fix}.") from exc
         notes += fusion.notes if fused_attention else []
         optimized = optimize_file(tmp, family_net, fp16, notes) if optimize else False
+        if optimize and fp16 and not optimized:  # the fp32 trace was to be converted by the optimizer
+            raise ExportError(f"onnxruntime's optimizer failed ({notes[-1] if notes else 'no reason given'}), and an fp16 "
+                              "export with optimize=True is converted to fp16 by it. Fix: export with optimize=False "
+                              "(fp16 traced directly), or in fp32.")
         try:
             graph = onnx.load(str(tmp), load_external_data=False).graph
         except Exception as exc:  # noqa: BLE001 - a file the optimizer broke

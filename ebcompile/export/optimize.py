@@ -77,11 +77,12 @@ def optimize_file(path: Path, net: nn.Module, fp16: bool, notes: list[str]) -> b
 @contextlib.contextmanager
 def _quiet_logging():
     """The optimizer logs shape-inference chatter at WARNING from many module-named loggers: silence it while it runs."""
-    logging.disable(logging.WARNING)
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.WARNING))
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
 
 
 def attention_summary(graph: onnx.GraphProto) -> str | None:
