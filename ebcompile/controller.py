@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .distributed import all_finite, check_same, is_main, unwrap
+from .distributed import all_finite, check_same, is_main, unwrap, world
 from .errors import CheckpointError, ConfigError, NonFiniteWeightsError, TicketMismatchError
 from .importance import Masks, hamming, raw_tensor
 from .io import load_tensors, save_tensors
@@ -131,7 +131,7 @@ class EarlyBird:
             record.update(distances=d, distance=value)
         packed = pack_bits(masks)
         found = len(recent) == self.window and all(self._passes(v, max_distance) for v in recent)
-        if self.sync:  # nothing is changed until every rank agrees
+        if self.sync and world()[1] > 1:  # nothing is changed until every rank agrees
             check_same(f"the masks and the decision at check {record['check']}", packed.tobytes() + bytes([found]),
                        "Fix: every rank must hold the same weights (wrap the model in DistributedDataParallel or "
                        "fully_shard before training), call step() on every rank (or pass sync=False to a search one "

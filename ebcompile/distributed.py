@@ -60,9 +60,12 @@ def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def mask_(weight: torch.Tensor, mask: torch.Tensor) -> None:
-    """``weight *= mask`` in place, on the local shard when ``weight`` is sharded."""
-    local = weight.to_local() if is_sharded(weight) else weight
-    local.mul_(local_part(mask, weight).to(local.dtype))
+    """``weight *= mask`` in place, on the local shard when ``weight`` is sharded (runs after every optimizer step
+    of a frozen ticket: the plain path is the one multiply it always was)."""
+    if not is_sharded(weight):
+        weight.mul_(mask)
+        return
+    weight.to_local().mul_(local_part(mask, weight))
 
 
 def masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -59,11 +59,14 @@ def group_scores(model: nn.Module, group: GroupSet) -> torch.Tensor:
     for m in group.members:
         if not m.masked:
             continue
-        t = raw_tensor(model, m.tensor).detach().float()
-        sq = t.pow(2)
-        other = [d for d in range(t.dim()) if d != m.dim % t.dim()]
+        t = raw_tensor(model, m.tensor).detach()
+        dim, offset = m.dim % t.dim(), m.offset
+        if not is_sharded(t):  # only the member's slice; a sharded tensor is summed whole on its local shard
+            t, offset = t.narrow(dim, offset, group.units * m.unit_size), 0
+        sq = t.float().pow(2)
+        other = [d for d in range(t.dim()) if d != dim]
         per_index = full_vector(sq.sum(other) if other else sq)
-        units = per_index.narrow(0, m.offset, group.units * m.unit_size).reshape(group.units, m.unit_size).sum(1)
+        units = per_index.narrow(0, offset, group.units * m.unit_size).reshape(group.units, m.unit_size).sum(1)
         total = units if total is None else total + units.to(total.device)
     return total.sqrt()
 
@@ -81,11 +84,15 @@ def expand_units(model: nn.Module, group: GroupSet, keep: torch.Tensor, out: dic
 
 
 def _bottom_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask that drops exactly the k lowest scores (ties broken by position)."""
+    """Keep-mask that drops exactly the k lowest scores, ties at the threshold dropped in position order (the
+    rule ``sharded_masks`` follows across processes, so one process and many draw the same masks)."""
     keep = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        keep[torch.topk(scores, k, largest=False, sorted=False).indices] = False
-    return keep
+    if k <= 0:
+        return keep
+    threshold = scores.kthvalue(k).values
+    below, tied = scores < threshold, scores == threshold
+    need = k - int(below.sum())
+    return ~below & ~(tied & (tied.cumsum(0) <= need))
 
 
 def compute_masks(model: nn.Module, plan: Plan, ratio: float, structure: str, scope: str) -> Masks:

@@ -22,11 +22,11 @@ __all__ = ["unstructured_sharded"]
 
 def unstructured_sharded(model: nn.Module, names: list[str], ratio: float, scope: str) -> Masks:
     raws = [raw_tensor(model, n) for n in names]
-    for r in raws:
-        if isinstance(r, DTensor) and r.device_mesh.ndim != 1:
-            raise DistributedError("unstructured masks support a 1-D device mesh only (FSDP2 fully_shard). "
-                                   "Fix: use structure='structured', or shard over one mesh dimension.")
     rank, size = world()
+    for r in raws:  # ties are dropped in rank order, which is row order only on a 1-D mesh over every rank in order
+        if isinstance(r, DTensor) and (r.device_mesh.ndim != 1 or r.device_mesh.mesh.flatten().tolist() != list(range(size))):
+            raise DistributedError("unstructured masks support a 1-D device mesh over every rank in order (FSDP2 "
+                                   "fully_shard's default). Fix: use structure='structured', or shard over one mesh dimension.")
     rows = [shard_rows(r) for r in raws]
     # magnitudes as int32 bits (non-negative floats order like their bits); replicated tensors count on rank 0 only
     bits = [local_tensor(r).detach().abs().float().flatten().view(torch.int32) for r in raws]

@@ -192,6 +192,7 @@ def test_ranks_that_disagree_change_nothing_and_sync_false_skips_the_check(monke
     with torch.no_grad():
         model[0].weight.mul_(-1.5).add_(0.3)  # the masks move, so the check has something to record
     monkeypatch.setattr(controller, "check_same", disagree)
+    monkeypatch.setattr(controller, "world", lambda: (0, 2))  # as if a second rank drew other masks
     with pytest.raises(DistributedError, match="Fix:.*sync=False"):
         eb.check()
     assert (eb.checks, list(eb.distances()), eb.max_distance, list(eb._recent), len(eb.history)) == before
@@ -212,3 +213,28 @@ def test_save_and_export_of_a_wrapped_model_write_the_model_inside(tmp_path):
     assert torch.allclose(back(X), model(X), atol=1e-6)
     report = ebcompile.export_onnx(wrapped, tmp_path / "m.onnx", X)
     assert report.max_abs_error is not None and report.max_abs_error < 1e-4
+
+
+def test_fp16_export_whose_optimizer_fails_is_an_error_not_an_fp32_file(tmp_path, monkeypatch):
+    from ebcompile.errors import ExportError
+    from ebcompile.export import onnx as export_module
+
+    def failing(path, net, fp16, notes):
+        notes.append("optimizer skipped: RuntimeError: boom")
+        return False
+
+    monkeypatch.setattr(export_module, "optimize_file", failing)
+    with pytest.raises(ExportError, match="optimizer failed.*Fix: export with optimize=False"):
+        ebcompile.export_onnx(mlp(), tmp_path / "m.onnx", X, dtype="fp16", optimize=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_parametrization_added_after_prepare_still_runs():
+    class Twice(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    model = ebcompile.prepare(mlp(), (X,), ratio=0.5)
+    layer = model[0]
+    nn.utils.parametrize.register_parametrization(layer, "weight", Twice())
+    assert torch.equal(layer.weight, 2 * layer.parametrizations.weight.original)

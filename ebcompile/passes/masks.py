@@ -68,7 +68,7 @@ def _fast_path(cls: type, attr: str) -> None:
 
     def get(self: nn.Module) -> torch.Tensor:
         plist = self._modules["parametrizations"]._modules[attr]
-        if not plist._modules["0"].active:
+        if len(plist) == 1 and not plist._modules["0"].active:  # parametrizations added after ours still run
             original = plist._parameters.get("original")
             return original if original is not None else plist.original
         return slow.fget(self)
