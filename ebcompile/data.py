@@ -77,9 +77,12 @@ class ImageData:
         return int(self.train_x.shape[2]), int(self.train_x.shape[3])
 
 
-def looks_local(spec: str) -> bool:
-    """A path, not a name: it must exist, never be looked up online."""
-    return spec.startswith(("/", "./", "../", "~", ".\\")) or spec in (".", "..") or "/" in spec or "\\" in spec
+def looks_local(spec: str, hub_ids: bool = False) -> bool:
+    """A path, not a name: it must exist, never be looked up online. ``hub_ids``: ``owner/name`` is a hub id
+    (models and text data sets); otherwise any ``/`` makes a path (image data set names have none)."""
+    if spec.startswith(("/", "./", "../", "~", ".\\")) or spec in (".", "..") or "\\" in spec:
+        return True
+    return spec.count("/") > (1 if hub_ids else 0)
 
 
 def load_images(spec: str, seed: int = 0, val_fraction: float = 0.2) -> ImageData:

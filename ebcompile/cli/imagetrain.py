@@ -249,7 +249,8 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData, recipe
             post = {"loss": f"{loss.item():.3f}"}
             if earlybird is not None:
                 earlybird.step()
-                post |= {"checks": earlybird.checks, "d": f"{(earlybird.distances() or [float('nan')])[-1]:.4f}"}
+                last = earlybird.history[-1].get("distance", float("nan")) if earlybird.history else float("nan")
+                post |= {"checks": earlybird.checks, "d": f"{last:.4f}"}
                 if save is not None and step % per_epoch == 0 and step < total and not earlybird.found:
                     save(step)
             bar.set_postfix(post, refresh=False)

@@ -24,9 +24,9 @@ def load_model(source: str) -> nn.Module:
         return imageclf.load_saved(source)[0]
     if (Path(source) / META).is_file():
         return checkpoint.load(source)
-    from .textclf import looks_local
+    from ..data import looks_local
 
-    if looks_local(source) and not Path(source).expanduser().exists():
+    if looks_local(source, hub_ids=True) and not Path(source).expanduser().exists():
         raise CheckpointError(f"{source}: no such folder. Fix: check the path (a hub name has no ./, ../, / or ~ in front).")
     import transformers
 

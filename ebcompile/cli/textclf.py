@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import looks_local
 from ..errors import CheckpointError, ConfigError
 
 Split = tuple[list[str], list[int]]
@@ -43,7 +44,7 @@ def load_texts(spec: str, train_limit: int | None = None) -> tuple[Split, Split]
     elif folder.exists():
         raise CheckpointError(f"{spec} has no rt-polarity.pos / rt-polarity.neg. Fix: pass the MR polarity folder "
                               "(e.g. ../shared/data/mr-polarity) or a datasets hub name.")
-    elif looks_local(spec):
+    elif looks_local(spec, hub_ids=True):
         raise ConfigError(f"--data {spec}: no such folder. Fix: check the path (a hub name has no ./, ../, / or ~ "
                           "in front).")
     else:
@@ -57,11 +58,6 @@ def load_texts(spec: str, train_limit: int | None = None) -> tuple[Split, Split]
     check_split("training", spec, xtr, ytr)
     check_split("validation", spec, xva, yva)
     return (xtr, ytr), (xva, yva)
-
-
-def looks_local(spec: str) -> bool:
-    """A path, not a hub id (``name`` or ``owner/name``): it must exist, never be looked up online."""
-    return spec.startswith(("/", "./", "../", "~", ".\\")) or spec in (".", "..") or spec.count("/") > 1 or "\\" in spec
 
 
 def check_split(what: str, spec: str, texts: list, labels: list) -> None:
@@ -108,7 +104,7 @@ def load_classifier(source: str, num_labels: int | None = None) -> tuple[nn.Modu
 
     from .models import quiet_transformers
 
-    if looks_local(source) and not Path(source).expanduser().exists():
+    if looks_local(source, hub_ids=True) and not Path(source).expanduser().exists():
         raise CheckpointError(f"{source}: no such folder. Fix: check the path, or pass a hub name when online.")
     try:
         with quiet_transformers():
