@@ -35,8 +35,9 @@ def unstructured_sharded(model: nn.Module, names: list[str], ratio: float, scope
     ks = [round(ratio * sum(raws[i].numel() for i in s)) for s in rankings]
     thresholds = _kth_smallest(bits, owned, rankings, ks)
 
-    less = [int((b < thresholds[_ranking_of(i, rankings)]).sum()) if owned[i] else 0 for i, b in enumerate(bits)]
-    ties = [int((b == thresholds[_ranking_of(i, rankings)]).sum()) if owned[i] else 0 for i, b in enumerate(bits)]
+    cut = [thresholds[0 if scope == "global" else i] for i in range(len(bits))]  # each tensor's ranking threshold
+    less = [int((b < t).sum()) if owned[i] else 0 for i, (b, t) in enumerate(zip(bits, cut))]
+    ties = [int((b == t).sum()) if owned[i] else 0 for i, (b, t) in enumerate(zip(bits, cut))]
     less_all = _all_reduce(less)
     ties_by_rank = _all_gather(ties, size)  # [rank][tensor]
     masks = Masks("unstructured")
@@ -52,10 +53,6 @@ def unstructured_sharded(model: nn.Module, names: list[str], ratio: float, scope
             keep = (b > t) | (eq & (eq.cumsum(0) > drop_here)) if k > 0 else torch.ones_like(b, dtype=torch.bool)
             masks.tensors[names[i]] = _whole(keep, raws[i])
     return masks
-
-
-def _ranking_of(i: int, rankings: list[list[int]]) -> int:
-    return next(j for j, s in enumerate(rankings) if i in s)
 
 
 def _kth_smallest(bits: list[torch.Tensor], owned: list[bool], rankings: list[list[int]], ks: list[int]) -> list[int]:
