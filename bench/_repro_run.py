@@ -28,17 +28,19 @@ from ebcompile.report import count_macs
 
 @dataclass(frozen=True)
 class Rule:
-    """An early-bird rule: EarlyBird's ``rule``, ``threshold``, ``window`` and a warm-up as a fraction of the steps."""
+    """An early-bird rule: EarlyBird's ``rule``, ``threshold``, ``window``, a warm-up as a fraction of the steps,
+    and ``deadline``: the share of the steps by which the ticket is drawn at the latest (None: the rule alone)."""
 
     rule: str
     threshold: float
     window: int = 5
     warmup: float = 0.0
+    deadline: float | None = None
 
     @property
     def label(self) -> str:
         return (f"{self.rule} {self.threshold:g}" + (f", window {self.window}" if self.window != 5 else "")
-                + (f", warm-up {self.warmup:.0%}" if self.warmup else ""))
+                + (f", warm-up {self.warmup:.0%}" if self.warmup else "") + (f", deadline {self.deadline:.0%}" if self.deadline else ""))
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Snapshot:
     seconds: float  # training wall time up to here plus this search's own checks
     cpu: float  # process CPU time of the same
     check_seconds: float
+    by: str  # "rule" or "deadline" (or "" for the end of the run)
     state: dict[str, torch.Tensor]
     names: list[str]  # parameter names in optimizer order (parametrization prefixes removed)
     opt: dict
@@ -69,9 +72,10 @@ class Snapshot:
 class Watch:
     """EarlyBird's rule over masks it cannot draw on this model (unstructured masks on a structured-prepared model)."""
 
-    def __init__(self, model: nn.Module, structure: str, ratio: float, rule: Rule, every: int, warmup: int) -> None:
+    def __init__(self, model: nn.Module, structure: str, ratio: float, rule: Rule, every: int, warmup: int, steps: int) -> None:
         self.model, self.structure, self.ratio, self.rule, self.every, self.warmup = model, structure, ratio, rule, every, warmup
-        self.ticks, self.checks, self.max_distance, self.found_check = 0, 0, 0.0, None
+        self.last = None if rule.deadline is None else max(1, round(rule.deadline * steps))
+        self.ticks, self.checks, self.max_distance, self.found_check, self.by = 0, 0, 0.0, None, ""
         self.recent: deque[float] = deque(maxlen=rule.window)
         self.previous, self.trace = None, []
 
@@ -81,7 +85,8 @@ class Watch:
 
     def step(self) -> bool:
         self.ticks += 1
-        if self.found or self.ticks <= self.warmup or (self.ticks - self.warmup) % self.every:
+        last = self.last is not None and self.ticks >= self.last
+        if self.found or (not last and (self.ticks <= self.warmup or (self.ticks - self.warmup) % self.every)):
             return self.found
         cfg = config_of(self.model)
         masks = compute_masks(self.model, cfg.plan, self.ratio, self.structure, "global")
@@ -94,16 +99,25 @@ class Watch:
             ok = [(v < self.rule.threshold) if self.rule.rule == "absolute" else (v <= self.rule.threshold * self.max_distance)
                   for v in self.recent]
             if len(self.recent) == self.rule.window and all(ok):
-                self.found_check = self.checks
+                self.found_check, self.by = self.checks, "rule"
+        if last and not self.found:
+            self.found_check, self.by = self.checks, "deadline"
         self.previous = masks
         self.checks += 1
         return self.found
 
 
-def replay(distances: list[float], rule: Rule, warmup_checks: int = 0) -> int | None:
-    """The check at which ``rule`` fires over a whole run's distances (distance i compares check i + 1 with check i),
-    as EarlyBird would: a warm-up of ``warmup_checks`` whole check intervals starts the search at that check."""
-    return _replay(distances, rule, warmup_checks)
+def replay(distances: list[float], rule: Rule, every: int, steps: int) -> tuple[int, int, str] | None:
+    """``(check, step, by)`` where ``rule`` fires over a whole run's distances (distance i compares check i + 1 with
+    check i, check k is at step (k + 1) x every), as EarlyBird would: a warm-up counts whole check intervals, and
+    a deadline forces one more check at its step when the rule has not fired by then."""
+    warmup_checks = round(rule.warmup * steps / every)
+    check = _replay(distances, rule, warmup_checks)
+    if rule.deadline is not None:
+        last = max(1, round(rule.deadline * steps))
+        if check is None or (check + 1) * every > last:
+            return (last - 1) // every, last, "deadline"
+    return None if check is None else (check, (check + 1) * every, "rule")
 
 
 def _replay(distances: list[float], rule: Rule, first: int = 0) -> int | None:
@@ -135,7 +149,7 @@ class DenseRun:
     snapshots: dict[Search, Snapshot] = field(default_factory=dict)
     traces: dict[str, list[float]] = field(default_factory=dict)  # kind -> distance per check (whole run)
     kinds: dict[str, list[float]] = field(default_factory=dict)  # structured distance per kind ("head", "neuron", "overall")
-    clock: list[tuple[int, float]] = field(default_factory=list)  # (step, training wall seconds) at every check
+    clock: list[float] = field(default_factory=list)  # training wall seconds after each step (index 0: before the first)
     matrix: Any = None  # pairwise structured mask distances over the whole run
     macs: float = 0.0  # forward MACs per sample
     report: Any = None  # ebcompile.report of the dense model
@@ -145,13 +159,13 @@ def _controller(model: nn.Module, s: Search, every: int, steps: int) -> Any:
     warmup = round(s.rule.warmup * steps)
     if s.structure == "structured":
         return ebcompile.EarlyBird(model, ratio=s.ratio, threshold=s.rule.threshold, rule=s.rule.rule, window=s.rule.window,
-                                   every=every, warmup=warmup)
-    return Watch(model, s.structure, s.ratio, s.rule, every, warmup)
+                                   every=every, warmup=warmup, budget=steps, deadline=s.rule.deadline)
+    return Watch(model, s.structure, s.ratio, s.rule, every, warmup, steps)
 
 
-def _snapshot(model, opt, sched, gen, step, check, seconds, cpu, check_seconds) -> Snapshot:
+def _snapshot(model, opt, sched, gen, step, check, seconds, cpu, check_seconds, by="") -> Snapshot:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Snapshot(step, check, seconds, cpu, check_seconds, state, _names(model), copy.deepcopy(opt.state_dict()),
+    return Snapshot(step, check, seconds, cpu, check_seconds, by, state, _names(model), copy.deepcopy(opt.state_dict()),
                     copy.deepcopy(sched.state_dict()), gen.get_state(), None)
 
 
@@ -170,7 +184,7 @@ def dense_run(task: Task, seed: int, searches: list[Search], scope: str, record:
     spent = {s: [0.0, 0.0] for s in searches}  # wall, CPU
     snaps: dict[Search, Snapshot] = {}
     train_seconds, train_cpu, step = 0.0, 0.0, 0
-    clock: list[tuple[int, float]] = []
+    clock: list[float] = [0.0]
     bar = tqdm(total=task.steps, desc=f"{task.name} seed {seed}: dense + {len(searches)} searches", leave=False)
     while step < task.steps:
         for idx in torch.randperm(len(task.train[1]), generator=gen).split(task.batch):
@@ -195,13 +209,13 @@ def dense_run(task: Task, seed: int, searches: list[Search], scope: str, record:
                 spent[s][1] += time.process_time() - cpu
                 if found:
                     check = c.ticket.found_at["check"] if s.structure == "structured" else c.found_check
+                    by = c.ticket.found_at["by"] if s.structure == "structured" else c.by
                     snaps[s] = _snapshot(model, opt, sched, gen, step, check, train_seconds + spent[s][0], train_cpu + spent[s][1],
-                                         spent[s][0])
+                                         spent[s][0], by)
                     snaps[s].ticket = c.ticket if s.structure == "structured" else None
             for r in recorders.values():
                 r.step()
-            if step % every == 0:
-                clock.append((step, train_seconds))
+            clock.append(train_seconds)
     bar.close()
     run = DenseRun(task, seed, task.accuracy(model), train_seconds, train_cpu, task.steps, every,
                    _snapshot(model, opt, sched, gen, step, -1, train_seconds, train_cpu, 0.0), snaps)

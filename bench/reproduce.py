@@ -43,9 +43,14 @@ PITFALL_RULES = [Rule("absolute", 0.1), Rule("absolute", 0.01), Rule("relative",
                  Rule("relative", 0.3, window=3), Rule("relative", 0.1, window=10), Rule("relative", 0.1, warmup=0.1)]
 
 
+def recipe_rule(task) -> Rule:
+    """The recommended rule of a task: its rule and threshold, window 5, and its deadline."""
+    return Rule(task.rule[0], task.rule[1], deadline=task.rule[2])
+
+
 def searches_for(task, structures: list[str], ratios: tuple[float, ...]) -> list[Search]:
     """The live searches: the recommended rule at every ratio; other rules are replayed on the recorded distances."""
-    return [Search(st, p, Rule(*task.rule)) for st in structures for p in ratios]
+    return [Search(st, p, recipe_rule(task)) for st in structures for p in ratios]
 
 
 def run_task(task, seeds: list[int], structures: list[str], ratios: tuple[float, ...], scope: str, traditional: str,
@@ -72,27 +77,28 @@ def run_task(task, seeds: list[int], structures: list[str], ratios: tuple[float,
             key = {**base, "structure": s.structure, "p": s.ratio, "params": eb.parameters, "nonzero": eb.nonzero,
                    "bytes": eb.bytes, "fwd_macs": eb.macs}
             rows.append({**key, "pipeline": "early-bird", "acc": eb.accuracy, "wall": snap.seconds + eb.seconds,
-                         "cpu": snap.cpu + eb.cpu, "found": found, "step": snap.step if found else None,
+                         "cpu": snap.cpu + eb.cpu, "found": found, "step": snap.step if found else None, "by": snap.by,
                          "check": snap.check if found else None, "search_wall": snap.seconds,
                          "train_macs": 3 * samples * (run.macs * snap.step + eb.macs * left),
                          "step_ratio": (eb.seconds / max(left, 1)) / (run.seconds / run.steps), "mac_ratio": eb.macs / run.macs})
-            if traditional == "all" or s.ratio == 0.3 or (s.structure == "structured" and s.ratio == 0.5):
+            if traditional == "all" or (s.structure == "structured" and s.ratio in (0.3, 0.5)):
                 tr = retrain(task, run, run.final, s.structure, s.ratio, scope, run.steps, carry=False)
                 rows.append({**key, "pipeline": "traditional", "acc": tr.accuracy, "wall": run.seconds + tr.seconds,
                              "cpu": run.cpu + tr.cpu, "train_macs": 3 * samples * run.steps * (run.macs + tr.macs)})
         fires = {}
-        recipe = Rule(*task.rule)
+        recipe = recipe_rule(task)
         for st, trace in run.traces.items():
             for rule in [recipe] + [r for r in PITFALL_RULES if r != recipe]:
-                check = replay(trace, rule, round(rule.warmup * run.steps / run.every))
+                fired = replay(trace, rule, run.every, run.steps)
+                check, step, by = fired if fired is not None else (None, None, "")
                 live = run.snapshots.get(Search(st, 0.3, rule))
-                if live is not None and live.check != check:  # the replay is EarlyBird's rule: it must agree
-                    print(f"warning: {task.name} {st} {rule.label}: live check {live.check}, replayed {check}")
+                if live is not None and (live.check, live.step) != (check, step):  # the replay is EarlyBird's rule: it must agree
+                    print(f"warning: {task.name} {st} {rule.label}: live check {live.check} at step {live.step}, replayed {fired}")
                 fires[(st, rule.label)] = check
-                step, seconds = run.clock[check] if check is not None else (None, None)
+                seconds = run.clock[step] if step is not None else None
                 rest = per_step.get((st, 0.3), 0.0)
                 rows.append({**base, "pipeline": "pitfall", "structure": st, "p": 0.3, "rule": rule.label, "recipe": rule == recipe,
-                             "step": step, "check": check, "checks": len(run.clock), "search_wall": seconds,
+                             "step": step, "check": check, "by": by, "checks": run.steps // run.every, "search_wall": seconds,
                              "est_wall": None if step is None else seconds + rest * (run.steps - step), "dense_wall": run.seconds})
         if plot_dir is not None and seed == seeds[0]:
             write_plot(run, fires, plot_dir / f"reproduce-{task.name}.png")

@@ -22,6 +22,7 @@ from .ticket import Ticket, signature_of, snapshot, ticket_from
 __all__ = ["EarlyBird", "RULES", "load_ticket"]
 
 RULES = ("relative", "absolute")
+DEADLINE = 0.15  # measured (bench/reproduce.py): tickets drawn at 10-30% of the budget retrain alike; later ones cost more
 
 
 class EarlyBird:
@@ -33,13 +34,20 @@ class EarlyBird:
     kind ("head", "neuron", or "weight" for unstructured masks). The ticket is declared when the last
     ``window`` distances all pass the rule:
 
-    - ``rule="relative"`` (default): distance <= ``threshold`` x the largest distance seen so far. It means
-      the same on every model and ratio; measured here, absolute unstructured distances never reach 0.1.
+    - ``rule="relative"`` (default, threshold 0.3): distance <= ``threshold`` x the largest distance seen so far.
+      It means the same on every model and ratio; measured here, absolute unstructured distances never reach 0.1.
     - ``rule="absolute"``: distance < ``threshold`` (the seed paper: 0.1 vision, 0.01 text).
 
     ``criterion`` picks the distance the rule reads: ``"max"`` (every structure kind must be stable),
     ``"overall"``, or one kind. ``warmup`` calls are skipped before the first check. ``rewind_at=k``
     keeps a CPU copy of the weights at call k (0: now) in ``rewind_weights``.
+
+    When to stop searching: given ``budget`` (the ``step()`` calls the whole training makes), the ticket is
+    drawn by call ``deadline`` x ``budget`` at the latest (default 15%) even if the rule has not fired;
+    ``ticket.found_at["by"]`` says which (``"rule"`` or ``"deadline"``). Measured (docs/RESULTS.md): from
+    scratch, mask distances follow the learning rate, so the rule alone fires at about half the budget, while
+    tickets drawn at 10-30% retrain as well and every step searched at full width is a step not saved.
+    ``deadline=None`` searches until the rule fires.
 
     Across processes (torchrun with DDP, FSDP2 ``fully_shard``, Accelerate, the HF Trainer) build it and call
     ``step()`` on every rank: scores come from each rank's shard and are reduced as small vectors, every rank
@@ -52,7 +60,7 @@ class EarlyBird:
         self,
         model: nn.Module,
         ratio: float | None = None,
-        threshold: float = 0.1,
+        threshold: float = 0.3,
         rule: str = "relative",
         window: int = 5,
         every: int | str = "epoch",
@@ -60,6 +68,8 @@ class EarlyBird:
         criterion: str = "max",
         rewind_at: int | None = None,
         sync: bool = True,
+        budget: int | None = None,
+        deadline: float | None = DEADLINE,
     ) -> None:
         model = unwrap(model)  # DistributedDataParallel: the user's model inside
         cfg = config_of(model)
@@ -84,6 +94,11 @@ class EarlyBird:
             raise ConfigError(f"rewind_at={rewind_at!r} must be None or a call count >= 0. Fix: e.g. rewind_at=0 (now).")
         self.criterion = criterion
         self.rewind_at = rewind_at
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ConfigError(f"budget={budget!r} must be None or the number of step() calls the training will make (>= 1).")
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline <= 1):
+            raise ConfigError(f"deadline={deadline!r} must be None or a share of the budget in (0, 1]. Fix: e.g. deadline=0.15.")
+        self.budget, self.deadline = budget, None if deadline is None else float(deadline)
         if not isinstance(sync, bool):
             raise ConfigError(f"sync={sync!r} must be True or False. Fix: sync=False only when one rank alone runs the search.")
         self.sync = sync
@@ -114,11 +129,20 @@ class EarlyBird:
             self.rewind_weights = snapshot(self.model)
         if self.found:
             return True
+        last = self.deadline_tick is not None and self.ticks >= self.deadline_tick
         due = self.ticks > self.warmup and (self.ticks - self.warmup) % self.every == 0
-        return self.check() if due else False
+        return self.check(last=last) if due or last else False
 
-    def check(self) -> bool:
-        """Draw masks now and update the window, whatever the schedule says."""
+    @property
+    def deadline_tick(self) -> int | None:
+        """The ``step()`` call at which the search ends at the latest (``deadline`` x ``budget``), or None."""
+        if self.budget is None or self.deadline is None:
+            return None
+        return max(1, round(self.deadline * self.budget))
+
+    def check(self, last: bool = False) -> bool:
+        """Draw masks now and update the window, whatever the schedule says; ``last``: draw the ticket now
+        if the rule does not fire (the search's deadline)."""
         _check_finite(self.model, self.sync)
         masks = current_masks(self.model, self.ratio)
         record: dict[str, Any] = {"check": self.checks, "tick": self.ticks, "distances": None, "pruned": masks.pruned_fraction()}
@@ -130,7 +154,8 @@ class EarlyBird:
             recent.append(value)
             record.update(distances=d, distance=value)
         packed = pack_bits(masks)
-        found = len(recent) == self.window and all(self._passes(v, max_distance) for v in recent)
+        by_rule = len(recent) == self.window and all(self._passes(v, max_distance) for v in recent)
+        found = by_rule or last
         if self.sync and world()[1] > 1:  # nothing is changed until every rank agrees
             check_same(f"the masks and the decision at check {record['check']}", packed.tobytes() + bytes([found]),
                        "Fix: every rank must hold the same weights (wrap the model in DistributedDataParallel or "
@@ -142,7 +167,7 @@ class EarlyBird:
         self._previous = masks
         if found:
             self.ticket = Ticket(masks, self.ratio, config_of(self.model).scope, signature_of(self.model),
-                                 {"check": record["check"], "tick": self.ticks})
+                                 {"check": record["check"], "tick": self.ticks, "by": "rule" if by_rule else "deadline"})
         return self.found
 
     def _criterion_value(self, d: dict[str, float]) -> float:
@@ -185,7 +210,8 @@ class EarlyBird:
         """Everything needed to resume the search and find the same ticket."""
         state: dict[str, Any] = {
             "config": {"ratio": self.ratio, "threshold": self.threshold, "rule": self.rule, "window": self.window,
-                       "every": self.every, "warmup": self.warmup, "criterion": self.criterion, "rewind_at": self.rewind_at},
+                       "every": self.every, "warmup": self.warmup, "criterion": self.criterion, "rewind_at": self.rewind_at,
+                       "budget": self.budget, "deadline": self.deadline},
             "ticks": self.ticks, "history": self.history, "max_distance": self.max_distance,
             "recent": list(self._recent), "packed": [torch.from_numpy(p.copy()) for p in self._packed],
             "previous": _masks_to_state(self._previous), "ticket": None, "rewind_weights": self.rewind_weights,
@@ -314,7 +340,7 @@ def load_ticket(path: str | os.PathLike) -> Ticket:
                   dict(t["found_at"]))
 
 
-_CONFIG_KEYS = ("ratio", "threshold", "rule", "window", "every", "warmup", "criterion", "rewind_at")
+_CONFIG_KEYS = ("ratio", "threshold", "rule", "window", "every", "warmup", "criterion", "rewind_at", "budget", "deadline")
 
 
 def _check_finite(model: nn.Module, sync: bool = True) -> None:

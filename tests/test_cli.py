@@ -179,8 +179,8 @@ def test_search_retrain_export_from_the_command_line(tiny_classifier, tmp_path, 
 
     search, small = tmp_path / "search", tmp_path / "small"
     assert main(["search", str(tiny_classifier), "--out", str(search), *TRAIN, "--epochs", "2", "--every", "2",
-                 "--window", "2", "--rule", "relative", "--threshold", "1.0"]) == 0
-    assert "ticket found at step 6" in capsys.readouterr().out  # checks at steps 2, 4, 6; window 2 passes at the 3rd
+                 "--window", "2", "--rule", "relative", "--threshold", "1.0", "--deadline", "none"]) == 0
+    assert "ticket found by the rule at step 6" in capsys.readouterr().out  # checks at steps 2, 4, 6; window 2 passes at the 3rd
     result = json.loads((search / "search.json").read_text())
     assert result["found"] and result["step"] == 6 and len(result["distances"]) == 2
     assert (search / "search.png").read_bytes()[:4] == b"\x89PNG" and (search / "model" / "tokenizer.json").is_file()
@@ -202,13 +202,26 @@ def test_search_retrain_export_from_the_command_line(tiny_classifier, tmp_path, 
 def test_search_without_a_ticket_exits_1_and_keeps_the_search(tiny_classifier, tmp_path, capsys):
     out = tmp_path / "search"
     assert main(["search", str(tiny_classifier), "--out", str(out), *TRAIN, "--epochs", "1", "--every", "4",
-                 "--threshold", "1e-9"]) == 1
+                 "--threshold", "1e-9", "--deadline", "none"]) == 1
     assert "no ticket within 12 steps" in capsys.readouterr().out
     assert (out / "earlybird.safetensors").is_file() and not (out / "ticket.safetensors").exists()
     proc = subprocess.run([sys.executable, "-m", "ebcompile.cli.main", "retrain", str(out), "--out", str(tmp_path / "r"),
                            *TRAIN], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "lacks model/" in proc.stderr
     assert "Fix:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_mr
+def test_search_draws_the_ticket_by_the_deadline_share_of_the_epochs(tiny_classifier, tmp_path, capsys):
+    out = tmp_path / "search"  # 12 steps; the rule never fires; 25% of them: the ticket at step 3
+    assert main(["search", str(tiny_classifier), "--out", str(out), *TRAIN, "--epochs", "1", "--every", "4",
+                 "--threshold", "1e-9", "--deadline", "0.25"]) == 0
+    assert "ticket found by the deadline (--deadline) at step 3" in capsys.readouterr().out
+    result = json.loads((out / "search.json").read_text())
+    assert result["found_at"] == {"check": 0, "tick": 3, "by": "deadline"} and (out / "ticket.safetensors").is_file()
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage and the error, exit 2
+        main(["search", str(tiny_classifier), "--out", str(out), *TRAIN, "--deadline", "0"])
+    assert exit_info.value.code == 2 and "not a share in (0, 1]" in capsys.readouterr().err
 
 
 def test_bench_compares_dense_and_compact(tmp_path, capsys):

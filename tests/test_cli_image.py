@@ -21,7 +21,8 @@ MNIST = ROOT.parent / "shared" / "data" / "mnist-t10k"
 needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data is not beside this checkout")
 VIT = ["torchvision:VisionTransformer", "--model-kwargs",
        json.dumps({"image_size": 28, "patch_size": 7, "num_layers": 2, "num_heads": 4, "hidden_dim": 32, "mlp_dim": 64})]
-FAST = ["--every", "2", "--window", "2", "--rule", "relative", "--threshold", "1.0"]  # checks at steps 2, 4, 6: ticket at 6
+FAST = ["--every", "2", "--window", "2", "--rule", "relative", "--threshold", "1.0", "--deadline", "none"]  # checks at 2, 4, 6: ticket at 6
+LATE = ["--every", "2", "--rule", "absolute", "--threshold", "1e-9", "--deadline", "0.5"]  # the rule never fires: the deadline does
 FACTORY = '''from torchvision.models import VisionTransformer
 
 
@@ -66,7 +67,7 @@ def test_search_retrain_export_a_small_vit_on_mnist(tmp_path, capsys):
     search, small, onnx_path = tmp_path / "search", tmp_path / "small", tmp_path / "small.onnx"
     data = ["--data", str(MNIST), "--train-limit", "256", "--batch", "32"]
     assert main(["search", *VIT, "--out", str(search), *data, *FAST, "--epochs", "1"]) == 0
-    assert "ticket found at step 6" in capsys.readouterr().out
+    assert "ticket found by the rule at step 6" in capsys.readouterr().out
     result = json.loads((search / "search.json").read_text())
     assert result["found"] and result["step"] == 6 and result["found_at"]["tick"] == 6 and len(result["distances"]) == 2
     assert _png((search / "search.png").read_bytes())
@@ -110,8 +111,10 @@ def test_image_folder_and_a_user_factory_search_retrain_export(tmp_path, monkeyp
     search, small = tmp_path / "search", tmp_path / "small"
     data = ["--data", str(folder), "--batch", "8"]
     spec = ["tinynet:make", "--model-kwargs", '{"depth": 2}']
-    assert main(["search", *spec, "--out", str(search), *data, *FAST, "--epochs", "3"]) == 0
-    assert "ticket found at step 6" in capsys.readouterr().out
+    assert main(["search", *spec, "--out", str(search), *data, *LATE, "--epochs", "4"]) == 0
+    assert "ticket found by the deadline (--deadline) at step" in capsys.readouterr().out
+    result = json.loads((search / "search.json").read_text())
+    assert result["found_at"]["by"] == "deadline" and result["step"] == result["found_at"]["tick"]
     recipe = Recipe.load(search / "model")  # 12x12 PNGs resized to the model's 16x16; grayscale class made RGB
     assert (recipe.channels, recipe.image_size, recipe.classes) == (3, [16, 16], ["dark", "gray", "light"])
     assert _png((search / "search.png").read_bytes())
@@ -161,7 +164,7 @@ def test_image_data_layouts(tmp_path):
 @needs_mnist
 def test_a_resumed_search_draws_the_checks_of_an_uninterrupted_one(tmp_path, capsys):
     args = [*VIT, "--data", str(MNIST), "--train-limit", "96", "--batch", "32", "--every", "2", "--threshold", "1e-9",
-            "--structure", "unstructured"]
+            "--structure", "unstructured", "--deadline", "none"]
     assert main(["search", *args, "--epochs", "1", "--out", str(tmp_path / "a")]) == 1  # no ticket: the search is kept
     assert "no ticket within 3 steps" in capsys.readouterr().out
     assert main(["search", *args, "--epochs", "2", "--out", str(tmp_path / "a")]) == 1  # resumed at step 3

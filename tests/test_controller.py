@@ -49,7 +49,7 @@ def test_ticket_found_exactly_window_checks_after_weights_stop_changing(rule, wi
             found_at = check
     # check `changing` is the first with unchanged masks; `window` zero distances end at changing + window - 1
     assert found_at == changing + window - 1
-    assert eb.ticket.found_at == {"check": changing + window - 1, "tick": changing + window}
+    assert eb.ticket.found_at == {"check": changing + window - 1, "tick": changing + window, "by": "rule"}
     assert eb.distances()[changing - 1:] == [0.0] * (len(eb.distances()) - changing + 1)
     assert all(d > 0.1 for d in eb.distances()[: changing - 1])
     masks = current_masks(model)
@@ -80,7 +80,7 @@ def test_every_and_warmup_schedule(mlp):
     # checks at ticks 5, 8, 11 (warmup 2, then every 3); 2 zero distances after the first check -> tick 11
     assert [r["tick"] for r in eb.history] == [5, 8, 11]
     assert results.index(True) == 10
-    assert eb.ticket.found_at == {"check": 2, "tick": 11}
+    assert eb.ticket.found_at == {"check": 2, "tick": 11, "by": "rule"}
     assert eb.ticks == 20 and eb.checks == 3  # no more checks once found
 
 
@@ -221,3 +221,38 @@ def test_controller_state_from_another_model_is_refused():
                               prune_output_layer=True)
     with pytest.raises(TicketMismatchError, match="Fix:"):
         ebcompile.EarlyBird(other).load_state_dict(eb.state_dict())
+
+
+@pytest.mark.parametrize("budget,deadline,tick", [(40, 0.15, 6), (40, 0.5, 20), (7, 0.01, 1), (10, 1.0, 10)])
+def test_deadline_draws_the_ticket_when_the_rule_has_not_fired(budget, deadline, tick):
+    model = prepared("mlp", ratio=0.3)
+    eb = ebcompile.EarlyBird(model, every=3, budget=budget, deadline=deadline)
+    for t in range(1, budget + 1):
+        redraw(model, seed=t)  # masks change completely: the rule never fires
+        if eb.step():
+            break
+    assert eb.found and t == tick and eb.ticket.found_at == {"check": eb.checks - 1, "tick": tick, "by": "deadline"}
+    masks = current_masks(model)  # the ticket is the masks of the weights at the deadline
+    assert all(torch.equal(eb.ticket.masks.tensors[k], v) for k, v in masks.tensors.items())
+    again = ebcompile.EarlyBird(model)
+    again.load_state_dict(eb.state_dict())
+    assert (again.budget, again.deadline, again.ticket.found_at) == (budget, deadline, eb.ticket.found_at)
+
+
+def test_rule_before_the_deadline_and_no_deadline_without_budget_or_with_none():
+    model = prepared("mlp", ratio=0.3)
+    eb = ebcompile.EarlyBird(model, window=2, budget=100, deadline=0.5)
+    ticks = next(t for t in range(1, 100) if eb.step())  # weights never change: the rule fires at the third check
+    assert ticks == 3 and eb.ticket.found_at["by"] == "rule"
+    for kw in ({"budget": None}, {"budget": 10, "deadline": None}):
+        eb = ebcompile.EarlyBird(model, **kw)
+        for t in range(1, 21):
+            redraw(model, seed=t)
+            assert not eb.step()
+
+
+@pytest.mark.parametrize("kw", [{"budget": 0}, {"budget": 2.5}, {"budget": True}, {"deadline": 0}, {"deadline": 1.5},
+                                {"deadline": "15%"}, {"deadline": True}])
+def test_bad_budget_or_deadline_is_a_config_error(kw):
+    with pytest.raises(ebcompile.errors.ConfigError, match="budget|deadline"):
+        ebcompile.EarlyBird(prepared("mlp", ratio=0.3), **kw)

@@ -38,7 +38,7 @@ def test_trainer_with_earlybird_callback_finds_and_applies_a_ticket(tmp_path):
                  labels=torch.tensor(i % 2)) for i in range(16)]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
                              report_to="none", save_strategy="no", logging_steps=100, use_cpu=True, disable_tqdm=True)
-    callback = EarlyBirdCallback(every=1, window=2, threshold=1.0, stop=True)
+    callback = EarlyBirdCallback(every=1, window=2, threshold=1.0, stop=True, deadline=None)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     callback.attach(trainer)
     trainer.train()
@@ -66,14 +66,14 @@ def test_trainer_resume_restores_the_search_and_the_applied_ticket(tmp_path):
         args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
                                  report_to="none", save_strategy="steps", save_steps=2, logging_steps=100, use_cpu=True,
                                  disable_tqdm=True, seed=0)
-        callback = EarlyBirdCallback(every=1, window=2, threshold=1.0)
+        callback = EarlyBirdCallback(every=1, window=2, threshold=1.0, deadline=None)
         trainer = Trainer(model=model, args=args, train_dataset=data)
         callback.attach(trainer)
         trainer.train(resume_from_checkpoint=resume)
         return model, callback
 
     straight, cb = run()
-    assert cb.ticket.found_at == {"check": 2, "tick": 3}
+    assert cb.ticket.found_at == {"check": 2, "tick": 3, "by": "rule"}
     assert all((tmp_path / f"checkpoint-{s}" / STATE_FILE).is_file() for s in (2, 4, 6))
     mid, cb_mid = run(str(tmp_path / "checkpoint-2"))
     assert cb_mid.applied and cb_mid.ticket.found_at == cb.ticket.found_at
@@ -121,10 +121,31 @@ def test_trainer_callback_unbound_logs_into_the_trainer_entries(tmp_path):
             for row in torch.randint(2, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(0))]
     args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=4,
                              report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
-    callback = EarlyBirdCallback(every="epoch", window=1, threshold=1.0, mode="rewind")
+    callback = EarlyBirdCallback(every="epoch", window=1, threshold=1.0, mode="rewind", deadline=None)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()
-    assert callback.applied and callback.ticket.found_at == {"check": 1, "tick": 2}
+    assert callback.applied and callback.ticket.found_at == {"check": 1, "tick": 2, "by": "rule"}
     assert model.lm_head.weight is model.transformer.wte.weight
     assert [h.get("eb/pruned") for h in trainer.state.log_history if "eb/pruned" in h] == [0.5, 0.5]
     assert sum("eb/distance_overall" in h for h in trainer.state.log_history) == 1
+
+
+
+@pytest.mark.parametrize("every,deadline,stopped", [(1, 0.25, 5), (2, 0.25, 5), ("epoch", 0.4, 8)])
+def test_trainer_callback_draws_the_ticket_by_its_deadline_share_of_the_training(tmp_path, every, deadline, stopped):
+    from transformers import Trainer, TrainingArguments
+
+    from ebcompile.integrations import EarlyBirdCallback
+
+    model = ebcompile.prepare(build("bert"), text_batch(), ratio=0.5, structure="structured")
+    g = torch.Generator().manual_seed(0)
+    data = [dict(input_ids=torch.randint(2, VOCAB, (SEQ,), generator=g), attention_mask=torch.ones(SEQ, dtype=torch.long),
+                 labels=torch.tensor(i % 2)) for i in range(16)]  # 4 steps per epoch, 5 epochs: 20 steps
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=5, per_device_train_batch_size=4, learning_rate=1e-3,
+                             report_to="none", save_strategy="no", logging_steps=100, use_cpu=True, disable_tqdm=True)
+    callback = EarlyBirdCallback(every=every, threshold=1e-9, rule="absolute", stop=True, deadline=deadline)  # the rule never fires
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    assert callback.applied and callback.ticket.found_at["by"] == "deadline"
+    assert trainer.state.global_step == stopped  # 25% of 20 steps; 40% of 5 epochs = epoch 2
+    assert callback.earlybird.budget == (5 if every == "epoch" else 20)

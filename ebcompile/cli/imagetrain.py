@@ -34,7 +34,7 @@ from .imageclf import Recipe, build_model, check_classifier, logits_of, model_ge
 LR, RULE, THRESHOLD = 1e-3, "relative", 0.3  # image defaults: from-scratch AdamW; the rule measured in docs/RESULTS.md
 PROGRESS, OPTIMIZER, SEARCH_STATE = "progress.json", "optimizer.safetensors", "earlybird.safetensors"
 RESUMABLE = ("model", "model_kwargs", "data", "image_size", "train_limit", "batch", "lr", "seed", "ratio", "structure",
-             "scope", "every", "warmup", "window", "rule", "threshold")
+             "scope", "every", "warmup", "window", "rule", "threshold", "deadline")
 
 
 def _data(args: argparse.Namespace) -> ImageData:
@@ -87,8 +87,10 @@ def search(args: argparse.Namespace) -> int:
     prepare(model, example, ratio=args.ratio, structure=args.structure, scope=args.scope)
     model.to(_device())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    per_epoch = math.ceil(len(data.train_y) / args.batch)
+    total = math.ceil(args.epochs * per_epoch)
     eb = EarlyBird(model, threshold=args.threshold, rule=args.rule, window=args.window, every=args.every,
-                   warmup=args.warmup, rewind_at=0)
+                   warmup=args.warmup, rewind_at=0, budget=total, deadline=args.deadline)
     step = 0
     if progress is not None:
         eb.load(out / "model" / SEARCH_STATE)
@@ -101,8 +103,6 @@ def search(args: argparse.Namespace) -> int:
                  PROGRESS: lambda p: p.write_text(json.dumps({"step": at, "found": eb.found, "settings": settings}) + "\n")}
         save_model(model, recipe, out / "model", extra)
 
-    per_epoch = math.ceil(len(data.train_y) / args.batch)
-    total = math.ceil(args.epochs * per_epoch)
     step = _train(model, opt, data, recipe, args, step, total, per_epoch, desc="search", earlybird=eb, save=save)
     save(step)
     _publish(out / "model" / SEARCH_STATE, out / SEARCH_STATE)

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..controller import DEADLINE
 from ..io import atomic_path
 
 
@@ -48,10 +49,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="(default: 0.01 for text, the seed paper's; 0.3 for images, relative, as measured by "
                         "bench/reproduce.py: docs/RESULTS.md)")
+    p.add_argument("--deadline", type=_share, default=DEADLINE,
+                   help="share of the training budget (--epochs) by which the ticket is drawn at the latest, even if the "
+                        "rule has not fired (default: %(default)s, measured by bench/reproduce.py: docs/RESULTS.md); "
+                        "'none': only the rule decides")
     p.add_argument("--model-kwargs", default=None, help="images: JSON object of arguments for the model builder")
     p.add_argument("--image-size", default=None, help="images: N or HxW fed to the model (default: the model's own "
                                                       "image_size, else the data's)")
     p.set_defaults(run=run)
+
+
+def _share(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in (0, 1] or 'none'")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
     prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=args.ratio, structure=args.structure,
             scope=args.scope)
     eb = EarlyBird(model, threshold=args.threshold, rule=args.rule, window=args.window, every=args.every,
-                   warmup=args.warmup, rewind_at=0)
+                   warmup=args.warmup, rewind_at=0, deadline=args.deadline)
     out = Path(args.out)
-    trainer = textclf.trainer(model, tok, train, args, out, [EarlyBirdCallback(every=1, earlybird=eb, apply=False, stop=True)])
+    callback = EarlyBirdCallback(every=1, earlybird=eb, apply=False, stop=True, deadline=args.deadline)
+    trainer = textclf.trainer(model, tok, train, args, out, [callback])
     trainer.train()
     out.mkdir(parents=True, exist_ok=True)
     eb.save(out / "earlybird.safetensors")
@@ -107,7 +122,8 @@ def finish(args: argparse.Namespace, out: Path, eb: Any, result: dict[str, Any],
         print(f"no ticket within {step} steps ({eb.checks} checks; distances in {out / 'search.json'}). {longer}, check "
               "more often (--every) or loosen --threshold.")
         return 1
-    print(f"ticket found at step {eb.ticket.found_at['tick']} ({eb.checks} checks), validation accuracy of the early-bird "
+    how = "by the deadline (--deadline)" if eb.ticket.found_at.get("by") == "deadline" else "by the rule"
+    print(f"ticket found {how} at step {eb.ticket.found_at['tick']} ({eb.checks} checks), validation accuracy of the early-bird "
           f"model {result['validation_accuracy']:.2%}; pruned {eb.ticket.sparsity():.1%} of the {args.structure} units.")
     print(f"written to {out}/ (model/, ticket.safetensors, earlybird.safetensors, search.png). "
           f"Next: ebcompile retrain {out} --data {args.data} --out <folder>")

@@ -10,6 +10,7 @@ brings it back: the same checks, the same ticket, the ticket frozen again if it 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..controller import EarlyBird
+from ..controller import DEADLINE, EarlyBird
 from ..errors import ConfigError
 from ..ticket import MODES, Ticket, apply_ticket
 
@@ -36,6 +37,9 @@ class EarlyBirdCallback(TrainerCallback):
         every: ``"epoch"`` (one check at each epoch end) or ``N`` (one check every N optimizer steps).
         ratio, threshold, rule, window, warmup, criterion: as in ``EarlyBird`` (``warmup`` counts epochs or
             steps, like ``every``).
+        deadline: the share of the Trainer's training (``max_steps``, or its epochs with ``every="epoch"``) by
+            which the ticket is drawn at the latest (default 0.15, as measured in docs/RESULTS.md); ``None``:
+            search until the rule fires. It also sets the budget of an ``earlybird`` passed in without one.
         mode: how the found ticket is applied: ``"continue"``, ``"rewind"`` (to the weights at train begin)
             or ``"reinit"`` (seeded with ``seed``); see ``ebcompile.apply_ticket``.
         apply: apply the ticket as soon as it is found (``False``: only record it in ``self.ticket``).
@@ -56,11 +60,12 @@ class EarlyBirdCallback(TrainerCallback):
         self,
         every: int | str = "epoch",
         ratio: float | None = None,
-        threshold: float = 0.1,
+        threshold: float = 0.3,
         rule: str = "relative",
         window: int = 5,
         warmup: int = 0,
         criterion: str = "max",
+        deadline: float | None = DEADLINE,
         mode: str = "continue",
         apply: bool = True,
         stop: bool = False,
@@ -76,7 +81,8 @@ class EarlyBirdCallback(TrainerCallback):
         self.every, self.mode, self.apply, self.stop, self.seed, self.on_ticket = every, mode, apply, stop, seed, on_ticket
         self._options: dict[str, Any] = dict(ratio=ratio, threshold=threshold, rule=rule, window=window,
                                              every=1 if every == "epoch" else every, warmup=warmup, criterion=criterion,
-                                             rewind_at=0 if mode == "rewind" else None)
+                                             rewind_at=0 if mode == "rewind" else None, deadline=deadline)
+        self.deadline = deadline
         self.earlybird = earlybird
         self.resume_from = resume_from
         self.applied = False
@@ -100,6 +106,8 @@ class EarlyBirdCallback(TrainerCallback):
             if model is None:
                 raise ConfigError("the Trainer passed no model to EarlyBirdCallback. Fix: pass earlybird=EarlyBird(model).")
             self.earlybird = EarlyBird(model, **self._options)  # NotPreparedError when prepare() was not called
+        if self.earlybird.budget is None and self.deadline is not None:
+            self.earlybird.budget = max(1, math.ceil(state.num_train_epochs) if self.every == "epoch" else state.max_steps)
         self._resume(args, state)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
