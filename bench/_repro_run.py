@@ -191,11 +191,7 @@ def dense_run(task: Task, seed: int, searches: list[Search], scope: str, record:
             if step >= task.steps:
                 break
             start, cpu = time.perf_counter(), time.process_time()
-            loss = task.loss(model, idx)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            task.train_step(model, opt, sched, idx)
             train_seconds += time.perf_counter() - start
             train_cpu += time.process_time() - cpu
             step += 1
@@ -273,11 +269,7 @@ def retrain(task: Task, run: DenseRun, snap: Snapshot, structure: str, ratio: fl
         for idx in torch.randperm(len(task.train[1]), generator=gen).split(task.batch):
             if done >= steps:
                 break
-            loss = task.loss(model, idx)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            task.train_step(model, opt, sched, idx)
             done += 1
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     rep = ebcompile.report(model)

@@ -70,6 +70,14 @@ class Task:
     def loss(self, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(model, self.inputs("train", idx)), self.train[1][idx])
 
+    def train_step(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, idx: torch.Tensor) -> None:
+        """One optimizer step on the training rows ``idx``, then one scheduler step."""
+        loss = self.loss(model, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
     def example(self, n: int = 2) -> Any:
         return self.inputs("val", torch.arange(n))
 

@@ -43,11 +43,7 @@ def dense_with_snapshots(task, seed: int, shares: list[float]) -> tuple[DenseRun
             if step >= task.steps:
                 break
             start = time.perf_counter()
-            loss = task.loss(model, idx)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            task.train_step(model, opt, sched, idx)
             seconds += time.perf_counter() - start
             step += 1
             bar.update()

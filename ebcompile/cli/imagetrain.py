@@ -94,6 +94,7 @@ def search(args: argparse.Namespace) -> int:
     step = 0
     if progress is not None:
         eb.load(out / "model" / SEARCH_STATE)
+        eb.budget = total  # this run's --epochs: the deadline follows the budget asked for now
         load_optimizer(opt, model, out / "model" / OPTIMIZER)
         step = progress["step"]
         print(f"resuming the search saved in {out / 'model'} at step {step} ({eb.checks} checks)")
