@@ -194,7 +194,7 @@ def _cut(x: dict, n: int) -> dict:
 
 
 def make_tasks(names: list[str], quick: bool) -> list[Task]:
-    """The tasks asked for, sized for the full run (about 25 minutes on 2 CPU cores) or for ``--quick`` (a smoke run)."""
+    """The tasks asked for, sized for the full run (about an hour on one CPU core) or for ``--quick`` (a smoke run)."""
     out = []
     # measured: relative 0.3 is the earliest rule that does not fire at the first possible check, and tickets drawn
     # at 10-30% of the budget retrain alike, so the search stops at 15% at the latest (ebcompile's defaults)

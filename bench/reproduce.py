@@ -1,6 +1,7 @@
 """Reproduce the seed paper (Cheekati 2024, "Early Transformers") with ebcompile, and measure what early-bird costs.
 
-    python bench/reproduce.py            # the full run (about 25 minutes on 2 CPU cores), writes docs/RESULTS.md
+    pip install -e '.[bench]'            # the pretrained MiniLM (else its rows are left out)
+    python bench/reproduce.py            # the full run (about an hour on the CPU), writes docs/RESULTS.md
     python bench/reproduce.py --quick --out /tmp/r/RESULTS.md   # a smoke run of the whole pipeline (< 3 min)
 
 Per model (small ViT and Swin trained from scratch on MNIST t10k, small GPT-2 and RoBERTa from scratch on MR
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="traditional pipeline at p = 0.3 and structured p = 0.5 only (default: the targets), or for all")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings on a shared machine)")
     p.add_argument("--render", default=None, help="only rewrite the documents from the rows a run saved (runs/reproduce-rows.json)")
+    p.add_argument("--merge", default=None, help="keep the rows of the models not run now from a saved run (runs/reproduce-rows.json); "
+                                                 "its time is added to this run's")
     p.add_argument("--out", default=None, help="where RESULTS.md goes (default docs/RESULTS.md; --quick writes nothing unless given)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -131,11 +134,18 @@ def main(argv: list[str] | None = None) -> None:
     for task in tasks if not a.render else []:
         pretrained = task.extra.get("pretrained", False)
         seeds = list(range(1 if (a.quick or pretrained) else (a.seeds or 3)))
-        structures = ["structured"] if pretrained else ["unstructured", "structured"]
-        ratios = (0.3,) if a.quick else (0.3, 0.5) if pretrained else RATIOS
+        structures = ["unstructured", "structured"]
+        ratios = (0.3,) if a.quick else RATIOS
         rows += run_task(task, seeds, structures, ratios, a.scope, a.traditional, out.parent if out else None)
         print(f"{task.name} done at {time.perf_counter() - start:.0f} s", flush=True)
     total = saved["seconds"] if a.render else time.perf_counter() - start
+    if a.merge:
+        kept = json.loads(Path(a.merge).read_text())
+        ran = {t.name for t in tasks}
+        rows = [r for r in kept["rows"] if r["model"] not in ran] + rows
+        total += kept["seconds"]
+        names = {r["model"] for r in rows}
+        tasks = [t for t in make_tasks([m for m in ["vit", "swin", "gpt2", "roberta", "minilm"] if m in names], a.quick)]
     if not a.render and out is not None:  # the raw rows, to re-render the documents without training again
         (ROOT / "runs").mkdir(exist_ok=True)
         (ROOT / "runs" / "reproduce-rows.json").write_text(json.dumps({"rows": rows, "seconds": total}, indent=1))

@@ -109,12 +109,18 @@ _HOOK: Any = None
 
 
 def _rezero_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Optimizer post-step hook: pruned stored weights stay exactly zero whatever the optimizer does."""
+    """Optimizer post-step hook: pruned stored weights stay exactly zero whatever the optimizer does.
+
+    Only the tensors this optimizer updates are touched: a masked model whose optimizer moved to its compacted
+    copy (``compact(model, optimizer=opt)``) costs nothing per step, even before it is garbage-collected."""
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     with torch.no_grad():
         for model in list(_FROZEN_MODELS):
             for name, _, _, m in iter_masks(model):
                 if m.frozen and m.active:
-                    mask_(raw_tensor(model, name), m.mask)
+                    weight = raw_tensor(model, name)
+                    if id(weight) in stepped:
+                        mask_(weight, m.mask)
 
 
 def _reset_all(model: nn.Module) -> None:

@@ -184,3 +184,22 @@ def test_ticket_save_load_round_trip(tmp_path):
     ebcompile.apply_ticket(other, loaded)
     for t, keep in ticket.masks.tensors.items():
         assert torch.equal(effective(other, t), raw_tensor(other, t) * keep)
+
+
+
+def test_the_rezero_hook_touches_only_what_the_stepping_optimizer_updates():
+    from ebcompile.passes.masks import iter_masks
+
+    make, batch = TINY["vit"]
+    model = ebcompile.prepare(make(), batch(), ratio=0.3, structure="structured")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ebcompile.apply_ticket(model, ticket_now(model))
+    name, _, _, mask = next((n, *rest) for n, *rest in iter_masks(model) if not bool(rest[-1].mask.all()))
+    weight = raw_tensor(model, name)
+    with torch.no_grad():
+        weight.fill_(1.0)  # pruned entries made non-zero behind the optimizers' back
+    other = nn.Linear(3, 3)
+    torch.optim.SGD(other.parameters(), lr=0.1).step()  # another optimizer: the masked model is not touched
+    assert bool((weight[~mask.mask.expand_as(weight)] == 1).all())
+    opt.step()  # its own optimizer: pruned entries are zero again
+    assert bool((weight[~mask.mask.expand_as(weight)] == 0).all())
