@@ -101,7 +101,8 @@ def targets(rows: list[dict], tasks) -> list[str]:
         first = all(r["found"] and r["check"] <= 5 and r.get("by") == "rule" for r in eb3)
         why = ("met only because the rule fires at the first check it can (pitfall table)" if first else
                f"drawn by the deadline in {late} of {len(eb3)} runs; the rule alone ({_alone(t)}) fires at {alone_share:.0%} "
-               "(pitfall table): from scratch, structured distances fall with the learning rate over the whole run" if late else
+               "(pitfall table)" + ("" if t.extra.get("pretrained") else ": from scratch, structured distances fall with the "
+                                    "learning rate over the whole run") if late else
                "the rule fired early enough") if ok else ("the structured distances fall with the learning rate over the whole "
                                                          "run (plot), so no rule that waits for them to settle fires in the first 30%")
         out.append(f"| ticket drawn within the first 30% of the search budget (structured p = 0.3) | {m} | {_mean(frac):.0%} | "
@@ -146,7 +147,8 @@ def targets(rows: list[dict], tasks) -> list[str]:
         out.append(f"| MiniLM on MR: recommended recipe within 1 point of dense and cheaper in wall time | minilm | "
                    f"{-gap:+.2f} points vs dense, {ratio:.2f}x dense wall time | {'met' if ok else 'missed'} | time "
                    + ("saved" if ratio < 1 else "not saved") + ("; accuracy lost: the ticket is the pretrained magnitude ranking "
-                   "after a few steps, and the 47 steps left are too few to fine-tune the narrower model (dense itself is "
+                   f"after a few steps, and the {mini[0]['steps'] - mini[0]['step']} steps left are too few to fine-tune the narrower "
+                   "model (dense itself is "
                    "far from MR's level here; bench/minilm_mr.py, 3 epochs on all of MR, measured 84.07% vs 84.91%)"
                    if gap > 1 else "") + " |")
     return out
