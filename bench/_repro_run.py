@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import ebcompile
+from ebcompile.controller import deadline_step
 from ebcompile.importance import compute_masks, hamming
 from ebcompile.prepare import config_of
 from ebcompile.report import count_macs
@@ -74,7 +75,7 @@ class Watch:
 
     def __init__(self, model: nn.Module, structure: str, ratio: float, rule: Rule, every: int, warmup: int, steps: int) -> None:
         self.model, self.structure, self.ratio, self.rule, self.every, self.warmup = model, structure, ratio, rule, every, warmup
-        self.last = None if rule.deadline is None else max(1, round(rule.deadline * steps))
+        self.last = deadline_step(steps, rule.deadline)
         self.ticks, self.checks, self.max_distance, self.found_check, self.by = 0, 0, 0.0, None, ""
         self.recent: deque[float] = deque(maxlen=rule.window)
         self.previous, self.trace = None, []
@@ -113,8 +114,8 @@ def replay(distances: list[float], rule: Rule, every: int, steps: int) -> tuple[
     a deadline forces one more check at its step when the rule has not fired by then."""
     warmup_checks = round(rule.warmup * steps / every)
     check = _replay(distances, rule, warmup_checks)
-    if rule.deadline is not None:
-        last = max(1, round(rule.deadline * steps))
+    last = deadline_step(steps, rule.deadline)
+    if last is not None:
         if check is None or (check + 1) * every > last:
             return (last - 1) // every, last, "deadline"
     return None if check is None else (check, (check + 1) * every, "rule")

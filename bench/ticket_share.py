@@ -26,6 +26,7 @@ from _repro_tasks import make_tasks  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import ebcompile  # noqa: E402
+from ebcompile.controller import deadline_step  # noqa: E402
 
 from _sections import publish  # noqa: E402
 
@@ -35,7 +36,7 @@ def dense_with_snapshots(task, seed: int, shares: list[float]) -> tuple[DenseRun
     model = ebcompile.prepare(task.build(), task.example(), ratio=0.3, structure="structured", scope="global").train()
     opt, sched = task.optimizer(model, task.steps)
     gen = torch.Generator().manual_seed(seed)
-    at = {max(1, round(s * task.steps)): s for s in shares}
+    at = {deadline_step(task.steps, s): s for s in shares}  # the step a search with that deadline would stop at
     snaps, step, seconds = {}, 0, 0.0
     bar = tqdm(total=task.steps, desc=f"{task.name}: dense", leave=False)
     while step < task.steps:

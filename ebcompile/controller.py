@@ -19,7 +19,7 @@ from .masks_io import STATE_TAGS, masks_from_tensors, masks_to_tensors, pack_bit
 from .prepare import check_ratio, config_of, current_masks
 from .ticket import Ticket, signature_of, snapshot, ticket_from
 
-__all__ = ["EarlyBird", "RULES", "load_ticket"]
+__all__ = ["EarlyBird", "RULES", "deadline_step", "load_ticket"]
 
 RULES = ("relative", "absolute")
 DEADLINE = 0.15  # measured (bench/reproduce.py): tickets drawn at 10-30% of the budget retrain alike; later ones cost more
@@ -136,9 +136,7 @@ class EarlyBird:
     @property
     def deadline_tick(self) -> int | None:
         """The ``step()`` call at which the search ends at the latest (``deadline`` x ``budget``), or None."""
-        if self.budget is None or self.deadline is None:
-            return None
-        return max(1, round(self.deadline * self.budget))
+        return deadline_step(self.budget, self.deadline)
 
     def check(self, last: bool = False) -> bool:
         """Draw masks now and update the window, whatever the schedule says; ``last``: draw the ticket now
@@ -338,6 +336,13 @@ def load_ticket(path: str | os.PathLike) -> Ticket:
     masks = masks_from_tensors(tensors, t["masks"], prefix="ticket/", tags=STATE_TAGS)
     return Ticket(masks, t["ratio"], t["scope"], {k: list(v) for k, v in t["signature"].items()},
                   dict(t["found_at"]))
+
+
+def deadline_step(budget: int | None, deadline: float | None) -> int | None:
+    """The step at which a search over ``budget`` steps ends at the latest (``deadline`` x ``budget``, at least 1)."""
+    if budget is None or deadline is None:
+        return None
+    return max(1, round(deadline * budget))
 
 
 _CONFIG_KEYS = ("ratio", "threshold", "rule", "window", "every", "warmup", "criterion", "rewind_at", "budget", "deadline")
