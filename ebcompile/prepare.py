@@ -87,7 +87,7 @@ def prepare(
     model: nn.Module,
     example_inputs: Any,
     ratio: float = 0.3,
-    structure: str = "unstructured",
+    structure: str = "auto",
     scope: str | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
@@ -101,9 +101,11 @@ def prepare(
         model: any ``nn.Module`` (torchvision ViT/Swin, an MLP, ...). It is modified in place.
         example_inputs: one batch: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
         ratio: fraction of the chosen structures that pruning removes, in (0, 1).
-        structure: ``"unstructured"`` (single weights) or ``"structured"`` (attention heads, FFN neurons).
-        scope: ``"global"`` (one ranking over the model) or ``"layer"`` (each layer prunes ``ratio`` of
-            its own units). Default: global for unstructured, layer for structured.
+        structure: ``"structured"`` (attention heads, KV groups, FFN neurons: the compacted ticket is smaller and
+            trains faster), ``"unstructured"`` (single weights: the seed paper's method; saves no time), or
+            ``"auto"`` (default): structured when the analysis finds a head or neuron group, else unstructured.
+        scope: ``"global"`` (default: one ranking over the model, the measured recipe) or ``"layer"`` (each layer
+            prunes ``ratio`` of its own units).
         include / exclude: fnmatch patterns over linear names (module paths, e.g. ``"encoder.*.mlp.*"``).
         prune_output_layer: also mask linears that feed the model output (the classifier head).
         capture_method: ``"auto"``, ``"symbolic_trace"`` or ``"export"``.
@@ -123,8 +125,8 @@ def prepare(
     include, exclude = _patterns("include", include), _patterns("exclude", exclude)
     if not isinstance(prune_output_layer, bool):
         raise ConfigError(f"prune_output_layer={prune_output_layer!r} must be True or False. Fix: e.g. prune_output_layer=True.")
-    _check_choice("structure", structure, STRUCTURES)
-    scope = _check_choice("scope", scope or ("global" if structure == "unstructured" else "layer"), SCOPES)
+    _check_choice("structure", structure, STRUCTURES + ("auto",))
+    scope = _check_choice("scope", scope or "global", SCOPES)
     _check_choice("kv_heads", kv_heads, KV_HEADS)
     if getattr(model, "_ebcompile", None) is not None:
         raise ConfigError("this model is already prepared. Fix: call prepare once, on the plain model.")
@@ -156,6 +158,8 @@ def prepare(
     masked_weights = {op.weight for op in plan.linears}
     plan.groups, why = find_groups(cap, attn, masked_weights, example_inputs, keep_kv=kv_heads == "keep")
     grouped = {m.tensor for g in plan.groups for m in g.members}
+    if structure == "auto":
+        structure = "structured" if plan.groups else "unstructured"
     for op in plan.linears:  # masked, but in no head or neuron group: say why (structured masks keep it whole)
         if structure == "structured" and op.weight not in grouped and op.name in why:
             plan.skipped.setdefault(op.name, why[op.name])

@@ -50,7 +50,7 @@ class Pipeline:
 @functools.cache
 def _pipeline(name: str) -> Pipeline:
     inputs = ARCHS[name].batch()
-    model = ebcompile.prepare(build(name), inputs, ratio=0.5, structure="structured")
+    model = ebcompile.prepare(build(name), inputs, ratio=0.5, structure="structured", scope="layer")  # the same count per layer
     ebcompile.apply_ticket(model, search(model, inputs))
     return Pipeline(model, ebcompile.compact(model).eval(), inputs)
 
@@ -156,6 +156,27 @@ def test_compact_computes_what_the_masked_model_computes(pipeline):
     for path, m in p.compact.named_modules():
         if family_of(m) is not None and path:
             assert family_of(m).heads(path, m).units == (1 if name == "swin" and "layers.0" in path else 2)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_default_prepare_is_structured_global_and_compacts_exactly(name):
+    """prepare's defaults (structure auto -> structured, global scope): layers keep different head counts."""
+    inputs = ARCHS[name].batch()
+    model = ebcompile.prepare(build(name), inputs, ratio=0.5)
+    assert (model._ebcompile.structure, model._ebcompile.scope) == ("structured", "global")
+    with torch.no_grad():  # spread the heads' magnitudes so that a global ranking is not a per-layer one
+        attentions = [m for path, m in model.named_modules() if path and family_of(m) is not None]
+        for i, m in enumerate(attentions):
+            for q in m.parameters():
+                q.mul_(1.0 + i)
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model).eval()
+    kept = [family_of(m).heads(path, m).units for path, m in small.named_modules() if path and family_of(m) is not None]
+    assert len(set(kept)) > 1, kept
+    model.eval()
+    torch.testing.assert_close(logits(small, inputs), logits(model, inputs), **TOL)
+    other = ARCHS[name].batch(batch=3, seed=7)
+    torch.testing.assert_close(logits(small, other), logits(model, other), **TOL)
 
 
 @pytest.mark.parametrize("name", ["gpt2-cls", "bert", "swin"])

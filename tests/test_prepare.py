@@ -101,6 +101,20 @@ def test_identity_in_training_mode_too(vit):
     assert torch.equal(vit(x), y)
 
 
+def test_default_structure_is_structured_where_groups_are_found_else_unstructured(vit):
+    x = TINY["vit"][1]()
+    ebcompile.prepare(vit, x, ratio=0.5)
+    assert (vit._ebcompile.structure, vit._ebcompile.scope) == ("structured", "global")
+    assert ebcompile.draw_ticket(vit).structure == "structured"
+    torch.manual_seed(0)
+    lone = nn.Sequential(nn.Linear(8, 4))  # its only linear feeds the output: no neuron can go
+    ebcompile.prepare(lone, torch.randn(2, 8), prune_output_layer=True)
+    assert (lone._ebcompile.structure, lone._ebcompile.scope) == ("unstructured", "global")
+    assert not lone._ebcompile.plan.groups and ebcompile.draw_ticket(lone, 0.5).sparsity() == pytest.approx(0.5)
+    with pytest.raises(ebcompile.errors.ConfigError, match="structure='automatic'"):
+        ebcompile.prepare(make_mlp(), torch.randn(2, 8), structure="automatic")
+
+
 def test_prune_output_layer_and_patterns(mlp):
     x = TINY["mlp"][1]()
     ebcompile.prepare(mlp, x, prune_output_layer=True, exclude=["2"])
@@ -143,7 +157,7 @@ def check_effective_zeros(model: nn.Module, masks) -> None:
 @pytest.mark.parametrize("ratio", [0.3, 0.55])
 def test_unstructured_global_prunes_exactly_round_pN(name, ratio):
     make, batch = TINY[name]
-    model = ebcompile.prepare(make(), batch(), ratio=ratio)
+    model = ebcompile.prepare(make(), batch(), ratio=ratio, structure="unstructured")
     masks = current_masks(model)
     n = sum(raw_tensor(model, op.weight).numel() for op in model._ebcompile.plan.linears)
     assert sum(k.numel() for k in masks.tensors.values()) == n
@@ -160,7 +174,7 @@ def test_unstructured_global_prunes_exactly_round_pN(name, ratio):
 def test_unstructured_layer_scope_prunes_round_pn_per_tensor(name):
     make, batch = TINY[name]
     ratio = 0.37
-    model = ebcompile.prepare(make(), batch(), ratio=ratio, scope="layer")
+    model = ebcompile.prepare(make(), batch(), ratio=ratio, structure="unstructured", scope="layer")
     masks = current_masks(model)
     for tensor, keep in masks.tensors.items():
         assert int((~keep).sum()) == round(ratio * keep.numel()), tensor
@@ -217,8 +231,7 @@ def check_structured_zeros(model: nn.Module, masks) -> None:
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
 def test_structured_layer_scope_prunes_round_pn_per_group(name, ratio):
     make, batch = TINY[name]
-    model = ebcompile.prepare(make(), batch(), ratio=ratio, structure="structured")
-    assert model._ebcompile.scope == "layer"
+    model = ebcompile.prepare(make(), batch(), ratio=ratio, structure="structured", scope="layer")
     masks = current_masks(model)
     groups = model._ebcompile.plan.groups
     assert set(masks.units) == {f"{g.kind}:{g.name}" for g in groups}

@@ -171,7 +171,7 @@ def test_ticket_save_load_round_trip(tmp_path):
     path = tmp_path / "ticket.safetensors"
     ticket.save(path)
     loaded = Ticket.load(path)
-    expected = ("structured", 0.3, "layer", {"check": 3, "tick": 4})
+    expected = ("structured", 0.3, "global", {"check": 3, "tick": 4})
     assert (loaded.structure, loaded.ratio, loaded.scope, loaded.found_at) == expected
     assert loaded.signature == ticket.signature
     assert loaded.masks.kinds == ticket.masks.kinds

@@ -19,7 +19,7 @@ def test_structured_p03_shrinks_linears_and_onnx(name, tmp_path):
     x = torch.randn(1, 3, 224, 224)
     dense = CASES[name](weights=None).eval()
     dense_file = ebcompile.export_onnx(dense, tmp_path / "dense.onnx", x)
-    model = ebcompile.prepare(dense, x, ratio=0.3, structure="structured")
+    model = ebcompile.prepare(dense, x, ratio=0.3, structure="structured", scope="layer")  # 30% of every layer's units
     ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
     plan = model._ebcompile.plan
     pruned_tensors = {m.tensor for g in plan.groups for m in g.members if m.masked}
