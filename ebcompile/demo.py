@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .controller import EarlyBird
+from .controller import DEADLINE, EarlyBird
 from .io import atomic_path, check_writable
 from .passes.shrink import compact
 from .plots import plot_search
-from .prepare import current_masks, prepare
+from .prepare import config_of, current_masks, prepare
 from .report import count_macs, count_parameters
 from .ticket import Ticket, apply_ticket, signature_of
 
@@ -29,6 +29,7 @@ __all__ = ["DemoResult", "run_demo", "digits_split", "small_vit"]
 class DemoResult:
     epochs: int
     ticket_epoch: int | None
+    ticket_by: str | None  # "rule" or "deadline"
     dense_accuracy: float
     pruned_accuracy: float
     dense_parameters: int
@@ -86,19 +87,20 @@ def run_demo(
     out_dir: str | Path = "demo-output",
     epochs: int = 40,
     ratio: float = 0.3,
-    threshold: float = 0.1,
+    threshold: float = 0.3,
     window: int = 5,
+    deadline: float | None = DEADLINE,
     lr: float = 0.05,
     milestones: tuple[int, ...] = (10, 25),
     seed: int = 0,
     progress: bool = True,
     echo: Callable[[str], None] = tqdm.write,
 ) -> DemoResult:
-    """Train a small ViT densely while EarlyBird watches, retrain the ticket, compact it, compare.
+    """Train a small ViT densely while EarlyBird watches, then follow the recipe from the ticket, and compare.
 
-    One run gives both sides: the dense model trains for ``epochs``; the ticket's weights are kept when
-    the controller fires, compacted (pruned heads and neurons removed) and the smaller model is retrained
-    with the same schedule (fresh momentum) to ``epochs``.
+    One run gives both sides: the dense model trains for ``epochs``; the state at the ticket (drawn by the rule,
+    or by ``deadline`` x ``epochs`` at the latest) is kept, compacted (pruned heads and neurons removed) with the
+    optimizer's momentum carried over, and the smaller model trains on with the same schedule to ``epochs``.
     """
     torch.manual_seed(seed)
     out = check_writable(out_dir, directory=True)  # before training, not after
@@ -106,7 +108,7 @@ def run_demo(
     model = prepare(small_vit(), xtr[:2], ratio=ratio, structure="structured")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=0.1)
-    eb = EarlyBird(model, threshold=threshold, window=window)
+    eb = EarlyBird(model, threshold=threshold, window=window, budget=epochs, deadline=deadline)
     gen = torch.Generator().manual_seed(seed)
     saved = None
     start = time.perf_counter()
@@ -132,7 +134,7 @@ def run_demo(
     dense_params, dense_macs = count_parameters(model), count_macs(model, xva[:1])
     if saved is None:
         echo(f"no ticket within {epochs} epochs: the masks never stayed within the threshold; using the last masks")
-        eb.ticket = Ticket(current_masks(model), ratio, "layer", signature_of(model), {"check": eb.checks - 1, "tick": epochs})
+        eb.ticket = Ticket(current_masks(model), ratio, config_of(model).scope, signature_of(model), {"check": eb.checks - 1, "tick": epochs})
         saved = (model.state_dict(), opt.state_dict(), sched.state_dict(), epochs, dense_seconds, gen.get_state())
     state, opt_state, sched_state, ticket_epoch, search_seconds, gen_state = saved
     model.load_state_dict(state)
@@ -141,10 +143,9 @@ def run_demo(
     gen.set_state(gen_state)
     apply_ticket(model, eb.ticket, mode="continue")
     start = time.perf_counter()
-    # retrain the compacted model itself: smaller layers, so each epoch costs less than a dense one
-    small = compact(model).train()
-    opt = torch.optim.SGD(small.parameters(), lr=opt.param_groups[0]["lr"], momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [m - ticket_epoch for m in milestones if m > ticket_epoch], 0.1)
+    # the compacted model itself trains on: smaller layers, so each epoch costs less than a dense one; the SGD
+    # momentum is sliced onto it and the schedule goes on where the ticket left it
+    small = compact(model, optimizer=opt).train()
     for _ in tqdm(range(ticket_epoch, epochs), desc="retrain ticket", disable=not progress, leave=False):
         _epoch(small, opt, xtr, ytr, 64, gen)
         sched.step()
@@ -156,7 +157,8 @@ def run_demo(
     heads = [layer.self_attention.num_heads for layer in small.encoder.layers]
     widths = [layer.mlp[0].out_features for layer in small.encoder.layers]
     result = DemoResult(
-        epochs=epochs, ticket_epoch=ticket_epoch if eb.found else None, dense_accuracy=dense_acc,
+        epochs=epochs, ticket_epoch=ticket_epoch if eb.found else None,
+        ticket_by=eb.ticket.found_at.get("by") if eb.found else None, dense_accuracy=dense_acc,
         pruned_accuracy=pruned_acc, dense_parameters=dense_params, pruned_parameters=count_parameters(small),
         dense_macs=dense_macs, pruned_macs=count_macs(small, xva[:1]), dense_seconds=dense_seconds,
         earlybird_seconds=search_seconds + retrain_seconds, heads="/".join(map(str, heads)),
@@ -180,5 +182,6 @@ def format_result(r: DemoResult) -> str:
     ]
     width = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, width)) for row in rows]
-    found = f"ticket at epoch {r.ticket_epoch} of {r.epochs}" if r.ticket_epoch else f"no ticket in {r.epochs} epochs"
+    found = (f"ticket at epoch {r.ticket_epoch} of {r.epochs} (by the {r.ticket_by})" if r.ticket_epoch
+             else f"no ticket in {r.epochs} epochs")
     return "\n".join([found] + lines + [f"plot: {r.plot}"])

@@ -24,6 +24,7 @@ def test_demo_short_budget_writes_plot_and_result(tmp_path, capsys):
     result = json.loads((tmp_path / "demo-result.json").read_text())
     assert result["pruned_parameters"] < result["dense_parameters"]
     assert result["pruned_macs"] < result["dense_macs"]
+    assert (result["ticket_epoch"], result["ticket_by"]) == (1, "deadline")  # 15% of 6 epochs, before a window of 2 fits
     png = (tmp_path / "demo-search.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
@@ -51,7 +52,7 @@ def test_inspect_reads_a_saved_ticket(tmp_path, capsys):
     from ebcompile.demo import small_vit
     from ebcompile.ticket import draw_ticket
 
-    model = ebcompile.prepare(small_vit(), torch.randn(1, 3, 8, 8), ratio=0.5, structure="structured")
+    model = ebcompile.prepare(small_vit(), torch.randn(1, 3, 8, 8), ratio=0.5, structure="structured", scope="layer")
     path = tmp_path / "t.safetensors"
     draw_ticket(model).save(path)
     assert main(["inspect", str(path), "--json"]) == 0

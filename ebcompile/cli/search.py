@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="(default: 0.01 for text, the seed paper's; 0.3 for images, relative, as measured by "
                         "bench/reproduce.py: docs/RESULTS.md)")
-    p.add_argument("--deadline", type=_share, default=DEADLINE,
+    p.add_argument("--deadline", type=deadline_share, default=DEADLINE,
                    help="share of the training budget (--epochs) by which the ticket is drawn at the latest, even if the "
                         "rule has not fired (default: %(default)s, measured by bench/reproduce.py: docs/RESULTS.md); "
                         "'none': only the rule decides")
@@ -59,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _share(text: str) -> float | None:
+def deadline_share(text: str) -> float | None:
+    """``--deadline``: a share of the budget in (0, 1], or 'none'."""
     if text.lower() == "none":
         return None
     value = float(text)
