@@ -78,7 +78,7 @@ def test_mlp_compact_equals_masked(cfg, seed, batch, data):
     model = fresh("mlp", cfg, "structured", seed)
     units = keep_vectors(data, model)
     ebcompile.apply_ticket(model, structured_ticket(model, units))
-    small = compact(model)
+    small = compact(model, round_to=None)  # exactly the ticket's neurons
     assert_no_masks(small)
     assert_same_function(model, small, [example("mlp", cfg, batch, seed=seed), example("mlp", cfg, 1, seed=seed + 1)])
     # every hidden width between two masked linears is a neuron group; the output layer is never masked
@@ -177,7 +177,7 @@ def test_a_group_with_no_kept_unit_keeps_one_zero_unit(vit):
     model = ebcompile.prepare(vit, torch.randn(1, 3, 16, 16), structure="structured", ratio=0.5)
     units = {f"{g.kind}:{g.name}": torch.zeros(g.units, dtype=torch.bool) for g in model._ebcompile.plan.groups}
     ebcompile.apply_ticket(model, structured_ticket(model, units))
-    small = compact(model)
+    small = compact(model, round_to=None)
     assert [m.num_heads for m in small.modules() if isinstance(m, CompactMultiheadAttention)] == [1, 1]
     assert [small.get_submodule(g.name).out_features for g in model._ebcompile.plan.groups if g.kind == "neuron"] == [1, 1]
     assert_same_function(model, small, [torch.randn(2, 3, 16, 16)])

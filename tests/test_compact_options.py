@@ -81,7 +81,8 @@ def test_compact_with_optimizer_trains_like_the_masked_model(kind, vit, swin, ml
         runs.append((opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.7**s)))
         _train(model, *runs[-1], x, target, 2)
     (opt_a, sched_a), (opt_b, sched_b) = runs
-    small = compact(twin, optimizer=opt_b)
+    # exactly the ticket's units: a zero padding neuron (round_to) trains when its activation of 0 is not 0 (sigmoid)
+    small = compact(twin, optimizer=opt_b, round_to=None)
     held = [p for g in opt_b.param_groups for p in g["params"]]
     assert {id(p) for p in held} == {id(p) for p in small.parameters()} and len(held) == len(list(small.parameters()))
     for p in held:
@@ -141,16 +142,18 @@ def test_round_to_keeps_widths_at_multiples(kind, vit, mlp, round_to, seed, data
         assert width % round_to == 0 or width == full
 
 
-def test_round_to_none_and_one_keep_exact_widths(vit):
+def test_round_to_default_is_8_and_none_or_one_keep_exact_widths(vit):
     model = ebcompile.prepare(vit, torch.randn(1, 3, 16, 16), structure="structured", ratio=0.5)
     units = {f"{g.kind}:{g.name}": torch.arange(g.units) % 3 == 0 for g in model._ebcompile.plan.groups}
     ebcompile.apply_ticket(model, structured_ticket(model, units))
-    a, b = compact(model), compact(model, round_to=1)
+    a, b = compact(model, round_to=None), compact(model, round_to=1)
     assert plain_params(a) == plain_params(b)
-    c = compact(model, round_to=8)  # head_dim 8: heads stay as they are, the 64-wide FFN keeps 24 of 22
-    assert [m.num_heads for m in c.modules() if isinstance(m, CompactMultiheadAttention)] == [2, 2]
-    assert [c.get_submodule(g.name).out_features for g in model._ebcompile.plan.groups if g.kind == "neuron"] == [24, 24]
-    assert_same_function(model, c, [torch.randn(2, 3, 16, 16)])
+    neurons = [g.name for g in model._ebcompile.plan.groups if g.kind == "neuron"]
+    assert [a.get_submodule(n).out_features for n in neurons] == [22, 22]
+    for c in (compact(model), compact(model, round_to=8)):  # head_dim 8: heads stay as they are, the FFN keeps 24 of 22
+        assert [m.num_heads for m in c.modules() if isinstance(m, CompactMultiheadAttention)] == [2, 2]
+        assert [c.get_submodule(n).out_features for n in neurons] == [24, 24]
+        assert_same_function(model, c, [torch.randn(2, 3, 16, 16)])
 
 
 # -- unstructured / sparse -------------------------------------------------------------------------------

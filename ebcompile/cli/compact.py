@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ticket", help="the ticket drawn on this model: a Ticket.save file, an EarlyBird.save file, or a "
                                   "Trainer checkpoint folder (EarlyBirdCallback writes earlybird.safetensors there)")
     p.add_argument("out", help="directory for the compact model (reload with ebcompile.load)")
-    p.add_argument("--round-to", type=int, default=None, help="keep widths at multiples of N (structured tickets; 8 on GPU)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="keep widths at multiples of N (structured tickets; default 8; 1: exactly the ticket's units)")
     p.set_defaults(run=run)
 
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     dense = sum(p.numel() for p in model.parameters())
     prepare(model, inputs, ratio=ticket.ratio, structure=ticket.structure, scope=ticket.scope)
     apply_ticket(model, ticket, mode="continue")
-    small = compact(model, round_to=args.round_to)
+    small = compact(model, round_to="auto" if args.round_to is None else args.round_to)
     if imageclf.is_saved(args.model):  # an image model: its recipe goes along, so that export can rebuild it
         imageclf.save_model(small, imageclf.Recipe.load(args.model), Path(args.out))
         where = Path(args.out)

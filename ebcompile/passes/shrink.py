@@ -12,7 +12,7 @@ and torchvision ``ShiftedWindowAttention``/``V2`` become ``CompactShiftedWindowA
 functional form takes the head width from the residual width, which is wrong once heads are gone).
 Attention modules that lose no head are left as they are. ``round_to=k`` keeps widths (``heads * head_dim``, FFN neurons) at
 multiples of ``k`` by keeping a few pruned units back: their masked slices are zero in the masked model, so
-the function is unchanged; widths never exceed the original ones.
+the function is unchanged; widths never exceed the original ones. The default rounds to ``ROUND_TO`` (8).
 
 Unstructured tickets: ``sparse=False`` leaves dense weights with the pruned entries zero; ``sparse=True``
 replaces each masked ``nn.Linear`` by a ``SparseLinear`` holding its weight in CSR form (an
@@ -142,11 +142,17 @@ def _applied_ticket(model: nn.Module):
     return cfg, ticket
 
 
-def _check_round_to(round_to: int | None) -> int | None:
+ROUND_TO = 8  # measured: a compact small RoBERTa step at 0.78x dense with widths at multiples of 8, 0.87x without (same MACs)
+
+
+def _check_round_to(round_to: int | str | None, structured: bool) -> int | None:
+    if round_to == "auto":
+        return ROUND_TO if structured else None
     if round_to is None:
         return None
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ConfigError(f"round_to={round_to!r} must be None or an integer >= 1. Fix: e.g. round_to=8 for GPU kernels.")
+        raise ConfigError(f"round_to={round_to!r} must be 'auto', None or an integer >= 1. Fix: e.g. round_to=8, or None for "
+                          "exactly the ticket's units.")
     return None if round_to == 1 else round_to
 
 
@@ -222,25 +228,27 @@ def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
     return new
 
 
-def compact(model: nn.Module, round_to: int | None = None, sparse: bool = False,
+def compact(model: nn.Module, round_to: int | str | None = "auto", sparse: bool = False,
             optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """A new module computing what the masked ``model`` computes, with the pruned parts gone (``model`` is
     left as it is).
 
     Args:
         model: a prepared model with a ticket applied (``ebcompile.apply_ticket``).
-        round_to: structured tickets only. ``None`` (default) keeps exactly the ticket's units; ``k`` keeps
-            every attention width (``heads * head_dim``) and FFN width at a multiple of ``k`` where the
-            original width allows, by keeping some pruned (all-zero) units: the function is unchanged and no
-            width exceeds the original. For GPU inference use ``round_to=8`` (tensor-core friendly shapes).
+        round_to: structured tickets only. ``k`` keeps every attention width (``heads * head_dim``) and FFN
+            width at a multiple of ``k`` where the original width allows, by keeping some pruned (all-zero)
+            units: the function is unchanged and no width exceeds the original. ``"auto"`` (default): 8 for a
+            structured ticket (tensor-core shapes on GPU; on the CPU a small RoBERTa's compact step measured
+            0.78x a dense one at 182 -> 184 FFN neurons, 0.87x without); ``None``: exactly the ticket's units.
         sparse: unstructured tickets only. ``True`` stores each masked ``nn.Linear`` weight as CSR
             (``ebcompile.modules.SparseLinear``); ``False`` keeps dense weights with zeros.
         optimizer: the optimizer training ``model``; if given, it is moved in place onto the compacted
             model's parameters with its state (momentum, Adam moments, step) sliced like the weights, so
             retraining the compact model continues exactly where the masked one was (a scheduler attached
             to it keeps working). Structured tickets only (an unstructured compact model has no masks left
-            to hold its zeros: keep training the masked model and compact afterwards). With ``round_to``
-            the padding units are ordinary zero weights and train too.
+            to hold its zeros: keep training the masked model and compact afterwards). The padding units
+            ``round_to`` keeps are ordinary zero weights: they stay zero while their activation of 0 is 0
+            (ReLU, GELU, SiLU, gated units), and train like the other units otherwise (e.g. sigmoid).
 
     Raises:
         NotPreparedError: ``model`` was not prepared; ``NoTicketError`` (a subclass): no ticket applied.
@@ -269,8 +277,8 @@ def compact(model: nn.Module, round_to: int | None = None, sparse: bool = False,
 
 def _compact(model: nn.Module, round_to: int | None, sparse: bool) -> nn.Module:
     cfg, ticket = _applied_ticket(model)
-    round_to = _check_round_to(round_to)
     structured = ticket.structure == "structured"
+    round_to = _check_round_to(round_to, structured)
     if structured and sparse:
         raise ConfigError("sparse=True stores unstructured tickets; a structured ticket's compact weights are dense. "
                           "Fix: call compact(model) without sparse=True.")
