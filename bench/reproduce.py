@@ -106,6 +106,11 @@ def run_task(task, seeds: list[int], structures: list[str], ratios: tuple[float,
     return rows
 
 
+def rows_path(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its raw rows (docs/RESULTS.md: docs/reproduce-rows.json)."""
+    return out.parent / ("reproduce-rows.json" if out.name == "RESULTS.md" else f"{out.stem}-rows.json")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny data and budgets, one seed: checks the pipeline, not the numbers")
@@ -115,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--traditional", default="structured", choices=["structured", "all"],
                    help="traditional pipeline at p = 0.3 and structured p = 0.5 only (default: the targets), or for all")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings on a shared machine)")
-    p.add_argument("--render", default=None, help="only rewrite the documents from the rows a run saved (runs/reproduce-rows.json)")
-    p.add_argument("--merge", default=None, help="keep the rows of the models not run now from a saved run (runs/reproduce-rows.json); "
+    p.add_argument("--render", default=None, help="only rewrite the documents from the rows a run saved (docs/reproduce-rows.json)")
+    p.add_argument("--merge", default=None, help="keep the rows of the models not run now from a saved run (docs/reproduce-rows.json); "
                                                  "its time is added to this run's")
     p.add_argument("--out", default=None, help="where RESULTS.md goes (default docs/RESULTS.md; --quick writes nothing unless given)")
     a = p.parse_args(argv)
@@ -146,9 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         total += kept["seconds"]
         names = {r["model"] for r in rows}
         tasks = [t for t in make_tasks([m for m in ["vit", "swin", "gpt2", "roberta", "minilm"] if m in names], a.quick)]
-    if not a.render and out is not None:  # the raw rows, to re-render the documents without training again
-        (ROOT / "runs").mkdir(exist_ok=True)
-        (ROOT / "runs" / "reproduce-rows.json").write_text(json.dumps({"rows": rows, "seconds": total}, indent=1))
+    if not a.render and out is not None:  # the raw rows beside the document, to re-render it without training again
+        rows_path(out).write_text(json.dumps({"rows": rows, "seconds": total}, indent=1))
     text = render(rows, tasks, total, a)
     print(text)
     if out is not None:

@@ -43,3 +43,10 @@ def test_quick_reproduction_writes_every_table_and_plot(tmp_path):
     for line in structured:  # a compacted ticket costs fewer training MACs than dense + pruned retraining
         cells = [c.strip() for c in line.split("|")]
         assert float(cells[11]) < 1.0, line
+    rows = tmp_path / "reproduce-rows.json"  # the raw rows go beside the document, never into the checkout
+    assert rows.is_file()
+    again = tmp_path / "again" / "RESULTS.md"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "reproduce.py"), "--quick", "--render", str(rows), "--out", str(again)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert again.read_text().split("## Accuracy")[1] == text.split("## Accuracy")[1]  # re-rendered, not retrained
