@@ -6,6 +6,7 @@ controller) and from how they are applied (``ticket``), as in torch.ao.pruning a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -51,16 +52,20 @@ def raw_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def group_scores(model: nn.Module, group: GroupSet) -> torch.Tensor:
-    """L2 norm of each unit over all its masked slices (q/k/v rows + out columns; fc1 row + bias + fc2 column).
+    """Root mean square of each unit's weights over all its masked slices (q/k/v rows + out columns; fc1 row +
+    bias + fc2 column): the L2 norm over the square root of the unit's element count. Within a layer this ranks
+    like the L2 norm; across layers of different widths (Swin's stages) it keeps a global ranking from pruning the
+    narrow layers first only because their units hold fewer weights (Transformers initialise every weight alike).
 
     Sums of squares are taken per index along each member's unit dim first, so a sharded (FSDP2) tensor
     contributes from its local shard and only that small vector crosses processes."""
-    total = None
+    total, count = None, 0
     for m in group.members:
         if not m.masked:
             continue
         t = raw_tensor(model, m.tensor).detach()
         dim, offset = m.dim % t.dim(), m.offset
+        count += m.unit_size * math.prod(n for d, n in enumerate(t.shape) if d != dim)  # the whole tensor's shape
         if not is_sharded(t):  # only the member's slice; a sharded tensor is summed whole on its local shard
             t, offset = t.narrow(dim, offset, group.units * m.unit_size), 0
         sq = t.float().pow(2)
@@ -68,7 +73,7 @@ def group_scores(model: nn.Module, group: GroupSet) -> torch.Tensor:
         per_index = full_vector(sq.sum(other) if other else sq)
         units = per_index.narrow(0, offset, group.units * m.unit_size).reshape(group.units, m.unit_size).sum(1)
         total = units if total is None else total + units.to(total.device)
-    return total.sqrt()
+    return (total / max(count, 1)).sqrt()
 
 
 def expand_units(model: nn.Module, group: GroupSet, keep: torch.Tensor, out: dict[str, torch.Tensor]) -> None:

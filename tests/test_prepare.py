@@ -115,6 +115,22 @@ def test_default_structure_is_structured_where_groups_are_found_else_unstructure
         ebcompile.prepare(make_mlp(), torch.randn(2, 8), structure="automatic")
 
 
+def test_unit_scores_do_not_grow_with_layer_width():
+    """Units of layers of different widths whose weights are alike score alike (RMS): a global ranking must not
+    prune the narrow layers first only because their units hold fewer weights."""
+    from ebcompile.importance import group_scores
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+    ebcompile.prepare(model, torch.randn(2, 4), structure="structured")
+    groups = model._ebcompile.plan.groups
+    assert len(groups) == 2 and len({g.units for g in groups}) == 2  # 6 neurons of 4 + 1 + 32 weights, 32 of 6 + 1 + 6
+    for g in groups:
+        torch.testing.assert_close(group_scores(model, g), torch.full((g.units,), 0.5))
+
+
 def test_prune_output_layer_and_patterns(mlp):
     x = TINY["mlp"][1]()
     ebcompile.prepare(mlp, x, prune_output_layer=True, exclude=["2"])
