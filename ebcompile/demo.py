@@ -18,9 +18,9 @@ from .controller import DEADLINE, EarlyBird
 from .io import atomic_path, check_writable
 from .passes.shrink import compact
 from .plots import plot_search
-from .prepare import config_of, current_masks, prepare
+from .prepare import prepare
 from .report import count_macs, count_parameters
-from .ticket import Ticket, apply_ticket, signature_of
+from .ticket import apply_ticket, draw_ticket
 
 __all__ = ["DemoResult", "run_demo", "digits_split", "small_vit"]
 
@@ -134,7 +134,8 @@ def run_demo(
     dense_params, dense_macs = count_parameters(model), count_macs(model, xva[:1])
     if saved is None:
         echo(f"no ticket within {epochs} epochs: the masks never stayed within the threshold; using the last masks")
-        eb.ticket = Ticket(current_masks(model), ratio, config_of(model).scope, signature_of(model), {"check": eb.checks - 1, "tick": epochs})
+        eb.ticket = draw_ticket(model)
+        eb.ticket.found_at = {"check": eb.checks - 1, "tick": epochs}
         saved = (model.state_dict(), opt.state_dict(), sched.state_dict(), epochs, dense_seconds, gen.get_state())
     state, opt_state, sched_state, ticket_epoch, search_seconds, gen_state = saved
     model.load_state_dict(state)
