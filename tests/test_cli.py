@@ -192,6 +192,7 @@ def test_search_retrain_export_from_the_command_line(tiny_classifier, tmp_path, 
         assert main(["retrain", str(search), "--out", str(small / mode), "--mode", mode, *TRAIN, "--epochs", "1"]) == 0
         report = json.loads((small / mode / "retrain.json").read_text())
         assert report["mode"] == mode and report["parameters"] < report["dense_parameters"]
+        assert report["optimizer_state"] == ("carried" if mode == "continue" else "fresh")  # the search's AdamW at its ticket
         assert 0.0 <= report["validation_accuracy"] <= 1.0
     model = ebcompile.load(small / "continue" / "model")
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]

@@ -149,3 +149,45 @@ def test_trainer_callback_draws_the_ticket_by_its_deadline_share_of_the_training
     assert callback.applied and callback.ticket.found_at["by"] == "deadline"
     assert trainer.state.global_step == stopped  # 25% of 20 steps; 40% of 5 epochs = epoch 2
     assert callback.earlybird.budget == (5 if every == "epoch" else 20)
+
+
+def test_safe_checkpoints_resume_to_the_same_weights_without_a_pickle(tmp_path):
+    """A Trainer with ``SafeCheckpoints`` (dropout on, so the random states matter) resumed from its step-2
+    checkpoint ends where the uninterrupted run ends; its checkpoints hold no pickle, and a checkpoint whose
+    optimizer state is a pickle is refused."""
+    from transformers import Trainer, TrainingArguments
+
+    from ebcompile.errors import CheckpointError
+    from ebcompile.integrations import EarlyBirdCallback, SafeCheckpoints, safe_trainer_class
+
+    g = torch.Generator().manual_seed(0)
+    data = [dict(input_ids=torch.randint(2, VOCAB, (SEQ,), generator=g), attention_mask=torch.ones(SEQ, dtype=torch.long),
+                 labels=torch.tensor(i % 2)) for i in range(24)]
+
+    def run(out, resume=None):
+        model = build("bert")
+        model.config.hidden_dropout_prob = 0.1
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.1
+        model = ebcompile.prepare(model, text_batch(), ratio=0.5, structure="structured")
+        args = TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
+                                 report_to="none", save_strategy="steps", save_steps=2, logging_steps=100, use_cpu=True,
+                                 disable_tqdm=True, seed=0)
+        trainer = safe_trainer_class()(model=model, args=args, train_dataset=data)
+        EarlyBirdCallback(every=1, window=2, threshold=1.0, deadline=None).attach(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "a", str(tmp_path / "a" / "checkpoint-2"))
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    files = {p.name for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert {"optimizer.safetensors", "scheduler.json", "rng_state.safetensors", "training_args.json"} <= files
+    assert not {n for n in files if n.endswith((".pt", ".pth", ".bin"))}
+    assert issubclass(safe_trainer_class(Trainer), SafeCheckpoints)
+    pickled = tmp_path / "a" / "checkpoint-4"
+    (pickled / "optimizer.safetensors").rename(pickled / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="as a pickle"):
+        run(tmp_path / "b", str(pickled))

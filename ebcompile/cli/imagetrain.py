@@ -28,7 +28,8 @@ from torch import nn
 
 from ..data import ImageData, load_images
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_path, load_tensors, save_tensors
+from ..io import atomic_path
+from ..optim_io import load_optimizer, save_optimizer
 from .imageclf import Recipe, build_model, check_classifier, logits_of, model_geometry, parse_kwargs, save_model
 
 LR, RULE, THRESHOLD = 1e-3, "relative", 0.3  # image defaults: from-scratch AdamW; the rule measured in docs/RESULTS.md
@@ -269,40 +270,3 @@ def accuracy(model: nn.Module, data: ImageData, recipe: Recipe, batch: int = 256
             x = recipe.fit(data.val_x[i:i + batch]).to(device)
             right += int((logits_of(model(x)).argmax(-1).cpu() == data.val_y[i:i + batch]).sum())
     return right / max(1, len(data.val_y))
-
-
-# -- optimizer state as safetensors + JSON (by parameter name, never pickled) ------------------------------------
-
-def save_optimizer(opt: torch.optim.Optimizer, model: nn.Module, path: Path) -> None:
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, entry in state["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}/{key}"] = value
-            else:
-                scalars[f"{idx}/{key}"] = value
-    header = {"optimizer": type(opt).__name__, "names": [names.get(id(p), "?") for p in params],
-              "param_groups": state["param_groups"], "scalars": scalars}
-    save_tensors(path, tensors, header, "optimizer")
-
-
-def load_optimizer(opt: torch.optim.Optimizer, model: nn.Module, path: Path) -> None:
-    """Restore ``save_optimizer``'s state into ``opt``; refused (nothing changed) if it was saved for other parameters."""
-    tensors, header = load_tensors(path, "optimizer")
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = [names.get(id(p), "?") for g in opt.param_groups for p in g["params"]]
-    if header.get("optimizer") != type(opt).__name__ or header.get("names") != params:
-        raise CheckpointError(f"{path} holds optimizer state for other parameters. Fix: resume with the model and settings "
-                              "it was saved with.")
-    state: dict[int, dict[str, Any]] = {}
-    try:
-        for key, value in list(tensors.items()) + list(header.get("scalars", {}).items()):
-            idx, name = key.split("/", 1)
-            state.setdefault(int(idx), {})[name] = value
-        opt.load_state_dict({"state": state, "param_groups": header["param_groups"]})
-    except (KeyError, ValueError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path} is broken ({type(exc).__name__}: {str(exc)[:120]}). Fix: start the search again "
-                              "in a new --out.") from exc

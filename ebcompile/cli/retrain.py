@@ -4,8 +4,9 @@ The ticket is applied (``--mode continue``: the early-bird weights, ``rewind``: 
 search, ``reinit``: fresh ones); a structured ticket's pruned heads and neurons are removed and the smaller
 model trains for ``--epochs`` (an unstructured ticket trains masked, its zeros held, and is compacted after).
 Writes ``--out``/``model`` (reload with ``ebcompile.load``, tokenizer beside it) and ``retrain.json``.
-An image search's folder (``model/imageclf.json``) retrains the same way in a PyTorch loop; with ``--mode
-continue`` its optimizer state is carried onto the compact model (``compact(model, optimizer=opt)``).
+With ``--mode continue`` the search's optimizer state (its checkpoint at the ticket) is carried onto the compact
+model (``compact(model, optimizer=opt)``), its learning rate restarted at ``--lr``; other modes start a fresh
+optimizer. An image search's folder (``model/imageclf.json``) retrains the same way in a PyTorch loop.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,21 +58,43 @@ def run(args: argparse.Namespace) -> int:
             scope=ticket.scope)
     eb = EarlyBird(model)  # the saved search: its ticket and the weights before it (for --mode rewind)
     eb.load(search / "earlybird.safetensors")
-    apply_ticket(model, eb.ticket, mode=args.mode, weights=eb.rewind_weights, seed=args.seed)
-    # structured: train the compact model (cheaper steps); unstructured: the masked one (masks hold the zeros)
-    small = compact(model).train() if eb.ticket.structure == "structured" else model.train()
     out = Path(args.out)
-    textclf.trainer(small, tok, train, args, out).train()
+    opt = carried_optimizer(model, tok, train, args, search) if args.mode == "continue" else None
+    apply_ticket(model, eb.ticket, mode=args.mode, weights=eb.rewind_weights, seed=args.seed)
+    # structured: train the compact model (cheaper steps), the optimizer moved onto it with its state sliced;
+    # unstructured: the masked one (masks hold the zeros)
+    small = compact(model, optimizer=opt).train() if eb.ticket.structure == "structured" else model.train()
+    textclf.trainer(small, tok, train, args, out, optimizer=opt).train()
     acc = textclf.accuracy(small, tok, val, args.max_len)
     if small is model:
         small = compact(model)
     checkpoint.save(small, out / "model")
     tok.save_pretrained(out / "model")
-    params = sum(p.numel() for p in small.parameters())
+    params, state = sum(p.numel() for p in small.parameters()), "fresh" if opt is None else "carried"
     with atomic_path(out / "retrain.json") as tmp:
-        tmp.write_text(json.dumps({"search": str(search), "mode": args.mode, "validation_accuracy": acc,
+        tmp.write_text(json.dumps({"search": str(search), "mode": args.mode, "optimizer_state": state, "validation_accuracy": acc,
                                    "dense_parameters": dense, "parameters": params}, indent=2) + "\n")
-    print(f"retrained the compact ticket ({args.mode}): {dense:,} -> {params:,} parameters, validation accuracy {acc:.2%}")
+    print(f"retrained the compact ticket ({args.mode}, optimizer state {state}): {dense:,} -> {params:,} parameters, "
+          f"validation accuracy {acc:.2%}")
     print(f"written to {out / 'model'} (reload: ebcompile.load({str(out / 'model')!r}))")
     return 0
 
+
+
+def carried_optimizer(model: Any, tok: Any, train: Any, args: argparse.Namespace, search: Path) -> Any:
+    """The search's AdamW state at its ticket (its newest complete checkpoint), over ``model``'s parameters, its
+    learning rate restarted at ``--lr``; None (a fresh optimizer) when the search kept no checkpoint."""
+    from ..optim_io import load_optimizer
+    from . import textclf
+    from .textsearch import ticket_checkpoint
+
+    folder = ticket_checkpoint(search)
+    if folder is None:
+        print(f"{search} keeps no checkpoint of the search's optimizer: the retrain starts a fresh one")
+        return None
+    opt = textclf.trainer(model, tok, train, args, Path(args.out)).create_optimizer()
+    load_optimizer(opt, model, folder / "optimizer.safetensors")
+    lr = textclf.LR if args.lr is None else args.lr
+    for group in opt.param_groups:
+        group["lr"] = group["initial_lr"] = lr
+    return opt

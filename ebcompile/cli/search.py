@@ -4,7 +4,7 @@ Text: fine-tune a Hugging Face sequence classifier (a model folder or hub name).
 model named ``torchvision:NAME``, ``timm:NAME`` or ``MODULE:FACTORY`` (``--model-kwargs`` JSON, e.g.
 ``torchvision:VisionTransformer --model-kwargs '{"image_size": 28, "patch_size": 7, "num_layers": 2,
 "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}'``) on an IDX folder, an image folder or cifar10; a second
-search into the same ``--out`` resumes the saved one (see ebcompile/cli/imagetrain.py). Pixels are fitted to the
+search into the same ``--out`` resumes the saved one (ebcompile/cli/textsearch.py, ebcompile/cli/imagetrain.py). Pixels are fitted to the
 model: grayscale repeated to 3 channels (or RGB to luma for a 1-channel model), resized (bilinear, antialiased)
 to its image size (``--image-size``, else its own ``image_size``/``img_size``, else the data's), scaled to [-1, 1].
 
@@ -53,6 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="share of the training budget (--epochs) by which the ticket is drawn at the latest, even if the "
                         "rule has not fired (default: %(default)s, measured by bench/reproduce.py: docs/RESULTS.md); "
                         "'none': only the rule decides")
+    p.add_argument("--save-every", type=int, default=200,
+                   help="text: optimizer steps between resume points (default: %(default)s); images save one every epoch")
     p.add_argument("--model-kwargs", default=None, help="images: JSON object of arguments for the model builder")
     p.add_argument("--image-size", default=None, help="images: N or HxW fed to the model (default: the model's own "
                                                       "image_size, else the data's)")
@@ -76,40 +78,9 @@ def run(args: argparse.Namespace) -> int:
         from .imagetrain import search
 
         return search(args)
-    from ..controller import EarlyBird
-    from ..errors import ConfigError
-    from ..integrations.hf_trainer import EarlyBirdCallback
-    from ..plots import plot_search
-    from ..prepare import check_ratio, prepare
-    from . import textclf
+    from .textsearch import search
 
-    check_ratio(args.ratio)
-    if args.threshold is None:
-        args.threshold = 0.01
-    if args.rule is None:
-        args.rule = "absolute"
-    if args.model_kwargs is not None or args.image_size is not None:
-        raise ConfigError("--model-kwargs and --image-size are for image models. Fix: leave them out for a text model, "
-                          "or name an image model (torchvision:NAME, timm:NAME, MODULE:FACTORY).")
-    train, val = textclf.load_texts(args.data, args.train_limit)
-    model, tok = textclf.load_classifier(args.model, num_labels=textclf.label_count(train, val))
-    prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=args.ratio, structure=args.structure,
-            scope=args.scope)
-    eb = EarlyBird(model, threshold=args.threshold, rule=args.rule, window=args.window, every=args.every,
-                   warmup=args.warmup, rewind_at=0, deadline=args.deadline)
-    out = Path(args.out)
-    callback = EarlyBirdCallback(every=1, earlybird=eb, apply=False, stop=True, deadline=args.deadline)
-    trainer = textclf.trainer(model, tok, train, args, out, [callback])
-    trainer.train()
-    out.mkdir(parents=True, exist_ok=True)
-    eb.save(out / "earlybird.safetensors")
-    plot_search(eb, out / "search.png", title=f"{args.model}: {args.structure} p={args.ratio}")
-    acc = textclf.accuracy(model, tok, val, args.max_len)
-    result = {"model": args.model, "found": eb.found, "step": trainer.state.global_step, "checks": eb.checks,
-              "validation_accuracy": acc, "distances": eb.distances()}
-    if eb.found:
-        textclf.save_pretrained_atomically(model, tok, out / "model")
-    return finish(args, out, eb, result, trainer.state.global_step, "Train longer (--epochs)")
+    return search(args)
 
 
 def finish(args: argparse.Namespace, out: Path, eb: Any, result: dict[str, Any], step: int, longer: str) -> int:

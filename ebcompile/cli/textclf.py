@@ -140,16 +140,22 @@ def example_batch(tok: Any, split: Split, max_len: int) -> dict[str, torch.Tenso
     return dict(tok(split[0][:2], padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
 
 
-def trainer(model: nn.Module, tok: Any, train: Split, args: argparse.Namespace, out: Path, callbacks: list | None = None):
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+def trainer(model: nn.Module, tok: Any, train: Split, args: argparse.Namespace, out: Path, callbacks: list | None = None,
+            save_every: int | None = None, optimizer: torch.optim.Optimizer | None = None):
+    """A Trainer (AdamW, linear decay; or ``optimizer``'s own settings) whose checkpoints, every ``save_every`` steps
+    (None: none), hold no pickle."""
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from ..integrations.safe_checkpoints import safe_trainer_class
 
     if args.epochs <= 0 or args.batch < 1 or args.max_len < 1:
         raise ConfigError("--epochs, --batch and --max-len must be positive. Fix: e.g. --epochs 3 --batch 32 --max-len 128.")
     targs = TrainingArguments(output_dir=str(out), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
-                              learning_rate=LR if args.lr is None else args.lr, weight_decay=0.01, save_strategy="no", report_to="none",
+                              learning_rate=LR if args.lr is None else args.lr, weight_decay=0.01, report_to="none",
+                              save_strategy="no" if save_every is None else "steps", save_steps=save_every or 500, save_total_limit=2,
                               logging_steps=50, seed=args.seed, use_cpu=not torch.cuda.is_available())
-    return Trainer(model=model, args=targs, train_dataset=Encoded(tok, train, args.max_len),
-                   data_collator=DataCollatorWithPadding(tok), callbacks=callbacks)
+    return safe_trainer_class()(model=model, args=targs, train_dataset=Encoded(tok, train, args.max_len),
+                   data_collator=DataCollatorWithPadding(tok), callbacks=callbacks, optimizers=(optimizer, None))
 
 
 def accuracy(model: nn.Module, tok: Any, split: Split, max_len: int, batch: int = 64) -> float:

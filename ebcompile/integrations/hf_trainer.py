@@ -167,7 +167,10 @@ class EarlyBirdCallback(TrainerCallback):
                             state.global_step, STATE_FILE, args.output_dir)
             return
         eb = self.earlybird
+        budget = eb.budget
         eb.load(path)
+        if budget is not None:  # this run's training length: the deadline follows the budget asked for now
+            eb.budget = budget
         if eb.found and self.apply and not self.applied:  # the checkpoint's weights already are the ticket's
             apply_ticket(eb.model, eb.ticket, mode="continue")
             self.applied = True

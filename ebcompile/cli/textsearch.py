@@ -1,0 +1,142 @@
+"""``search`` on text: fine-tune a Hugging Face classifier in a ``Trainer`` until the early-bird ticket appears.
+
+Every ``--save-every`` optimizer steps, at the ticket and at the end of the budget the Trainer writes
+``--out/checkpoint-<step>/`` as safetensors + JSON (``SafeCheckpoints``: weights, optimizer, scheduler, random
+states, ``earlybird.safetensors``), and ``progress.json`` last, which marks the checkpoint complete. The two
+newest are kept. A second ``search`` into the same ``--out`` resumes from the newest complete one (same settings;
+only ``--epochs`` may change): the Trainer skips the batches already seen, so it draws the checks an
+uninterrupted search draws. A search that had found its ticket is not trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, ConfigError
+from ..io import atomic_path
+
+PROGRESS = "progress.json"
+RESUMABLE = ("model", "data", "train_limit", "batch", "lr", "max_len", "seed", "ratio", "structure", "scope", "every",
+             "warmup", "window", "rule", "threshold", "deadline")
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    values = dict(vars(args))
+    for key in ("model", "data"):  # a local folder by its absolute path, a hub name as given
+        local = Path(values[key]).expanduser()
+        values[key] = str(local.resolve()) if local.exists() else values[key]
+    return {k: values[k] for k in RESUMABLE}
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """``out``'s Trainer checkpoint folders, oldest step first."""
+    steps = sorted((int(p.name.split("-", 1)[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit())
+    return [p for _, p in steps]
+
+
+def resume_point(out: Path, settings: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint of a text search in ``out`` and its progress; another run's is refused."""
+    complete = [p for p in checkpoints(out) if (p / PROGRESS).is_file()]
+    if not complete:
+        if (out / "model" / "imageclf.json").is_file():
+            raise ConfigError(f"{out} holds an image search. Fix: pass a new --out for this text search.")
+        return None
+    folder = complete[-1]
+    try:
+        progress = json.loads((folder / PROGRESS).read_text())
+        saved, found = progress["settings"], progress["found"]
+        if not isinstance(saved, dict) or not isinstance(found, bool):
+            raise ValueError("bad settings or found")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{folder / PROGRESS} is broken ({type(exc).__name__}). Fix: remove {folder}, or pass a "
+                              "new --out.") from exc
+    changed = [k for k in RESUMABLE if saved.get(k) != settings[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+        raise ConfigError(f"{out} holds a search with other settings ({was}). Fix: pass the same settings to resume it "
+                          "(only --epochs may change), or a new --out.")
+    return folder, progress
+
+
+def ticket_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of a text search in ``out`` if it holds the found ticket, else None."""
+    for folder in reversed(checkpoints(out)):
+        try:
+            progress = json.loads((folder / PROGRESS).read_text())
+        except (OSError, ValueError):
+            continue
+        return folder if progress.get("found") is True and (folder / "optimizer.safetensors").is_file() else None
+    return None
+
+
+def progress_callback(settings: dict[str, Any], earlybird: Any) -> Any:
+    """A callback that saves at the ticket and at the end, and marks each checkpoint complete (written last)."""
+    from transformers import TrainerCallback
+
+    class SearchProgress(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if earlybird.found or state.global_step >= state.max_steps:
+                control.should_save = True
+            return control
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir() and args.should_save:
+                with atomic_path(folder / PROGRESS) as tmp:
+                    tmp.write_text(json.dumps({"step": state.global_step, "found": earlybird.found,
+                                               "checks": earlybird.checks, "settings": settings}) + "\n")
+
+    return SearchProgress()
+
+
+def search(args: argparse.Namespace) -> int:
+    from ..controller import EarlyBird
+    from ..integrations.hf_trainer import STATE_FILE, EarlyBirdCallback
+    from ..plots import plot_search
+    from ..prepare import check_ratio, prepare
+    from . import textclf
+    from .search import finish
+
+    check_ratio(args.ratio)
+    args.threshold = 0.01 if args.threshold is None else args.threshold
+    args.rule = "absolute" if args.rule is None else args.rule
+    if args.model_kwargs is not None or args.image_size is not None:
+        raise ConfigError("--model-kwargs and --image-size are for image models. Fix: leave them out for a text model, "
+                          "or name an image model (torchvision:NAME, timm:NAME, MODULE:FACTORY).")
+    if args.save_every < 1:
+        raise ConfigError(f"--save-every {args.save_every} must be >= 1. Fix: e.g. --save-every 200.")
+    out, settings = Path(args.out), settings_of(args)
+    resume = resume_point(out, settings)  # refused before anything is loaded or trained
+    train, val = textclf.load_texts(args.data, args.train_limit)
+    model, tok = textclf.load_classifier(args.model, num_labels=textclf.label_count(train, val))
+    prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=args.ratio, structure=args.structure,
+            scope=args.scope)
+    eb = EarlyBird(model, threshold=args.threshold, rule=args.rule, window=args.window, every=args.every,
+                   warmup=args.warmup, rewind_at=0, deadline=args.deadline)
+    callback = EarlyBirdCallback(every=1, earlybird=eb, apply=False, stop=True, deadline=args.deadline)
+    trainer = textclf.trainer(model, tok, train, args, out, [callback, progress_callback(settings, eb)],
+                              save_every=args.save_every)
+    if resume is None:
+        trainer.train()
+    else:
+        folder, progress = resume
+        print(f"resuming the search saved in {folder} at step {progress['step']} ({progress['checks']} checks)")
+        if progress["found"]:  # nothing left to train: the checkpoint holds the early-bird weights and the ticket
+            trainer._load_from_checkpoint(str(folder))
+            eb.load(folder / STATE_FILE)
+            trainer.state.global_step = progress["step"]
+        else:
+            trainer.train(resume_from_checkpoint=str(folder))
+    step = trainer.state.global_step
+    out.mkdir(parents=True, exist_ok=True)
+    eb.save(out / "earlybird.safetensors")
+    plot_search(eb, out / "search.png", title=f"{args.model}: {args.structure} p={args.ratio}")
+    acc = textclf.accuracy(model, tok, val, args.max_len)
+    result = {"model": args.model, "found": eb.found, "step": step, "checks": eb.checks,
+              "validation_accuracy": acc, "distances": eb.distances()}
+    if eb.found:
+        textclf.save_pretrained_atomically(model, tok, out / "model")
+    return finish(args, out, eb, result, step, "Train longer (--epochs; the search resumes where it stopped)")
