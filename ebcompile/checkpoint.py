@@ -17,6 +17,7 @@ inconsistent file raises ``CheckpointError``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -65,18 +66,37 @@ def count_attributes(model: nn.Module) -> dict[str, int]:
     """Every head count and width attribute of the table in ``passes.counts`` (``path.attr`` -> value): what a
     fresh model needs rewritten, besides its tensor shapes, to compute what the compact one does."""
     names = set(HEAD_COUNTS + KV_COUNTS + GROUP_COUNTS + WIDTHS + NEURON_WIDTHS)
+    shared = model.__dict__.get("config")
     out = {}
     for path, module in model.named_modules():
         for attr in names & set(module.__dict__):
             value = module.__dict__[attr]
             if isinstance(value, int) and not isinstance(value, bool):
                 out[f"{path}.{attr}" if path else attr] = value
+        own = module.__dict__.get("config")
+        if path and own is not None and own is not shared and not isinstance(own, (dict, nn.Module)):
+            for attr in sorted(names):  # a config copy that compaction gave this module (passes.counts)
+                value = getattr(own, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value != getattr(shared, attr, None):
+                    out[f"{path}.config.{attr}"] = value
     return out
 
 
 def _set_counts(model: nn.Module, counts: dict[str, Any]) -> None:
+    copied: set[str] = set()
     for key, value in counts.items():
         owner, attr = split_name(key)
+        if owner == "config" or owner.endswith(".config"):  # a module's own config copy (passes.counts)
+            parent = owner[:-len("config")].rstrip(".")
+            module = model.get_submodule(parent) if parent and parent not in copied and _has_config(model, parent) else None
+            if module is not None:
+                module.config = copy.copy(module.config)
+                copied.add(parent)
+            if parent in copied and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                setattr(model.get_submodule(parent).config, attr, value)
+                continue
+            raise CheckpointError(f"the checkpoint sets {key}, which the model lacks. Fix: pass a model of the saved "
+                                  "architecture.")
         try:
             module = model.get_submodule(owner)
         except AttributeError as exc:
@@ -86,6 +106,13 @@ def _set_counts(model: nn.Module, counts: dict[str, Any]) -> None:
             raise CheckpointError(f"{META}: {key}={value!r} is not a count. Fix: save the model again.")
         if isinstance(module.__dict__.get(attr), int):
             setattr(module, attr, value)
+
+
+def _has_config(model: nn.Module, path: str) -> bool:
+    try:
+        return model.get_submodule(path).__dict__.get("config") is not None
+    except AttributeError:
+        return False
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:

@@ -8,6 +8,8 @@ FFN linears) that a structured ticket must make smaller.
 
 - ``llama`` / ``qwen2`` / ``mistral``: grouped-query attention, 4 query heads over 2 KV heads, head_dim 8,
   SwiGLU MLP (``gate_proj``/``up_proj``/``down_proj``); inputs ``input_ids`` + ``attention_mask``.
+- ``phi3``: the same grouped-query attention with one fused ``qkv_proj`` (sliced by ``config.num_attention_heads``
+  at forward time) and one fused ``gate_up_proj``.
 - ``tenc-post`` / ``tenc-pre``: stock ``nn.TransformerEncoder`` (post- and pre-norm layers) between an input
   embedding and a classifier on the mean over the sequence.
 - ``nanogpt``: Karpathy's nanoGPT ``model.py`` (fused ``c_attn`` split three ways, ``view``/``transpose`` to
@@ -265,6 +267,12 @@ def _mistral():
     return MistralForCausalLM(_decoder_config(MistralConfig, sliding_window=None))
 
 
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(_decoder_config(Phi3Config, use_cache=False))
+
+
 def _distilbert():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
@@ -313,6 +321,8 @@ ZOO: dict[str, Spec] = {
     "llama": Spec(_llama, text_batch, _HF_DECODER, hf=True),
     "qwen2": Spec(_qwen2, text_batch, _HF_DECODER, hf=True),
     "mistral": Spec(_mistral, text_batch, _HF_DECODER, hf=True),
+    "phi3": Spec(_phi3, text_batch, _per_layer("model.layers.{i}.{n}", ("self_attn.qkv_proj", "self_attn.o_proj",
+                                                                     "mlp.gate_up_proj", "mlp.down_proj")), hf=True),
     "tenc-post": Spec(lambda: EncoderClassifier(norm_first=False), token_batch, _TENC),
     "tenc-pre": Spec(lambda: EncoderClassifier(norm_first=True), token_batch, _TENC),
     "nanogpt": Spec(lambda: GPT(GPTConfig()), token_batch,

@@ -6,10 +6,17 @@ is rewritten only when its value is the one the removed units imply (a head coun
 heads, a width equal to heads x head_dim), scaled by kept / original. Modules the table does not cover are
 caught by ``compact``'s check on the example inputs, never silently wrong.
 
-Invariant: only ``int`` attributes of the group's module and its submodules change; tensors are untouched.
+A module that reads its counts from ``self.config`` at forward time (Phi-3's attention slices its fused QKV
+with ``config.num_attention_heads``) gets its own shallow copy of that config with the counts rewritten; the
+model's config, shared by the other layers, is untouched.
+
+Invariant: only ``int`` attributes of the group's module and its submodules (or of their own config copies)
+change; tensors are untouched.
 """
 
 from __future__ import annotations
+
+import copy
 
 from torch import nn
 
@@ -48,6 +55,7 @@ def rewrite_counts(root: nn.Module, group: GroupSet, kept: int) -> list[str]:
     for sub_path, module in top.named_modules(prefix=path):
         if isinstance(module, nn.Linear) or (module is root and path == ""):
             continue
+        changed += _rewrite_config(module, sub_path, names, kept, group.units)
         for attr in GROUP_COUNTS if group.per_group else ():  # query heads per KV head
             if module.__dict__.get(attr) == group.per_group and kept % (group.units // group.per_group) == 0:
                 setattr(module, attr, kept // (group.units // group.per_group))
@@ -61,3 +69,24 @@ def rewrite_counts(root: nn.Module, group: GroupSet, kept: int) -> list[str]:
                 setattr(module, attr, new)
                 changed.append(f"{sub_path}.{attr}")
     return changed
+
+
+def _rewrite_config(module: nn.Module, path: str, names: tuple[str, ...], kept: int, units: int) -> list[str]:
+    """Scale the counts in ``module.config`` on a copy of it owned by ``module`` alone (``path.config.attr``)."""
+    config = module.__dict__.get("config")
+    if config is None or isinstance(config, (dict, nn.Module)):
+        return []
+    new_values = {}
+    for attr in names:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= units:
+            new = _scaled(value, kept, units)
+            if new is not None and new > 0:
+                new_values[attr] = new
+    if not new_values:
+        return []
+    own = copy.copy(config)
+    for attr, value in new_values.items():
+        setattr(own, attr, value)
+    module.config = own
+    return [f"{path}.config.{attr}" for attr in new_values]
