@@ -10,6 +10,8 @@ FFN linears) that a structured ticket must make smaller.
   SwiGLU MLP (``gate_proj``/``up_proj``/``down_proj``); inputs ``input_ids`` + ``attention_mask``.
 - ``phi3``: the same grouped-query attention with one fused ``qkv_proj`` (sliced by ``config.num_attention_heads``
   at forward time) and one fused ``gate_up_proj``.
+- ``falcon``: every linear written out (``FalconLinear``: ``x @ self.weight.T + self.bias``), fused per-head
+  ``query_key_value``.
 - ``tenc-post`` / ``tenc-pre``: stock ``nn.TransformerEncoder`` (post- and pre-norm layers) between an input
   embedding and a classifier on the mean over the sequence.
 - ``nanogpt``: Karpathy's nanoGPT ``model.py`` (fused ``c_attn`` split three ways, ``view``/``transpose`` to
@@ -273,6 +275,14 @@ def _phi3():
     return Phi3ForCausalLM(_decoder_config(Phi3Config, use_cache=False))
 
 
+def _falcon():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    return FalconForCausalLM(FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, vocab_size=VOCAB,
+                                          multi_query=False, parallel_attn=False, bias=True, use_cache=False,
+                                          bos_token_id=0, eos_token_id=1, pad_token_id=0))
+
+
 def _distilbert():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
@@ -323,6 +333,9 @@ ZOO: dict[str, Spec] = {
     "mistral": Spec(_mistral, text_batch, _HF_DECODER, hf=True),
     "phi3": Spec(_phi3, text_batch, _per_layer("model.layers.{i}.{n}", ("self_attn.qkv_proj", "self_attn.o_proj",
                                                                      "mlp.gate_up_proj", "mlp.down_proj")), hf=True),
+    "falcon": Spec(_falcon, text_batch, _per_layer("transformer.h.{i}.{n}", ("self_attention.query_key_value",
+                                                                         "self_attention.dense", "mlp.dense_h_to_4h",
+                                                                         "mlp.dense_4h_to_h")), hf=True),
     "tenc-post": Spec(lambda: EncoderClassifier(norm_first=False), token_batch, _TENC),
     "tenc-pre": Spec(lambda: EncoderClassifier(norm_first=True), token_batch, _TENC),
     "nanogpt": Spec(lambda: GPT(GPTConfig()), token_batch,

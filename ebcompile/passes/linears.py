@@ -1,7 +1,8 @@
 """Analysis: find the linear ops of a captured graph and the attention modules that own projections.
 
 Invariant: every weight that enters a linear op (``nn.Linear``, ``F.linear``/``aten.linear``,
-``aten.addmm`` of HF ``Conv1D``, ``nn.MultiheadAttention``'s packed ``in_proj_weight``, torchvision Swin's
+``aten.addmm`` of HF ``Conv1D``, a linear written out as ``x @ W.T (+ b)`` or ``x @ W`` with a 2-D parameter
+``W`` (Falcon's ``FalconLinear``), ``nn.MultiheadAttention``'s packed ``in_proj_weight``, torchvision Swin's
 ``qkv``/``proj``) appears in exactly one ``LinearOp``; linears whose output reaches the model output
 without another linear op in between are tagged ``kind="output"`` (the output layer). Writes ``node.meta["ebcompile.linear"]``.
 """
@@ -9,6 +10,7 @@ without another linear op in between are tagged ``kind="output"`` (the output la
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +86,49 @@ def _linear_node_weight(cap: Captured, node: fx.Node, modules: dict[str, nn.Modu
         if w is None:
             return None
         return w, cap.param(node.args[0]), 1
+    if target in _MATMULS and len(node.args) == 2:  # a linear written out: x @ W.T (+ b), or x @ W for W[in, out]
+        return _matmul_weight(cap, node)
     return None
+
+
+_MATMULS = {torch.ops.aten.matmul.default, torch.matmul, operator.matmul}
+_TRANSPOSES = {torch.ops.aten.numpy_T.default, torch.ops.aten.t.default, torch.ops.aten.permute.default,
+               torch.ops.aten.transpose.int}
+
+
+def transposed(node: Any) -> fx.Node | None:
+    """The node that ``node`` transposes when it is a 2-D transpose (``W.T``, ``W.t()``, ``permute(1, 0)``)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSES:
+        return None
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return None
+    if node.target is torch.ops.aten.permute.default and [d % 2 for d in node.args[1]] != [1, 0]:
+        return None
+    if node.target is torch.ops.aten.transpose.int and sorted(d % 2 for d in node.args[1:3]) != [0, 1]:
+        return None
+    return source
+
+
+def _matmul_weight(cap: Captured, node: fx.Node) -> tuple[str, str | None, int] | None:
+    """``matmul(x, W.T)`` -> out_dim 0, ``matmul(x, W)`` -> out_dim 1, for a 2-D parameter ``W`` (its bias: a 1-D
+    parameter the product's only user adds)."""
+    right = node.args[1]
+    if not isinstance(right, fx.Node):
+        return None
+    source = transposed(right)
+    out_dim, source = (1, right) if source is None else (0, source)
+    w = cap.param(source)
+    if w is None or cap.root.get_parameter(w).dim() != 2:
+        return None
+    bias = None
+    users = list(node.users)
+    if len(users) == 1 and users[0].target in _JOINS and len(users[0].args) == 2:
+        other = users[0].args[1] if users[0].args[0] is node else users[0].args[0]
+        b = cap.param(other) if isinstance(other, fx.Node) else None
+        if b is not None and cap.root.get_parameter(b).dim() == 1:
+            bias = b
+    return w, bias, out_dim
 
 
 def linear_nodes(cap: Captured, modules: dict[str, nn.Module]) -> dict[fx.Node, LinearOp]:

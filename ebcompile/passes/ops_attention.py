@@ -112,6 +112,13 @@ def _matmul(flow: Flow, node: fx.Node):
         from .ophandlers import linear_source
 
         return linear_source(flow, a, flow.param_of[b.name], shape(b), 1, None, shape(node))
+    from .linears import transposed
+
+    w = transposed(b)
+    if w is not None and w.name in flow.param_of and len(shape(w) or ()) == 2:  # x @ W.T: a linear written out
+        from .ophandlers import linear_source
+
+        return linear_source(flow, a, flow.param_of[w.name], shape(w), 0, None, shape(node))
     return product(flow, flow.lab(a), flow.lab(b), shape(node))
 
 
