@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings on a shared machine)")
     p.add_argument("--render", default=None, help="only rewrite the documents from the rows a run saved (docs/reproduce-rows.json)")
     p.add_argument("--merge", default=None, help="keep the rows of the models not run now from a saved run (docs/reproduce-rows.json); "
-                                                 "its time is added to this run's")
+                                                 "its time is added to this run's, less the saved time of the models run again")
     p.add_argument("--out", default=None, help="where RESULTS.md goes (default docs/RESULTS.md; --quick writes nothing unless given)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -131,29 +131,38 @@ def main(argv: list[str] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rows: list[dict] = []
+    model_seconds: dict[str, float] = {}
+    model_dates: dict[str, str] = {}
     tasks = make_tasks(a.models or ["vit", "swin", "gpt2", "roberta"] + ([] if a.quick else ["minilm"]), a.quick)
     if a.render:
         saved = json.loads(Path(a.render).read_text())
         rows, tasks = saved["rows"], [t for t in tasks if t.name in {r["model"] for r in saved["rows"]}]
         start -= saved["seconds"]
+        model_seconds, model_dates = saved.get("model_seconds", {}), saved.get("model_dates", {})
     for task in tasks if not a.render else []:
         pretrained = task.extra.get("pretrained", False)
         seeds = list(range(1 if (a.quick or pretrained) else (a.seeds or 3)))
         structures = ["unstructured", "structured"]
         ratios = (0.3,) if a.quick else RATIOS
+        began = time.perf_counter()
         rows += run_task(task, seeds, structures, ratios, a.scope, a.traditional, out.parent if out else None)
+        model_seconds[task.name], model_dates[task.name] = time.perf_counter() - began, time.strftime("%Y-%m-%d")
         print(f"{task.name} done at {time.perf_counter() - start:.0f} s", flush=True)
     total = saved["seconds"] if a.render else time.perf_counter() - start
     if a.merge:
         kept = json.loads(Path(a.merge).read_text())
         ran = {t.name for t in tasks}
         rows = [r for r in kept["rows"] if r["model"] not in ran] + rows
-        total += kept["seconds"]
+        kept_seconds = kept.get("model_seconds", {})  # the models run again now no longer count their old time
+        total += kept["seconds"] - sum(v for m, v in kept_seconds.items() if m in ran)
+        model_seconds = {**{m: v for m, v in kept_seconds.items() if m not in ran}, **model_seconds}
+        model_dates = {**{m: v for m, v in kept.get("model_dates", {}).items() if m not in ran}, **model_dates}
         names = {r["model"] for r in rows}
         tasks = [t for t in make_tasks([m for m in ["vit", "swin", "gpt2", "roberta", "minilm"] if m in names], a.quick)]
     if not a.render and out is not None:  # the raw rows beside the document, to re-render it without training again
-        rows_path(out).write_text(json.dumps({"rows": rows, "seconds": total}, indent=1))
-    text = render(rows, tasks, total, a)
+        rows_path(out).write_text(json.dumps({"rows": rows, "seconds": total, "model_seconds": model_seconds,
+                                              "model_dates": model_dates}, indent=1))
+    text = render(rows, tasks, total, a, model_seconds, model_dates)
     print(text)
     if out is not None:
         from ebcompile.io import atomic_path
