@@ -191,3 +191,19 @@ def test_safe_checkpoints_resume_to_the_same_weights_without_a_pickle(tmp_path):
     (pickled / "optimizer.safetensors").rename(pickled / "optimizer.pt")
     with pytest.raises(CheckpointError, match="as a pickle"):
         run(tmp_path / "b", str(pickled))
+
+
+def test_a_resumed_search_draws_by_the_deadline_of_this_runs_budget(tmp_path):
+    """The saved search had a 10-step budget; resumed into a 40-step training, the deadline follows 40 steps."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from ebcompile.integrations import EarlyBirdCallback
+
+    model = ebcompile.prepare(build("bert"), text_batch(), ratio=0.5, structure="structured")
+    ebcompile.EarlyBird(model, every=1, budget=10, deadline=0.5).save(tmp_path / "search.safetensors")
+    callback = EarlyBirdCallback(every=1, deadline=0.5, resume_from=tmp_path / "search.safetensors")
+    state = TrainerState()
+    state.max_steps = 40
+    callback.on_train_begin(TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True), state,
+                            TrainerControl(), model=model)
+    assert callback.earlybird.budget == 40 and callback.earlybird.deadline_tick == 20
