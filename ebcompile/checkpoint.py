@@ -17,7 +17,6 @@ inconsistent file raises ``CheckpointError``.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -31,7 +30,7 @@ from .families import family_of
 from .io import atomic_dir, resolve_saved
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
 from .names import split_name, tensor_at
-from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
+from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS, ConfigView
 from .passes.reshapes import install_rewrite, rewrites_of
 from .passes.shrink import fix_attributes, removed_indices, set_tensor
 
@@ -66,37 +65,31 @@ def count_attributes(model: nn.Module) -> dict[str, int]:
     """Every head count and width attribute of the table in ``passes.counts`` (``path.attr`` -> value): what a
     fresh model needs rewritten, besides its tensor shapes, to compute what the compact one does."""
     names = set(HEAD_COUNTS + KV_COUNTS + GROUP_COUNTS + WIDTHS + NEURON_WIDTHS)
-    shared = model.__dict__.get("config")
     out = {}
     for path, module in model.named_modules():
         for attr in names & set(module.__dict__):
             value = module.__dict__[attr]
             if isinstance(value, int) and not isinstance(value, bool):
                 out[f"{path}.{attr}" if path else attr] = value
-        own = module.__dict__.get("config")
-        if path and own is not None and own is not shared and not isinstance(own, (dict, nn.Module)):
-            for attr in sorted(names):  # a config copy that compaction gave this module (passes.counts)
-                value = getattr(own, attr, None)
-                if isinstance(value, int) and not isinstance(value, bool) and value != getattr(shared, attr, None):
-                    out[f"{path}.config.{attr}"] = value
+        view = module.__dict__.get("config")
+        if isinstance(view, ConfigView):  # the counts compaction gave this module over the shared config
+            out.update({f"{path}.config.{attr}" if path else f"config.{attr}": v for attr, v in view.overrides.items()})
     return out
 
 
 def _set_counts(model: nn.Module, counts: dict[str, Any]) -> None:
-    copied: set[str] = set()
     for key, value in counts.items():
         owner, attr = split_name(key)
-        if owner == "config" or owner.endswith(".config"):  # a module's own config copy (passes.counts)
+        if owner == "config" or owner.endswith(".config"):  # a module's view of the shared config (passes.counts)
             parent = owner[:-len("config")].rstrip(".")
-            module = model.get_submodule(parent) if parent and parent not in copied and _has_config(model, parent) else None
-            if module is not None:
-                module.config = copy.copy(module.config)
-                copied.add(parent)
-            if parent in copied and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                setattr(model.get_submodule(parent).config, attr, value)
-                continue
-            raise CheckpointError(f"the checkpoint sets {key}, which the model lacks. Fix: pass a model of the saved "
-                                  "architecture.")
+            if not _has_config(model, parent) or not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CheckpointError(f"the checkpoint sets {key}, which the model lacks. Fix: pass a model of the saved "
+                                      "architecture.")
+            module = model.get_submodule(parent)
+            if not isinstance(module.config, ConfigView):
+                module.config = ConfigView(module.config, {})
+            module.config.overrides[attr] = value
+            continue
         try:
             module = model.get_submodule(owner)
         except AttributeError as exc:

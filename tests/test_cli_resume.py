@@ -38,10 +38,13 @@ def test_a_killed_text_search_resumes_where_it_stopped(tiny_classifier, tmp_path
         assert main(["search", str(tiny_classifier), "--out", str(resumed), *SEARCH]) == 130  # interrupted
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     assert not (resumed / "search.json").exists()
+    (resumed / "checkpoint-10").mkdir()  # as if killed while writing a later one: removed, never resumed from
+    (resumed / "checkpoint-10" / "model.safetensors").write_bytes(b"half")
     capsys.readouterr()
     assert main(["search", str(tiny_classifier), "--out", str(resumed), *SEARCH]) == 1
     assert "checkpoint-8 at step 8 (4 checks)" in capsys.readouterr().out
     again = json.loads((resumed / "search.json").read_text())
+    assert not (resumed / "checkpoint-10").exists()
     assert again["step"] == straight["step"] == 12 and again["checks"] == straight["checks"] == 6
     torch.testing.assert_close(torch.tensor(again["distances"]), torch.tensor(straight["distances"]), rtol=1e-4, atol=1e-6)
     assert again["validation_accuracy"] == pytest.approx(straight["validation_accuracy"], abs=1e-9)

@@ -4,9 +4,10 @@ The ticket is applied (``--mode continue``: the early-bird weights, ``rewind``: 
 search, ``reinit``: fresh ones); a structured ticket's pruned heads and neurons are removed and the smaller
 model trains for ``--epochs`` (an unstructured ticket trains masked, its zeros held, and is compacted after).
 Writes ``--out``/``model`` (reload with ``ebcompile.load``, tokenizer beside it) and ``retrain.json``.
-With ``--mode continue`` the search's optimizer state (its checkpoint at the ticket) is carried onto the compact
-model (``compact(model, optimizer=opt)``), its learning rate restarted at ``--lr``; other modes start a fresh
-optimizer. An image search's folder (``model/imageclf.json``) retrains the same way in a PyTorch loop.
+With ``--mode continue`` the search's optimizer state (its checkpoint at the ticket) is carried onto the model
+that trains (structured: the compact one, by ``compact(model, optimizer=opt)``; unstructured: the masked one),
+its learning rate restarted at ``--lr``; other modes start a fresh optimizer. An image search's folder
+(``model/imageclf.json``) retrains the same way in a PyTorch loop.
 """
 
 from __future__ import annotations
@@ -80,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def carried_optimizer(model: Any, tok: Any, train: Any, args: argparse.Namespace, search: Path) -> Any:
     """The search's AdamW state at its ticket (its newest complete checkpoint), over ``model``'s parameters, its
     learning rate restarted at ``--lr``; None (a fresh optimizer) when the search kept no checkpoint."""
@@ -90,7 +90,8 @@ def carried_optimizer(model: Any, tok: Any, train: Any, args: argparse.Namespace
 
     folder = ticket_checkpoint(search)
     if folder is None:
-        print(f"{search} keeps no checkpoint of the search's optimizer: the retrain starts a fresh one")
+        print(f"{search} keeps no checkpoint of the search at its ticket (written before searches kept resume "
+              "points, or removed): the retrain starts a fresh optimizer")
         return None
     opt = textclf.trainer(model, tok, train, args, Path(args.out)).create_optimizer()
     load_optimizer(opt, model, folder / "optimizer.safetensors")

@@ -4,14 +4,17 @@ Every ``--save-every`` optimizer steps, at the ticket and at the end of the budg
 ``--out/checkpoint-<step>/`` as safetensors + JSON (``SafeCheckpoints``: weights, optimizer, scheduler, random
 states, ``earlybird.safetensors``), and ``progress.json`` last, which marks the checkpoint complete. The two
 newest are kept. A second ``search`` into the same ``--out`` resumes from the newest complete one (same settings;
-only ``--epochs`` may change): the Trainer skips the batches already seen, so it draws the checks an
-uninterrupted search draws. A search that had found its ticket is not trained again.
+only ``--epochs`` may change), after removing the folders a killed run left half-written: the Trainer skips the
+batches already seen, so with the same ``--epochs`` it draws the checks an uninterrupted search draws (more
+epochs change the learning-rate schedule and the deadline from then on). A search that had found its ticket is
+not trained again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,8 @@ def resume_point(out: Path, settings: dict[str, Any]) -> tuple[Path, dict[str, A
             raise ConfigError(f"{out} holds an image search. Fix: pass a new --out for this text search.")
         return None
     folder = complete[-1]
+    for stale in checkpoints(out)[checkpoints(out).index(folder) + 1:]:  # written after it, never completed
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         progress = json.loads((folder / PROGRESS).read_text())
         saved, found = progress["settings"], progress["found"]

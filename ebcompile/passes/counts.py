@@ -7,23 +7,23 @@ heads, a width equal to heads x head_dim), scaled by kept / original. Modules th
 caught by ``compact``'s check on the example inputs, never silently wrong.
 
 A module that reads its counts from ``self.config`` at forward time (Phi-3's attention slices its fused QKV
-with ``config.num_attention_heads``) gets its own shallow copy of that config with the counts rewritten; the
-model's config, shared by the other layers, is untouched.
+with ``config.num_attention_heads``) gets a ``ConfigView``: its own counts over the shared config, which stays
+untouched and keeps serving every other attribute.
 
-Invariant: only ``int`` attributes of the group's module and its submodules (or of their own config copies)
+Invariant: only ``int`` attributes of the group's module and its submodules (or of their own config views)
 change; tensors are untouched.
 """
 
 from __future__ import annotations
 
-import copy
+from typing import Any
 
 from torch import nn
 
 from ..names import split_name
 from ..plan import GroupSet
 
-__all__ = ["HEAD_COUNTS", "KV_COUNTS", "GROUP_COUNTS", "WIDTHS", "NEURON_WIDTHS", "rewrite_counts"]
+__all__ = ["ConfigView", "HEAD_COUNTS", "KV_COUNTS", "GROUP_COUNTS", "WIDTHS", "NEURON_WIDTHS", "rewrite_counts"]
 
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "nhead", "num_q_heads", "heads")
 KV_COUNTS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "num_kv")
@@ -71,8 +71,32 @@ def rewrite_counts(root: nn.Module, group: GroupSet, kept: int) -> list[str]:
     return changed
 
 
+class ConfigView:
+    """A module's view of a shared config: the counts compaction rewrote for this module, everything else read
+    from (and written to) the shared config, so later changes to it (``set_attn_implementation``) still apply."""
+
+    def __init__(self, base: Any, overrides: dict[str, int]) -> None:
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "overrides", dict(overrides))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy / pickle protocol: this object's own, never the shared config's
+            raise AttributeError(name)
+        overrides = object.__getattribute__(self, "overrides")
+        return overrides[name] if name in overrides else getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.overrides:
+            self.overrides[name] = value
+        else:
+            setattr(self._base, name, value)
+
+    def __repr__(self) -> str:
+        return f"ConfigView({self.overrides} over {type(self._base).__name__})"
+
+
 def _rewrite_config(module: nn.Module, path: str, names: tuple[str, ...], kept: int, units: int) -> list[str]:
-    """Scale the counts in ``module.config`` on a copy of it owned by ``module`` alone (``path.config.attr``)."""
+    """Scale the counts ``module.config`` holds, in a ``ConfigView`` owned by ``module`` alone (``path.config.attr``)."""
     config = module.__dict__.get("config")
     if config is None or isinstance(config, (dict, nn.Module)):
         return []
@@ -85,8 +109,8 @@ def _rewrite_config(module: nn.Module, path: str, names: tuple[str, ...], kept: 
                 new_values[attr] = new
     if not new_values:
         return []
-    own = copy.copy(config)
-    for attr, value in new_values.items():
-        setattr(own, attr, value)
-    module.config = own
+    if isinstance(config, ConfigView):
+        config.overrides.update(new_values)
+    else:
+        module.config = ConfigView(config, new_values)
     return [f"{path}.config.{attr}" for attr in new_values]

@@ -91,7 +91,7 @@ def _linear_node_weight(cap: Captured, node: fx.Node, modules: dict[str, nn.Modu
     return None
 
 
-_MATMULS = {torch.ops.aten.matmul.default, torch.matmul, operator.matmul}
+_MATMULS = {torch.ops.aten.matmul.default, torch.ops.aten.mm.default, torch.matmul, torch.mm, operator.matmul}
 _TRANSPOSES = {torch.ops.aten.numpy_T.default, torch.ops.aten.t.default, torch.ops.aten.permute.default,
                torch.ops.aten.transpose.int}
 
