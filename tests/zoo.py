@@ -16,6 +16,7 @@ FFN linears) that a structured ticket must make smaller.
   embedding and a classifier on the mean over the sequence.
 - ``nanogpt``: Karpathy's nanoGPT ``model.py`` (fused ``c_attn`` split three ways, ``view``/``transpose`` to
   heads, ``F.scaled_dot_product_attention``, ``c_fc`` -> GELU -> ``c_proj``, tied ``lm_head``).
+- ``param-mlp``: MLP blocks written with raw ``nn.Parameter`` matmuls (``x @ w_in + b``, ``h @ w_out.T``).
 - ``swiglu``: a hand-written SwiGLU MLP ``w2(F.silu(w1(x)) * w3(x))`` in pre-norm residual blocks.
 - ``distilbert``, ``t5-encoder``: ``transformers`` models with their own attention layouts.
 - ``timm-vit``: ``timm`` ``VisionTransformer`` (fused ``qkv``, ``attn_dim``).
@@ -223,6 +224,25 @@ class SwiGLUNet(nn.Module):
         return self.out(h)
 
 
+class ParamMLPBlock(nn.Module):
+    """A pre-norm MLP written with raw parameters: ``gelu(x @ w_in + b_in) @ w_out.T`` (``w_in`` is [in, out])."""
+
+    def __init__(self, dim: int = HIDDEN, hidden: int = FFN) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.w_in, self.b_in = nn.Parameter(torch.randn(dim, hidden)), nn.Parameter(torch.zeros(hidden))
+        self.w_out = nn.Parameter(torch.randn(dim, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.gelu(self.norm(x) @ self.w_in + self.b_in) @ self.w_out.T
+
+
+class ParamMLPNet(SwiGLUNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([ParamMLPBlock() for _ in range(LAYERS)])
+
+
 def feature_batch(batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, SEQ, 16, generator=torch.Generator().manual_seed(seed))
 
@@ -340,6 +360,7 @@ ZOO: dict[str, Spec] = {
     "tenc-pre": Spec(lambda: EncoderClassifier(norm_first=True), token_batch, _TENC),
     "nanogpt": Spec(lambda: GPT(GPTConfig()), token_batch,
                     _per_layer("transformer.h.{i}.{n}", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))),
+    "param-mlp": Spec(ParamMLPNet, feature_batch, tuple(f"blocks.{i}" for i in range(LAYERS)), heads=0),
     "swiglu": Spec(SwiGLUNet, feature_batch, _per_layer("blocks.{i}.mlp.{n}", ("w1", "w2", "w3")), heads=0),
     "distilbert": Spec(_distilbert, text_batch, _per_layer("distilbert.transformer.layer.{i}.{n}", (
         "attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2")), hf=True),

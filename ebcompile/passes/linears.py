@@ -92,22 +92,30 @@ def _linear_node_weight(cap: Captured, node: fx.Node, modules: dict[str, nn.Modu
 
 
 _MATMULS = {torch.ops.aten.matmul.default, torch.ops.aten.mm.default, torch.matmul, torch.mm, operator.matmul}
-_TRANSPOSES = {torch.ops.aten.numpy_T.default, torch.ops.aten.t.default, torch.ops.aten.permute.default,
-               torch.ops.aten.transpose.int}
 
 
 def transposed(node: Any) -> fx.Node | None:
-    """The node that ``node`` transposes when it is a 2-D transpose (``W.T``, ``W.t()``, ``permute(1, 0)``)."""
-    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSES:
+    """The node that ``node`` transposes when it is a 2-D transpose (``W.T``, ``W.t()``, ``permute(1, 0)``,
+    ``transpose(0, 1)``), as ``torch.export`` (aten ops) or ``symbolic_trace`` (``getattr``, methods) writes it."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    source = node.args[0] if node.args else None
-    if not isinstance(source, fx.Node):
+    target, rest = node.target, node.args[1:]
+    if node.op == "call_function" and target is getattr:
+        return node.args[0] if rest in (("T",), ("mT",)) else None
+    if node.op == "call_method":
+        target = {"t": torch.t, "transpose": torch.transpose, "permute": torch.permute}.get(target)
+    elif node.op != "call_function":
         return None
-    if node.target is torch.ops.aten.permute.default and [d % 2 for d in node.args[1]] != [1, 0]:
+    if target in (torch.ops.aten.numpy_T.default, torch.ops.aten.t.default, torch.t):
+        return node.args[0]
+    dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    if not all(isinstance(d, int) for d in dims):
         return None
-    if node.target is torch.ops.aten.transpose.int and sorted(d % 2 for d in node.args[1:3]) != [0, 1]:
-        return None
-    return source
+    if target in (torch.ops.aten.permute.default, torch.permute) and [d % 2 for d in dims] == [1, 0]:
+        return node.args[0]
+    if target in (torch.ops.aten.transpose.int, torch.transpose) and sorted(d % 2 for d in dims) == [0, 1]:
+        return node.args[0]
+    return None
 
 
 def _matmul_weight(cap: Captured, node: fx.Node) -> tuple[str, str | None, int] | None:
