@@ -18,7 +18,9 @@ from torch import fx, nn
 
 from .errors import CaptureError, EbcompileError, InputMismatchError
 
-__all__ = ["Captured", "capture", "normalize_inputs", "graph_kwargs", "inputs_fit"]
+CONSTANT = "ebcompile.constant"  # node.meta: the value of a small lifted integer constant (torch.export)
+
+__all__ = ["CONSTANT", "Captured", "capture", "normalize_inputs", "graph_kwargs", "inputs_fit"]
 
 
 @dataclass
@@ -119,9 +121,14 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
         model.train(was_training)
     cap = Captured(graph=ep.graph_module.graph, method="export", root=model)
     sig = ep.graph_signature
+    constants = getattr(sig, "inputs_to_lifted_tensor_constants", {})
     for node in ep.graph_module.graph.nodes:
         if node.op == "placeholder" and node.name in sig.inputs_to_parameters:
             cap.param_of[node.name] = sig.inputs_to_parameters[node.name]
+        elif node.op == "placeholder" and node.name in constants:  # small integer constants: index lists (x[..., [-2]])
+            value = ep.constants.get(constants[node.name])
+            if isinstance(value, torch.Tensor) and value.numel() <= 4096 and not value.is_floating_point():
+                node.meta[CONSTANT] = value.detach().cpu().clone()
     return cap
 
 

@@ -117,6 +117,38 @@ def _split(flow: Flow, node: fx.Node):
     return out
 
 
+def _constant(node) -> np.ndarray | None:
+    """The value of a small integer constant (``capture.CONSTANT``), through copies of it."""
+    from ..capture import CONSTANT
+
+    while isinstance(node, fx.Node):
+        if CONSTANT in node.meta:
+            return node.meta[CONSTANT].numpy()
+        if node.op != "call_function" or getattr(node.target, "_opname", "") not in ("lift_fresh_copy", "clone", "_to_copy"):
+            return None
+        node = node.args[0]
+    return None
+
+
+@handler("index")
+def _index(flow: Flow, node: fx.Node):
+    """``x[..., [i, j]]``: constant indices along one dimension pick those slices (any other indexing is refused).
+    The indices are baked into the model's code, so that dimension must keep its size: its slices join one unit."""
+    lab, indices = flow.lab(node.args[0]), node.args[1]
+    if not isinstance(lab, Labels):
+        return None
+    given = [(d, i) for d, i in enumerate(indices) if i is not None]
+    value = _constant(given[0][1]) if len(given) == 1 else None
+    if value is None or value.ndim != 1:
+        flow.forbid(node.args[0], "indexed by tensors the analysis does not know")
+        return None
+    dim = given[0][0]
+    if lab.ids.shape[dim] == 1:
+        return _out(np.take(lab.ids, [0] * len(value), axis=dim), lab.param)
+    flow.el.union_along(lab.ids, dim)
+    return _out(np.take(lab.ids, value.tolist(), axis=dim), lab.param)
+
+
 @handler("getitem")
 def _getitem(flow: Flow, node: fx.Node):
     labs = flow.labels.get(node.args[0])
