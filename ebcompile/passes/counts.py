@@ -10,6 +10,9 @@ A module that reads its counts from ``self.config`` at forward time (Phi-3's att
 with ``config.num_attention_heads``) gets a ``ConfigView``: its own counts over the shared config, which stays
 untouched and keeps serving every other attribute.
 
+Submodules that hold parameters but none of the group's (another layer's attention under the common parent
+of a group coupled across layers) are left alone.
+
 Invariant: only ``int`` attributes of the group's module and its submodules (or of their own config views)
 change; tensors are untouched.
 """
@@ -52,8 +55,12 @@ def rewrite_counts(root: nn.Module, group: GroupSet, kept: int) -> list[str]:
     except AttributeError:
         return []
     changed = []
+    members = {_plain(m.tensor) for m in group.members}
     for sub_path, module in top.named_modules(prefix=path):
         if isinstance(module, nn.Linear) or (module is root and path == ""):
+            continue
+        own = {_plain(f"{sub_path}.{n}" if sub_path else n) for n, _ in module.named_parameters()}
+        if own and not own & members:  # another layer's block under a common parent (T5's cross-attention)
             continue
         changed += _rewrite_config(module, sub_path, names, kept, group.units)
         for attr in GROUP_COUNTS if group.per_group else ():  # query heads per KV head
@@ -69,6 +76,11 @@ def rewrite_counts(root: nn.Module, group: GroupSet, kept: int) -> list[str]:
                 setattr(module, attr, new)
                 changed.append(f"{sub_path}.{attr}")
     return changed
+
+
+def _plain(name: str) -> str:
+    """A parameter name without the parametrization wrapper (``w.parametrizations.weight.original`` -> ``w.weight``)."""
+    return name.replace(".parametrizations.", ".").removesuffix(".original")
 
 
 class ConfigView:

@@ -10,10 +10,12 @@ kept whole instead and the query heads stay units of their own, grouped by the K
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from torch import fx
 
-from .labels import Labels
+from .labels import Labels, varying
 from .ophandlers import Flow, _out, handler, shape
 
 
@@ -135,7 +137,8 @@ def _baddbmm(flow: Flow, node: fx.Node):
     extra = flow.lab(node.args[0])
     if isinstance(extra, Labels) and out is not None:
         flow.el.union(out.ids, extra.ids)
-    return out
+    elif out is not None:
+        _unsliceable_bias(flow, out, node.args[0], node.args[1], node.args[2])
 
 
 @handler("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -156,8 +159,32 @@ def _sdpa(flow: Flow, node: fx.Node):
     lmask = flow.lab(mask) if isinstance(mask, fx.Node) else None
     if isinstance(lmask, Labels) and scores is not None:
         flow.el.union(scores.ids, lmask.ids.reshape((1,) * (len(scores_shape) - lmask.ids.ndim) + lmask.ids.shape))
+    elif scores is not None:
+        _unsliceable_bias(flow, scores, mask, q, k)
     out = _probs_v(flow, scores, lv, qs[:-1] + (vs[-1],))
     return out if node.target._opname == "scaled_dot_product_attention" else [out, None]
+
+
+_BROADCASTS = ("expand", "expand_as", "_to_copy", "to", "clone", "contiguous", "alias", "type_as")
+
+
+def _unsliceable_bias(flow: Flow, scores: Labels, bias: Any, q: Any, k: Any) -> None:
+    """An unlabelled addend to the scores that differs per head (BLOOM's ALiBi, T5's cross-attention bias built
+    once from the head count and shared by every layer) cannot be sliced with the heads: keep them whole.
+    A mask expanded from size 1 along the heads (``[B, 1, q, k]`` broadcast) is the same for every head: fine."""
+    if not isinstance(bias, fx.Node) or shape(bias) is None:
+        return
+    nd = scores.ids.ndim
+    sizes = [(1,) * (nd - len(shape(bias))) + tuple(shape(bias))]
+    node = bias
+    while node.op == "call_function" and getattr(node.target, "_opname", "") in _BROADCASTS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+        if shape(node) is not None:
+            sizes.append((1,) * (nd - len(shape(node))) + tuple(shape(node)))
+    if any(all(s[d] > 1 for s in sizes) for d in varying(scores.ids)):
+        why = "its heads meet a per-head bias made outside the layer, which the analysis cannot slice (ALiBi, a shared bias)"
+        flow.forbid(q, why)
+        flow.forbid(k, why)
 
 
 def _probs_v(flow: Flow, scores: Labels | None, lv: Labels | None, out_shape: tuple[int, ...]) -> Labels | None:
