@@ -127,7 +127,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
             cap.param_of[node.name] = sig.inputs_to_parameters[node.name]
         elif node.op == "placeholder" and node.name in constants:  # small integer constants: index lists (x[..., [-2]])
             value = ep.constants.get(constants[node.name])
-            if isinstance(value, torch.Tensor) and value.numel() <= 4096 and not value.is_floating_point():
+            if isinstance(value, torch.Tensor) and value.numel() <= 4096 and not value.is_floating_point() and not value.is_complex():
                 node.meta[CONSTANT] = value.detach().cpu().clone()
     return cap
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .names import split_name
+from .passes.counts import ConfigView
 
 __all__ = ["sync_config", "attach_save_pretrained", "pretrained_weights", "CONFIG_FIELDS"]
 
@@ -62,8 +63,9 @@ def sync_config(model: nn.Module) -> bool:
     if {k: tuple(v.shape) for k, v in fresh.state_dict().items()} != want:
         return False
     model.config = new
-    for module in model.modules():  # submodules holding the shared config object
-        if getattr(module, "config", None) is config:
+    for module in model.modules():  # submodules holding the shared config object, or a view of it (passes.counts)
+        held = module.__dict__.get("config")
+        if held is config or (isinstance(held, ConfigView) and held._base is config):
             module.config = new
     return True
 

@@ -62,3 +62,36 @@ def test_a_per_head_bias_built_outside_the_layers_keeps_the_heads():
     assert {g.kind for g in plan.groups} == {"neuron"}
     assert "per-head bias" in plan.skipped["transformer.h.0.self_attention.query_key_value"]
     assert small.transformer.h[0].mlp.dense_h_to_4h.out_features < 128
+
+
+class BaddbmmAttention(torch.nn.Module):
+    """Eager attention as GPT-NeoX-Japanese writes it: scores = baddbmm(zeros made here, q, k^T), separate q/k/v."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, s, self.num_heads, self.head_dim).transpose(1, 2).reshape(b * self.num_heads, s, self.head_dim)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        zeros = torch.zeros(b * self.num_heads, s, s, dtype=x.dtype)
+        probs = torch.baddbmm(zeros, q, k.transpose(1, 2), beta=1.0, alpha=self.head_dim ** -0.5).softmax(-1)
+        out = torch.bmm(probs, v).view(b, self.num_heads, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
+        return x + self.o(out)
+
+
+def test_baddbmm_attention_with_its_own_zero_addend_keeps_its_heads_prunable():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), BaddbmmAttention(), torch.nn.Linear(32, 3)).eval()
+    x = torch.randn(2, 5, 8)
+    masked = ebcompile.prepare(net, x, ratio=0.5, structure="structured", capture_method="export")
+    assert [g.units for g in masked._ebcompile.plan.groups if g.kind == "head"] == [4]
+    ebcompile.apply_ticket(masked, ebcompile.draw_ticket(masked))
+    small = ebcompile.compact(masked, round_to=None)
+    assert small[1].num_heads < 4
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)

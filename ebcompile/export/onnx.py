@@ -127,7 +127,8 @@ def _auto_axes(names: list[str], tensors: list[torch.Tensor]) -> dict[str, dict[
             continue
         axes[name] = {0: "batch"}
         if not t.is_floating_point() and t.dim() >= 2:  # token ids / attention masks: [batch, sequence]
-            axes[name][1] = "decoder_sequence" if name.startswith("decoder_") else "sequence"  # encoder-decoder inputs
+            decoder = name.startswith("decoder_") or (name == "labels" and any(n.startswith("decoder_") for n in names))
+            axes[name][1] = "decoder_sequence" if decoder else "sequence"  # encoder-decoder inputs
     return axes
 
 

@@ -134,7 +134,7 @@ def _matmul_weight(cap: Captured, node: fx.Node) -> tuple[str, str | None, int] 
     if len(users) == 1 and users[0].target in _JOINS and len(users[0].args) == 2:
         other = users[0].args[1] if users[0].args[0] is node else users[0].args[0]
         b = cap.param(other) if isinstance(other, fx.Node) else None
-        if b is not None and cap.root.get_parameter(b).dim() == 1:
+        if b is not None and tuple(cap.root.get_parameter(b).shape) == (cap.root.get_parameter(w).shape[out_dim],):
             bias = b
     return w, bias, out_dim
 

@@ -137,8 +137,13 @@ def _baddbmm(flow: Flow, node: fx.Node):
     extra = flow.lab(node.args[0])
     if isinstance(extra, Labels) and out is not None:
         flow.el.union(out.ids, extra.ids)
-    elif out is not None:
-        _unsliceable_bias(flow, out, node.args[0], node.args[1], node.args[2])
+    elif out is not None and _beta(node) != 0:  # beta = 0: the addend is ignored
+        _unsliceable_bias(flow, out, node.args[0], node.args[1], node.args[2], node)
+    return out
+
+
+def _beta(node: fx.Node) -> Any:
+    return node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
 
 
 @handler("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -160,27 +165,40 @@ def _sdpa(flow: Flow, node: fx.Node):
     if isinstance(lmask, Labels) and scores is not None:
         flow.el.union(scores.ids, lmask.ids.reshape((1,) * (len(scores_shape) - lmask.ids.ndim) + lmask.ids.shape))
     elif scores is not None:
-        _unsliceable_bias(flow, scores, mask, q, k)
+        _unsliceable_bias(flow, scores, mask, q, k, node)
     out = _probs_v(flow, scores, lv, qs[:-1] + (vs[-1],))
     return out if node.target._opname == "scaled_dot_product_attention" else [out, None]
 
 
 _BROADCASTS = ("expand", "expand_as", "_to_copy", "to", "clone", "contiguous", "alias", "type_as")
+_FILLS = ("zeros", "ones", "full", "empty", "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros",
+          "new_ones", "new_full", "new_empty")
 
 
-def _unsliceable_bias(flow: Flow, scores: Labels, bias: Any, q: Any, k: Any) -> None:
+def _module_of(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _unsliceable_bias(flow: Flow, scores: Labels, bias: Any, q: Any, k: Any, attention: fx.Node) -> None:
     """An unlabelled addend to the scores that differs per head (BLOOM's ALiBi, T5's cross-attention bias built
     once from the head count and shared by every layer) cannot be sliced with the heads: keep them whole.
-    A mask expanded from size 1 along the heads (``[B, 1, q, k]`` broadcast) is the same for every head: fine."""
+    Fine: a mask expanded from size 1 along the heads (``[B, 1, q, k]`` broadcast), and a fill (``zeros``,
+    ``full``, ...) made in the attention's own module and read nowhere else (sized by that module's head count)."""
     if not isinstance(bias, fx.Node) or shape(bias) is None:
         return
     nd = scores.ids.ndim
     sizes = [(1,) * (nd - len(shape(bias))) + tuple(shape(bias))]
-    node = bias
+    node, chain = bias, [bias]
     while node.op == "call_function" and getattr(node.target, "_opname", "") in _BROADCASTS and isinstance(node.args[0], fx.Node):
         node = node.args[0]
+        chain.append(node)
         if shape(node) is not None:
             sizes.append((1,) * (nd - len(shape(node))) + tuple(shape(node)))
+    where = _module_of(attention)
+    if (getattr(node.target, "_opname", "") in _FILLS and where is not None
+            and all(_module_of(u) == where for n in chain for u in n.users)):
+        return
     if any(all(s[d] > 1 for s in sizes) for d in varying(scores.ids)):
         why = "its heads meet a per-head bias made outside the layer, which the analysis cannot slice (ALiBi, a shared bias)"
         flow.forbid(q, why)

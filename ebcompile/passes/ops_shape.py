@@ -124,7 +124,8 @@ def _constant(node) -> np.ndarray | None:
     while isinstance(node, fx.Node):
         if CONSTANT in node.meta:
             return node.meta[CONSTANT].numpy()
-        if node.op != "call_function" or getattr(node.target, "_opname", "") not in ("lift_fresh_copy", "clone", "_to_copy"):
+        if node.op != "call_function" or getattr(node.target, "_opname", "") not in (
+                "lift_fresh_copy", "clone", "_to_copy", "detach", "detach_", "alias"):
             return None
         node = node.args[0]
     return None
@@ -139,7 +140,7 @@ def _index(flow: Flow, node: fx.Node):
         return None
     given = [(d, i) for d, i in enumerate(indices) if i is not None]
     value = _constant(given[0][1]) if len(given) == 1 else None
-    if value is None or value.ndim != 1:
+    if value is None or value.ndim != 1 or value.dtype.kind not in "iu":  # integer positions (not a boolean mask)
         flow.forbid(node.args[0], "indexed by tensors the analysis does not know")
         return None
     dim = given[0][0]
