@@ -31,6 +31,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path
 from ..optim_io import load_optimizer, save_optimizer
 from .imageclf import Recipe, build_model, check_classifier, logits_of, model_geometry, parse_kwargs, save_model
+from .search import refuse_other_settings
 
 LR, RULE, THRESHOLD = 1e-3, "relative", 0.3  # image defaults: from-scratch AdamW; the rule measured in docs/RESULTS.md
 PROGRESS, OPTIMIZER, SEARCH_STATE = "progress.json", "optimizer.safetensors", "earlybird.safetensors"
@@ -132,11 +133,7 @@ def _saved_progress(out: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
             raise ValueError("bad step or settings")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{folder / PROGRESS} is broken ({type(exc).__name__}). Fix: pass a new --out.") from exc
-    changed = [k for k in RESUMABLE if saved.get(k) != settings[k]]
-    if changed:
-        was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
-        raise ConfigError(f"{out} holds a search with other settings ({was}). Fix: pass the same settings to resume it "
-                          "(only --epochs may change), or a new --out.")
+    refuse_other_settings(out, saved, settings, RESUMABLE)
     return progress
 
 

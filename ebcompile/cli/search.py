@@ -83,6 +83,18 @@ def run(args: argparse.Namespace) -> int:
     return search(args)
 
 
+def refuse_other_settings(out: Path, saved: dict[str, Any], settings: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """``ConfigError`` naming the settings of the search saved in ``out`` that this run changes (a resume needs them
+    equal; only ``--epochs`` may change)."""
+    from ..errors import ConfigError
+
+    changed = [k for k in keys if saved.get(k) != settings[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+        raise ConfigError(f"{out} holds a search with other settings ({was}). Fix: pass the same settings to resume it "
+                          "(only --epochs may change), or a new --out.")
+
+
 def finish(args: argparse.Namespace, out: Path, eb: Any, result: dict[str, Any], step: int, longer: str) -> int:
     """Write the ticket and ``search.json`` of a finished search and say what to do next; 1 when no ticket appeared."""
     if eb.found:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path
+from .search import refuse_other_settings
 
 PROGRESS = "progress.json"
 RESUMABLE = ("model", "data", "train_limit", "batch", "lr", "max_len", "seed", "ratio", "structure", "scope", "every",
@@ -58,11 +59,7 @@ def resume_point(out: Path, settings: dict[str, Any]) -> tuple[Path, dict[str, A
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{folder / PROGRESS} is broken ({type(exc).__name__}). Fix: remove {folder}, or pass a "
                               "new --out.") from exc
-    changed = [k for k in RESUMABLE if saved.get(k) != settings[k]]
-    if changed:
-        was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
-        raise ConfigError(f"{out} holds a search with other settings ({was}). Fix: pass the same settings to resume it "
-                          "(only --epochs may change), or a new --out.")
+    refuse_other_settings(out, saved, settings, RESUMABLE)
     return folder, progress
 
 
