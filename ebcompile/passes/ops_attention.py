@@ -110,7 +110,7 @@ def _matmul(flow: Flow, node: fx.Node):
         flow.forbid(a, "a vector product")
         flow.forbid(b, "a vector product")
         return None
-    if isinstance(b, fx.Node) and b.name in flow.param_of:  # x @ W with a parameter: a linear op
+    if isinstance(b, fx.Node) and b.name in flow.param_of and len(shape(b)) == 2:  # x @ W with a parameter: a linear op
         from .ophandlers import linear_source
 
         return linear_source(flow, a, flow.param_of[b.name], shape(b), 1, None, shape(node))
@@ -150,7 +150,8 @@ def _beta(node: fx.Node) -> Any:
          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention")
 def _sdpa(flow: Flow, node: fx.Node):
     q, k, v = node.args[:3]
-    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    positional = node.target._opname in ("scaled_dot_product_attention", "_scaled_dot_product_efficient_attention")
+    mask = node.args[3] if positional and len(node.args) > 3 else node.kwargs.get("attn_mask")  # flash: a keyword
     qs, ks, vs = shape(q), shape(k), shape(v)
     if qs is None or ks is None or vs is None:
         return None
