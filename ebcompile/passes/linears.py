@@ -118,14 +118,22 @@ def transposed(node: Any) -> fx.Node | None:
     return None
 
 
-def _matmul_weight(cap: Captured, node: fx.Node) -> tuple[str, str | None, int] | None:
-    """``matmul(x, W.T)`` -> out_dim 0, ``matmul(x, W)`` -> out_dim 1, for a 2-D parameter ``W`` (its bias: a 1-D
-    parameter the product's only user adds)."""
-    right = node.args[1]
+def weight_operand(right: Any) -> tuple[fx.Node, int] | None:
+    """The right operand of a matmul read as a weight: ``(W, 0)`` for ``W.T`` (``nn.Linear`` layout), else
+    ``(right, 1)`` (``[in, out]``); the caller checks that it is a 2-D parameter."""
     if not isinstance(right, fx.Node):
         return None
     source = transposed(right)
-    out_dim, source = (1, right) if source is None else (0, source)
+    return (right, 1) if source is None else (source, 0)
+
+
+def _matmul_weight(cap: Captured, node: fx.Node) -> tuple[str, str | None, int] | None:
+    """``matmul(x, W.T)`` -> out_dim 0, ``matmul(x, W)`` -> out_dim 1, for a 2-D parameter ``W`` (its bias: a 1-D
+    parameter the product's only user adds)."""
+    operand = weight_operand(node.args[1])
+    if operand is None:
+        return None
+    source, out_dim = operand
     w = cap.param(source)
     if w is None or cap.root.get_parameter(w).dim() != 2:
         return None

@@ -110,17 +110,14 @@ def _matmul(flow: Flow, node: fx.Node):
         flow.forbid(a, "a vector product")
         flow.forbid(b, "a vector product")
         return None
-    if isinstance(b, fx.Node) and b.name in flow.param_of and len(shape(b)) == 2:  # x @ W with a parameter: a linear op
-        from .ophandlers import linear_source
+    from .linears import weight_operand
 
-        return linear_source(flow, a, flow.param_of[b.name], shape(b), 1, None, shape(node))
-    from .linears import transposed
+    operand = weight_operand(b)
+    if operand is not None and operand[0].name in flow.param_of and len(shape(operand[0]) or ()) == 2:
+        from .ophandlers import linear_source  # x @ W or x @ W.T with a 2-D parameter: a linear op
 
-    w = transposed(b)
-    if w is not None and w.name in flow.param_of and len(shape(w) or ()) == 2:  # x @ W.T: a linear written out
-        from .ophandlers import linear_source
-
-        return linear_source(flow, a, flow.param_of[w.name], shape(w), 0, None, shape(node))
+        w, out_dim = operand
+        return linear_source(flow, a, flow.param_of[w.name], shape(w), out_dim, None, shape(node))
     return product(flow, flow.lab(a), flow.lab(b), shape(node))
 
 
