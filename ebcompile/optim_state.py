@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .passes.masks import is_gate
 
 Transform = Callable[[nn.Module], nn.Module]
 
@@ -56,8 +57,9 @@ def _cpu_shadow(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers live on the CPU (float32 parameters, no grads):
     the shadow passes cost host memory, not accelerator memory."""
     memo: dict[int, object] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(torch.zeros(p.shape, dtype=torch.float32), requires_grad=p.requires_grad)
+    for name, p in model.named_parameters():  # unit gates are ones: compaction folds them into the weights
+        fill = torch.ones if is_gate(name) else torch.zeros
+        memo[id(p)] = nn.Parameter(fill(p.shape, dtype=torch.float32), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = b.detach().to("cpu", copy=True)
     return copy.deepcopy(model, memo)
@@ -90,7 +92,7 @@ def retarget_optimizer(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn
                                       "Fix: build a fresh optimizer for the compacted model.")
                 state_keys.add(k)
     shadow = _cpu_shadow(old)
-    names = list(old_params)
+    names = [n for n in old_params if not is_gate(n)]  # folded into weights: no successor, state dropped
     origin = _origins(shadow, names, transform)
 
     def held_values(k: str) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ modules, so the model keeps its class, call signature and methods; state_dict ke
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,22 +20,50 @@ from torch.nn.utils import parametrize
 from ..distributed import masked
 from ..names import split_name
 
-__all__ = ["WeightMask", "insert_masks", "strip_masks", "iter_masks", "MASK_SUFFIX"]
+__all__ = ["WeightMask", "insert_masks", "strip_masks", "iter_masks", "MASK_SUFFIX", "GATE_SUFFIX", "is_gate"]
 
 MASK_SUFFIX = "_mask"
+GATE_SUFFIX = "_gate"
 
 
 class WeightMask(nn.Module):
-    """Multiplies a tensor by a boolean mask; the identity while ``active`` is False."""
+    """Multiplies a tensor by a boolean mask, and by learnable unit gates (``importance="gate"``) when it has any;
+    the identity while ``active`` is False and it has no gate."""
 
     def __init__(self, shape: torch.Size, device: torch.device) -> None:
         super().__init__()
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=device))
         self.active = False  # False while all ones: no multiply, bit-exact original forward
         self.frozen = False  # True once a ticket is applied
+        self.gates = nn.ParameterList()  # one coefficient per unit of a group, initialised to 1
+        self.gate_slices: list[tuple[int, int, int]] = []  # (dim, offset, unit_size) each gate scales
+        self.gated = False
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask if self.active else weight
+        if self.active:
+            weight = weight * self.mask
+        return weight * self.gate_scale(weight) if self.gated else weight
+
+    def add_gate(self, units: int, member: Any) -> int:
+        """A new gate of ``units`` coefficients over ``member``'s slice (a ``plan.Member``); returns its index."""
+        self.gates.append(nn.Parameter(torch.ones(units, device=self.mask.device)))
+        self.gate_slices.append((member.dim % self.mask.dim(), member.offset, member.unit_size))
+        self.gated = True
+        return len(self.gates) - 1
+
+    def gate_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """The product of every gate, expanded to a tensor that broadcasts against ``weight``."""
+        scale = None
+        for gate, (dim, offset, unit) in zip(self.gates, self.gate_slices):
+            size = weight.shape[dim]
+            g = gate.to(weight.dtype).repeat_interleave(unit)
+            ones = weight.new_ones(())
+            vec = torch.cat([ones.expand(offset), g, ones.expand(size - offset - g.numel())])
+            shape = [1] * weight.dim()
+            shape[dim] = size
+            vec = vec.reshape(shape)
+            scale = vec if scale is None else scale * vec
+        return scale
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
@@ -68,7 +97,8 @@ def _fast_path(cls: type, attr: str) -> None:
 
     def get(self: nn.Module) -> torch.Tensor:
         plist = self._modules["parametrizations"]._modules[attr]
-        if len(plist) == 1 and not plist._modules["0"].active:  # parametrizations added after ours still run
+        first = plist._modules["0"]
+        if len(plist) == 1 and not (first.active or first.gated):  # parametrizations added after ours still run
             original = plist._parameters.get("original")
             return original if original is not None else plist.original
         return slow.fget(self)
@@ -92,9 +122,11 @@ def strip_masks(model: nn.Module, bake: bool = True) -> None:
         originals = {}
         for attr, plist in plists.items():
             original = plist.original
-            if bake and plist[0].active:
-                with torch.no_grad():
+            with torch.no_grad():
+                if bake and plist[0].active:
                     original.mul_(plist[0].mask)
+                if bake and plist[0].gated:  # gates fold into the weights
+                    original.mul_(plist[0].gate_scale(original).to(original.dtype))
             originals[attr] = original
         module.__class__ = module.__class__.__bases__[0]
         del module._modules["parametrizations"]
@@ -104,12 +136,17 @@ def strip_masks(model: nn.Module, bake: bool = True) -> None:
 
 
 def _drop_hooks(module: nn.Module) -> None:
-    for hooks in (module._state_dict_hooks,):
+    for hooks in (module._state_dict_hooks, module._forward_hooks):  # ours, and importance trackers' (tagged)
         for key, hook in list(hooks.items()):
             if getattr(hook, "_ebcompile", False):
                 del hooks[key]
     for handle in module.__dict__.pop("_ebcompile_pre_hooks", []):
         handle.remove()
+
+
+def is_gate(parameter_name: str) -> bool:
+    """True for a unit gate's parameter name (``<module>.parametrizations.<attr>.0.gates.<i>``)."""
+    return ".parametrizations." in f".{parameter_name}" and ".0.gates." in parameter_name
 
 
 def iter_masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, WeightMask]]:
@@ -127,6 +164,9 @@ def _save_hook(attr: str):
     def hook(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
         orig = state.pop(f"{prefix}parametrizations.{attr}.original", None)
         mask = state.pop(f"{prefix}parametrizations.{attr}.0.mask", None)
+        gate_prefix = f"{prefix}parametrizations.{attr}.0.gates."
+        for key in [k for k in state if k.startswith(gate_prefix)]:  # unit gates: <weight>_gate.<i>
+            state[f"{prefix}{attr}{GATE_SUFFIX}.{key[len(gate_prefix):]}"] = state.pop(key)
         if orig is None:
             return
         state[f"{prefix}{attr}"] = masked(orig, mask) if mask is not None else orig
@@ -142,6 +182,9 @@ def _load_hook(attr: str):
         if f"{prefix}{attr}" in state:
             state[f"{prefix}parametrizations.{attr}.original"] = state.pop(f"{prefix}{attr}")
         plist = module.parametrizations[attr]
+        gate_prefix = f"{prefix}{attr}{GATE_SUFFIX}."
+        for key in [k for k in state if k.startswith(gate_prefix)]:
+            state[f"{prefix}parametrizations.{attr}.0.gates.{key[len(gate_prefix):]}"] = state.pop(key)
         key = f"{prefix}{attr}{MASK_SUFFIX}"
         if key in state:
             mask = state.pop(key)
