@@ -63,3 +63,8 @@ class NonFiniteWeightsError(EbcompileError):
 class DistributedError(EbcompileError):
     """Processes of one training run disagree (different masks, decisions or saved states on different ranks),
     or a sharding layout ebcompile cannot read."""
+
+
+class ImportanceDataError(EbcompileError):
+    """A data-aware importance kind has nothing to score from: no forward pass (``activation``) or no gradient of
+    the masked weights (``taylor``) since the last check."""

@@ -1,21 +1,20 @@
-"""Magnitude importance and the masks that pruning at ratio p would give now.
+"""The masks that pruning at ratio p would give now, from an importance kind's scores.
 
-Importance (how much a weight or a group matters) is kept apart from when masks are drawn (the
-controller) and from how they are applied (``ticket``), as in torch.ao.pruning and Torch-Pruning.
+Importance (how much a weight or a group matters: ``ebcompile.scoring`` and ``ebcompile.scorers``) is kept apart
+from which units the scores remove (here), when masks are drawn (the controller) and how they are applied
+(``ticket``), as in torch.ao.pruning and Torch-Pruning.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .distributed import full_vector, is_sharded
-from .names import split_name
+from .distributed import is_sharded
 from .plan import GroupSet, Plan
+from .scoring import Importance, raw_tensor, unit_slice_scores
 
 __all__ = ["Masks", "compute_masks", "raw_tensor", "expand_units", "hamming"]
 
@@ -42,15 +41,6 @@ class Masks:
         return sum(int((~v).sum()) for v in vecs) / max(total, 1)
 
 
-def raw_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    """The stored (unmasked) tensor behind ``name``, parametrized or not."""
-    owner, attr = split_name(name)
-    module = model.get_submodule(owner)
-    if parametrize.is_parametrized(module, attr):
-        return module.parametrizations[attr].original
-    return getattr(module, attr)
-
-
 def group_scores(model: nn.Module, group: GroupSet) -> torch.Tensor:
     """Root mean square of each unit's weights over all its masked slices (q/k/v rows + out columns; fc1 row +
     bias + fc2 column): the L2 norm over the square root of the unit's element count. Within a layer this ranks
@@ -59,21 +49,7 @@ def group_scores(model: nn.Module, group: GroupSet) -> torch.Tensor:
 
     Sums of squares are taken per index along each member's unit dim first, so a sharded (FSDP2) tensor
     contributes from its local shard and only that small vector crosses processes."""
-    total, count = None, 0
-    for m in group.members:
-        if not m.masked:
-            continue
-        t = raw_tensor(model, m.tensor).detach()
-        dim, offset = m.dim % t.dim(), m.offset
-        count += m.unit_size * math.prod(n for d, n in enumerate(t.shape) if d != dim)  # the whole tensor's shape
-        if not is_sharded(t):  # only the member's slice; a sharded tensor is summed whole on its local shard
-            t, offset = t.narrow(dim, offset, group.units * m.unit_size), 0
-        sq = t.float().pow(2)
-        other = [d for d in range(t.dim()) if d != dim]
-        per_index = full_vector(sq.sum(other) if other else sq)
-        units = per_index.narrow(0, offset, group.units * m.unit_size).reshape(group.units, m.unit_size).sum(1)
-        total = units if total is None else total + units.to(total.device)
-    return (total / max(count, 1)).sqrt()
+    return unit_slice_scores(model, group, lambda _, t: t.float().pow(2), "rms")
 
 
 def expand_units(model: nn.Module, group: GroupSet, keep: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
@@ -100,21 +76,25 @@ def _bottom_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ~below & ~(tied & (tied.cumsum(0) <= need))
 
 
-def compute_masks(model: nn.Module, plan: Plan, ratio: float, structure: str, scope: str) -> Masks:
-    """The keep-masks that magnitude pruning at ``ratio`` gives for the current weights."""
+def compute_masks(model: nn.Module, plan: Plan, ratio: float, structure: str, scope: str,
+                  importance: Importance | None = None) -> Masks:
+    """The keep-masks that pruning at ``ratio`` gives now, ranking by ``importance`` (default: magnitude). A
+    data-aware kind must have had ``begin_draw`` called (``prepare.current_masks`` does it)."""
+    importance = importance or Importance(model, plan, structure)
     with torch.no_grad():
         if structure == "unstructured":
-            return _unstructured(model, plan, ratio, scope)
-        return _structured(model, plan, ratio, scope)
+            return _unstructured(model, plan, ratio, scope, importance)
+        return _structured(model, plan, ratio, scope, importance)
 
 
-def _unstructured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Masks:
+def _unstructured(model: nn.Module, plan: Plan, ratio: float, scope: str, importance: Importance) -> Masks:
     names = [op.weight for op in plan.linears]
-    if any(is_sharded(raw_tensor(model, n)) for n in names):
+    scored = [importance.element_scores(n) for n in names]
+    if any(is_sharded(t) for t in scored):
         from .sharded_masks import unstructured_sharded
 
-        return unstructured_sharded(model, names, ratio, scope)
-    tensors = [raw_tensor(model, n).detach().abs().float().flatten() for n in names]
+        return unstructured_sharded(model, names, ratio, scope, scored)
+    tensors = [t.flatten() for t in scored]
     masks = Masks("unstructured")
     if scope == "global":
         flat = torch.cat([t.to(tensors[0].device) for t in tensors])
@@ -127,13 +107,13 @@ def _unstructured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Mas
     return masks
 
 
-def _structured(model: nn.Module, plan: Plan, ratio: float, scope: str) -> Masks:
+def _structured(model: nn.Module, plan: Plan, ratio: float, scope: str, importance: Importance) -> Masks:
     masks = Masks("structured")
     by_kind: dict[str, list[GroupSet]] = {}
     for g in plan.groups:
         by_kind.setdefault(g.kind, []).append(g)
     for kind, groups in by_kind.items():
-        raw = [group_scores(model, g) for g in groups]
+        raw = [importance.unit_scores(g) for g in groups]
         scores = [_ranked(r, g) for r, g in zip(raw, groups)]
         if scope == "global":
             # every set keeps its best unit: give it +inf so that it is never among the k lowest

@@ -15,13 +15,16 @@ from torch import nn
 
 from .distributed import DTensor, collective_ints, local_tensor, shard_rows, world
 from .errors import DistributedError
-from .importance import Masks, raw_tensor
+from .importance import Masks
+from .scoring import raw_tensor
 
 __all__ = ["unstructured_sharded"]
 
 
-def unstructured_sharded(model: nn.Module, names: list[str], ratio: float, scope: str) -> Masks:
-    raws = [raw_tensor(model, n) for n in names]
+def unstructured_sharded(model: nn.Module, names: list[str], ratio: float, scope: str,
+                         scores: list[torch.Tensor] | None = None) -> Masks:
+    """``scores``: one non-negative tensor per name, sharded like its weight (default: the weights' magnitudes)."""
+    raws = scores if scores is not None else [raw_tensor(model, n) for n in names]
     rank, size = world()
     for r in raws:  # ties are dropped in rank order, which is row order only on a 1-D mesh over every rank in order
         if isinstance(r, DTensor) and (r.device_mesh.ndim != 1 or r.device_mesh.mesh.flatten().tolist() != list(range(size))):

@@ -1,0 +1,311 @@
+"""The data-aware importance kinds (``taylor``, ``activation``, ``gate``) and the factory ``prepare`` calls.
+
+The base kind and the shared reductions are in ``ebcompile.scoring``; its docstring says what each kind scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import full_vector, unwrap
+from .errors import ConfigError, ImportanceDataError
+from .names import split_name
+from .passes.masks import iter_masks
+from .plan import GroupSet, Member, Plan
+from .scoring import (
+    Importance,
+    all_reduce_sum,
+    check_window,
+    in_dims,
+    member_key,
+    raw_tensor,
+    register_taylor,
+    sharded_product,
+    unit_slice_scores,
+)
+
+__all__ = ["KINDS", "make_importance", "gate_penalty", "add_gate_penalty_grad", "TaylorImportance",
+           "ActivationImportance", "GateImportance"]
+
+KINDS = ("magnitude", "taylor", "activation", "gate")
+
+
+class TaylorImportance(Importance):
+    """``|w * g|`` per weight, summed per unit (structured: only per-index sums along each member's unit dim are kept,
+    a few small vectors per tensor; unstructured: one float per weight), averaged over the steps of a window."""
+
+    kind = "taylor"
+
+    def __init__(self, model: nn.Module, plan: Plan, structure: str) -> None:
+        super().__init__(model, plan, structure)
+        if structure == "structured":
+            self.keys = sorted({member_key(m) for g in plan.groups for m in g.members if m.masked})
+        else:
+            self.keys = [(op.weight, -1) for op in plan.linears]  # -1: element-wise
+        self.sums: dict[tuple[str, int], torch.Tensor] = {}
+        self.steps = 0
+        self.current: dict[tuple[str, int], torch.Tensor] | None = None
+        register_taylor(self)
+
+    def observe(self, stepped: set[int]) -> None:
+        """Add this optimizer step's ``|w * g|`` (called by the optimizer pre-step hook)."""
+        if self._stopped():
+            return
+        model, seen = self._model(), False
+        with torch.no_grad():
+            for key in self.keys:
+                p = raw_tensor(model, key[0])
+                if id(p) not in stepped or p.grad is None:
+                    continue
+                prod = (p.detach() * p.grad).abs().float()
+                if key[1] >= 0:
+                    dim = key[1] % prod.dim()
+                    other = [d for d in range(prod.dim()) if d != dim]
+                    prod = prod.sum(other) if other else prod
+                self.sums[key] = prod if key not in self.sums else self.sums[key] + prod
+                seen = True
+        self.steps += int(seen)
+
+    def begin_draw(self, fresh: bool, sync: bool = True) -> None:
+        if self.steps == 0 and (fresh or self.current is None):
+            check_window("taylor", 0, "take optimizer steps between checks (the gradients are read when optimizer.step() "
+                         "runs); with frozen weights (LoRA) use importance='activation' or 'gate'.")
+        if self.steps:
+            missing = sorted({k[0] for k in self.keys} - {k[0] for k in self.sums})
+            if missing:
+                raise ImportanceDataError(f"importance='taylor' got no gradient for {len(missing)} masked tensors (e.g. "
+                                          f"{missing[0]}): they are frozen or unused. Fix: use importance='activation' or "
+                                          "'gate' with frozen weights (LoRA), or exclude= those layers.")
+            self._pending = {k: v / self.steps for k, v in self.sums.items()}
+        else:
+            self._pending = self.current
+
+    def end_draw(self, fresh: bool) -> None:
+        self.current = self._pending
+        if fresh:
+            self.sums, self.steps = {}, 0
+
+    def element_scores(self, name: str) -> torch.Tensor:
+        return self._pending[(name, -1)]
+
+    def unit_scores(self, group: GroupSet) -> torch.Tensor:
+        total = None
+        for m in group.members:
+            vec = self._pending.get(member_key(m)) if m.masked else None
+            if vec is None:
+                continue
+            units = full_vector(vec).narrow(0, m.offset, group.units * m.unit_size).reshape(group.units, m.unit_size).sum(1)
+            total = units if total is None else total + units.to(total.device)
+        if total is None:
+            raise ImportanceDataError(f"importance='taylor' has no gradient for any tensor of {group.name}. Fix: use "
+                                      "importance='activation' or 'gate'.")
+        return total
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"sum/{k[1]}/{k[0]}": full_vector(v).detach().cpu() for k, v in self.sums.items()}
+        out.update({f"current/{k[1]}/{k[0]}": full_vector(v).detach().cpu() for k, v in (self.current or {}).items()})
+        out["steps"] = torch.tensor(self.steps)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        sums, current = _split_keys(state, "sum/"), _split_keys(state, "current/")
+        known = set(self.keys)
+        if not set(sums) <= known or not set(current) <= known:
+            raise ValueError("taylor statistics of tensors this model does not mask")
+        self.sums, self.current, self.steps = sums, current or None, int(state.get("steps", torch.tensor(0)))
+
+
+def _split_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[tuple[str, int], torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if k.startswith(prefix):
+            dim, name = k[len(prefix):].split("/", 1)
+            out[(name, int(dim))] = v.clone()
+    return out
+
+
+class _ActivationHook:
+    """Forward hook of one masked linear's module: sums of squares of its input features (tagged for strip_masks)."""
+
+    _ebcompile = True
+
+    def __init__(self, tracker: ActivationImportance, name: str) -> None:
+        self.tracker, self.name = tracker, name
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        self.tracker.observe(self.name, inputs[0] if inputs else None)
+
+
+class ActivationImportance(Importance):
+    """``|w_ij| * rms(x_j)`` from forward hooks on the masked linears' modules: a module whose first input does not
+    have the weight's input width (a parameter used inside a larger module) is scored by magnitude (``fallback``)."""
+
+    kind = "activation"
+
+    def __init__(self, model: nn.Module, plan: Plan, structure: str) -> None:
+        super().__init__(model, plan, structure)
+        dims = in_dims(plan)
+        self.dims = {n: (d, raw_tensor(model, n).shape[d]) for n, d in dims.items() if raw_tensor(model, n).dim() == 2}
+        self.sumsq: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.fallback: set[str] = set()
+        self.current: dict[str, torch.Tensor] | None = None
+        self.handles = []
+        for name in self.dims:
+            owner, _ = split_name(name)
+            self.handles.append(model.get_submodule(owner).register_forward_hook(_ActivationHook(self, name)))
+
+    def observe(self, name: str, x: Any) -> None:
+        if self._stopped():
+            return
+        dim, width = self.dims[name]
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != width or not x.is_floating_point():
+            self.fallback.add(name)
+            return
+        with torch.no_grad():
+            sq = x.detach().float().reshape(-1, width).pow(2).sum(0)
+        self.sumsq[name] = sq if name not in self.sumsq else self.sumsq[name] + sq
+        self.tokens[name] = self.tokens.get(name, 0) + x.numel() // width
+
+    def begin_draw(self, fresh: bool, sync: bool = True) -> None:
+        names = sorted(self.sumsq)
+        seen = sum(self.tokens.values())
+        if not seen and (fresh or self.current is None):
+            check_window("activation", 0, "run forward passes on training (or calibration) data between checks; "
+                         "a check must follow at least one batch.")
+        if seen:
+            counts = torch.tensor([float(self.tokens[n]) for n in names])
+            reduced = all_reduce_sum([self.sumsq[n] for n in names] + [counts], sync)
+            counts = reduced.pop()
+            self._pending = {n: (s / max(float(c), 1.0)).sqrt() for n, s, c in zip(names, reduced, counts.tolist())}
+        else:
+            self._pending = self.current
+
+    def end_draw(self, fresh: bool) -> None:
+        self.current = self._pending
+        if fresh:
+            self.sumsq, self.tokens = {}, {}
+
+    def _scored(self, name: str, raw: torch.Tensor) -> torch.Tensor | None:
+        rms = self._pending.get(name) if self._pending else None
+        if rms is None:  # never seen through its module's input: magnitude
+            return raw.abs().float()
+        dim, width = self.dims[name]
+        shape = [1, 1]
+        shape[dim] = width
+        return sharded_product(raw.abs().float(), rms.to(raw.device).reshape(shape))
+
+    def element_scores(self, name: str) -> torch.Tensor:
+        return self._scored(name, raw_tensor(self.model, name).detach())
+
+    def unit_scores(self, group: GroupSet) -> torch.Tensor:
+        """FLAP / Wanda-structured: a unit's activation times the weights that read it (the input columns of the
+        linear after it: an attention output projection, an FFN's down projection); a group with no such member
+        (e.g. heads whose output projection is not masked) falls back to every masked weight of the unit."""
+        reading = [m for m in group.members if m.masked and m.tensor in self.dims and m.dim % 2 == self.dims[m.tensor][0]]
+
+        def element(m: Member, raw: torch.Tensor) -> torch.Tensor | None:
+            if m.tensor not in self.dims or (reading and m not in reading):
+                return None
+            return self._scored(m.tensor, raw)
+
+        return unit_slice_scores(self.model, group, element, "mean")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"sumsq/{n}": v.detach().cpu() for n, v in self.sumsq.items()}
+        out.update({f"tokens/{n}": torch.tensor(t) for n, t in self.tokens.items()})
+        out.update({f"current/{n}": v.detach().cpu() for n, v in (self.current or {}).items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        parts: dict[str, dict[str, torch.Tensor]] = {"sumsq": {}, "tokens": {}, "current": {}}
+        for k, v in state.items():
+            kind, name = k.split("/", 1)
+            if kind not in parts or name not in self.dims:
+                raise ValueError(f"activation statistic {k!r} does not fit this model")
+            parts[kind][name] = v
+        self.sumsq = {n: v.clone() for n, v in parts["sumsq"].items()}
+        self.tokens = {n: int(v) for n, v in parts["tokens"].items()}
+        self.current = {n: v.clone() for n, v in parts["current"].items()} or None
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class GateImportance(Importance):
+    """One learnable coefficient per unit, on the member that scales the unit's output linearly (the input columns
+    of the linear reading it: an attention output projection, an FFN's down projection) when there is one."""
+
+    kind = "gate"
+
+    def __init__(self, model: nn.Module, plan: Plan, structure: str) -> None:
+        super().__init__(model, plan, structure)
+        masks = {name: m for name, _, _, m in iter_masks(model)}
+        dims = in_dims(plan)
+        self.slots: dict[str, tuple[str, int]] = {}
+        for g in plan.groups:
+            member = _gate_member(g, dims)
+            self.slots[f"{g.kind}:{g.name}"] = (member.tensor, masks[member.tensor].add_gate(g.units, member))
+
+    def _gate(self, group: GroupSet) -> torch.Tensor:
+        tensor, index = self.slots[f"{group.kind}:{group.name}"]
+        owner, attr = split_name(tensor)
+        module = self.model.get_submodule(owner)
+        return module.parametrizations[attr][0].gates[index]
+
+    def unit_scores(self, group: GroupSet) -> torch.Tensor:
+        return full_vector(self._gate(group).detach()).abs().float()
+
+
+def _gate_member(group: GroupSet, dims: dict[str, int]) -> Member:
+    masked = [m for m in group.members if m.masked and m.tensor in dims]
+    for m in masked:
+        if m.dim % 2 == dims[m.tensor]:  # the input side of a linear: scaling it scales the unit's output
+            return m
+    if not masked:
+        raise ConfigError(f"group {group.name} has no linear weight to gate. Fix: use importance='activation'.")
+    return masked[0]
+
+
+def make_importance(kind: str, model: nn.Module, plan: Plan, structure: str) -> Importance:
+    """The tracker for ``kind``, attached to ``model`` (hooks and gates installed); masks must be inserted first."""
+    classes = {"magnitude": Importance, "taylor": TaylorImportance, "activation": ActivationImportance, "gate": GateImportance}
+    return classes[check_kind(kind, structure)](model, plan, structure)
+
+
+def check_kind(kind: Any, structure: str) -> str:
+    """``kind`` checked against ``structure`` (raises ConfigError before anything changes)."""
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ConfigError(f"importance={kind!r} is not one of {', '.join(map(repr, KINDS))}. Fix: pick one of them "
+                          "(e.g. importance='activation' for fine-tuning and LoRA).")
+    if kind == "gate" and structure != "structured":
+        raise ConfigError("importance='gate' learns one coefficient per head, KV group and neuron, so it needs structured "
+                          "masks. Fix: pass structure='structured', or use importance='taylor' or 'activation'.")
+    return kind
+
+
+def gate_penalty(model: nn.Module) -> torch.Tensor:
+    """The L1 norm of every unit gate (EarlyBERT): add ``l1 * gate_penalty(model)`` to the loss (e.g. l1=1e-4)."""
+    gates = _gates(model)
+    if not gates:
+        raise ConfigError("this model has no unit gates. Fix: prepare it with importance='gate'.")
+    return sum(g.abs().sum() for g in gates)
+
+
+def add_gate_penalty_grad(model: nn.Module, l1: float) -> None:
+    """Add the gradient of ``l1 * gate_penalty(model)`` to the gates' gradients (call it before ``optimizer.step()``;
+    ``EarlyBirdCallback`` does it for the Trainer). Nothing happens on a model without gates."""
+    with torch.no_grad():
+        for g in _gates(model):
+            if g.grad is None:
+                g.grad = torch.zeros_like(g)
+            g.grad.add_(torch.sign(g.detach()), alpha=l1)
+
+
+def _gates(model: nn.Module) -> list[torch.Tensor]:
+    return [g for _, _, _, m in iter_masks(unwrap(model)) for g in m.gates]
