@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from pathlib import Path
@@ -13,10 +14,10 @@ from torch import nn
 
 from .distributed import all_finite, check_same, is_main, unwrap, world
 from .errors import CheckpointError, ConfigError, NonFiniteWeightsError, TicketMismatchError
-from .importance import Masks, hamming, raw_tensor
+from .importance import Masks, compute_masks, hamming, raw_tensor
 from .io import load_tensors, save_tensors
 from .masks_io import STATE_TAGS, masks_from_tensors, masks_to_tensors, pack_bits
-from .prepare import check_ratio, config_of, current_masks
+from .prepare import check_ratio, config_of, mask_shapes, tracker_of
 from .ticket import Ticket, signature_of, snapshot, ticket_from
 
 __all__ = ["EarlyBird", "RULES", "deadline_step", "load_ticket"]
@@ -142,7 +143,9 @@ class EarlyBird:
         """Draw masks now and update the window, whatever the schedule says; ``last``: draw the ticket now
         if the rule does not fire (the search's deadline)."""
         _check_finite(self.model, self.sync)
-        masks = current_masks(self.model, self.ratio)
+        cfg, tracker = config_of(self.model), tracker_of(self.model)
+        tracker.begin_draw(fresh=True, sync=self.sync)  # a data-aware kind with no data raises here, nothing changed
+        masks = compute_masks(self.model, cfg.plan, self.ratio, cfg.structure, cfg.scope, tracker)
         record: dict[str, Any] = {"check": self.checks, "tick": self.ticks, "distances": None, "pruned": masks.pruned_fraction()}
         max_distance, recent = self.max_distance, deque(self._recent, maxlen=self.window)
         if self._previous is not None:
@@ -159,6 +162,7 @@ class EarlyBird:
                        "Fix: every rank must hold the same weights (wrap the model in DistributedDataParallel or "
                        "fully_shard before training), call step() on every rank (or pass sync=False to a search one "
                        "rank runs alone), and resume every rank from the same saved search.")
+        tracker.end_draw(fresh=True)
         self.max_distance, self._recent = max_distance, recent
         self._packed.append(packed)
         self.history.append(record)
@@ -213,6 +217,7 @@ class EarlyBird:
             "ticks": self.ticks, "history": self.history, "max_distance": self.max_distance,
             "recent": list(self._recent), "packed": [torch.from_numpy(p.copy()) for p in self._packed],
             "previous": _masks_to_state(self._previous), "ticket": None, "rewind_weights": self.rewind_weights,
+            "importance": {"kind": config_of(self.model).importance, "tensors": tracker_of(self.model).state_dict()},
         }
         if self.ticket is not None:
             state["ticket"] = {"masks": _masks_to_state(self.ticket.masks), "ratio": self.ticket.ratio,
@@ -226,8 +231,10 @@ class EarlyBird:
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise CheckpointError(f"the early-bird search state is broken ({type(exc).__name__}: {str(exc)[:150]}). "
                                   "Fix: resume from another saved search, or start the search again.") from exc
+        stats = new.pop("_tracker_state")
         for key, value in new.items():
             setattr(self, key, value)
+        tracker_of(self.model).load_state_dict(stats)
 
     def _parse_state(self, state: dict[str, Any]) -> dict[str, Any]:
         config = dict(state["config"])
@@ -247,9 +254,8 @@ class EarlyBird:
         ticks, max_distance = state["ticks"], float(state["max_distance"])
         if isinstance(ticks, bool) or not isinstance(ticks, int) or ticks < 0:
             raise ValueError(f"ticks {ticks!r}")
-        fresh = current_masks(self.model, new["ratio"])
-        shapes = {k: tuple(v.shape) for k, v in fresh.compared().items()}
-        nbytes = -(-sum(v.numel() for v in fresh.compared().values()) // 8)
+        shapes = mask_shapes(self.model)
+        nbytes = -(-sum(math.prod(s) for s in shapes.values()) // 8)
         packed = [np.asarray(p.numpy() if isinstance(p, torch.Tensor) else p, dtype=np.uint8) for p in state["packed"]]
         if any(p.shape != (nbytes,) for p in packed):
             raise TicketMismatchError("this search state was saved on another model (its masks have other sizes). "
@@ -271,7 +277,15 @@ class EarlyBird:
                 raise TicketMismatchError(f"the saved rewind weights do not fit this model ({bad[:3]}). "
                                           "Fix: load the search into the same prepared model.")
         recent = [float(v) for v in state["recent"]]
-        return {**new, "ticks": ticks, "history": list(state["history"]), "max_distance": max_distance,
+        stats = state.get("importance") or {"kind": config_of(self.model).importance, "tensors": {}}
+        if stats["kind"] != config_of(self.model).importance:
+            raise TicketMismatchError(f"this search ranked by importance={stats['kind']!r}, the model is prepared with "
+                                      f"{config_of(self.model).importance!r}. Fix: prepare it with importance={stats['kind']!r}.")
+        tracker = tracker_of(self.model)
+        backup = tracker.state_dict()
+        tracker.load_state_dict(dict(stats["tensors"]))  # checked here, put back: nothing changes unless all is valid
+        tracker.load_state_dict(backup)
+        return {"_tracker_state": dict(stats["tensors"]),**new, "ticks": ticks, "history": list(state["history"]), "max_distance": max_distance,
                 "_recent": deque(recent, maxlen=new["window"]), "_packed": packed, "_previous": previous,
                 "rewind_weights": rewind, "ticket": ticket}
 
@@ -288,6 +302,7 @@ class EarlyBird:
             tensors.update({f"{name}/{k}": v for k, v in (state[name] or {}).pop("tensors", {}).items()})
         if state["ticket"] is not None:
             tensors.update({f"ticket/{k}": v for k, v in state["ticket"]["masks"].pop("tensors").items()})
+        tensors.update({f"importance/{k}": v for k, v in state["importance"].pop("tensors").items()})
         rw = state.pop("rewind_weights")
         tensors.update({f"rewind/{k}": v for k, v in (rw or {}).items()})
         state["has_rewind"] = rw is not None
@@ -306,6 +321,8 @@ class EarlyBird:
             if state["ticket"] is not None:
                 state["ticket"]["masks"]["tensors"] = part("ticket")
             state["rewind_weights"] = part("rewind") if state.pop("has_rewind") else None
+            if state.get("importance") is not None:
+                state["importance"]["tensors"] = part("importance")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{path} is a broken early-bird search ({type(exc).__name__}: {str(exc)[:150]}). Fix: "
                                   "resume from another saved search, or start the search again.") from exc

@@ -20,8 +20,11 @@ from .passes.groups import find_groups
 from .passes.linears import find_linears
 from .passes.masks import insert_masks, iter_masks
 from .plan import Plan
+from .scorers import KINDS, check_kind, make_importance
+from .scoring import Importance, raw_tensor
 
-__all__ = ["prepare", "PrepareConfig", "config_of", "mask_nodes", "MaskNode", "current_masks", "check_ratio"]
+__all__ = ["prepare", "PrepareConfig", "config_of", "mask_nodes", "MaskNode", "current_masks", "check_ratio", "tracker_of",
+           "mask_shapes"]
 
 STRUCTURES = ("unstructured", "structured")
 SCOPES = ("global", "layer")
@@ -39,6 +42,8 @@ class PrepareConfig:
     kv_heads: str = "prune"
     example: Any = None  # (args, kwargs) of the example inputs: compact checks its result on them
     ticket: Any = None  # the applied Ticket (set by apply_ticket)
+    importance: str = "magnitude"
+    tracker: Any = None  # the importance kind's scorer (ebcompile.scoring.Importance), with its hooks and statistics
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ def prepare(
     prune_output_layer: bool = False,
     capture_method: str = "auto",
     kv_heads: str = "prune",
+    importance: str = "magnitude",
 ) -> nn.Module:
     """Mask every prunable linear weight of ``model`` and return the same module, ready to train.
 
@@ -112,6 +118,12 @@ def prepare(
         kv_heads: grouped-query attention. ``"prune"`` (default) removes whole KV groups with the query
             heads that read them: the KV cache shrinks too. ``"keep"`` keeps every KV head and removes the same
             number of query heads inside every group (finer-grained; the KV cache is unchanged).
+        importance: how units (or weights) are ranked, from the weights or from the data training sees:
+            ``"magnitude"`` (default; weights only), ``"taylor"`` (``|w * dL/dw|``, read from the gradients at
+            each optimizer step), ``"activation"`` (``|w| * rms(input)``, from forward hooks; works with frozen
+            weights, e.g. LoRA) or ``"gate"`` (EarlyBERT: a learnable coefficient per head / KV group / neuron; add
+            ``l1 * ebcompile.gate_penalty(model)`` to the loss, or let ``EarlyBirdCallback`` do it). Measured
+            choices per setting: docs/early-bird.md.
 
     The returned model trains exactly like the original while its masks are all ones (no multiply is
     even done); ``EarlyBird`` draws masks and ``apply_ticket`` freezes them.
@@ -128,6 +140,10 @@ def prepare(
     _check_choice("structure", structure, STRUCTURES + ("auto",))
     scope = _check_choice("scope", scope or "global", SCOPES)
     _check_choice("kv_heads", kv_heads, KV_HEADS)
+    if structure != "auto":
+        check_kind(importance, structure)
+    elif importance not in KINDS:
+        check_kind(importance, "structured")
     if getattr(model, "_ebcompile", None) is not None:
         raise ConfigError("this model is already prepared. Fix: call prepare once, on the plain model.")
     cap = capture(model, example_inputs, capture_method)
@@ -160,6 +176,7 @@ def prepare(
     grouped = {m.tensor for g in plan.groups for m in g.members}
     if structure == "auto":
         structure = "structured" if plan.groups else "unstructured"
+        check_kind(importance, structure)
     for op in plan.linears:  # masked, but in no head or neuron group: say why (structured masks keep it whole)
         if structure == "structured" and op.weight not in grouped and op.name in why:
             plan.skipped.setdefault(op.name, why[op.name])
@@ -176,7 +193,8 @@ def prepare(
     insert_masks(model, tensors)
     args, kwargs = normalize_inputs(example_inputs)
     example = (_detached(args), graph_kwargs(model, _detached(kwargs)))
-    model._ebcompile = PrepareConfig(plan, ratio, structure, scope, kv_heads, example)
+    model._ebcompile = PrepareConfig(plan, ratio, structure, scope, kv_heads, example, importance=importance)
+    model._ebcompile.tracker = make_importance(importance, model, plan, structure)
     return model
 
 
@@ -213,10 +231,35 @@ def config_of(model: nn.Module) -> PrepareConfig:
     return cfg
 
 
-def current_masks(model: nn.Module, ratio: float | None = None) -> Masks:
-    """The masks magnitude pruning at ``ratio`` (default: the prepared ratio) gives now."""
+def current_masks(model: nn.Module, ratio: float | None = None, fresh: bool = False, sync: bool = True) -> Masks:
+    """The masks pruning at ``ratio`` (default: the prepared ratio) gives now, by the prepared importance kind.
+
+    ``fresh`` (an early-bird check): a data-aware kind must have seen data since the last check, and a new window
+    of statistics starts after the draw; otherwise the statistics seen so far (or the last check's) are used.
+    ``sync``: sum data statistics over the ranks of a process group first (DDP: every rank draws alike)."""
     cfg = config_of(model)
-    return compute_masks(model, cfg.plan, check_ratio(ratio if ratio is not None else cfg.ratio), cfg.structure, cfg.scope)
+    ratio = check_ratio(ratio if ratio is not None else cfg.ratio)
+    tracker = tracker_of(model)
+    tracker.begin_draw(fresh, sync)  # raises ImportanceDataError before anything changes
+    masks = compute_masks(model, cfg.plan, ratio, cfg.structure, cfg.scope, tracker)
+    tracker.end_draw(fresh)
+    return masks
+
+
+def tracker_of(model: nn.Module) -> Importance:
+    """The importance scorer of a prepared model (a magnitude one for models prepared before importance kinds)."""
+    cfg = config_of(model)
+    if getattr(cfg, "tracker", None) is None:
+        cfg.tracker = make_importance(getattr(cfg, "importance", "magnitude"), model, cfg.plan, cfg.structure)
+    return cfg.tracker
+
+
+def mask_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shapes of the vectors mask distances are measured on (``Masks.compared``), without drawing masks."""
+    cfg = config_of(model)
+    if cfg.structure == "structured":
+        return {f"{g.kind}:{g.name}": (g.units,) for g in cfg.plan.groups}
+    return {op.weight: tuple(raw_tensor(model, op.weight).shape) for op in cfg.plan.linears}
 
 
 def mask_nodes(model: nn.Module) -> list[MaskNode]:

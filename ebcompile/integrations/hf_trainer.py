@@ -21,6 +21,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..controller import DEADLINE, EarlyBird
 from ..errors import ConfigError
+from ..scorers import add_gate_penalty_grad
 from ..ticket import MODES, Ticket, apply_ticket
 
 __all__ = ["EarlyBirdCallback", "PREFIX", "STATE_FILE"]
@@ -46,6 +47,8 @@ class EarlyBirdCallback(TrainerCallback):
         stop: set ``control.should_training_stop`` once the ticket is found (end of the search phase).
         on_ticket: called with the ticket right after it is found (and applied).
         earlybird: an existing controller to drive instead of building one at train begin.
+        gate_l1: the L1 penalty on unit gates (a model prepared with ``importance="gate"``), added to their
+            gradients before every optimizer step while the search runs (default 1e-4, EarlyBERT's; 0: none).
         resume_from: a Trainer checkpoint folder (or an ``EarlyBird.save`` file) to restore the search from.
             By default, ``trainer.train(resume_from_checkpoint=...)`` restores it from
             ``<output_dir>/checkpoint-<step>/earlybird.safetensors`` (written at every Trainer save).
@@ -73,11 +76,15 @@ class EarlyBirdCallback(TrainerCallback):
         on_ticket: Callable[[Ticket], None] | None = None,
         earlybird: EarlyBird | None = None,
         resume_from: str | os.PathLike | None = None,
+        gate_l1: float = 1e-4,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r} is not one of {', '.join(map(repr, MODES))}. Fix: pick one of them.")
         if every != "epoch" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ConfigError(f"every={every!r} must be 'epoch' or a number of optimizer steps >= 1. Fix: e.g. every=50.")
+        if isinstance(gate_l1, bool) or not isinstance(gate_l1, (int, float)) or not 0 <= gate_l1 < float("inf"):
+            raise ConfigError(f"gate_l1={gate_l1!r} must be a number >= 0. Fix: e.g. gate_l1=1e-4.")
+        self.gate_l1 = float(gate_l1)
         self.every, self.mode, self.apply, self.stop, self.seed, self.on_ticket = every, mode, apply, stop, seed, on_ticket
         self._options: dict[str, Any] = dict(ratio=ratio, threshold=threshold, rule=rule, window=window,
                                              every=1 if every == "epoch" else every, warmup=warmup, criterion=criterion,
@@ -121,6 +128,11 @@ class EarlyBirdCallback(TrainerCallback):
             log.warning("EarlyBirdCallback: no %s folder under %s to save the search into", name, args.output_dir)
             return
         self.earlybird.save(os.path.join(folder, STATE_FILE))
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              model: nn.Module | None = None, **kwargs: Any) -> None:
+        if self.gate_l1 and self.earlybird is not None and not self.earlybird.found:
+            add_gate_penalty_grad(self.earlybird.model, self.gate_l1)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: nn.Module | None = None, **kwargs: Any) -> TrainerControl:
