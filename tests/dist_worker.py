@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=2 tests/dist_worker.py fsdp OUT [--kill-at K | --resume]
     [torchrun ...] tests/dist_worker.py trainer OUT        # the HF Trainer with EarlyBirdCallback
     --structures structured,unstructured,diverged          # the searches to run, one after the other
+    --structures structured@taylor,unstructured@activation # ... ranked by another importance kind
 
 Every step trains on the whole data set (the ranks' halves average to the one-process batch), so a search
 across processes must find what one process finds. Each rank writes OUT/<mode>[-resumed]-<world size>-rank<r>.json.
@@ -52,10 +53,11 @@ def bits(masks: ebcompile.importance.Masks) -> str:
     return pack_bits(masks).tobytes().hex()
 
 
-def search(mode: str, structure: str, out: Path, kill_at: int | None = None, resume: bool = False, diverge: bool = False) -> dict:
+def search(mode: str, structure: str, out: Path, kill_at: int | None = None, resume: bool = False, diverge: bool = False,
+           importance: str = "magnitude") -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     x, y = data()
-    model = ebcompile.prepare(encoder(), (x[:2],), ratio=0.3, structure=structure, scope="global")
+    model = ebcompile.prepare(encoder(), (x[:2],), ratio=0.3, structure=structure, scope="global", importance=importance)
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -78,6 +80,8 @@ def search(mode: str, structure: str, out: Path, kill_at: int | None = None, res
     for _ in range(start, STEPS):
         loss = nn.functional.mse_loss(wrapped(x[mine]), y[mine])
         loss.backward()
+        if importance == "gate":
+            ebcompile.add_gate_penalty_grad(model, 1e-3)
         opt.step()
         opt.zero_grad()
         found = eb.step()
@@ -160,9 +164,10 @@ def main() -> None:
         if a.mode != "single":
             dist.init_process_group("gloo")
         for name in a.structures.split(","):  # "diverged": a structured search where rank 1 drifts from the others
-            structure, diverge = ("structured", True) if name == "diverged" else (name, False)
+            structure, _, importance = name.partition("@")
+            structure, diverge = ("structured", True) if structure == "diverged" else (structure, False)
             try:
-                results[name] = search(a.mode, structure, a.out, a.kill_at, a.resume, diverge)
+                results[name] = search(a.mode, structure, a.out, a.kill_at, a.resume, diverge, importance or "magnitude")
             except ebcompile.EbcompileError as exc:
                 results[name] = {"error": type(exc).__name__, "message": str(exc)}
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

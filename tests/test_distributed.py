@@ -88,6 +88,24 @@ def test_two_ranks_find_the_one_process_ticket(mode, single, fsdp, tmp_path):
         assert structured["compact_sharded"] == "DistributedError"  # compact on the sharded model says: gather first
 
 
+KINDS = ("structured@taylor", "structured@activation", "structured@gate", "unstructured@activation")
+
+
+def test_ddp_agrees_for_every_importance_kind(tmp_path):
+    """Taylor reads DDP's averaged gradients, gates are DDP parameters, and activation statistics are summed over the
+    ranks before a draw: two ranks, each on its half of the batch, draw what one process draws on the whole batch."""
+    torchrun(tmp_path, "ddp", "--structures", ",".join(KINDS))
+    results = ranks(tmp_path, "ddp")
+    for name in KINDS:
+        structure, _, importance = name.partition("@")
+        want = dist_worker.search("single", structure, tmp_path, importance=importance)
+        r0, r1 = results[0][name], results[1][name]
+        assert "error" not in r0, r0
+        assert {k: v for k, v in r0.items() if k in r1} == r1  # identical masks and decisions on both ranks
+        assert_same_search(r0, want)
+        assert len(r0["distances"]) >= 2
+
+
 def test_fsdp_search_killed_and_resumed_finds_the_same_ticket(fsdp, tmp_path):
     done = torchrun(tmp_path, "fsdp", "--structures", "structured", "--kill-at", "2", check=False)
     assert done.returncode != 0 and (tmp_path / "fsdp-structured-search.safetensors").is_file()
