@@ -101,15 +101,17 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
 
 
 def graph_kwargs(model: nn.Module, kwargs: dict) -> dict:
-    """``kwargs`` plus ``use_cache=False`` for models whose forward takes ``use_cache`` (Hugging Face decoders):
-    a KV cache object in the outputs cannot be exported, and it is not part of the computation."""
+    """``kwargs`` plus ``use_cache=False`` for models whose forward takes ``use_cache`` (Hugging Face decoders), or
+    passes ``**kwargs`` on to a model configured with it (a PEFT wrapper): a KV cache object in the outputs cannot
+    be exported, and it is not part of the computation."""
     if "use_cache" in kwargs:
         return kwargs
     try:
-        accepts = "use_cache" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        accepts = False
-    return dict(kwargs, use_cache=False) if accepts else kwargs
+        return kwargs
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in params.values()) and hasattr(getattr(model, "config", None), "use_cache")
+    return dict(kwargs, use_cache=False) if "use_cache" in params or passes_on else kwargs
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:

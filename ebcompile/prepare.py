@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .adapters import adapter_tensors, is_adapter_rank
 from .capture import capture, graph_kwargs, normalize_inputs
 from .distributed import is_sharded, unwrap
 from .errors import ConfigError, InvalidRatioError, NoPrunableLayerError, NotPreparedError
@@ -149,8 +150,12 @@ def prepare(
     cap = capture(model, example_inputs, capture_method)
     linears, attn = find_linears(cap)
     plan = Plan(capture=cap.method)
+    adapters = adapter_tensors(model)
     for op in linears:
-        if op.kind == "output" and not prune_output_layer:
+        if op.weight in adapters:
+            plan.skipped[op.name] = (f"an adapter of {adapters[op.weight]}: with structured masks its rows / columns follow that "
+                                     "layer's heads and neurons; it is never masked on its own")
+        elif op.kind == "output" and not prune_output_layer:
             plan.skipped[op.name] = "feeds the model output (pass prune_output_layer=True to mask it)"
         elif include and not _matches(op.name, include):
             plan.skipped[op.name] = "not matched by include"
@@ -172,7 +177,9 @@ def prepare(
             "Fix: loosen include=/exclude=, or pass prune_output_layer=True if the only linear is the output layer."
         )
     masked_weights = {op.weight for op in plan.linears}
-    plan.groups, why = find_groups(cap, attn, masked_weights, example_inputs, keep_kv=kv_heads == "keep")
+    followers = {w for w, base in adapters.items() if f"{base}.weight" in masked_weights}  # adapters of masked layers
+    groups, why = find_groups(cap, attn, masked_weights | followers, example_inputs, keep_kv=kv_heads == "keep")
+    plan.groups = [g for g in groups if not is_adapter_rank(g, adapters)]
     grouped = {m.tensor for g in plan.groups for m in g.members}
     if structure == "auto":
         structure = "structured" if plan.groups else "unstructured"

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import merged_shapes, pretrained_core
 from .names import split_name
 from .passes.counts import ConfigView
 
@@ -34,11 +35,13 @@ CONFIG_FIELDS = {
 
 def _widths(model: nn.Module, names: tuple[str, ...]) -> set[int]:
     return {m.out_features for path, m in model.named_modules()
-            if isinstance(m, nn.Linear) and split_name(path)[1] in names}
+            if isinstance(m, nn.Linear) and split_name(path.removesuffix(".base_layer"))[1] in names}  # PEFT: the wrapped linear
 
 
 def sync_config(model: nn.Module) -> bool:
-    """Rewrite ``model.config`` to the compact sizes when one config can describe them; True if it did."""
+    """Rewrite ``model.config`` to the compact sizes when one config can describe them; True if it did. For a PEFT
+    model, the config of the model it wraps, judged by the shapes the adapters merge into."""
+    model = pretrained_core(model)
     config = getattr(model, "config", None)
     if config is None or not hasattr(type(model), "_from_config"):
         return False
@@ -59,7 +62,7 @@ def sync_config(model: nn.Module) -> bool:
             fresh = type(model)._from_config(new)
     except Exception:  # noqa: BLE001 - the config cannot describe these sizes
         return False
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    want = merged_shapes(model)
     if {k: tuple(v.shape) for k, v in fresh.state_dict().items()} != want:
         return False
     model.config = new
@@ -71,7 +74,9 @@ def sync_config(model: nn.Module) -> bool:
 
 
 def attach_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained(dir)`` also write ``ebcompile.json`` with the per-layer counts."""
+    """Make ``model.save_pretrained(dir)`` also write ``ebcompile.json`` with the per-layer counts. For a PEFT model,
+    the wrapped model's (what ``merge_and_unload()`` returns); the adapter folder stays PEFT's own."""
+    model = pretrained_core(model)
     original = getattr(model, "save_pretrained", None)
     if original is None:
         return

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from ..adapters import sync_adapter_features
 from ..distributed import is_sharded, unwrap
 from ..errors import ConfigError, DistributedError, NoTicketError, NotPreparedError, TicketMismatchError
 from ..families import family_of
@@ -81,6 +82,7 @@ def fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: di
             module.out_features, module.in_features = module.weight.shape
         elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
             module.nx, module.nf = module.weight.shape  # HF Conv1D: weight [in, out], forward reads nf
+    sync_adapter_features(model)
     swin = _swin_types()
     for path, (heads, units) in kept_heads.items():
         if heads == units:  # nothing removed: the original module still computes the right thing
