@@ -5,7 +5,9 @@ state_dict; while a mask is all ones the forward is bitwise the original one (th
 the weight untouched, and the attribute read skips the parametrization machinery altogether: the
 prepared model trains at the plain model's speed). Masks live as ``torch.nn.utils.parametrize`` parametrizations on the user's own
 modules, so the model keeps its class, call signature and methods; state_dict keeps the original keys
-(``<module>.weight``, holding the masked value) and adds ``<module>.weight_mask``.
+(``<module>.weight``, holding the masked value) and adds ``<module>.weight_mask``. With ``importance="gate"`` a
+mask also holds one learnable gate per unit (``<module>.weight_gate.<i>``) that scales the unit's slice;
+``strip_masks(bake=True)`` folds the gates into the weight, so a compacted model has none.
 """
 
 from __future__ import annotations
