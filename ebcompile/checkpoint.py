@@ -6,13 +6,15 @@ Layout of ``directory``:
 - ``config.json``: the Hugging Face config, when the model is a ``transformers.PreTrainedModel``
   (``architectures`` names its class);
 - ``ebcompile.json``: ``format``, ``version``, the shape of every state_dict tensor (``shapes``), the head
-  count of every attention module of a registered family (``heads``) and ``aliases`` (key -> stored key).
+  count of every attention module of a registered family (``heads``) and ``aliases`` (key -> stored key);
+- ``ebcompile-files.json``: the manifest of the files the save wrote (``savedir``), the only ones a later
+  save replaces or removes.
 
-Invariants: every file is written to a temp file and renamed (``ebcompile.json`` last, so a directory
-holding it is complete); ``load(save(m))`` computes what ``m`` computes — the fresh model (rebuilt from
-``config.json``, or the ``model=`` passed) is shrunk to the recorded head counts and tensor shapes with the
-same rewrites ``compact`` uses, then loaded strictly; nothing is ever unpickled; any unreadable or
-inconsistent file raises ``CheckpointError``.
+Invariants: the save is committed by ``savedir.atomic_dir`` (the manifest last, so a directory holding it is
+complete); ``load(save(m))`` computes what ``m`` computes — the fresh model (rebuilt from ``config.json``
+with no custom code, its sizes checked against the weights first, or the ``model=`` passed) is shrunk to the
+recorded head counts and tensor shapes with the same rewrites ``compact`` uses, then loaded strictly; nothing
+is ever unpickled; any unreadable or inconsistent file raises ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, EbcompileError
 from .families import family_of
-from .io import atomic_dir, resolve_saved
+from .fsguard import exists, guard, read_json
+from .hfload import build_checked, header_shapes, hf_class, hf_config
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
 from .names import split_name, tensor_at
 from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS, ConfigView
 from .passes.reshapes import install_rewrite, rewrites_of
 from .passes.shrink import fix_attributes, removed_indices, set_tensor
+from .savedir import atomic_dir, resolve_saved
 
 __all__ = ["save", "load", "head_counts", "WEIGHTS", "CONFIG", "META"]
 
@@ -109,9 +113,9 @@ def _has_config(model: nn.Module, path: str) -> bool:
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``model`` to ``directory`` and return its path: created if needed, or an earlier save replaced
-    whole (written beside it and swapped in; a kill at any instant leaves the old or the new save loadable).
-    Any other non-empty directory is refused (``OutputPathError``): a save never deletes files it did not write.
+    """Write ``model`` to ``directory`` and return its path: created if needed, or an earlier save's files
+    replaced (written beside it and committed; a kill at any instant leaves the old or the new save loadable;
+    files the earlier save did not write stay). Any other non-empty directory is refused (``OutputPathError``).
 
     A prepared model is saved as what it deploys to: compacted when a ticket is applied (structured tickets
     lose their pruned heads and neurons), otherwise with its masks baked into the weights.
@@ -170,12 +174,9 @@ def _extra_state(state: dict[str, Any]) -> dict[str, Any]:
 
 def _read_meta(directory: Path) -> dict[str, Any]:
     path = directory / META
-    if not path.is_file():
+    if not exists(path):
         raise CheckpointError(f"{path} does not exist. Fix: pass a directory written by ebcompile.save.")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}). Fix: save the model again.") from exc
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an ebcompile model description. Fix: pass a directory written by ebcompile.save.")
     if meta.get("version") != VERSION:
@@ -189,28 +190,19 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def _hf_model(directory: Path) -> nn.Module:
-    """The model class named by ``config.json``'s ``architectures``, built from that config (no hub access)."""
-    import transformers
-
-    if not (directory / CONFIG).is_file():
+def _hf_model(directory: Path, shapes: dict[str, list[int]]) -> nn.Module:
+    """The model class named by ``config.json``'s ``architectures``, built from that config (no hub access, no
+    code from the folder) once the weights' ``shapes`` are checked to fit it."""
+    if not exists(directory / CONFIG):
         raise CheckpointError(f"{directory / CONFIG} does not exist. Fix: save with ebcompile.save, or pass model=.")
     try:
-        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        config = hf_config(directory, local_only=True)
+    except EbcompileError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure means the config cannot be used
         raise CheckpointError(f"{directory / CONFIG} is not a usable transformers config: {exc}. Fix: save again.") from exc
-    return hf_class(config, "Fix: pass model= (a freshly built model of that architecture).")._from_config(config)
-
-
-def hf_class(config: Any, fix: str) -> type:
-    """The ``transformers`` model class a config's ``architectures`` names; ``CheckpointError`` ending in ``fix``."""
-    import transformers
-
-    name = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise CheckpointError(f"config.json names architecture {name!r}, which transformers does not provide. {fix}")
-    return cls
+    cls = hf_class(config, "Fix: pass model= (a freshly built model of that architecture).")
+    return build_checked(cls, config, shapes, directory)
 
 
 def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
@@ -275,14 +267,11 @@ def _load_pretrained(directory: Path, model: nn.Module | None) -> nn.Module:
     tied weights (absent from the files) are tied again."""
     from .pretrained import pretrained_weights
 
-    try:
-        weights = pretrained_weights(directory)
-        meta = json.loads((directory / META).read_text()) if (directory / META).is_file() else {}
-    except Exception as exc:  # noqa: BLE001 - unreadable files
-        raise CheckpointError(f"{directory} cannot be read ({type(exc).__name__}: {exc}). Fix: save the model again.") from exc
+    weights = pretrained_weights(directory)
+    meta = read_json(directory / META) if exists(directory / META) else {}
     if weights is None:
         raise CheckpointError(f"{directory} has no model.safetensors. Fix: save with save_pretrained(safe_serialization=True).")
-    model = _hf_model(directory) if model is None else model
+    model = _hf_model(directory, {k: list(v.shape) for k, v in weights.items()}) if model is None else model
     meta = {"heads": {}, "counts": meta.get("counts", {}) if isinstance(meta, dict) else {},
             "reshapes": meta.get("reshapes", {}) if isinstance(meta, dict) else {},
             "shapes": {k: list(v.shape) for k, v in weights.items()}}
@@ -304,28 +293,28 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     Hugging Face models are rebuilt from ``config.json`` (class from ``architectures``); any other model needs
     ``model=``: a freshly built, uncompacted instance of the saved architecture (it is shrunk in place).
     """
-    directory = resolve_saved(directory)  # an earlier save a writer killed mid-swap left beside it
+    directory = resolve_saved(directory)  # the previous save while a commit into ``directory`` is under way
     meta_path = directory / META
     try:
-        pretrained = not meta_path.is_file() or bool(json.loads(meta_path.read_text()).get("pretrained"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        pretrained = not exists(meta_path) or bool(read_json(meta_path).get("pretrained"))
+    except (CheckpointError, AttributeError):
         pretrained = False  # _read_meta below reports the broken file
-    if pretrained and (directory / CONFIG).is_file():  # save_pretrained: sizes from the tensors themselves
+    if pretrained and exists(directory / CONFIG):  # save_pretrained: sizes from the tensors themselves
         return _load_pretrained(directory, model)
     meta = _read_meta(directory)
     if model is None:
         if not meta["transformers"]:
             raise CheckpointError(f"{directory} holds a {meta.get('class')} model, not a transformers one. Fix: pass "
                                   "model= (a freshly built model of that class).")
-        model = _hf_model(directory)
+        shapes = header_shapes([directory / WEIGHTS])
+        shapes.update({k: shapes[t] for k, t in meta["aliases"].items() if t in shapes})
+        model = _hf_model(directory, shapes)
     elif getattr(model, "_ebcompile", None) is not None:
         raise ConfigError("load needs a plain model; this one was prepared by ebcompile. Fix: pass a freshly built model.")
     from safetensors.torch import load_file
 
-    try:
+    with guard(directory / WEIGHTS, "read"):
         weights = load_file(str(directory / WEIGHTS))
-    except Exception as exc:  # noqa: BLE001 - missing or corrupt file
-        raise CheckpointError(f"{directory / WEIGHTS} cannot be read as safetensors ({exc}). Fix: save the model again.") from exc
     for key, target in meta["aliases"].items():
         if target not in weights:
             raise CheckpointError(f"alias {key} -> {target}: {target} is not in {WEIGHTS}. Fix: save the model again.")

@@ -1,8 +1,7 @@
-"""Safe writes: every file goes to a temp file beside it and is renamed into place; a save directory is written
-whole into a sibling temp directory and swapped in. A kill at any instant leaves the old or the new version
-readable (``resolve_saved`` finds the old one if the kill fell between the two renames of a swap); temp files
-and directories of killed writers are removed by the next write to the same path. Every OS error becomes an
-``OutputPathError`` naming the path and the fix, and a failed write removes what it created.
+"""Safe writes: every file goes to a temp file beside it and is renamed into place (save directories:
+``savedir``). A kill at any instant leaves the old or the new version readable; temp files of killed writers
+are removed by the next write to the same path. Every OS error becomes an ``OutputPathError`` naming the path,
+the cause and the fix (``fsguard``), and a failed write removes what it created.
 
 Also: safetensors tensors + a JSON header (``save_tensors``/``load_tensors``); nothing is ever unpickled.
 """
@@ -20,10 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, OutputPathError
+from .fsguard import guard, os_error, parse_json
 
-__all__ = ["atomic_path", "atomic_dir", "check_writable", "resolve_saved", "save_tensors", "load_tensors"]
+__all__ = ["atomic_path", "check_writable", "save_tensors", "load_tensors"]
 
-_TMP, _TMPDIR, _OLD = ".tmp", ".tmpdir", ".old"
+_TMP, _TMPDIR = ".tmp", ".tmpdir"
 
 
 def _alive(pid: int) -> bool:
@@ -57,12 +57,6 @@ def _remove(p: Path) -> None:
         pass
 
 
-def _os_error(path: Path, exc: OSError, what: str) -> OutputPathError:
-    reason = exc.strerror or str(exc)
-    return OutputPathError(f"cannot {what} {path}: {reason}. Fix: pass a path in a writable directory "
-                           "(no file in the way of its folders, enough disk space).")
-
-
 def _make_parents(path: Path) -> list[Path]:
     """Create the missing folders above ``path``; returns those created (deepest last)."""
     missing = []
@@ -81,7 +75,7 @@ def _make_parents(path: Path) -> list[Path]:
             continue
         except OSError as exc:
             _remove_created(created)
-            raise _os_error(folder, exc, "create the folder") from exc
+            raise os_error(folder, exc, "write") from exc
         created.append(folder)
     return created
 
@@ -108,17 +102,18 @@ class atomic_path:
         self.path = Path(path)
 
     def __enter__(self) -> Path:
-        if self.path.is_dir():
-            raise OutputPathError(f"{self.path} is a directory, not a file. Fix: pass a file path (e.g. "
-                                  f"{self.path / 'file'}) or remove the directory.")
-        self.created = _make_parents(self.path)
+        with guard(self.path, "write"):  # a name too long, a folder not searchable: typed
+            if self.path.is_dir():
+                raise OutputPathError(f"{self.path} is a directory, not a file. Fix: pass a file path (e.g. "
+                                      f"{self.path / 'file'}) or remove the directory.")
+            self.created = _make_parents(self.path)
         for stale in _leftovers(self.path, _TMPDIR) + _leftovers(self.path, _TMP):
             _remove(stale)
         try:
             self.folder = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=_TMPDIR, dir=self.path.parent))
         except OSError as exc:
             _remove_created(self.created)
-            raise _os_error(self.path, exc, "write") from exc
+            raise os_error(self.path, exc, "write") from exc
         self.tmp = self.folder / self.path.name
         return self.tmp
 
@@ -132,77 +127,29 @@ class atomic_path:
                 _remove(self.folder)
                 return
             except OSError as err:
-                _remove(self.folder)
-                _remove_created(self.created)
-                raise _os_error(self.path, err, "write") from err
-        _remove(self.folder)
-        _remove_created(self.created)
-        if isinstance(exc, OSError):
-            raise _os_error(self.path, exc, "write") from exc
+                abandon(self.folder, self.created, self.path, err)
+        abandon(self.folder, self.created, self.path, exc)
 
 
-class atomic_dir:
-    """Context manager yielding a temp directory beside ``path``, swapped in for ``path`` on success.
-
-    ``path`` may be missing, an empty directory, or an earlier save (it holds ``marker``); any other existing
-    directory is refused (a save replaces its directory whole and never deletes other files)."""
-
-    def __init__(self, path: str | os.PathLike, marker: str) -> None:
-        self.path, self.marker = Path(path), marker
-
-    def __enter__(self) -> Path:
-        path = self.path
-        _recover(path)
-        if path.exists() and not path.is_dir():
-            raise OutputPathError(f"{path} is a file, not a directory. Fix: pass a directory path or remove the file.")
-        if path.is_dir() and not (path / self.marker).is_file() and any(path.iterdir()):
-            raise OutputPathError(f"{path} holds files that are not an ebcompile save; a save replaces its directory "
-                                  "whole. Fix: pass a new or empty directory.")
-        self.created = _make_parents(path)
-        try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMPDIR, dir=path.parent))
-        except OSError as exc:
-            _remove_created(self.created)
-            raise _os_error(path, exc, "write") from exc
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            _remove(self.tmp)
-            _remove_created(self.created)
-            if isinstance(exc, OSError):
-                raise _os_error(self.path, exc, "write") from exc
-            return
-        old = self.path.parent / f".{self.path.name}.{os.getpid()}{_OLD}"
-        try:
-            _public_mode(self.tmp, 0o777)
-            if self.path.exists():
-                os.rename(self.path, old)  # a kill from here to the next rename: resolve_saved reads ``old``
-            os.rename(self.tmp, self.path)
-        except OSError as err:
-            if old.exists() and not self.path.exists():
-                os.rename(old, self.path)
-            _remove(self.tmp)
-            raise _os_error(self.path, err, "write") from err
-        _remove(old)
-
-
-def _recover(path: Path) -> None:
-    """Undo what killed writers left beside ``path``: put a swapped-out save back, drop temp directories."""
-    olds = sorted(_leftovers(path, _OLD), key=lambda p: p.stat().st_mtime)
-    if olds and not path.exists():
-        try:
-            os.rename(olds.pop(), path)
-        except OSError:
-            pass
-    for stale in olds + _leftovers(path, _TMPDIR):
-        _remove(stale)
+def abandon(temp: Path, created: list[Path], path: Path, exc: BaseException | None) -> None:
+    """A failed write of ``path``: remove its ``temp`` entry and the folders it ``created``; an OS (or
+    safetensors I/O) error ``exc`` is raised typed, any other propagates as it is."""
+    _remove(temp)
+    _remove_created(created)
+    if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+        raise os_error(path, exc, "write") from exc
 
 
 def check_writable(path: str | os.PathLike, directory: bool) -> Path:
     """Fail now, not after training, if ``path`` cannot be written (as a directory or as a file); creates
     nothing."""
     path = Path(path)
+    with guard(path, "write"):
+        _check_writable(path, directory)
+    return path
+
+
+def _check_writable(path: Path, directory: bool) -> None:
     if path.exists() and path.is_dir() != directory:
         kind = "a directory" if path.is_dir() else "a file"
         raise OutputPathError(f"{path} is {kind}; a {'directory' if directory else 'file'} is needed there. Fix: pass "
@@ -216,16 +163,6 @@ def check_writable(path: str | os.PathLike, directory: bool) -> Path:
         if parent.exists():
             raise OutputPathError(f"{parent} is a file, so {path} cannot be created under it. Fix: pass a path whose "
                                   "folders are directories (or remove that file).")
-    return path
-
-
-def resolve_saved(path: str | os.PathLike) -> Path:
-    """``path``, or the earlier save a writer killed mid-swap left beside it."""
-    path = Path(path)
-    if path.exists():
-        return path
-    olds = sorted(path.parent.glob(f".{path.name}.*{_OLD}"), key=lambda p: p.stat().st_mtime) if path.parent.is_dir() else []
-    return olds[-1] if olds else path
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict, kind: str) -> None:
@@ -240,9 +177,10 @@ def load_tensors(path: str | os.PathLike, kind: str, prefix: str = "") -> tuple[
     """Read a file written by ``save_tensors`` with the same ``kind`` (only the tensors whose names start with
     ``prefix``); never unpickles anything."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist. Fix: pass the path of a file ebcompile saved.")
-    try:
+    with guard(path, "read"):
+        if not path.is_file():
+            os.stat(path)  # the real cause (permission, name too long) before "does not exist"
+            raise CheckpointError(f"{path} is not a file. Fix: pass the path of a file ebcompile saved.")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != f"ebcompile-{kind}":  # checked before any tensor is read
@@ -251,15 +189,11 @@ def load_tensors(path: str | os.PathLike, kind: str, prefix: str = "") -> tuple[
                     f"Fix: pass a file written by the {kind}'s save()."
                 )
             tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not our file"
-        raise CheckpointError(f"{path} is not a safetensors file ({exc}). Fix: pass a file ebcompile saved.") from exc
     try:
-        header = json.loads(meta["header"])
+        header = parse_json(meta["header"], f"the header of {path}")
         if not isinstance(header, dict):
             raise TypeError("not a JSON object")
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, CheckpointError) as exc:
         raise CheckpointError(f"{path} has a broken ebcompile {kind} header ({type(exc).__name__}). Fix: save the {kind} "
                               "again.") from exc
     return tensors, header

@@ -102,14 +102,23 @@ def pretrained_weights(directory: Path) -> dict[str, torch.Tensor] | None:
     """The tensors of a ``save_pretrained`` directory (one file or an index of shards), or None if there are none."""
     from safetensors.torch import load_file
 
+    from .errors import CheckpointError
+    from .fsguard import exists, guard, read_json
+
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / "model.safetensors").is_file():
+    if exists(index):
+        try:
+            files = sorted(set(read_json(index)["weight_map"].values()))
+            if not all(isinstance(f, str) and Path(f).name == f for f in files):
+                raise TypeError("a shard is not a file name")
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index} has no valid weight_map ({exc}). Fix: save the model again.") from exc
+    elif exists(directory / "model.safetensors"):
         files = ["model.safetensors"]
     else:
         return None
     weights: dict[str, torch.Tensor] = {}
     for name in files:
-        weights.update(load_file(str(directory / name)))
+        with guard(directory / name, "read"):
+            weights.update(load_file(str(directory / name)))
     return weights

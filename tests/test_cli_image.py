@@ -119,18 +119,19 @@ def test_image_folder_and_a_user_factory_search_retrain_export(tmp_path, monkeyp
     assert (recipe.channels, recipe.image_size, recipe.classes) == (3, [16, 16], ["dark", "gray", "light"])
     assert _png((search / "search.png").read_bytes())
 
-    assert main(["retrain", str(search), "--out", str(small), *data, "--epochs", "1", "--mode", "rewind"]) == 0
+    trust = ["--factory", "tinynet:make"]  # a run's recipe naming MODULE:FACTORY is built only by a factory named here
+    assert main(["retrain", str(search), "--out", str(small), *data, "--epochs", "1", "--mode", "rewind", *trust]) == 0
     report = json.loads((small / "retrain.json").read_text())
     assert report["optimizer_state"] == "fresh" and report["parameters"] < report["dense_parameters"]
-    assert main(["export", str(small / "model"), str(tmp_path / "m.onnx")]) == 0
+    assert main(["export", str(small / "model"), str(tmp_path / "m.onnx"), *trust]) == 0
     assert "matches PyTorch" in capsys.readouterr().out
-    model = ebcompile.load(small / "model", model=Recipe.load(small / "model").build())
+    model = ebcompile.load(small / "model", model=Recipe.load(small / "model").build(factory="tinynet:make"))
     heads = [layer.self_attention.num_heads for layer in model.encoder.layers]
     assert len(heads) == 2 and sum(heads) < 8
 
     other = _png_folder(tmp_path / "other")
     (other / "gray").rename(other / "grey")  # other class names: refused before any training
-    assert main(["retrain", str(search), "--out", str(tmp_path / "r2"), "--data", str(other)]) == 2
+    assert main(["retrain", str(search), "--out", str(tmp_path / "r2"), "--data", str(other), *trust]) == 2
     assert "the search trained on" in capsys.readouterr().err and not (tmp_path / "r2").exists()
 
 

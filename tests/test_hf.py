@@ -235,7 +235,8 @@ def test_onnx_has_dynamic_batch_and_sequence(name, tmp_path):
 def test_save_load_round_trip(pipeline, tmp_path):
     name, p = pipeline
     ebcompile.save(p.masked, tmp_path)  # a prepared model with a ticket is saved compacted
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["config.json", "ebcompile.json", "model.safetensors"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["config.json", "ebcompile-files.json", "ebcompile.json",
+                                                          "model.safetensors"]
     meta = json.loads((tmp_path / "ebcompile.json").read_text())
     assert set(meta["heads"].values()) <= {1, 2}
     loaded = ebcompile.load(tmp_path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .imageclf import add_factory_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compact", help="apply a saved ticket to a model (Hugging Face, or an image run's model/) and write the compact model",
@@ -15,6 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="directory for the compact model (reload with ebcompile.load)")
     p.add_argument("--round-to", type=int, default=None,
                    help="keep widths at multiples of N (structured tickets; default 8; 1: exactly the ticket's units)")
+    add_factory_argument(p)
     p.set_defaults(run=run)
 
 
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from .models import load_with_inputs
 
     ticket = load_ticket(args.ticket)
-    model, inputs = load_with_inputs(args.model)
+    model, inputs = load_with_inputs(args.model, factory=args.factory)
     dense = sum(p.numel() for p in model.parameters())
     prepare(model, inputs, ratio=ticket.ratio, structure=ticket.structure, scope=ticket.scope)
     apply_ticket(model, ticket, mode="continue")
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}: {ticket.structure} ticket (ratio {ticket.ratio}) applied and compacted: "
           f"{dense:,} -> {sum(p.numel() for p in small.parameters()):,} parameters")
     print(report(small))
-    how = "ebcompile export, or ebcompile.load(path, model=Recipe.load(path).build())" if imageclf.is_saved(where) else \
+    how = "ebcompile export, or ebcompile.load(path, model=Recipe.load(path).build(factory=...))" if imageclf.is_saved(where) else \
         f"ebcompile.load({str(where)!r})"
     print(f"written to {where} (reload: {how})")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .imageclf import add_factory_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export an ebcompile.save directory or Hugging Face model to verified ONNX",
@@ -20,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=16, help="example sequence length for text models (axis stays dynamic)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison (the checker still runs)")
+    add_factory_argument(p)
     p.set_defaults(run=run)
 
 
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export.onnx import export_onnx
     from .models import load_with_inputs
 
-    model, inputs = load_with_inputs(args.model, args.batch, args.seq)
+    model, inputs = load_with_inputs(args.model, args.batch, args.seq, args.factory)
     rep = export_onnx(model, args.out, inputs, dtype="fp16" if args.fp16 else "fp32", opset=args.opset,
                       optimize=args.optimize, verify=not args.no_verify,
                       fused_attention=args.fused_attention or None)  # None: follows --optimize

@@ -6,8 +6,10 @@ then) or ``MODULE:FACTORY`` (a callable returning an ``nn.Module``, imported fro
 Python path). ``--model-kwargs`` (a JSON object) goes to it, ``num_classes`` comes from the data (a factory
 that takes no ``num_classes`` must build that many outputs itself). Weights start random: the search trains
 from scratch. The recipe (``imageclf.json``, in every model folder an image run saves) rebuilds the model for
-``retrain``, ``export`` and ``ebcompile.load(folder, model=recipe.build())``; exporting such a folder imports the
-factory module it names, so export only runs you trust.
+``retrain``, ``compact``, ``export`` and ``ebcompile.load(folder, model=recipe.build())``. No code is imported
+because a file names it: a recipe naming ``MODULE:FACTORY`` is built only by a factory the caller names
+(``--factory MODULE:FACTORY``, ``recipe.build(factory=...)``), and its kwargs may not name checkpoints or
+weights to load.
 
 Pixels, in this order: the model's channels (the ``in_channels`` of its first ``Conv2d``, else the data's):
 grayscale is repeated to 3 channels, RGB becomes 1 channel as luma 0.299 R + 0.587 G + 0.114 B; the model's
@@ -32,11 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..fsguard import read_json
 
 RECIPE = "imageclf.json"
 FORMAT, VERSION = "ebcompile-imageclf", 1
 SPEC = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_][\w.]*)$")
 LUMA = (0.299, 0.587, 0.114)
+LOADS = re.compile(r"checkpoint|pretrained|weights|(^|_)(path|file|url|dir)$", re.IGNORECASE)  # recipe kwargs that load things
 
 
 def is_image_model(spec: str) -> bool:
@@ -59,8 +63,9 @@ class Recipe:
     image_size: list[int]
     classes: list[str] = field(default_factory=list)
 
-    def build(self) -> nn.Module:
-        return build_model(self.model, self.kwargs, self.num_classes)
+    def build(self, factory: str | None = None) -> nn.Module:
+        """The model, random weights; a ``MODULE:FACTORY`` recipe needs ``factory`` (the caller's, trusted)."""
+        return build_model(trusted_spec(self.model, factory), self.kwargs, self.num_classes)
 
     def fit(self, images: torch.Tensor) -> torch.Tensor:
         return fit_pixels(images, self.channels, tuple(self.image_size))
@@ -71,8 +76,8 @@ class Recipe:
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Recipe:
         path = Path(folder) / RECIPE
+        raw = read_json(path)  # bounded size and nesting
         try:
-            raw = json.loads(path.read_text())
             if raw.pop("format") != FORMAT or raw.pop("version") != VERSION:
                 raise ValueError("not this format or version")
             recipe = cls(**raw)
@@ -81,10 +86,34 @@ class Recipe:
                   and all(_count(s) for s in recipe.image_size) and isinstance(recipe.classes, list))
             if not ok:
                 raise ValueError("a field is missing or out of range")
+            loads = [k for k, v in recipe.kwargs.items() if v not in (None, False) and LOADS.search(k)]
+            if loads:
+                raise ValueError(f"kwargs {loads} would load files or weights the recipe names")
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise CheckpointError(f"{path} is not a readable image model recipe ({type(exc).__name__}: {str(exc)[:120]}). "
                                   "Fix: pass a model folder written by `ebcompile search` / `retrain` on images.") from exc
         return recipe
+
+
+def trusted_spec(named: str, factory: str | None) -> str:
+    """The model spec to build a recipe naming ``named``: ``factory`` if the caller gives one, ``named`` if it
+    is a torchvision or timm name; a ``MODULE:FACTORY`` only a file names is refused (never imported)."""
+    if factory is not None:
+        if not is_image_model(factory):
+            raise ConfigError(f"--factory {factory} is not MODULE:FACTORY. Fix: e.g. --factory mymodels:make_vit.")
+        return factory
+    m = SPEC.match(named)
+    if m is not None and m["module"] not in ("torchvision", "timm"):
+        raise CheckpointError(f"{RECIPE} names the factory {named!r}; ebcompile never imports code because a file names "
+                              f"it. Fix: if you trust that module, pass --factory {named} (Python: "
+                              "Recipe.build(factory=...)).")
+    return named
+
+
+def add_factory_argument(p: Any) -> None:
+    p.add_argument("--factory", default=None, metavar="MODULE:FACTORY",
+                   help=f"builds an image run's model whose {RECIPE} names MODULE:FACTORY (only code named on the "
+                        "command line is imported)")
 
 
 def _count(n: Any) -> bool:
@@ -287,7 +316,7 @@ def save_model(model: nn.Module, recipe: Recipe, folder: Path, extra: dict[str, 
     """``ebcompile.save(model)``, the recipe and ``extra`` files (name -> writer(path)), swapped in as one folder."""
     from .. import checkpoint
     from ..checkpoint import META
-    from ..io import atomic_dir
+    from ..savedir import atomic_dir
 
     with atomic_dir(folder, marker=META) as tmp:
         checkpoint.save(model, tmp)
@@ -296,9 +325,9 @@ def save_model(model: nn.Module, recipe: Recipe, folder: Path, extra: dict[str, 
             write(tmp / name)
 
 
-def load_saved(folder: str | os.PathLike) -> tuple[nn.Module, Recipe]:
-    """The model saved in ``folder`` with its recipe, rebuilt (eval mode)."""
+def load_saved(folder: str | os.PathLike, factory: str | None = None) -> tuple[nn.Module, Recipe]:
+    """The model saved in ``folder`` with its recipe, rebuilt (eval mode); ``factory``: see ``Recipe.build``."""
     from .. import checkpoint
 
     recipe = Recipe.load(folder)
-    return checkpoint.load(folder, model=recipe.build()), recipe
+    return checkpoint.load(folder, model=recipe.build(factory)), recipe

@@ -28,9 +28,20 @@ from torch import nn
 
 from ..data import ImageData, load_images
 from ..errors import CheckpointError, ConfigError
+from ..fsguard import read_json
 from ..io import atomic_path
 from ..optim_io import load_optimizer, save_optimizer
-from .imageclf import Recipe, build_model, check_classifier, logits_of, model_geometry, parse_kwargs, save_model
+from ..savedir import recover
+from .imageclf import (
+    Recipe,
+    build_model,
+    check_classifier,
+    logits_of,
+    model_geometry,
+    parse_kwargs,
+    save_model,
+    trusted_spec,
+)
 from .search import refuse_other_settings
 
 LR, RULE, THRESHOLD = 1e-3, "relative", 0.3  # image defaults: from-scratch AdamW; the rule measured in docs/RESULTS.md
@@ -75,6 +86,7 @@ def search(args: argparse.Namespace) -> int:
     args.threshold = THRESHOLD if args.threshold is None else args.threshold
     args.rule = RULE if args.rule is None else args.rule
     out, settings = Path(args.out), _settings(args)
+    recover(out / "model")  # a commit a kill interrupted is rolled back: progress and weights of one save
     progress = _saved_progress(out, settings)  # refused before any training
     data = _data(args)
     num_classes = len(data.classes)
@@ -127,11 +139,11 @@ def _saved_progress(out: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
         raise ConfigError(f"{out} holds a model/ folder that is not an image search. Fix: pass a new --out (or the --out "
                           "of an image search to resume it).")
     try:
-        progress = json.loads((folder / PROGRESS).read_text())
+        progress = read_json(folder / PROGRESS)
         saved, step = progress["settings"], progress["step"]
         if not isinstance(saved, dict) or isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError("bad step or settings")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{folder / PROGRESS} is broken ({type(exc).__name__}). Fix: pass a new --out.") from exc
     refuse_other_settings(out, saved, settings, RESUMABLE)
     return progress
@@ -161,12 +173,13 @@ def retrain(args: argparse.Namespace) -> int:
                               "`ebcompile search`.")
     args.lr = LR if args.lr is None else args.lr
     recipe = Recipe.load(folder)
+    trusted_spec(recipe.model, args.factory)  # a factory only the file names: refused before any work
     data = _data(args)
     if len(data.classes) != recipe.num_classes or (data.classes != recipe.classes and recipe.classes):
         raise ConfigError(f"--data {args.data} has classes {data.classes[:5]}..., the search trained on {recipe.classes[:5]}"
                           "... Fix: retrain on the data the search used.")
     torch.manual_seed(args.seed)
-    model = checkpoint.load(folder, model=recipe.build())
+    model = checkpoint.load(folder, model=recipe.build(args.factory))
     dense = sum(p.numel() for p in model.parameters())
     eb_probe = load_ticket_or_fail(folder)
     prepare(model, recipe.fit(data.train_x[:2]), ratio=eb_probe.ratio, structure=eb_probe.structure, scope=eb_probe.scope)

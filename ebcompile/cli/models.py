@@ -11,42 +11,48 @@ import torch
 from torch import nn
 
 from ..checkpoint import META
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, EbcompileError
+from ..fsguard import guard
 
 
-def load_model(source: str) -> nn.Module:
-    """An ``ebcompile.save`` directory (an image model's is rebuilt from its ``imageclf.json`` recipe), a Hugging
-    Face model folder (``save_pretrained``, a Trainer checkpoint) or a hub name, in eval mode."""
+def load_model(source: str, factory: str | None = None) -> nn.Module:
+    """An ``ebcompile.save`` directory (an image model's is rebuilt from its ``imageclf.json`` recipe, a
+    ``MODULE:FACTORY`` one only by ``factory``), a Hugging Face model folder (``save_pretrained``, a Trainer
+    checkpoint) or a hub name, in eval mode. No code the folder names or holds is run."""
     from .. import checkpoint
     from . import imageclf
 
     if imageclf.is_saved(source):
-        return imageclf.load_saved(source)[0]
+        return imageclf.load_saved(source, factory)[0]
     if (Path(source) / META).is_file():
         return checkpoint.load(source)
     from ..data import looks_local
 
     if looks_local(source, hub_ids=True) and not Path(source).expanduser().exists():
         raise CheckpointError(f"{source}: no such folder. Fix: check the path (a hub name has no ./, ../, / or ~ in front).")
-    import transformers
+    from ..hfload import NO_CODE, hf_class, hf_config
 
     try:
-        config = transformers.AutoConfig.from_pretrained(source)
+        config = hf_config(source)
+    except EbcompileError:
+        raise
     except Exception as exc:  # noqa: BLE001 - missing folder, bad JSON, no network for a hub name
         raise CheckpointError(f"{source} is neither an ebcompile.save directory nor a Hugging Face model "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Fix: pass a folder written by "
                               "ebcompile.save or save_pretrained, or a hub name when online.") from exc
-    cls = checkpoint.hf_class(config, f"Fix: save {source} with save_pretrained (it records its class).")
-    with quiet_transformers():
-        return cls.from_pretrained(source).eval()
+    cls = hf_class(config, f"Fix: save {source} with save_pretrained (it records its class).")
+    with quiet_transformers(), guard(source, "read"):
+        return cls.from_pretrained(source, **NO_CODE).eval()
 
 
-def load_with_inputs(source: str, batch: int = 1, seq: int = 16) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """``load_model(source)`` and a made-up batch for it (``example_inputs``; random pixels for an image model)."""
+def load_with_inputs(source: str, batch: int = 1, seq: int = 16, factory: str | None = None
+                     ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """``load_model(source, factory)`` and a made-up batch for it (``example_inputs``; random pixels for an image
+    model)."""
     from . import imageclf
 
     if imageclf.is_saved(source):
-        model, recipe = imageclf.load_saved(source)
+        model, recipe = imageclf.load_saved(source, factory)
         return model, imageclf.example_inputs(model, recipe, batch)
     model = load_model(source)
     return model, example_inputs(model, batch, seq)

@@ -19,6 +19,7 @@ from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from .imageclf import add_factory_argument
     from .textclf import add_training_arguments
 
     p = sub.add_parser("retrain", help="retrain the compacted ticket found by `ebcompile search`",
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="continue", choices=["continue", "rewind", "reinit"],
                    help="which weights the ticket retrains from (default: %(default)s)")
     add_training_arguments(p)
+    add_factory_argument(p)
     p.set_defaults(run=run)
 
 
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_path
     from ..passes.shrink import compact
     from ..prepare import prepare
+    from ..savedir import atomic_dir
     from ..ticket import apply_ticket
     from . import textclf
 
@@ -69,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     acc = textclf.accuracy(small, tok, val, args.max_len)
     if small is model:
         small = compact(model)
-    checkpoint.save(small, out / "model")
-    tok.save_pretrained(out / "model")
+    with atomic_dir(out / "model", marker=checkpoint.META) as tmp:  # one commit: files a save did not write stay
+        checkpoint.save(small, tmp)
+        tok.save_pretrained(tmp)
     params, state = sum(p.numel() for p in small.parameters()), "fresh" if opt is None else "carried"
     with atomic_path(out / "retrain.json") as tmp:
         tmp.write_text(json.dumps({"search": str(search), "mode": args.mode, "optimizer_state": state, "validation_accuracy": acc,

@@ -102,16 +102,19 @@ def load_classifier(source: str, num_labels: int | None = None) -> tuple[nn.Modu
     ``num_labels=None`` keeps the saved head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from ..hfload import NO_CODE, read_folder, refuse_custom_code
     from .models import quiet_transformers
 
     if looks_local(source, hub_ids=True) and not Path(source).expanduser().exists():
         raise CheckpointError(f"{source}: no such folder. Fix: check the path, or pass a hub name when online.")
+    raw = read_folder(source)  # bounded JSON; no code from the folder runs (NO_CODE)
     try:
         with quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(source)
+            tok = AutoTokenizer.from_pretrained(source, **NO_CODE)
             kw = {} if num_labels is None else {"num_labels": num_labels}
-            model = AutoModelForSequenceClassification.from_pretrained(source, **kw)
+            model = AutoModelForSequenceClassification.from_pretrained(source, **kw, **NO_CODE)
     except Exception as exc:  # noqa: BLE001 - missing folder, no tokenizer, offline hub name
+        refuse_custom_code(source, exc, raw)
         raise CheckpointError(f"{source}: cannot load a tokenizer and sequence classifier ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:160]}). Fix: pass a save_pretrained folder with its tokenizer, "
                               "or a hub name when online.") from exc
@@ -170,18 +173,10 @@ def accuracy(model: nn.Module, tok: Any, split: Split, max_len: int, batch: int 
 
 
 def save_pretrained_atomically(model: nn.Module, tok: Any, folder: Path) -> None:
-    """``model`` and ``tok`` in ``folder``, written beside it and renamed into place (no half-written folder)."""
-    import shutil
-    import tempfile
+    """``model`` and ``tok`` in ``folder``, written beside it and committed (``savedir``: no half-written folder,
+    and files a save did not write stay)."""
+    from ..savedir import atomic_dir
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder, marker="config.json") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

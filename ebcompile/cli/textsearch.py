@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
+from ..fsguard import read_json
 from ..io import atomic_path
 from .search import refuse_other_settings
 
@@ -52,11 +53,11 @@ def resume_point(out: Path, settings: dict[str, Any]) -> tuple[Path, dict[str, A
     for stale in checkpoints(out)[checkpoints(out).index(folder) + 1:]:  # written after it, never completed
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        progress = json.loads((folder / PROGRESS).read_text())
+        progress = read_json(folder / PROGRESS)
         saved, found = progress["settings"], progress["found"]
         if not isinstance(saved, dict) or not isinstance(found, bool):
             raise ValueError("bad settings or found")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{folder / PROGRESS} is broken ({type(exc).__name__}). Fix: remove {folder}, or pass a "
                               "new --out.") from exc
     refuse_other_settings(out, saved, settings, RESUMABLE)
@@ -67,8 +68,8 @@ def ticket_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint of a text search in ``out`` if it holds the found ticket, else None."""
     for folder in reversed(checkpoints(out)):
         try:
-            progress = json.loads((folder / PROGRESS).read_text())
-        except (OSError, ValueError):
+            progress = read_json(folder / PROGRESS)
+        except CheckpointError:
             continue
         return folder if progress.get("found") is True and (folder / "optimizer.safetensors").is_file() else None
     return None

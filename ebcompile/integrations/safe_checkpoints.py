@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..fsguard import read_json
 from ..io import atomic_path, load_tensors, save_tensors
 from ..optim_io import load_optimizer, save_optimizer
 
@@ -125,7 +126,7 @@ class SafeCheckpoints:
         load_optimizer(self.optimizer, self.model, folder / OPTIMIZER_FILE)
         if self.lr_scheduler is not None:
             try:
-                self.lr_scheduler.load_state_dict(json.loads((folder / SCHEDULER_FILE).read_text()))
+                self.lr_scheduler.load_state_dict(read_json(folder / SCHEDULER_FILE))
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 raise CheckpointError(f"{folder / SCHEDULER_FILE} is broken ({type(exc).__name__}). Fix: resume from "
                                       "another checkpoint.") from exc
@@ -135,7 +136,7 @@ class SafeCheckpoints:
         path = Path(checkpoint) / SCALER_FILE if checkpoint is not None else None
         if scaler is not None and path is not None and path.is_file():
             try:
-                scaler.load_state_dict(json.loads(path.read_text()))
+                scaler.load_state_dict(read_json(path))
             except (ValueError, TypeError, KeyError, RuntimeError) as exc:
                 raise CheckpointError(f"{path} is broken ({type(exc).__name__}). Fix: resume from another checkpoint.") from exc
 

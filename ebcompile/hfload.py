@@ -1,0 +1,127 @@
+"""Hugging Face configs and models, built without running any code a folder or hub repository names.
+
+- Every ``from_pretrained`` ebcompile calls gets ``NO_CODE`` (``trust_remote_code=False``), so transformers never
+  imports a folder's ``.py`` files nor asks on stdin whether to: a config whose ``auto_map`` names custom code
+  loads with transformers' own class for its ``model_type`` when there is one, else is a ``CheckpointError``.
+- ``config.json`` and ``tokenizer_config.json`` of a local folder are read first with bounded size and nesting.
+- ``build_checked``: before a model is allocated from a config, the same model is built on the meta device
+  and compared with the tensor shapes of the weights (safetensors headers): a config whose sizes disagree
+  with the weights (``vocab_size``, ``hidden_size``, positions, layers, a width smaller than the saved one)
+  is refused before any memory is taken.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, EbcompileError
+from .fsguard import exists, guard, read_json
+
+__all__ = ["NO_CODE", "read_folder", "hf_config", "hf_class", "build_checked", "header_shapes"]
+
+NO_CODE: dict[str, Any] = {"trust_remote_code": False}
+_NO_CODE_FIX = ("Fix: ebcompile never runs code from a model folder or hub repository; pass a model whose config "
+                "names an architecture transformers provides, or build the model yourself and pass it (model=).")
+
+
+def read_folder(source: str | os.PathLike) -> dict[str, Any] | None:
+    """A local folder's ``config.json`` (None for a hub name), read with bounded JSON; ``tokenizer_config.json``
+    is checked the same way."""
+    folder = Path(source).expanduser()
+    if not exists(folder / "config.json"):
+        if exists(folder / "tokenizer_config.json"):
+            read_json(folder / "tokenizer_config.json")
+        return None
+    raw = read_json(folder / "config.json")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{folder / 'config.json'} is not a JSON object. Fix: save the model again.")
+    if exists(folder / "tokenizer_config.json"):
+        read_json(folder / "tokenizer_config.json")
+    return raw
+
+
+def refuse_custom_code(source: str | os.PathLike, exc: BaseException, raw: dict[str, Any] | None) -> None:
+    """Raise the custom-code ``CheckpointError`` if ``exc`` (from transformers) is its refusal to run a model's code."""
+    if "trust_remote_code" in str(exc) or (raw is not None and raw.get("auto_map")):
+        names = sorted((raw or {}).get("auto_map") or {})
+        raise CheckpointError(f"{source} needs custom code to load (config.json auto_map: {names or 'custom code'}, "
+                              f"model_type {(raw or {}).get('model_type')!r}). {_NO_CODE_FIX}") from exc
+
+
+def hf_config(source: str | os.PathLike, local_only: bool = False) -> Any:
+    """``AutoConfig.from_pretrained(source)`` with no custom code; a config that needs it is a ``CheckpointError``.
+    Other failures propagate (callers say what they were loading)."""
+    import transformers
+
+    raw = read_folder(source)
+    try:
+        return transformers.AutoConfig.from_pretrained(str(source), local_files_only=local_only, **NO_CODE)
+    except EbcompileError:
+        raise
+    except Exception as exc:
+        refuse_custom_code(source, exc, raw)
+        raise
+
+
+def hf_class(config: Any, fix: str) -> type:
+    """The ``transformers`` model class a config's ``architectures`` names; ``CheckpointError`` ending in ``fix``."""
+    import transformers
+
+    name = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"config.json names architecture {name!r}, which transformers does not provide. {fix}")
+    return cls
+
+
+def header_shapes(files: list[Path]) -> dict[str, list[int]]:
+    """Every tensor's shape from safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        with guard(path, "read"), safe_open(str(path), framework="pt") as f:
+            shapes.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
+def _disagreement(fresh: nn.Module, shapes: dict[str, list[int]]) -> str | None:
+    """Why the weights' ``shapes`` cannot be (a compaction of) ``fresh``'s tensors, or None if they can."""
+    state = {k: list(v.shape) for k, v in fresh.state_dict().items()}
+    tied = set(getattr(fresh, "all_tied_weights_keys", None) or {})
+    missing = [k for k in state if k not in shapes and k not in tied]
+    if missing:
+        return f"the config describes {missing[0]} ({len(missing)} tensors in all), which the weights lack"
+    extra = [k for k in shapes if k not in state]
+    if extra:
+        return f"the weights hold {extra[0]} ({len(extra)} tensors in all), which the config does not describe"
+    for key, saved in shapes.items():  # compaction only ever removes units: a saved size is at most the config's
+        if len(saved) != len(state[key]) or any(s > n for s, n in zip(saved, state[key])):
+            return f"{key} has shape {saved} in the weights, {state[key]} by the config"
+    embeddings = {f"{p}.weight": m for p, m in fresh.named_modules() if isinstance(m, nn.Embedding)}
+    inputs = fresh.get_input_embeddings() if hasattr(fresh, "get_input_embeddings") else None
+    for key, module in embeddings.items():  # vocabularies, positions and the residual width are never pruned
+        exact = state[key] if module is inputs else state[key][:1]
+        if key in shapes and shapes[key][:len(exact)] != exact:
+            return f"{key} has shape {shapes[key]} in the weights, {state[key]} by the config"
+    return None
+
+
+def build_checked(cls: type, config: Any, shapes: dict[str, list[int]], where: str | os.PathLike) -> nn.Module:
+    """``cls._from_config(config)``, after checking on the meta device that the weights' ``shapes`` fit it."""
+    try:
+        with torch.device("meta"):
+            fresh = cls._from_config(config)
+    except Exception as exc:  # noqa: BLE001 - the config cannot build its own class
+        raise CheckpointError(f"{where}: config.json does not build {cls.__name__} ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}). Fix: save the model again.") from exc
+    why = _disagreement(fresh, shapes)
+    if why is not None:
+        raise CheckpointError(f"{where}: config.json disagrees with the saved weights: {why}. Fix: pass the config.json "
+                              "saved with these weights (or save the model again).")
+    return cls._from_config(config)
