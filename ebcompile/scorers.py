@@ -47,7 +47,8 @@ class TaylorImportance(Importance):
         else:
             self.keys = [(op.weight, -1) for op in plan.linears]  # -1: element-wise
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
-        self.steps = 0
+        self.steps = 0  # optimizer steps in the sums (all since prepare)
+        self.window = 0  # ... of which since the last check
         self.current: dict[tuple[str, int], torch.Tensor] | None = None
         register_taylor(self)
 
@@ -69,9 +70,10 @@ class TaylorImportance(Importance):
                 self.sums[key] = prod if key not in self.sums else self.sums[key] + prod
                 seen = True
         self.steps += int(seen)
+        self.window += int(seen)
 
     def begin_draw(self, fresh: bool, sync: bool = True) -> None:
-        if self.steps == 0 and (fresh or self.current is None):
+        if (fresh and self.window == 0) or (self.steps == 0 and self.current is None):
             check_window("taylor", 0, "take optimizer steps between checks (the gradients are read when optimizer.step() "
                          "runs); with frozen weights (LoRA) use importance='activation' or 'gate'.")
         if self.steps:
@@ -87,7 +89,7 @@ class TaylorImportance(Importance):
     def end_draw(self, fresh: bool) -> None:
         self.current = self._pending
         if fresh:
-            self.sums, self.steps = {}, 0
+            self.window = 0
 
     def element_scores(self, name: str) -> torch.Tensor:
         return self._pending[(name, -1)]
@@ -108,7 +110,7 @@ class TaylorImportance(Importance):
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"sum/{k[1]}/{k[0]}": full_vector(v).detach().cpu() for k, v in self.sums.items()}
         out.update({f"current/{k[1]}/{k[0]}": full_vector(v).detach().cpu() for k, v in (self.current or {}).items()})
-        out["steps"] = torch.tensor(self.steps)
+        out["steps"], out["window"] = torch.tensor(self.steps), torch.tensor(self.window)
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -117,6 +119,7 @@ class TaylorImportance(Importance):
         if not set(sums) <= known or not set(current) <= known:
             raise ValueError("taylor statistics of tensors this model does not mask")
         self.sums, self.current, self.steps = sums, current or None, int(state.get("steps", torch.tensor(0)))
+        self.window = int(state.get("window", torch.tensor(0)))
 
 
 def _stored(model: nn.Module, name: str) -> torch.Tensor:
@@ -164,7 +167,8 @@ class ActivationImportance(Importance):
         dims = in_dims(plan)
         self.dims = {n: (d, raw_tensor(model, n).shape[d]) for n, d in dims.items() if raw_tensor(model, n).dim() == 2}
         self.sumsq: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}  # rows of input seen per tensor (all since prepare)
+        self.window = 0  # rows seen since the last check
         self.fallback: set[str] = set()
         self.current: dict[str, torch.Tensor] | None = None
         self._last: tuple[weakref.ref, tuple[int, int], torch.Tensor] | None = None  # the last input seen, its sums
@@ -190,11 +194,12 @@ class ActivationImportance(Importance):
             self._last = (weakref.ref(x), (x._version, width), sq)
         self.sumsq[name] = sq if name not in self.sumsq else self.sumsq[name] + sq  # never in place (sq is kept above)
         self.tokens[name] = self.tokens.get(name, 0) + x.numel() // width
+        self.window += x.numel() // width
 
     def begin_draw(self, fresh: bool, sync: bool = True) -> None:
         names = sorted(self.sumsq)
         seen = sum(self.tokens.values())
-        if not seen and (fresh or self.current is None):
+        if (fresh and self.window == 0) or (not seen and self.current is None):
             check_window("activation", 0, "run forward passes on training (or calibration) data between checks; "
                          "a check must follow at least one batch.")
         if seen:
@@ -208,7 +213,7 @@ class ActivationImportance(Importance):
     def end_draw(self, fresh: bool) -> None:
         self.current = self._pending
         if fresh:
-            self.sumsq, self.tokens = {}, {}
+            self.window = 0
 
     def _scored(self, name: str, raw: torch.Tensor) -> torch.Tensor | None:
         rms = self._pending.get(name) if self._pending else None
@@ -239,10 +244,13 @@ class ActivationImportance(Importance):
         out = {f"sumsq/{n}": v.detach().cpu() for n, v in self.sumsq.items()}
         out.update({f"tokens/{n}": torch.tensor(t) for n, t in self.tokens.items()})
         out.update({f"current/{n}": v.detach().cpu() for n, v in (self.current or {}).items()})
+        out["window"] = torch.tensor(self.window)
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         parts: dict[str, dict[str, torch.Tensor]] = {"sumsq": {}, "tokens": {}, "current": {}}
+        state = dict(state)
+        self.window = int(state.pop("window", torch.tensor(0)))
         for k, v in state.items():
             kind, name = k.split("/", 1)
             if kind not in parts or name not in self.dims:
