@@ -211,16 +211,19 @@ def test_trainer_callback_adds_the_gate_penalty(tmp_path):
 
 def test_data_statistics_settle_so_the_rule_can_fire_on_frozen_weights():
     """Statistics are cumulative: with frozen weights and batches from one distribution, the ranking's distance
-    between checks falls as data accumulates, and the relative rule fires (per-window statistics never settle)."""
-    model = ebcompile.prepare(tiny_bert(), {"input_ids": batches(1)[0][0]}, ratio=0.5, importance="activation")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    eb = ebcompile.EarlyBird(model, every=1, window=3, deadline=None)
-    with torch.no_grad():
-        for ids, _ in batches(40, seed=3):
-            model(input_ids=ids)
-            if eb.step():
-                break
-    d = eb.distances()
-    assert eb.found and eb.ticket.found_at["by"] == "rule", d
-    assert max(d[-3:]) <= 0.3 * max(d) and max(d) > 0, d
+    between checks falls as data accumulates (measured: first five checks 0.07, last five 0), and the relative rule
+    fires; per-window statistics stay as noisy as one batch (0.14 -> 0.19) and never settle."""
+    for window in (50, 3):  # 50: never fires, every distance is seen; 3: the default-style rule
+        model = ebcompile.prepare(tiny_bert(), {"input_ids": batches(1)[0][0]}, ratio=0.5, importance="activation")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        eb = ebcompile.EarlyBird(model, every=1, window=window, deadline=None)
+        with torch.no_grad():
+            for ids, _ in batches(30, seed=3):
+                model(input_ids=ids)
+                eb.step()
+        d = eb.distances()
+        if window == 50:
+            assert sum(d[-5:]) <= 0.5 * sum(d[:5]) and max(d) > 0, d
+        else:
+            assert eb.found and eb.ticket.found_at["by"] == "rule", d
