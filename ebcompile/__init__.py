@@ -7,9 +7,10 @@ from .export import export_onnx
 from .passes.shrink import compact
 from .prepare import mask_nodes, prepare
 from .report import report
-from .scorers import add_gate_penalty_grad, gate_penalty
+from .scorers import add_gate_penalty_grad, gate_parameters, gate_penalty
 from .ticket import Ticket, apply_ticket, draw_ticket, snapshot
 
 __all__ = ["prepare", "EarlyBird", "Ticket", "apply_ticket", "draw_ticket", "snapshot", "compact", "export_onnx",
-           "report", "mask_nodes", "save", "load", "EbcompileError", "gate_penalty", "add_gate_penalty_grad"]
+           "report", "mask_nodes", "save", "load", "EbcompileError", "gate_penalty", "add_gate_penalty_grad",
+           "gate_parameters"]
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ from .scoring import (
     unit_slice_scores,
 )
 
-__all__ = ["KINDS", "make_importance", "gate_penalty", "add_gate_penalty_grad", "TaylorImportance",
+__all__ = ["KINDS", "make_importance", "gate_penalty", "add_gate_penalty_grad", "gate_parameters", "TaylorImportance",
            "ActivationImportance", "GateImportance"]
 
 KINDS = ("magnitude", "taylor", "activation", "gate")
@@ -334,6 +334,13 @@ def add_gate_penalty_grad(model: nn.Module, l1: float) -> None:
             if g.grad is None:
                 g.grad = torch.zeros_like(g)
             g.grad.add_(torch.sign(g.detach()), alpha=l1)
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The unit gates of a model prepared with ``importance="gate"``, for an optimizer group of their own: in
+    fine-tuning the model's learning rate (e.g. 5e-5) barely moves a gate that starts at 1; measured on MiniLM, a
+    group at lr 1e-2 without weight decay separates the units within a few dozen steps."""
+    return _gates(model)
 
 
 def _gates(model: nn.Module) -> list[torch.Tensor]:
