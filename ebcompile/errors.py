@@ -68,3 +68,8 @@ class DistributedError(EbcompileError):
 class ImportanceDataError(EbcompileError):
     """A data-aware importance kind has nothing to score from: no forward pass (``activation``) or no gradient of
     the masked weights (``taylor``) since the last check."""
+
+
+class TicketStateError(TicketMismatchError):
+    """The masks on a model no longer match the ticket applied to it (a ``state_dict`` saved before
+    ``apply_ticket`` was loaded after it)."""

@@ -73,7 +73,10 @@ def test_lora_search_compacts_merges_and_reloads(build, kind, tmp_path):
     assert all(p.requires_grad == ("lora_" in n or ".gates." in n or "modules_to_save" in n)
                for n, p in model.named_parameters())
     ebcompile.apply_ticket(model, eb.ticket or ebcompile.draw_ticket(model))
+    model.train()
     small = ebcompile.compact(model, round_to=None, optimizer=opt)
+    assert all(p.requires_grad == ("lora_" in n or "modules_to_save" in n) for n, p in small.named_parameters())
+    assert small.training and all(m.training for m in small.modules())  # compact keeps the train mode
     ids = inputs(model, seed=9)["input_ids"]
     masked = logits(model, ids)
     torch.testing.assert_close(logits(small, ids), masked, atol=1e-5, rtol=1e-4)

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from ..names import split_name
 from .feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, op_name, shape_changes, size_args
-from .verify import TOLERANCE, relative_error
+from .verify import compute_dtype, evaluating, example_for, relative_error, tolerance_for
 
 __all__ = ["adapt_forwards", "install_rewrite", "rewrites_of", "ATTR"]
 
@@ -157,13 +157,12 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
         return hook
 
     handles = [masked.get_submodule(p).register_forward_hook(record(p), with_kwargs=True) for p in paths]
-    was = masked.training
-    masked.eval()
+    args, kwargs = example_for(masked, example)
+    tol = tolerance_for(compute_dtype(masked))
     try:
-        with torch.no_grad():
-            masked(*example[0], **example[1])
+        with evaluating(masked), torch.no_grad():
+            masked(*args, **kwargs)
     finally:
-        masked.train(was)
         for h in handles:
             h.remove()
     done = []
@@ -171,7 +170,7 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
     for path, (args, kwargs, ref) in seen.items():
         target = compact.get_submodule(path)
         out = _call(target, args, kwargs)
-        if out is not None and relative_error(ref, out) <= TOLERANCE:
+        if out is not None and relative_error(ref, out) <= tol:
             continue
         rows = {}
         for (name, dim), idx in removed.items():
@@ -185,7 +184,7 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
         except Exception:  # noqa: BLE001 - untraceable or irregular: left for check_same_function to name
             continue
         out = _call(target, args, kwargs)
-        if out is not None and relative_error(ref, out) <= TOLERANCE:
+        if out is not None and relative_error(ref, out) <= tol:
             done.append(path)
         else:
             target.__dict__.pop("forward", None)

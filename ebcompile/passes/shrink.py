@@ -2,7 +2,8 @@
 
 Invariant: does not preserve shapes, does preserve the function of the masked model — for every input,
 ``compact(m)(x) == m(x)`` up to float rounding, where ``m`` has a ticket applied. The result is an ordinary
-``nn.Module`` with no mask left in it.
+``nn.Module`` with no mask left in it, each module in the train/eval mode and each parameter with the
+``requires_grad`` it had (``passes.carry``).
 
 Structured tickets: the pruned units' slices are cut out of every member tensor of their group (q/k/v rows,
 out-projection columns, relative-position bias columns, logit scales, FFN rows and columns). Head counts are
@@ -36,6 +37,7 @@ from ..modules import CompactMultiheadAttention, CompactShiftedWindowAttention, 
 from ..names import split_name, tensor_at
 from ..optim_state import retarget_optimizer
 from ..plan import GroupSet, Plan
+from .carry import carry_flags, check_ticket_state, flags_of
 from .counts import rewrite_counts
 from .masks import iter_masks, strip_masks
 from .reshapes import adapt_forwards
@@ -254,6 +256,8 @@ def compact(model: nn.Module, round_to: int | str | None = "auto", sparse: bool 
 
     Raises:
         NotPreparedError: ``model`` was not prepared; ``NoTicketError`` (a subclass): no ticket applied.
+        TicketStateError: the masks no longer match the applied ticket (a state_dict from before apply_ticket).
+        CompactionError: the compact model does not compute what the masked one does.
         ConfigError: ``round_to`` with an unstructured ticket, ``sparse=True`` with a structured one, or a
             bad ``round_to``.
     """
@@ -267,6 +271,7 @@ def compact(model: nn.Module, round_to: int | str | None = "auto", sparse: bool 
                                "plain = ebcompile.prepare(build_model(), example); plain.load_state_dict(state); "
                                "ebcompile.apply_ticket(plain, ticket); ebcompile.compact(plain) (README: multi-process).")
     _, ticket = _applied_ticket(model)
+    check_ticket_state(model, ticket)
     if optimizer is not None and ticket.structure != "structured":
         raise ConfigError("optimizer= carries training state onto a compact structured ticket; this ticket is unstructured and "
                           "its compact model has no masks to keep the pruned weights at zero. Fix: keep training the masked "
@@ -287,6 +292,7 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool) -> nn.Module:
     if not structured and round_to is not None:
         raise ConfigError("round_to rounds the head/neuron widths of a structured ticket; this ticket is unstructured. "
                           "Fix: drop round_to (or use sparse=True to store the pruned weights sparse).")
+    flags = flags_of(model)
     new = copy.deepcopy(model)
     strip_masks(new, bake=True)
     new.__dict__.pop("_ebcompile", None)
@@ -302,6 +308,7 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool) -> nn.Module:
         attach_save_pretrained(new)
     elif sparse:
         new = _sparsify(new, sorted(ticket.masks.tensors))
+    carry_flags(new, flags)
     return new
 
 

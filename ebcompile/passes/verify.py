@@ -7,6 +7,8 @@ are compared one by one (forward hooks, in execution order) and the first that d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,9 +16,22 @@ from torch import nn
 
 from ..errors import CompactionError
 
-__all__ = ["check_same_function", "relative_error", "TOLERANCE"]
+__all__ = ["check_same_function", "relative_error", "TOLERANCE", "tolerance_for", "compute_dtype", "example_for", "evaluating"]
 
 TOLERANCE = 1e-3  # max |compact - masked| / max(|masked|, 1e-2); float32 rounding is ~1e-6, a wrong head ~1
+EPS_FACTOR = 8  # low precision: a smaller matmul's other summation order is a few eps (bf16 one-ulp weights: ~1 eps)
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    """The self-check tolerance for a model computing in ``dtype``: ``TOLERANCE``, or ``EPS_FACTOR`` times its
+    machine epsilon where that is larger (bfloat16: 6.3e-2, float16: 7.8e-3)."""
+    return max(TOLERANCE, EPS_FACTOR * torch.finfo(dtype).eps) if dtype.is_floating_point else TOLERANCE
+
+
+def compute_dtype(model: nn.Module, out: Any = None) -> torch.dtype:
+    """The least precise floating dtype among ``model``'s parameters and the tensors of ``out``."""
+    dtypes = [t.dtype for t in [*model.parameters(), *_tensors(out)] if t.is_floating_point()]
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
@@ -41,6 +56,18 @@ def relative_error(a: Any, b: Any) -> float:
         elif not torch.equal(x, y):
             return float("inf")
     return worst
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside, each module's own train/eval mode back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _entering(entered: list[str], path: str):
@@ -70,35 +97,43 @@ def _run(model: nn.Module, args: tuple, kwargs: dict, watch: list[str],
             continue
         handles.append(module.register_forward_pre_hook(_entering(entered, path)))
         handles.append(module.register_forward_hook(_leaving(entered, seen, path)))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             return model(*args, **kwargs), seen
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
 
 
-def _on(device: torch.device, x: Any) -> Any:
+def _on(device: torch.device, x: Any, dtype: torch.dtype | None = None) -> Any:
     if isinstance(x, torch.Tensor):
-        return x.to(device)
+        x = x.to(device)
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
     if isinstance(x, dict):
-        return {k: _on(device, v) for k, v in x.items()}
+        return {k: _on(device, v, dtype) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_on(device, v) for v in x)
+        return type(x)(_on(device, v, dtype) for v in x)
     return x
+
+
+def example_for(model: nn.Module, example: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """``example`` on ``model``'s device, its floating tensors in ``model``'s dtype where the model has a single
+    one (a model cast after ``prepare``, e.g. ``model.float()`` to compact in float32, still runs its example)."""
+    params = list(model.parameters())
+    floats = {p.dtype for p in params if p.is_floating_point()}
+    dtype = floats.pop() if len(floats) == 1 else None
+    device = params[0].device if params else torch.device("cpu")
+    return _on(device, example[0], dtype), _on(device, example[1], dtype)
 
 
 def check_same_function(masked: nn.Module, compact: nn.Module, example: tuple[tuple, dict] | None,
                         modules: list[str]) -> float:
     """Max relative error of ``compact`` against ``masked`` on ``example``; ``CompactionError`` above
-    ``TOLERANCE``, naming the first of ``modules`` whose output differs."""
+    ``tolerance_for`` the model's dtype, naming the first of ``modules`` whose output differs (and, in low
+    precision, the dtype as the likely cause with the float32 fix)."""
     if example is None:
         return 0.0
-    device = next((p.device for p in masked.parameters()), torch.device("cpu"))
-    args, kwargs = _on(device, example[0]), _on(device, example[1])
+    args, kwargs = example_for(masked, example)
     ref, ref_seen = _run(masked, args, kwargs, modules)
     entered: list[str] = []
     try:
@@ -112,13 +147,22 @@ def check_same_function(masked: nn.Module, compact: nn.Module, example: tuple[tu
             f"(exclude=['{entered[-1] if entered else '<module>'}.*']), or register a family for it (docs/extending.md)."
         ) from exc
     err = relative_error(ref, out)
-    if err <= TOLERANCE:
+    dtype = compute_dtype(masked, ref)
+    tol = tolerance_for(dtype)
+    if err <= tol:
         return err
     got = dict(out_seen)
-    culprit = next((p for p, o in ref_seen if p in got and relative_error(o, got[p]) > TOLERANCE), None)
+    culprit = next((p for p, o in ref_seen if p in got and relative_error(o, got[p]) > tol), None)
     where = f"{culprit} ({type(compact.get_submodule(culprit)).__name__})" if culprit else "the model"
+    head = f"the compact model differs from the masked one (relative error {err:.2e}, tolerance {tol:.1e}) starting at {where}"
+    if torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
+        name = str(dtype).removeprefix("torch.")
+        raise CompactionError(
+            f"{head}. The model computes in {name}: its rounding in the smaller matmuls is the likely cause, not a "
+            f"wrong rewrite. Fix: compact in float32 and cast back: small = ebcompile.compact(model.float()).to(torch.{name}) "
+            f"(if that fails too, exclude the module: exclude=['{culprit or '<module>'}.*'])."
+        )
     raise CompactionError(
-        f"the compact model differs from the masked one (relative error {err:.2e}) starting at {where}: its forward "
-        "reads a head count or width that the attribute rewrites do not cover. Fix: exclude it from pruning "
-        f"(exclude=['{culprit or '<module>'}.*']), or register a family for it (docs/extending.md)."
+        f"{head}: its forward reads a head count or width that the attribute rewrites do not cover. Fix: exclude it "
+        f"from pruning (exclude=['{culprit or '<module>'}.*']), or register a family for it (docs/extending.md)."
     )
