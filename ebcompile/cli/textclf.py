@@ -103,16 +103,18 @@ def load_classifier(source: str, num_labels: int | None = None) -> tuple[nn.Modu
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ..hfload import NO_CODE, read_folder, refuse_custom_code
+    from .hub import hub_kwargs
     from .models import quiet_transformers
 
     if looks_local(source, hub_ids=True) and not Path(source).expanduser().exists():
         raise CheckpointError(f"{source}: no such folder. Fix: check the path, or pass a hub name when online.")
     raw = read_folder(source)  # bounded JSON; no code from the folder runs (NO_CODE)
+    hub = {} if Path(source).expanduser().exists() else hub_kwargs(source)  # offline or unreachable: at once
     try:
         with quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(source, **NO_CODE)
+            tok = AutoTokenizer.from_pretrained(source, **hub, **NO_CODE)
             kw = {} if num_labels is None else {"num_labels": num_labels}
-            model = AutoModelForSequenceClassification.from_pretrained(source, **kw, **NO_CODE)
+            model = AutoModelForSequenceClassification.from_pretrained(source, **kw, **hub, **NO_CODE)
     except Exception as exc:  # noqa: BLE001 - missing folder, no tokenizer, offline hub name
         refuse_custom_code(source, exc, raw)
         raise CheckpointError(f"{source}: cannot load a tokenizer and sequence classifier ({type(exc).__name__}: "
