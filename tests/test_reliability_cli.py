@@ -3,13 +3,20 @@ write into its own search folder, and an onnxruntime check that crashes the proc
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from ebcompile.cli import inspect as inspect_cli
+from ebcompile.cli.main import main
+from ebcompile.errors import ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMED = """
@@ -53,3 +60,47 @@ def test_a_mistyped_hub_name_without_network_fails_in_one_line_within_seconds(tm
     result, err = timed_cli(tmp_path, argv, **env)
     assert result["rc"] == 2 and result["s"] < 5, (result, err)
     one_line(err, "bert-base-uncsed", "HF_HUB_OFFLINE" if "HF_HUB_OFFLINE" in env else "reach")
+
+
+# -- interrupts -----------------------------------------------------------------------------------------------
+
+
+def worker_died(args):
+    """What a Ctrl-C looks like when a DataLoader worker or a child process gets the SIGINT first: the parent
+    sees the signal, then another error."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Interrupt.") from None
+    raise AssertionError("no SIGINT arrived")
+
+
+def typed_after_interrupt(args):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt as exc:
+        raise ExportError("onnxruntime's check ended with signal 2. Fix: ...") from exc
+
+
+def plain_interrupt(args):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("run", [plain_interrupt, worker_died, typed_after_interrupt])
+def test_an_interrupt_is_one_interrupted_line_and_exit_130_whatever_error_follows(monkeypatch, capsys, tmp_path, run):
+    monkeypatch.setattr(inspect_cli, "run", run)
+    assert main(["inspect", str(tmp_path)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "ebcompile inspect: interrupted" and captured.out == ""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler main installed is gone
+
+
+def test_an_interrupt_while_the_arguments_are_parsed_is_the_same_line(monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
+    assert main(["inspect", "x"]) == 130
+    assert capsys.readouterr().err.strip() == "ebcompile: interrupted"

@@ -1,14 +1,19 @@
 """``ebcompile`` entry point: parse, dispatch, and turn errors into one line.
 
 An ``EbcompileError`` (bad input, with its fix) exits 2; any other exception is a bug in ebcompile: one line
-saying so, exit 1. ``--debug`` shows the traceback instead.
+saying so, exit 1. ``--debug`` shows the traceback instead. A Ctrl-C (SIGINT) is one ``interrupted`` line and exit
+130 wherever it lands: while the arguments are parsed, and also when the error that reaches ``main`` is another
+one it caused (a DataLoader worker or child process killed by the same signal, a typed error raised from it).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from ..errors import EbcompileError
 from ..io import check_writable
@@ -31,16 +36,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _sigint_seen() -> Iterator[list[int]]:
+    """Inside: SIGINT raises ``KeyboardInterrupt`` as usual and is also recorded in the yielded list."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: object) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = None
+    with _sigint_seen() as seen:
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            return _run(args, seen)
+        except KeyboardInterrupt:
+            return _interrupted(command)
+
+
+def _interrupted(command: str | None) -> int:
+    print(f"ebcompile {command}: interrupted" if command else "ebcompile: interrupted", file=sys.stderr)
+    return 130
+
+
+def _run(args: argparse.Namespace, seen: list[int]) -> int:
     try:
         if args.command in OUTPUTS and getattr(args, "out", None):
             check_writable(args.out, directory=OUTPUTS[args.command])  # before any training, not after
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
-        print(f"ebcompile {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(args.command)
     except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
+        if seen:  # the error is what the interrupt left behind (a killed worker, a child's signal)
+            return _interrupted(args.command)
         if args.debug:
             raise
         if isinstance(exc, EbcompileError):
