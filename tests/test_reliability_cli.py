@@ -104,3 +104,23 @@ def test_an_interrupt_while_the_arguments_are_parsed_is_the_same_line(monkeypatc
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
     assert main(["inspect", "x"]) == 130
     assert capsys.readouterr().err.strip() == "ebcompile: interrupted"
+
+
+# -- retrain --out ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out", [".", "./model", "model/sub"])
+def test_retrain_into_its_own_search_folder_is_refused_before_anything_is_read(tmp_path, monkeypatch, capsys, out):
+    search = tmp_path / "run"
+    (search / "model").mkdir(parents=True)
+    (search / "earlybird.safetensors").write_bytes(b"")
+    before = sorted(p.relative_to(search).as_posix() for p in search.rglob("*"))
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the retrain went on")
+
+    monkeypatch.setattr("ebcompile.cli.textclf.load_texts", loaded)
+    monkeypatch.chdir(search)
+    assert main(["retrain", str(search), "--out", out, "--data", "mr"]) == 2
+    one_line(capsys.readouterr().err, "--out", "search")
+    assert sorted(p.relative_to(search).as_posix() for p in search.rglob("*")) == before

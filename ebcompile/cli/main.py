@@ -74,6 +74,8 @@ def _interrupted(command: str | None) -> int:
 
 def _run(args: argparse.Namespace, seen: list[int]) -> int:
     try:
+        if getattr(args, "check", None) is not None:  # a command's own argument checks, before anything is touched
+            args.check(args)
         if args.command in OUTPUTS and getattr(args, "out", None):
             check_writable(args.out, directory=OUTPUTS[args.command])  # before any training, not after
         return int(args.run(args) or 0)

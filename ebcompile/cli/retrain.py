@@ -30,7 +30,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="which weights the ticket retrains from (default: %(default)s)")
     add_training_arguments(p)
     add_factory_argument(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` that is the search folder or inside its ``model/`` (checked before anything is read or
+    written): the retrain would write its checkpoints among the search's and replace the model it reads."""
+    from ..errors import OutputPathError
+
+    search, out = Path(args.search).expanduser().resolve(), Path(args.out).expanduser().resolve()
+    if out == search or out.is_relative_to(search / "model"):
+        raise OutputPathError(f"--out {args.out} is the search folder {args.search}{'' if out == search else ' (its model/)'}: "
+                              "the retrain would write over the search it reads. Fix: pass another folder, e.g. "
+                              f"--out {search.with_name(search.name + '-retrained')}.")
 
 
 def run(args: argparse.Namespace) -> int:
