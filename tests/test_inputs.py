@@ -171,7 +171,7 @@ def test_export_errors_are_typed_and_leave_nothing(case, tmp_path, monkeypatch):
     if case == "onnxruntime":
         def broken(*args, **kwargs):
             raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation")
-        monkeypatch.setattr(export_module, "ort_session", broken)
+        monkeypatch.setattr(export_module, "run_onnxruntime", broken)
     error, fn = call[case]
     with pytest.raises(error, match="Fix:"):
         fn()

@@ -124,3 +124,39 @@ def test_retrain_into_its_own_search_folder_is_refused_before_anything_is_read(t
     assert main(["retrain", str(search), "--out", out, "--data", "mr"]) == 2
     one_line(capsys.readouterr().err, "--out", "search")
     assert sorted(p.relative_to(search).as_posix() for p in search.rglob("*")) == before
+
+
+# -- onnxruntime's check in a child process ------------------------------------------------------------------------
+
+SEGV_IN_PROCESS = """
+import os, signal, sys
+sys.path.insert(0, "tests")
+import onnxruntime, torch, ebcompile
+from conftest import make_mlp, mlp_batch
+onnxruntime.InferenceSession.run = lambda *a, **k: os.kill(os.getpid(), signal.SIGSEGV)  # a native crash, here
+report = ebcompile.export_onnx(make_mlp(), {path!r}, mlp_batch())
+print("verified", report.max_abs_error is not None)
+"""
+
+
+def test_onnxruntime_never_runs_in_the_exporting_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", SEGV_IN_PROCESS.format(path=str(tmp_path / "m.onnx"))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "verified True" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGABRT])
+def test_a_crash_of_onnxruntimes_check_is_an_export_error_and_leaves_nothing(tmp_path, monkeypatch, sig):
+    import ebcompile
+    from ebcompile.export import ort_check
+
+    from conftest import make_mlp, mlp_batch
+
+    crash = tmp_path / "crash.py"
+    crash.write_text(f"import os\nos.kill(os.getpid(), {int(sig)})\n")
+    monkeypatch.setattr(ort_check, "CHILD", crash)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError) as info:
+        ebcompile.export_onnx(make_mlp(), out / "m.onnx", mlp_batch())
+    assert sig.name in str(info.value) and "Fix:" in str(info.value)
+    assert not out.exists()

@@ -22,6 +22,8 @@ from ..io import atomic_path
 from ..names import split_name
 from .attention import AttentionFusion
 from .optimize import attention_summary, optimize_file
+from .ort_check import run_onnxruntime
+from .ort_child import session
 
 __all__ = ["export_onnx", "ExportReport", "ort_session", "plain_model"]
 
@@ -105,19 +107,7 @@ def _parameters(net: nn.Module) -> set[str]:
 
 def ort_session(path: str | os.PathLike, prefer_gpu: bool = True):
     """An onnxruntime session on CUDA when a GPU really is there (decided by the session), else CPU, quietly."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if prefer_gpu and torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
-        if hasattr(ort, "preload_dlls"):
-            try:
-                ort.preload_dlls()
-            except Exception:  # noqa: BLE001 - fall back to whatever loads
-                pass
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return session(str(path), prefer_gpu and torch.cuda.is_available())
 
 
 def _auto_axes(names: list[str], tensors: list[torch.Tensor]) -> dict[str, dict[int, str]]:
@@ -264,12 +254,11 @@ def export_onnx(
         providers: list[str] = []
         err = None
         if verify:
-            try:
-                session = ort_session(tmp)
-                providers = session.get_providers()
+            try:  # in a child process: a native crash of onnxruntime is an ExportError, not the caller's end
                 feeds = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args) if isinstance(a, torch.Tensor)}
-                feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
-                got = session.run(None, feeds)
+                providers, got = run_onnxruntime(tmp, feeds, gpu=torch.cuda.is_available())
+            except ExportError:
+                raise
             except Exception as exc:  # noqa: BLE001 - onnxruntime refuses the graph or one of its kernels fails
                 raise ExportError(f"onnxruntime cannot run the exported file ({type(exc).__name__}: {str(exc)[:200]}). Fix: "
                                   "export with optimize=False (or fused_attention=False), or dtype='fp32'.") from exc
