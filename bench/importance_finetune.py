@@ -138,7 +138,8 @@ def table(write: bool) -> None:
         dense = rows.get("lora-dense" if r["lora"] else "full-dense")
         setting = ("LoRA r=8" if r["lora"] else "full fine-tuning") + (
             f", every {r['every']}" if r["every"] != 10 else "") + (f", gate lr {r['gate_lr']:g}" if r["importance"] == "gate"
-                                                                  and r["gate_lr"] != 1e-2 else "")
+                                                                  and r["gate_lr"] != 1e-2 else "") + (
+            f", deadline {r['deadline']:g}" if r["deadline"] != 0.3 and r["importance"] else "")
         if r["importance"] is None:
             lines.append(f"| {setting} | dense | – | – | – | {r['accuracy']:.2%} | – | 1.00x | {r['parameters'] / 1e6:.1f}M |")
             continue

@@ -329,6 +329,13 @@ class EarlyBird:
         self.load_state_dict(state)
 
 
+def saved_importance(path: str | os.PathLike) -> str:
+    """The importance kind of the search saved in ``path`` (an ``EarlyBird.save`` file): retraining prepares with it."""
+    _, state = load_tensors(path, "earlybird")
+    kind = (state.get("importance") or {}).get("kind", "magnitude")
+    return kind if isinstance(kind, str) else "magnitude"
+
+
 def load_ticket(path: str | os.PathLike) -> Ticket:
     """The ticket in ``path``: a ``Ticket.save`` file, an ``EarlyBird.save`` file whose search found one, or a
     Trainer checkpoint folder holding ``earlybird.safetensors`` (``EarlyBirdCallback``)."""

@@ -256,3 +256,23 @@ def test_retrain_keeps_an_unstructured_ticket_pruned(tiny_classifier, tmp_path, 
     weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}"]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert 0.25 <= zeros <= 0.35  # the ticket's 30% stayed zero through retraining
+
+
+@needs_mr
+def test_search_with_gate_importance_then_retrain(tiny_classifier, tmp_path, capsys):
+    import ebcompile
+
+    search = tmp_path / "search"
+    assert main(["search", str(tiny_classifier), "--out", str(search), *TRAIN, "--epochs", "1", "--every", "2",
+                 "--importance", "gate", "--deadline", "0.5"]) == 0
+    ticket = ebcompile.Ticket.load(search / "ticket.safetensors")
+    assert ticket.structure == "structured"
+    assert main(["retrain", str(search), "--out", str(tmp_path / "small"), *TRAIN, "--epochs", "1"]) == 0
+    report = json.loads((tmp_path / "small" / "retrain.json").read_text())
+    assert report["parameters"] < report["dense_parameters"]
+    model = ebcompile.load(tmp_path / "small" / "model")
+    assert not any(".gates." in n or "_gate" in n for n, _ in model.named_parameters())
+    capsys.readouterr()
+    assert main(["search", str(tiny_classifier), "--out", str(search), *TRAIN, "--epochs", "2", "--every", "2",
+                 "--importance", "taylor", "--deadline", "0.5"]) == 2  # a resume with another importance is refused
+    assert "importance='gate'" in capsys.readouterr().err

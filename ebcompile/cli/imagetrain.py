@@ -82,6 +82,10 @@ def search(args: argparse.Namespace) -> int:
     from ..prepare import check_ratio, prepare
 
     check_ratio(args.ratio)
+    if args.importance != "magnitude":
+        raise ConfigError(f"--importance {args.importance} is for text models; the image search ranks by magnitude (measured "
+                          "from scratch in docs/RESULTS.md). Fix: leave out --importance, or use ebcompile.prepare(..., "
+                          "importance=...) in your own loop.")
     args.lr = LR if args.lr is None else args.lr
     args.threshold = THRESHOLD if args.threshold is None else args.threshold
     args.rule = RULE if args.rule is None else args.rule

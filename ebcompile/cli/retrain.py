@@ -53,11 +53,13 @@ def run(args: argparse.Namespace) -> int:
 
         return retrain(args)
     from .. import checkpoint
-    from ..controller import EarlyBird, load_ticket
+    from ..controller import EarlyBird, load_ticket, saved_importance
     from ..errors import CheckpointError
     from ..io import atomic_path
+    from ..passes.masks import is_gate
     from ..passes.shrink import compact
     from ..prepare import prepare
+    from ..pretrained import pretrained_weights
     from ..savedir import atomic_dir
     from ..ticket import apply_ticket
     from . import textclf
@@ -70,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
     model, tok = textclf.load_classifier(str(search / "model"))  # the head the search trained
     dense = sum(p.numel() for p in model.parameters())
     ticket = load_ticket(search)
+    kind = saved_importance(search / "earlybird.safetensors")
     prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=ticket.ratio, structure=ticket.structure,
-            scope=ticket.scope)
+            scope=ticket.scope, importance=kind)
+    if kind == "gate":  # the gates the search learnt (from_pretrained dropped them): the model computes what it did
+        model.load_state_dict({k: v for k, v in (pretrained_weights(search / "model") or {}).items() if is_gate(k)}, strict=False)
     eb = EarlyBird(model)  # the saved search: its ticket and the weights before it (for --mode rewind)
     eb.load(search / "earlybird.safetensors")
     out = Path(args.out)
@@ -100,16 +105,19 @@ def run(args: argparse.Namespace) -> int:
 def carried_optimizer(model: Any, tok: Any, train: Any, args: argparse.Namespace, search: Path) -> Any:
     """The search's AdamW state at its ticket (its newest complete checkpoint), over ``model``'s parameters, its
     learning rate restarted at ``--lr``; None (a fresh optimizer) when the search kept no checkpoint."""
+    from ..fsguard import read_json
     from ..optim_io import load_optimizer
     from . import textclf
-    from .textsearch import ticket_checkpoint
+    from .textsearch import DEFAULTS, PROGRESS, gated_optimizer, ticket_checkpoint
 
     folder = ticket_checkpoint(search)
     if folder is None:
         print(f"{search} keeps no checkpoint of the search at its ticket (written before searches kept resume "
               "points, or removed): the retrain starts a fresh optimizer")
         return None
-    opt = textclf.trainer(model, tok, train, args, Path(args.out)).create_optimizer()
+    saved = {**DEFAULTS, **read_json(folder / PROGRESS).get("settings", {})}  # built as the search built it
+    opt = gated_optimizer(model, saved["importance"], args.lr, saved["gate_lr"]) or \
+        textclf.trainer(model, tok, train, args, Path(args.out)).create_optimizer()
     load_optimizer(opt, model, folder / "optimizer.safetensors")
     lr = textclf.LR if args.lr is None else args.lr
     for group in opt.param_groups:

@@ -25,7 +25,8 @@ from .search import refuse_other_settings
 
 PROGRESS = "progress.json"
 RESUMABLE = ("model", "data", "train_limit", "batch", "lr", "max_len", "seed", "ratio", "structure", "scope", "every",
-             "warmup", "window", "rule", "threshold", "deadline")
+             "warmup", "window", "rule", "threshold", "deadline", "importance", "gate_lr")
+DEFAULTS = {"importance": "magnitude", "gate_lr": 1e-2}  # settings a search saved before they existed had these
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def resume_point(out: Path, settings: dict[str, Any]) -> tuple[Path, dict[str, A
     except (CheckpointError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{folder / PROGRESS} is broken ({type(exc).__name__}). Fix: remove {folder}, or pass a "
                               "new --out.") from exc
-    refuse_other_settings(out, saved, settings, RESUMABLE)
+    refuse_other_settings(out, {**DEFAULTS, **saved}, settings, RESUMABLE)
     return folder, progress
 
 
@@ -95,6 +96,23 @@ def progress_callback(settings: dict[str, Any], earlybird: Any) -> Any:
     return SearchProgress()
 
 
+def gated_optimizer(model: Any, importance: str, lr: float | None, gate_lr: float) -> Any:
+    """``--importance gate``: the Trainer's AdamW, with the unit gates in a group of their own at ``--gate-lr`` and no
+    weight decay (at a fine-tuning learning rate a gate barely moves); None (the Trainer's own) otherwise."""
+    if importance != "gate":
+        return None
+    import torch
+
+    from ..scorers import gate_parameters
+    from .textclf import LR
+
+    gates = {id(g) for g in gate_parameters(model)}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gates]
+    return torch.optim.AdamW([{"params": rest, "weight_decay": 0.01},
+                              {"params": gate_parameters(model), "lr": gate_lr, "weight_decay": 0.0}],
+                             lr=LR if lr is None else lr)
+
+
 def search(args: argparse.Namespace) -> int:
     from ..controller import EarlyBird
     from ..integrations.hf_trainer import STATE_FILE, EarlyBirdCallback
@@ -109,6 +127,8 @@ def search(args: argparse.Namespace) -> int:
     if args.model_kwargs is not None or args.image_size is not None:
         raise ConfigError("--model-kwargs and --image-size are for image models. Fix: leave them out for a text model, "
                           "or name an image model (torchvision:NAME, timm:NAME, MODULE:FACTORY).")
+    if not args.gate_lr > 0:
+        raise ConfigError(f"--gate-lr {args.gate_lr} must be > 0. Fix: e.g. --gate-lr 0.01.")
     if args.save_every < 1:
         raise ConfigError(f"--save-every {args.save_every} must be >= 1. Fix: e.g. --save-every 200.")
     out, settings = Path(args.out), settings_of(args)
@@ -116,12 +136,13 @@ def search(args: argparse.Namespace) -> int:
     train, val = textclf.load_texts(args.data, args.train_limit)
     model, tok = textclf.load_classifier(args.model, num_labels=textclf.label_count(train, val))
     prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=args.ratio, structure=args.structure,
-            scope=args.scope)
+            scope=args.scope, importance=args.importance)
     eb = EarlyBird(model, threshold=args.threshold, rule=args.rule, window=args.window, every=args.every,
                    warmup=args.warmup, rewind_at=0, deadline=args.deadline)
     callback = EarlyBirdCallback(every=1, earlybird=eb, apply=False, stop=True, deadline=args.deadline)
     trainer = textclf.trainer(model, tok, train, args, out, [callback, progress_callback(settings, eb)],
-                              save_every=args.save_every)
+                              save_every=args.save_every,
+                              optimizer=gated_optimizer(model, args.importance, args.lr, args.gate_lr))
     if resume is None:
         trainer.train()
     else:
