@@ -58,7 +58,7 @@ def test_a_mistyped_hub_name_without_network_fails_in_one_line_within_seconds(tm
     argv = (["export", "bert-base-uncsed", str(tmp_path / "m.onnx")] if command == "export" else
             ["search", "bert-base-uncsed", "--out", str(tmp_path / "run"), "--data", str(data)])
     result, err = timed_cli(tmp_path, argv, **env)
-    assert result["rc"] == 2 and result["s"] < 5, (result, err)
+    assert result["rc"] == 2 and result["s"] < 20, (result, err)  # the hub retries this replaced took 24-65 s; 20: a loaded CI machine
     one_line(err, "bert-base-uncsed", "HF_HUB_OFFLINE" if "HF_HUB_OFFLINE" in env else "reach")
 
 
