@@ -31,12 +31,13 @@ from .errors import CheckpointError, ConfigError, EbcompileError
 from .families import family_of
 from .fsguard import exists, guard, read_json
 from .hfload import build_checked, header_shapes, hf_class, hf_config
+from .materialized import require_materialized
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
 from .names import split_name, tensor_at
 from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS, ConfigView
 from .passes.reshapes import install_rewrite, rewrites_of
 from .passes.shrink import fix_attributes, removed_indices, set_tensor
-from .savedir import atomic_dir, resolve_saved
+from .savedir import atomic_dir, read_saved
 
 __all__ = ["save", "load", "head_counts", "WEIGHTS", "CONFIG", "META"]
 
@@ -124,6 +125,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     from .prepare import require_module
 
     require_module(model, "save")
+    require_materialized(model, "save")
     net = plain_model(model)
     if any(isinstance(m, SparseLinear) for m in net.modules()):
         raise ConfigError("save writes dense models; this one holds SparseLinear (compact(..., sparse=True)) layers. "
@@ -293,7 +295,25 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     Hugging Face models are rebuilt from ``config.json`` (class from ``architectures``); any other model needs
     ``model=``: a freshly built, uncompacted instance of the saved architecture (it is shrunk in place).
     """
-    directory = resolve_saved(directory)  # the previous save while a commit into ``directory`` is under way
+    got = read_saved(directory, lambda folder: _read(folder, model))  # never two saves' files, mid-commit
+    if isinstance(got, nn.Module):
+        return got
+    model, meta, weights = got
+    _shrink(model, meta)
+    floats = {v.dtype for v in weights.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    if len(floats) == 1:
+        model.to(floats.pop())
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the saved tensors do not fit {type(model).__name__}: {str(exc)[:400]}. Fix: pass a model "
+                              "of the saved architecture.") from exc
+    return model.eval()
+
+
+def _read(directory: Path, model: nn.Module | None) -> nn.Module | tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Everything ``load`` reads from ``directory``, with the model to load into (nothing of it changed yet); a
+    ``save_pretrained`` folder is loaded whole."""
     meta_path = directory / META
     try:
         pretrained = not exists(meta_path) or bool(read_json(meta_path).get("pretrained"))
@@ -311,6 +331,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
         model = _hf_model(directory, shapes)
     elif getattr(model, "_ebcompile", None) is not None:
         raise ConfigError("load needs a plain model; this one was prepared by ebcompile. Fix: pass a freshly built model.")
+    else:  # loading into meta tensors would return a model with no values
+        require_materialized(model, "load(model=...)")
     from safetensors.torch import load_file
 
     with guard(directory / WEIGHTS, "read"):
@@ -321,17 +343,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
         weights[key] = weights[target]
     if set(weights) != set(meta["shapes"]):
         raise CheckpointError(f"{WEIGHTS} and {META} list different tensors. Fix: save the model again.")
-    _shrink(model, meta)
-    floats = {v.dtype for v in weights.values() if v.is_floating_point()}
-    if len(floats) == 1:
-        model.to(floats.pop())
     extra = meta.get("extra_state", {})
     if not isinstance(extra, dict):
         raise CheckpointError(f"{META}: extra_state must be an object. Fix: save the model again.")
-    weights.update(extra)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"the saved tensors do not fit {type(model).__name__}: {str(exc)[:400]}. Fix: pass a model "
-                              "of the saved architecture.") from exc
-    return model.eval()
+    return model, meta, {**weights, **extra}

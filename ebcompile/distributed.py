@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import DistributedError
+from .materialized import require_values
 
 __all__ = ["world", "is_main", "is_sharded", "full_vector", "local_part", "local_tensor", "shard_rows", "mask_", "masked",
            "copy_", "collective_ints", "check_same", "all_finite", "full_state_dict", "load_full_state_dict",
@@ -95,6 +96,7 @@ def collective_ints(values: list[int]) -> torch.Tensor:
 def all_finite(tensors: list[torch.Tensor], reduce: bool = True) -> list[bool]:
     """For each tensor: no NaN or inf in it, on any rank (one small all-reduce, so that every rank decides alike;
     ``reduce=False``: this rank's view only, unless the tensors are sharded)."""
+    require_values(tensors, "EarlyBird.check (masks are drawn from weight values)")
     flags = [bool(torch.isfinite(local_tensor(t)).all()) if t.is_floating_point() else True for t in tensors]
     if world()[1] == 1 or not (reduce or any(is_sharded(t) for t in tensors)):
         return flags

@@ -16,6 +16,7 @@ from .capture import capture, graph_kwargs, normalize_inputs
 from .distributed import is_sharded, unwrap
 from .errors import ConfigError, InvalidRatioError, NoPrunableLayerError, NotPreparedError
 from .importance import Masks, compute_masks
+from .materialized import require_materialized
 from .names import split_name
 from .passes.groups import find_groups
 from .passes.linears import find_linears
@@ -130,6 +131,7 @@ def prepare(
     even done); ``EarlyBird`` draws masks and ``apply_ticket`` freezes them.
     """
     require_module(model, "prepare")
+    require_materialized(model, "prepare")
     if any(is_sharded(p) for p in model.parameters()) or unwrap(model) is not model:
         raise ConfigError(f"prepare got a model already wrapped for several processes ({type(model).__name__}, or sharded "
                           "parameters). Fix: call ebcompile.prepare on the plain model first, then wrap it in "

@@ -16,13 +16,18 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from .errors import OutputPathError
+from .errors import CheckpointError, OutputPathError
 from .fsguard import exists, guard, os_error
 from .io import _leftovers, _make_parents, _public_mode, _remove, _remove_created, abandon
 
-__all__ = ["atomic_dir", "recover", "resolve_saved", "MANIFEST"]
+__all__ = ["atomic_dir", "recover", "resolve_saved", "read_saved", "MANIFEST"]
+
+T = TypeVar("T")
 
 MANIFEST, JOURNAL = "ebcompile-files.json", ".ebcompile-commit.json"
 _TMPDIR, _OLD = ".tmpdir", ".old"
@@ -199,3 +204,33 @@ def resolve_saved(path: str | os.PathLike) -> Path:
     except OSError:
         olds = []
     return olds[-1] if olds else path
+
+
+def _stamp(folder: Path) -> tuple[int, ...] | None:
+    """Which commit ``folder``'s manifest belongs to (every commit moves in a new one), or None without one."""
+    try:
+        st = os.stat(folder / MANIFEST)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def read_saved(path: str | os.PathLike, read: Callable[[Path], T], tries: int = 200) -> T:
+    """``read(folder)`` of the save at ``path`` (``folder``: ``path`` or, mid-commit, the backup beside it), run
+    again whenever a commit began or ended while it read, so that it never sees files of two saves. ``read``
+    must change nothing before it returns."""
+    path = Path(path)
+    for attempt in range(tries):
+        folder = resolve_saved(path)
+        stamp = _stamp(folder)
+        try:
+            result = read(folder)
+        except Exception:
+            if resolve_saved(path) == folder and _stamp(folder) == stamp:
+                raise  # the files did not change under the read: the error is theirs
+        else:
+            if resolve_saved(path) == folder and _stamp(folder) == stamp:
+                return result
+        time.sleep(min(0.001 * attempt, 0.02))
+    raise CheckpointError(f"{path} changed under each of {tries} reads: another process keeps saving into it. Fix: load "
+                          "it once that process has finished saving (or load a copy).")

@@ -17,6 +17,7 @@ from .errors import CheckpointError, ConfigError, TicketMismatchError
 from .importance import Masks, raw_tensor
 from .io import load_tensors, save_tensors
 from .masks_io import masks_from_tensors, masks_to_tensors
+from .materialized import require_materialized
 from .passes.masks import iter_masks
 from .prepare import config_of
 
@@ -176,6 +177,7 @@ def apply_ticket(
     """
     model = unwrap(model)
     config_of(model)
+    require_materialized(model, "apply_ticket")
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not one of {', '.join(map(repr, MODES))}. Fix: pick one of them.")
     if not isinstance(ticket, Ticket):
@@ -211,5 +213,6 @@ def draw_ticket(model: nn.Module, ratio: float | None = None) -> Ticket:
 
     model = unwrap(model)
     cfg = config_of(model)
+    require_materialized(model, "draw_ticket")
     masks = current_masks(model, ratio)
     return Ticket(masks, cfg.ratio if ratio is None else float(ratio), cfg.scope, signature_of(model), {})

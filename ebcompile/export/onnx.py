@@ -178,9 +178,11 @@ def export_onnx(
     """
     import onnx
 
+    from ..materialized import require_materialized
     from ..prepare import require_module
 
     require_module(model, "export_onnx")
+    require_materialized(model, "export_onnx")
     if not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"path={type(path).__name__} is not a file path. Fix: call export_onnx(model, path, example_inputs).")
     if dtype not in DTYPES:

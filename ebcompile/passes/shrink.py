@@ -261,9 +261,11 @@ def compact(model: nn.Module, round_to: int | str | None = "auto", sparse: bool 
         ConfigError: ``round_to`` with an unstructured ticket, ``sparse=True`` with a structured one, or a
             bad ``round_to``.
     """
+    from ..materialized import require_materialized
     from ..prepare import require_module
 
     require_module(model, "compact")
+    require_materialized(model, "compact")
     model = unwrap(model)
     if any(is_sharded(p) for p in model.parameters()):
         raise DistributedError("compact needs the whole model, and this one is sharded (FSDP2). Fix: gather it first: "
