@@ -5,6 +5,7 @@ The base kind and the shared reductions are in ``ebcompile.scoring``; its docstr
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -170,6 +171,7 @@ class ActivationImportance(Importance):
         self.tokens: dict[str, int] = {}  # rows of input seen per tensor (all since prepare)
         self.window = 0  # rows seen since the last check
         self.fallback: set[str] = set()
+        self._warned: set[str] = set()
         self.current: dict[str, torch.Tensor] | None = None
         self._last: tuple[weakref.ref, tuple[int, int], torch.Tensor] | None = None  # the last input seen, its sums
         self.handles = []
@@ -207,6 +209,12 @@ class ActivationImportance(Importance):
             reduced = all_reduce_sum([self.sumsq[n] for n in names] + [counts], sync)
             counts = reduced.pop()
             self._pending = {n: (s / max(float(c), 1.0)).sqrt() for n, s, c in zip(names, reduced, counts.tolist())}
+            unseen = sorted(set(self.dims) - set(self.sumsq) - self._warned)
+            if unseen:  # said once: a silent fallback would look like data-aware scores
+                self._warned.update(unseen)
+                warnings.warn(f"importance='activation': {len(unseen)} masked tensors were never seen as their module's "
+                              f"input (e.g. {unseen[0]}: a weight its module reads without calling it, as "
+                              "nn.MultiheadAttention does with out_proj); they are ranked by magnitude", stacklevel=3)
         else:
             self._pending = self.current
 

@@ -227,3 +227,21 @@ def test_data_statistics_settle_so_the_rule_can_fire_on_frozen_weights():
             assert sum(d[-5:]) <= 0.5 * sum(d[:5]) and max(d) > 0, d
         else:
             assert eb.found and eb.ticket.found_at["by"] == "rule", d
+
+
+def test_activation_says_which_weights_it_never_saw():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: those heads are ranked by magnitude,
+    and the user is told once instead of getting silently weight-only scores."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = ebcompile.prepare(nn.Sequential(layer, nn.Linear(16, 2)), torch.randn(2, 5, 16), ratio=0.5, importance="activation")
+    model(torch.randn(2, 5, 16))
+    eb = ebcompile.EarlyBird(model, every=1, deadline=None)
+    with pytest.warns(UserWarning, match="out_proj"):
+        eb.step()
+    model(torch.randn(2, 5, 16))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eb.step()  # said once
