@@ -123,7 +123,7 @@ def test_compact_then_export_from_the_command_line(kind, tmp_path, capsys):
         torch.testing.assert_close(torch.from_numpy(got), small(**longer).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_compact_with_a_ticket_from_another_model_is_one_line(tmp_path):
+def test_compact_with_a_ticket_from_another_model_is_one_line(tmp_path, capsys):
     import ebcompile
 
     dense_dir, ticket_path = tmp_path / "dense", tmp_path / "ticket.safetensors"
@@ -131,12 +131,13 @@ def test_compact_with_a_ticket_from_another_model_is_one_line(tmp_path):
     other = ebcompile.prepare(_tiny_hf("gpt2"), {"input_ids": torch.ones(1, 4, dtype=torch.long)}, ratio=0.5,
                               structure="structured")
     ebcompile.draw_ticket(other).save(ticket_path)
+    capsys.readouterr()  # the setup's own progress bars
     for argv in (["compact", str(dense_dir), str(ticket_path), str(tmp_path / "out")],
                  ["export", str(tmp_path / "missing"), str(tmp_path / "m.onnx")],
                  ["export", str(dense_dir), str(tmp_path / "m.onnx"), "--seq", "999"]):
-        proc = subprocess.run([sys.executable, "-m", "ebcompile.cli.main", *argv], capture_output=True, text=True, cwd=ROOT)
-        assert proc.returncode == 2, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1 and "Fix:" in proc.stderr and "Traceback" not in proc.stderr
+        code, err = main(argv), capsys.readouterr().err  # in process: the one-line contract is main's
+        assert code == 2, err
+        assert len(err.strip().splitlines()) == 1 and "Fix:" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.onnx").exists()
 
 
