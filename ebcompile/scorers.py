@@ -35,7 +35,19 @@ __all__ = ["KINDS", "make_importance", "gate_penalty", "add_gate_penalty_grad", 
 KINDS = ("magnitude", "taylor", "activation", "gate")
 
 
-class TaylorImportance(Importance):
+class _Cumulative(Importance):
+    """Statistics summed over everything seen since ``prepare``; ``window`` counts what came since the last check,
+    which a check needs to be more than nothing."""
+
+    window = 0
+
+    def end_draw(self, fresh: bool) -> None:
+        self.current = self._pending
+        if fresh:
+            self.window = 0
+
+
+class TaylorImportance(_Cumulative):
     """``|w * g|`` per weight, summed per unit (structured: only per-index sums along each member's unit dim are kept,
     a few small vectors per tensor; unstructured: one float per weight), averaged over the steps of a window."""
 
@@ -86,11 +98,6 @@ class TaylorImportance(Importance):
             self._pending = {k: v / self.steps for k, v in self.sums.items()}
         else:
             self._pending = self.current
-
-    def end_draw(self, fresh: bool) -> None:
-        self.current = self._pending
-        if fresh:
-            self.window = 0
 
     def element_scores(self, name: str) -> torch.Tensor:
         return self._pending[(name, -1)]
@@ -157,7 +164,7 @@ class _ActivationHook:
         self.tracker.observe(self.name, inputs[0] if inputs else None)
 
 
-class ActivationImportance(Importance):
+class ActivationImportance(_Cumulative):
     """``|w_ij| * rms(x_j)`` from forward hooks on the masked linears' modules: a module whose first input does not
     have the weight's input width (a parameter used inside a larger module) is scored by magnitude (``fallback``)."""
 
@@ -217,11 +224,6 @@ class ActivationImportance(Importance):
                               "nn.MultiheadAttention does with out_proj); they are ranked by magnitude", stacklevel=3)
         else:
             self._pending = self.current
-
-    def end_draw(self, fresh: bool) -> None:
-        self.current = self._pending
-        if fresh:
-            self.window = 0
 
     def _scored(self, name: str, raw: torch.Tensor) -> torch.Tensor | None:
         rms = self._pending.get(name) if self._pending else None
