@@ -331,7 +331,7 @@ class EarlyBird:
 
 def saved_importance(path: str | os.PathLike) -> str:
     """The importance kind of the search saved in ``path`` (an ``EarlyBird.save`` file): retraining prepares with it."""
-    _, state = load_tensors(path, "earlybird")
+    _, state = load_tensors(path, "earlybird", prefix="importance/")  # the header, not the weights it holds
     kind = (state.get("importance") or {}).get("kind", "magnitude")
     return kind if isinstance(kind, str) else "magnitude"
 

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     eb = EarlyBird(model)  # the saved search: its ticket and the weights before it (for --mode rewind)
     eb.load(search / "earlybird.safetensors")
     out = Path(args.out)
-    opt = carried_optimizer(model, tok, train, args, search) if args.mode == "continue" else None
+    opt = carried_optimizer(model, tok, train, args, search, kind) if args.mode == "continue" else None
     apply_ticket(model, eb.ticket, mode=args.mode, weights=eb.rewind_weights, seed=args.seed)
     # structured: train the compact model (cheaper steps), the optimizer moved onto it with its state sliced;
     # unstructured: the masked one (masks hold the zeros)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def carried_optimizer(model: Any, tok: Any, train: Any, args: argparse.Namespace, search: Path) -> Any:
+def carried_optimizer(model: Any, tok: Any, train: Any, args: argparse.Namespace, search: Path, kind: str) -> Any:
     """The search's AdamW state at its ticket (its newest complete checkpoint), over ``model``'s parameters, its
     learning rate restarted at ``--lr``; None (a fresh optimizer) when the search kept no checkpoint."""
     from ..fsguard import read_json
@@ -116,7 +116,7 @@ def carried_optimizer(model: Any, tok: Any, train: Any, args: argparse.Namespace
               "points, or removed): the retrain starts a fresh optimizer")
         return None
     saved = {**DEFAULTS, **read_json(folder / PROGRESS).get("settings", {})}  # built as the search built it
-    opt = gated_optimizer(model, saved["importance"], args.lr, saved["gate_lr"]) or \
+    opt = gated_optimizer(model, kind, args.lr, saved["gate_lr"]) or \
         textclf.trainer(model, tok, train, args, Path(args.out)).create_optimizer()
     load_optimizer(opt, model, folder / "optimizer.safetensors")
     lr = textclf.LR if args.lr is None else args.lr
