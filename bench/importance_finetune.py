@@ -77,7 +77,8 @@ def run(a) -> dict:
         example = next(batches(tok, xtr, ytr, 2, a.max_len, False, None))
         example.pop("labels")
         ebcompile.prepare(model, example, ratio=a.ratio, structure="structured", importance=a.importance)
-        eb = ebcompile.EarlyBird(model, every=a.every, budget=steps, deadline=a.deadline)
+        eb = ebcompile.EarlyBird(model, every=a.every, budget=steps, deadline=a.deadline, window=a.window,
+                                 threshold=a.threshold)
     opt = optimizer(model, a.lr, a.gate_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
     model.train()
@@ -85,7 +86,8 @@ def run(a) -> dict:
     bar = tqdm(total=steps, desc=a.name)
     stream = (b for _ in range(a.epochs) for b in batches(tok, xtr, ytr, a.batch, a.max_len, True, gen))
     result = {"name": a.name, "lora": a.lora, "importance": None if a.dense else a.importance, "ratio": None if a.dense else a.ratio,
-              "steps": steps, "every": a.every, "deadline": a.deadline, "lr": a.lr, "gate_lr": a.gate_lr}
+              "steps": steps, "every": a.every, "deadline": a.deadline, "window": a.window, "threshold": a.threshold,
+              "lr": a.lr, "gate_lr": a.gate_lr}
     for b in stream:
         start, start_cpu = time.perf_counter(), time.process_time()
         loss = model(**b).loss
@@ -139,7 +141,9 @@ def table(write: bool) -> None:
         setting = ("LoRA r=8" if r["lora"] else "full fine-tuning") + (
             f", every {r['every']}" if r["every"] != 10 else "") + (f", gate lr {r['gate_lr']:g}" if r["importance"] == "gate"
                                                                   and r["gate_lr"] != 1e-2 else "") + (
-            f", deadline {r['deadline']:g}" if r["deadline"] != 0.3 and r["importance"] else "")
+            f", deadline {r['deadline']:g}" if r["deadline"] != 0.3 and r["importance"] else "") + (
+            f", window {r['window']}" if r.get("window", 5) != 5 else "") + (
+            f", threshold {r['threshold']:g}" if r.get("threshold", 0.3) != 0.3 else "")
         if r["importance"] is None:
             lines.append(f"| {setting} | dense | – | – | – | {r['accuracy']:.2%} | – | 1.00x | {r['parameters'] / 1e6:.1f}M |")
             continue
@@ -174,6 +178,8 @@ def main() -> None:
     p.add_argument("--gate-l1", type=float, default=1e-4)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--deadline", type=float, default=0.3)
+    p.add_argument("--window", type=int, default=5, help="EarlyBird's window of distances")
+    p.add_argument("--threshold", type=float, default=0.3, help="EarlyBird's relative threshold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="appended to the run's name (a variant of the settings)")
     p.add_argument("--table", action="store_true", help="only rebuild the table from docs/importance/*.json")
