@@ -21,6 +21,7 @@ from ..errors import ConfigError, ExportError
 from ..io import atomic_path
 from ..names import split_name
 from .attention import AttentionFusion
+from .external import INLINE_LIMIT, data_name, has_external, pack, previous_data, publish, weight_bytes
 from .optimize import attention_summary, optimize_file
 from .ort_check import run_onnxruntime
 from .ort_child import session
@@ -41,6 +42,8 @@ class ExportReport:
     optimized: bool
     op_counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    external_data: bool = False  # the weights are in a data file beside ``path`` (``files[1]``)
+    files: list[str] = field(default_factory=list)  # every file written; ``bytes`` is their total
 
 
 def plain_model(model: nn.Module) -> nn.Module:
@@ -96,6 +99,19 @@ def _fused(enabled: bool):
         yield
     finally:
         mha.FUSED_EXPORT = old
+
+
+def _shared_copy(net: nn.Module, half: bool = False) -> nn.Module:
+    """A copy of ``net``'s modules holding ``net``'s own tensors (``half``: fp16 copies of its floating ones), so
+    the export can swap modules and set eval mode without changing the caller's model or copying its weights."""
+    memo: dict[int, Any] = {}
+    for t in [*net.parameters(), *net.buffers()]:
+        if half and t.is_floating_point():
+            new = t.detach().half()
+            memo[id(t)] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+        else:
+            memo[id(t)] = t
+    return copy.deepcopy(net, memo)
 
 
 def _parameters(net: nn.Module) -> set[str]:
@@ -162,6 +178,7 @@ def export_onnx(
     rtol: float | None = None,
     atol: float | None = None,
     fused_attention: bool | None = None,
+    external_data: bool | None = None,
 ) -> ExportReport:
     """Export ``model`` (a prepared model is compacted first) to ONNX at ``path`` and verify it.
 
@@ -174,7 +191,9 @@ def export_onnx(
     or ``GroupQueryAttention`` when key/value have fewer heads (see ``export/attention.py``); an attention left
     unfused is named in ``report.notes`` with the reason. ``optimize=True`` then runs onnxruntime's transformer
     optimizer (LayerNorm, SkipLayerNorm, RMSNorm, GELU fusions) with the model type of the model's family.
-    On any failure an ``ExportError`` is raised and no file is left at ``path``.
+    ``external_data`` (default: when the weights pass ~2 GB, the protobuf limit) writes the graph to ``path`` and
+    the weights to one file beside it (``<name>.data``, see ``export/external.py``), committed together.
+    On any failure an ``ExportError`` is raised and the previous export at ``path`` (or nothing) is left there.
     """
     import onnx
 
@@ -190,8 +209,15 @@ def export_onnx(
     fp16 = dtype == "fp16"
     rtol = rtol if rtol is not None else (2e-2 if fp16 else 1e-4)
     atol = atol if atol is not None else (2e-2 if fp16 else 1e-4)
-    net = plain_model(model)
-    net = copy.deepcopy(net) if net is model else net
+    if external_data is not None and not isinstance(external_data, bool):
+        raise ConfigError(f"external_data={external_data!r} is not True, False or None. Fix: pass a bool, or None "
+                          "(external data when the weights pass 2 GB).")
+    net = _shared_copy(plain_model(model))
+    weights = weight_bytes(net, fp16)
+    if external_data is False and weights > INLINE_LIMIT:
+        raise ConfigError(f"external_data=False, but the weights take {weights / 2**30:.2f} GiB and an ONNX protobuf "
+                          "holds at most 2 GB. Fix: pass external_data=None (or True): the weights then go to a data "
+                          "file beside the .onnx.")
     net.eval()
     fused_attention = optimize if fused_attention is None else fused_attention
     family_net = net
@@ -213,71 +239,109 @@ def export_onnx(
     if fp16:
         args = tuple(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
         if not optimize:
-            traced, traced_args = net.half(), args
+            traced, traced_args = _shared_copy(net, half=True), args
     input_names = input_names or [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     output_names = output_names or (["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))])
     axes = _auto_axes(input_names, list(args)) | _auto_axes(output_names, reference) if dynamic_axes == "auto" else dynamic_axes
     notes: list[str] = [mask_note] if mask_note else []
     path = Path(path)
-    with atomic_path(path) as tmp:
-        try:
-            fusion = AttentionFusion(traced) if fused_attention else nullcontext()
-            with warnings.catch_warnings(), _fused(fused_attention), fusion:
-                warnings.simplefilter("ignore")
-                torch.onnx.export(traced, traced_args, str(tmp), input_names=input_names, output_names=output_names,
-                                  dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
-            onnx.checker.check_model(str(tmp))
-        except Exception as exc:  # noqa: BLE001
-            fix = ("pass attention_mask in example_inputs (without it Hugging Face models build their mask with ops "
-                   "ONNX lacks)" if isinstance(net, KeywordCall) and "attention_mask" not in net.names
-                   and "attention_mask" in _parameters(net.net) else
-                   "export a compact model with fixed-shape inputs, or report the failing op")
-            raise ExportError(f"torch.onnx.export / onnx.checker failed for {type(net).__name__}: "
-                              f"{type(exc).__name__}: {str(exc)[:300]}. Fix: {fix}.") from exc
-        notes += fusion.notes if fused_attention else []
-        optimized = optimize_file(tmp, family_net, fp16, notes) if optimize else False
-        if optimize and fp16 and not optimized:  # the fp32 trace was to be converted by the optimizer
-            raise ExportError(f"onnxruntime's optimizer failed ({notes[-1] if notes else 'no reason given'}), and an fp16 "
-                              "export with optimize=True is converted to fp16 by it. Fix: export with optimize=False "
-                              "(fp16 traced directly), or in fp32.")
-        try:
-            graph = onnx.load(str(tmp), load_external_data=False).graph
-        except Exception as exc:  # noqa: BLE001 - a file the optimizer broke
-            raise ExportError(f"the exported file cannot be read back ({type(exc).__name__}: {str(exc)[:150]}). "
-                              "Fix: export with optimize=False, or report the model.") from exc
-        summary = attention_summary(graph)
-        notes += [summary] if summary else []
-        counts: dict[str, int] = {}
-        for node in graph.node:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        leftover = [i.name for i in graph.initializer if any(s in i.name for s in MASK_OPS)]
-        if leftover:
-            raise ExportError(f"mask tensors left in the exported graph ({leftover[:3]}). Fix: compact the model first.")
-        providers: list[str] = []
-        err = None
-        if verify:
-            try:  # in a child process: a native crash of onnxruntime is an ExportError, not the caller's end
-                feeds = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args) if isinstance(a, torch.Tensor)}
-                providers, got = run_onnxruntime(tmp, feeds, gpu=torch.cuda.is_available())
-            except ExportError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - onnxruntime refuses the graph or one of its kernels fails
-                raise ExportError(f"onnxruntime cannot run the exported file ({type(exc).__name__}: {str(exc)[:200]}). Fix: "
-                                  "export with optimize=False (or fused_attention=False), or dtype='fp32'.") from exc
-            err = 0.0
-            for name, want, have in zip(output_names, reference, got):
-                w = want.detach().float().cpu().numpy()
-                h = np.asarray(have, dtype=np.float32)
-                if w.shape != h.shape:
-                    raise ExportError(f"onnxruntime output {name} has shape {h.shape}, PyTorch {w.shape}. "
-                                      "Fix: check dynamic_axes.")
-                excess = np.abs(h - w) - (atol + rtol * np.abs(w))
-                err = max(err, float(np.abs(h - w).max(initial=0.0)))
-                if (excess > 0).any():
-                    raise ExportError(
-                        f"onnxruntime ({providers[0]}) disagrees with PyTorch on {name}: max |diff| "
-                        f"{float(np.abs(h - w).max()):.3g} > atol {atol:g} + rtol {rtol:g}·|ref|. Fix: export in fp32, "
-                        "or loosen rtol/atol if the difference is expected."
-                    )
-        size = tmp.stat().st_size
-    return ExportReport(str(path), size, providers, err, (rtol, atol), optimized, counts, notes)
+    moved: Path | None = None  # the data file, once beside path: removed again if the export then fails
+    try:
+        with atomic_path(path) as tmp:
+            try:
+                fusion = AttentionFusion(traced) if fused_attention else nullcontext()
+                with warnings.catch_warnings(), _fused(fused_attention), fusion:
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(traced, traced_args, str(tmp), input_names=input_names, output_names=output_names,
+                                      dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+                onnx.checker.check_model(str(tmp))
+            except Exception as exc:  # noqa: BLE001
+                fix = ("pass attention_mask in example_inputs (without it Hugging Face models build their mask with ops "
+                       "ONNX lacks)" if isinstance(net, KeywordCall) and "attention_mask" not in net.names
+                       and "attention_mask" in _parameters(net.net) else
+                       "export a compact model with fixed-shape inputs, or report the failing op")
+                raise ExportError(f"torch.onnx.export / onnx.checker failed for {type(net).__name__}: "
+                                  f"{type(exc).__name__}: {str(exc)[:300]}. Fix: {fix}.") from exc
+            notes += fusion.notes if fused_attention else []
+            optimized = optimize_file(tmp, family_net, fp16, notes) if optimize else False
+            if optimize and fp16 and not optimized:  # the fp32 trace was to be converted by the optimizer
+                raise ExportError(f"onnxruntime's optimizer failed ({notes[-1] if notes else 'no reason given'}), and an fp16 "
+                                  "export with optimize=True is converted to fp16 by it. Fix: export with optimize=False "
+                                  "(fp16 traced directly), or in fp32.")
+            data = _external(tmp, path, external_data, weights, notes)
+            try:
+                graph = onnx.load(str(tmp), load_external_data=False).graph
+            except Exception as exc:  # noqa: BLE001 - a file the optimizer broke
+                raise ExportError(f"the exported file cannot be read back ({type(exc).__name__}: {str(exc)[:150]}). "
+                                  "Fix: export with optimize=False, or report the model.") from exc
+            summary = attention_summary(graph)
+            notes += [summary] if summary else []
+            counts: dict[str, int] = {}
+            for node in graph.node:
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            leftover = [i.name for i in graph.initializer if any(s in i.name for s in MASK_OPS)]
+            if leftover:
+                raise ExportError(f"mask tensors left in the exported graph ({leftover[:3]}). Fix: compact the model first.")
+            providers, err = _verify(tmp, input_names, args, output_names, reference, rtol, atol) if verify else ([], None)
+            files = [tmp] + ([tmp.parent / data] if data else [])
+            size = sum(f.stat().st_size for f in files)
+            old = previous_data(path)  # the data file of the export replaced, removed once the new one is in place
+            if data:
+                publish(tmp.parent / data, path.parent / data)
+                moved = path.parent / data
+    except BaseException:
+        if moved is not None:
+            moved.unlink(missing_ok=True)
+        raise
+    if old is not None and old != moved:
+        with contextlib.suppress(OSError):
+            old.unlink()
+    return ExportReport(str(path), size, providers, err, (rtol, atol), optimized, counts, notes, external_data=bool(data),
+                        files=[str(path)] + ([str(moved)] if moved else []))
+
+
+def _external(tmp: Path, path: Path, wanted: bool | None, weights: int, notes: list[str]) -> str | None:
+    """Move the weights of the export at ``tmp`` to one data file beside it when ``wanted`` (None: when they pass
+    the protobuf limit, or the exporter already had to write them apart); its name, or None when inline."""
+    import onnx
+
+    spilled = has_external(tmp)
+    if wanted is False and spilled:
+        raise ExportError("external_data=False, but the exported graph needs its weights in external data (its protobuf "
+                          "passes 2 GB). Fix: pass external_data=None (or True).")
+    if not (wanted or spilled or (wanted is None and weights > INLINE_LIMIT)):
+        return None
+    name = data_name(path)
+    if not pack(tmp, name):
+        notes.append("external_data: no tensor of 1 KiB or more, so the weights stay inside the .onnx")
+        return None
+    onnx.checker.check_model(str(tmp))  # the path form: it follows external data and allows more than 2 GB
+    return name
+
+
+def _verify(tmp: Path, input_names: list[str], args: tuple, output_names: list[str], reference: list[torch.Tensor],
+            rtol: float, atol: float) -> tuple[list[str], float]:
+    """Run ``tmp`` in onnxruntime on ``args`` and hold it to ``reference``: (providers, max |diff|)."""
+    try:  # in a child process: a native crash of onnxruntime is an ExportError, not the caller's end
+        feeds = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args) if isinstance(a, torch.Tensor)}
+        providers, got = run_onnxruntime(tmp, feeds, gpu=torch.cuda.is_available())
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime refuses the graph or one of its kernels fails
+        raise ExportError(f"onnxruntime cannot run the exported file ({type(exc).__name__}: {str(exc)[:200]}). Fix: "
+                          "export with optimize=False (or fused_attention=False), or dtype='fp32'.") from exc
+    err = 0.0
+    for name, want, have in zip(output_names, reference, got):
+        w = want.detach().float().cpu().numpy()
+        h = np.asarray(have, dtype=np.float32)
+        if w.shape != h.shape:
+            raise ExportError(f"onnxruntime output {name} has shape {h.shape}, PyTorch {w.shape}. Fix: check dynamic_axes.")
+        excess = np.abs(h - w) - (atol + rtol * np.abs(w))
+        err = max(err, float(np.abs(h - w).max(initial=0.0)))
+        if (excess > 0).any():
+            raise ExportError(
+                f"onnxruntime ({providers[0]}) disagrees with PyTorch on {name}: max |diff| "
+                f"{float(np.abs(h - w).max()):.3g} > atol {atol:g} + rtol {rtol:g}·|ref|. Fix: export in fp32, "
+                "or loosen rtol/atol if the difference is expected."
+            )
+    return providers, err

@@ -3,7 +3,8 @@
 family (data below, else read off the graph), then optional fp16.
 
 Invariant: inputs, outputs and function stay; contrib attention nodes written at export are kept as they are.
-A failing optimizer leaves the file unchanged and says why in the notes.
+A failing optimizer leaves the file unchanged and says why in the notes. A file with external data (over 2 GB) is
+optimized with its data loaded and saved back with external data beside it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import onnx
 from torch import nn
+
+from .external import has_external
 
 __all__ = ["optimize_file", "optimizer_model_type", "FUSED_ATTENTION_OPS", "attention_summary"]
 
@@ -56,6 +59,7 @@ def optimize_file(path: Path, net: nn.Module, fp16: bool, notes: list[str]) -> b
         from onnxruntime.transformers.optimizer import optimize_model
 
         model_type = optimizer_model_type(net, path)
+        external = has_external(path)  # over 2 GB: read with its data, written back with it (``external.py`` packs it)
         options = FusionOptions(model_type)
         options.enable_embed_layer_norm = False  # its mask output would replace the model's own attention mask
         # onnxruntime's shape inference saves a model into the working directory when it cannot finish: run it in a
@@ -66,7 +70,7 @@ def optimize_file(path: Path, net: nn.Module, fp16: bool, notes: list[str]) -> b
                                  optimization_options=options)
             if fp16:
                 opt.convert_float_to_float16(keep_io_types=False)
-            opt.save_model_to_file(str(path))
+            opt.save_model_to_file(str(path), use_external_data_format=external)
         notes.append(f"optimizer model_type {model_type}")
         return True
     except Exception as exc:  # noqa: BLE001 - an optimizer failure keeps the plain export
