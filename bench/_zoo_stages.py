@@ -1,0 +1,189 @@
+"""One family through ebcompile, stage by stage: load → dense → dense_onnx (the baseline, never fatal) → prepare →
+ticket → compact → equal → onnx → save_load.
+
+Invariant: a row always says how far the family got: ``stage`` is the first stage that failed ("" when all passed),
+``reason`` its exception type and first line, and ``report(row)`` is called after every stage so that a parent which
+kills the process on a timeout still knows the stage it was in.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STAGES = ("load", "dense", "dense_onnx", "prepare", "ticket", "compact", "equal", "onnx", "save_load")
+KINDS = ("head", "kv", "expert", "neuron")
+RATIO = 0.3
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def reason_of(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
+def where_of(exc: BaseException) -> str:
+    """The innermost frame of the traceback (file:line function), to tell library failures from model code."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    if not tb:
+        return ""
+    f = tb[-1]
+    parts = Path(f.filename).parts
+    short = "/".join(parts[parts.index("site-packages") + 1:]) if "site-packages" in parts else "/".join(parts[-3:])
+    return f"{short}:{f.lineno} {f.name}"
+
+
+def tensors_of(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a model output, in order (ModelOutput / dict values, tuples, lists); caches skipped."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in tensors_of(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in tensors_of(v)]
+    return []
+
+
+def run_model(model: torch.nn.Module, inputs: dict[str, Any]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [t.detach().float() for t in tensors_of(model(**inputs))]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest |a - b| beyond tolerance scale; raises AssertionError when the outputs do not match at all."""
+    if len(a) != len(b):
+        raise AssertionError(f"{len(a)} output tensors vs {len(b)}")
+    worst = 0.0
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape:
+            raise AssertionError(f"output {i}: shape {tuple(x.shape)} vs {tuple(y.shape)}")
+        if x.numel() and not torch.allclose(x, y, rtol=RTOL, atol=ATOL, equal_nan=True):
+            d = float((x - y).abs().nan_to_num(0).max())
+            raise AssertionError(f"output {i} {tuple(x.shape)}: max |diff| {d:.3g} > {ATOL} + {RTOL}·|ref|")
+        if x.numel():
+            worst = max(worst, float((x - y).abs().nan_to_num(0).max()))
+    return worst
+
+
+def found_units(model: torch.nn.Module) -> tuple[dict[str, int], dict[str, str]]:
+    """Units per kind in the prepared plan, and the kind of each group name (``kv``: a head group whose units are
+    whole KV groups, i.e. its masked members do not all have the same unit size)."""
+    plan = model._ebcompile.plan
+    found = dict.fromkeys(KINDS, 0)
+    kind_of: dict[str, str] = {}
+    for g in plan.groups:
+        kind = g.kind
+        if kind == "head" and len({m.unit_size for m in g.members if m.masked}) > 1:
+            kind = "kv"
+        kind_of[g.name] = kind
+        found[kind] = found.get(kind, 0) + g.units
+    return found, kind_of
+
+
+def cut_units(ticket: Any, kind_of: dict[str, str]) -> dict[str, int]:
+    cut = dict.fromkeys(KINDS, 0)
+    for key, keep in ticket.masks.units.items():
+        kind = kind_of.get(key.split(":", 1)[-1], ticket.masks.kind_of(key))
+        cut[kind] = cut.get(kind, 0) + int((~keep).sum())
+    return cut
+
+
+def new_row(family: str) -> dict[str, Any]:
+    return {"family": family, "status": "fail", "stage": "load", "reason": "", "where": "", "model_class": "",
+            "dense_onnx": "", "found": {}, "cut": {}, "max_diff": None, "stubs": [], "seconds": 0.0, "stage_seconds": {}}
+
+
+def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None] = lambda row: None) -> dict[str, Any]:
+    """Every stage for one family; returns (and reports after each stage) the row."""
+    from _zoo_suite import load_family
+
+    import ebcompile
+
+    row = new_row(family)
+    start = time.perf_counter()
+    state: dict[str, Any] = {}
+
+    def stage(name: str, fn: Callable[[], None], fatal: bool = True) -> bool:
+        row["stage"] = name
+        report(row)
+        t0 = time.perf_counter()
+        try:
+            fn()
+            ok = True
+        except Exception as exc:  # noqa: BLE001 - every failure is the measurement
+            ok = False
+            if fatal:
+                row["reason"], row["where"] = reason_of(exc), where_of(exc)
+            else:
+                row["dense_onnx"] = reason_of(exc)
+        row["stage_seconds"][name] = round(time.perf_counter() - t0, 2)
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        return ok or not fatal
+
+    def load() -> None:
+        loaded = load_family(root, family)
+        row["stubs"] = loaded.stubs
+        state["loaded"] = loaded
+
+    def dense() -> None:
+        loaded, errors = state["loaded"], []
+        for cls in loaded.candidates:
+            try:
+                torch.manual_seed(0)
+                model = cls(loaded.config).eval()
+                state["dense_out"] = run_model(model, loaded.inputs)
+            except Exception as exc:  # noqa: BLE001 - try the next class
+                errors.append((cls.__name__, exc))
+                continue
+            state["model"], row["model_class"] = model, cls.__name__
+            return
+        name, exc = errors[0]
+        row["model_class"] = name
+        raise exc
+
+    def dense_onnx() -> None:
+        ebcompile.export_onnx(state["model"], Path(tmp) / "dense.onnx", state["loaded"].inputs)
+        row["dense_onnx"] = "ok"
+
+    def prepare() -> None:
+        state["model"] = ebcompile.prepare(state["model"], state["loaded"].inputs, ratio=RATIO, structure="structured")
+        row["found"], state["kind_of"] = found_units(state["model"])
+
+    def ticket() -> None:
+        t = ebcompile.draw_ticket(state["model"], RATIO)
+        row["cut"] = cut_units(t, state["kind_of"])
+        ebcompile.apply_ticket(state["model"], t)
+        state["masked_out"] = run_model(state["model"], state["loaded"].inputs)
+
+    def compact() -> None:
+        state["small"] = ebcompile.compact(state["model"], round_to=None)
+
+    def equal() -> None:
+        state["small"].eval()
+        state["small_out"] = run_model(state["small"], state["loaded"].inputs)
+        row["max_diff"] = max_diff(state["masked_out"], state["small_out"])
+
+    def onnx() -> None:
+        ebcompile.export_onnx(state["small"], Path(tmp) / "compact.onnx", state["loaded"].inputs)
+
+    def save_load() -> None:
+        ebcompile.save(state["small"], Path(tmp) / "saved")
+        back = ebcompile.load(Path(tmp) / "saved")
+        max_diff(state["small_out"], run_model(back, state["loaded"].inputs))
+
+    with tempfile.TemporaryDirectory(prefix=f"zoo-{family}-") as tmp:
+        steps = dict(load=load, dense=dense, dense_onnx=dense_onnx, prepare=prepare, ticket=ticket, compact=compact,
+                     equal=equal, onnx=onnx, save_load=save_load)
+        for name in STAGES:
+            if not stage(name, steps[name], fatal=name != "dense_onnx"):
+                report(row)
+                return row
+    row.update(status="pass", stage="")
+    report(row)
+    return row
