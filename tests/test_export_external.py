@@ -143,3 +143,20 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path, vit):
     assert model.training and all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert type(model.encoder.layers[0].self_attention) is torch.nn.MultiheadAttention
+
+
+def test_cli_export_with_external_data(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ebcompile.cli.main import main
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_inner=64, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "dense")
+    out = tmp_path / "onnx" / "m.onnx"
+    assert main(["export", str(tmp_path / "dense"), str(out), "--seq", "8", "--external-data"]) == 0
+    printed = capsys.readouterr().out
+    assert f"weights in {out}.data" in printed and "matches PyTorch" in printed
+    assert sorted(os.listdir(out.parent)) == ["m.onnx", "m.onnx.data"]
+    assert main(["export", str(tmp_path / "dense"), str(out), "--seq", "8", "--no-external-data"]) == 0
+    assert sorted(os.listdir(out.parent)) == ["m.onnx"]

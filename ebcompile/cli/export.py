@@ -22,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=16, help="example sequence length for text models (axis stays dynamic)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison (the checker still runs)")
+    p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="weights in one data file beside the .onnx (OUT.data); default: when they pass 2 GB")
     add_factory_argument(p)
     p.set_defaults(run=run)
 
@@ -33,10 +35,12 @@ def run(args: argparse.Namespace) -> int:
     model, inputs = load_with_inputs(args.model, args.batch, args.seq, args.factory)
     rep = export_onnx(model, args.out, inputs, dtype="fp16" if args.fp16 else "fp32", opset=args.opset,
                       optimize=args.optimize, verify=not args.no_verify,
-                      fused_attention=args.fused_attention or None)  # None: follows --optimize
+                      fused_attention=args.fused_attention or None,  # None: follows --optimize
+                      external_data=args.external_data)
     checked = ("not compared with onnxruntime" if rep.max_abs_error is None else
                f"onnxruntime ({', '.join(rep.providers)}) matches PyTorch: max |diff| {rep.max_abs_error:.2e}")
-    print(f"{rep.path}: {rep.bytes / 2**20:.1f} MiB, {sum(rep.op_counts.values())} nodes; {checked}")
+    where = f" (weights in {rep.files[1]})" if rep.external_data else ""
+    print(f"{rep.path}: {rep.bytes / 2**20:.1f} MiB{where}, {sum(rep.op_counts.values())} nodes; {checked}")
     for note in rep.notes:
         print(f"  note: {note}")
     return 0
