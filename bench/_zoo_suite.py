@@ -95,13 +95,33 @@ def _stub(name: str) -> types.ModuleType:
 
 
 def import_tester_module(root: Path, family: str, stubs: list[str]) -> types.ModuleType:
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    name = f"tests.models.{family}.test_modeling_{family}"
-    _installed_for_source_tree(root, stubs)
     if not (root / "tests" / "models" / family / f"test_modeling_{family}.py").is_file():
         raise SuiteError(f"no tests/models/{family}/test_modeling_{family}.py under {root}. Fix: check the family "
                          "name (the folder name under tests/models/)")
+    return import_suite_module(root, f"tests.models.{family}.test_modeling_{family}", stubs)
+
+
+def warm_up(root: Path) -> list[str]:
+    """Import the suite's shared helpers once (a parent that forks one child per family pays this once)."""
+    stubs: list[str] = []
+    for name in ("tests.test_modeling_common", "tests.causal_lm_tester"):
+        if root.joinpath(*name.split(".")).with_suffix(".py").is_file():
+            try:
+                import_suite_module(root, name, stubs)
+            except Exception:  # noqa: BLE001 - a family that needs it reports the failure itself
+                pass
+    _WARM.extend(s for s in stubs if s not in _WARM)
+    return stubs
+
+
+_WARM: list[str] = []  # stubs the warm-up installed (a forked child inherits them)
+
+
+def import_suite_module(root: Path, name: str, stubs: list[str]) -> types.ModuleType:
+    """``name`` from the suite, stubbing what this environment lacks (each stub appended to ``stubs``)."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    _installed_for_source_tree(root, stubs)
     for _ in range(12):
         try:
             return importlib.import_module(name)
@@ -216,7 +236,7 @@ def _candidates(test: Any, tester: Any, config: Any) -> list[type]:
 
 def load_family(root: Path, family: str) -> Loaded:
     """Import the family's tester, build its tiny config and common inputs, and list the model classes to try."""
-    stubs: list[str] = []
+    stubs: list[str] = list(_WARM)
     module = import_tester_module(root, family, stubs)
     cls = _test_class(module)
     test = cls("setUp")

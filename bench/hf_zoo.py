@@ -74,26 +74,81 @@ def child(family: str, suite: Path, row_path: Path) -> int:
     return 0 if row["status"] == "pass" else 1
 
 
-def run_one(family: str, suite: Path, timeout: float) -> dict[str, Any]:
+ENV = dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+           TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+
+
+def _spawned(family: str, suite: Path, row_path: Path, timeout: float) -> tuple[int | None, str]:
+    """A fresh interpreter per family (imports everything itself): (exit code or None on timeout, stderr)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--suite", str(suite), "--child", family, "--row", str(row_path)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+        return proc.returncode, err or ""
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        return None, err or ""
+
+
+def _forked(family: str, suite: Path, row_path: Path, timeout: float) -> tuple[int | None, str]:
+    """A fork of this (warmed-up, single-threaded) process per family: the suite's helpers are imported once."""
+    err_path = row_path.with_name("stderr.txt")
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 3
+        try:
+            os.setsid()
+            fd = os.open(err_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.dup2(fd, 2)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            code = child(family, suite, row_path)
+        except BaseException:  # noqa: BLE001 - the row already says the stage; the traceback goes to stderr.txt
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            code = None
+            break
+        time.sleep(0.05)
+    return code, err_path.read_text(errors="replace") if err_path.is_file() else ""
+
+
+def _warm(suite: Path) -> None:
+    """Import torch, transformers, ebcompile and the suite's shared helpers once, single-threaded, before forking."""
+    os.environ.update(ENV)
+    import torch
+    import transformers
+    from _zoo_suite import warm_up
+
+    import ebcompile  # noqa: F401
+
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    warm_up(suite)
+
+
+def run_one(family: str, suite: Path, timeout: float, fork: bool = False) -> dict[str, Any]:
     """Run ``family`` in a child process; a timeout or crash becomes the row's reason at the stage it reached."""
     from _zoo_stages import new_row
 
     with tempfile.TemporaryDirectory(prefix="hf-zoo-") as tmp:
         row_path = Path(tmp) / "row.json"
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                   HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--suite", str(suite), "--child", family,
-               "--row", str(row_path)]
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            _, err = proc.communicate(timeout=timeout)
-            note = None if proc.returncode in (0, 1) else f"Crash: child exited with {proc.returncode}"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate()
-            note = f"Timeout: over {timeout:.0f} s"
+        code, err = (_forked if fork else _spawned)(family, suite, row_path, timeout)
+        note = (f"Timeout: over {timeout:.0f} s" if code is None else
+                None if code in (0, 1) else f"Crash: child exited with {code}")
         try:
             row = json.loads(row_path.read_text())
         except (OSError, ValueError):
@@ -130,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "zoo.json")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "ZOO.md")
     p.add_argument("--in-process", action="store_true", help="run families in this process (no timeout; debugging, tests)")
+    p.add_argument("--spawn", action="store_true", help="a fresh interpreter per family instead of a fork of a warm one")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -168,9 +224,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(args.jobs) as pool:
         if args.in_process:
-            from _zoo_stages import run_family
+            from _zoo_stages import run_family  # noqa: I001
 
             runs = map(lambda f: run_family(suite, f), todo)
+        elif args.jobs == 1 and hasattr(os, "fork") and not args.spawn and todo:
+            _warm(suite)
+            runs = (run_one(f, suite, args.timeout, fork=True) for f in todo)
         else:
             runs = pool.map(lambda f: run_one(f, suite, args.timeout), todo)
         for i, row in enumerate(runs):

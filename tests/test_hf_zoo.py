@@ -1,0 +1,93 @@
+"""bench/hf_zoo.py on a fake transformers test suite (tmp_path): a one-family suite whose ModelTester builds a tiny
+Llama, run in process through every stage, gives a passing row in zoo.json and a line in ZOO.md; a family that
+cannot finish in its timeout still gets a row naming the timeout. No fetched suite is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import hf_zoo  # noqa: E402
+from _zoo_stages import new_row  # noqa: E402
+
+TESTER = '''
+import unittest
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+from ...test_modeling_common import ModelTesterMixin
+
+
+class TinyllamaModelTester:
+    base_model_class = LlamaModel
+
+    def __init__(self, parent):
+        self.parent = parent
+
+    def prepare_config_and_inputs_for_common(self):
+        config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+                             num_hidden_layers=2, vocab_size=50, max_position_embeddings=32)
+        ids = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+        return config, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+class TinyllamaModelTest(ModelTesterMixin, unittest.TestCase):
+    all_model_classes = (LlamaModel, LlamaForCausalLM)
+
+    def setUp(self):
+        self.model_tester = TinyllamaModelTester(self)
+'''
+
+
+@pytest.fixture
+def suite(tmp_path: Path) -> Path:
+    root = tmp_path / "suite"
+    family = root / "tests" / "models" / "tinyllama"
+    family.mkdir(parents=True)
+    for pkg in (root / "tests", root / "tests" / "models", family):
+        (pkg / "__init__.py").write_text("")
+    (root / "tests" / "test_modeling_common.py").write_text("class ModelTesterMixin:\n    pass\n")
+    (family / "test_modeling_tinyllama.py").write_text(TESTER)
+    yield root
+    for name in [m for m in sys.modules if m == "tests" or m.startswith("tests.")]:
+        del sys.modules[name]  # the fake suite's package must not shadow this repo's tests/ for later tests
+    if str(root) in sys.path:
+        sys.path.remove(str(root))
+
+
+def test_runner_writes_a_passing_row(suite: Path, tmp_path: Path) -> None:
+    out_json, out_md = tmp_path / "zoo.json", tmp_path / "ZOO.md"
+    assert hf_zoo.main(["--suite", str(suite), "--families", "tinyllama", "--in-process",
+                        "--json", str(out_json), "--md", str(out_md)]) == 0
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["family"] == "tinyllama" and row["model_class"] == "LlamaModel"
+    assert (row["status"], row["stage"], row["reason"]) == ("pass", "", ""), row
+    assert row["dense_onnx"] == "ok"
+    assert row["found"]["kv"] == 4 and row["found"]["neuron"] == 80  # 2 KV groups x 2 layers; 40 neurons x 2 layers
+    assert row["cut"]["neuron"] > 0 and row["max_diff"] < 1e-4
+    page = out_md.read_text()
+    assert "| tinyllama | pass |" in page and "**1** prune heads, KV groups or experts" in page
+
+
+def test_cached_rows_are_kept_and_unknown_families_refused(suite: Path, tmp_path: Path) -> None:
+    out_json, out_md = tmp_path / "zoo.json", tmp_path / "ZOO.md"
+    cached = dict(new_row("tinyllama"), status="pass", stage="")
+    out_json.write_text(json.dumps({"rows": [cached]}))
+    assert hf_zoo.main(["--suite", str(suite), "--in-process", "--json", str(out_json), "--md", str(out_md)]) == 0
+    assert json.loads(out_json.read_text())["rows"] == [cached]  # resumed: nothing re-run
+    assert hf_zoo.main(["--suite", str(suite), "--families", "nosuch", "--json", str(out_json), "--md", str(out_md)]) == 2
+    assert hf_zoo.main(["--suite", str(tmp_path / "empty"), "--json", str(out_json), "--md", str(out_md)]) == 2
+
+
+def test_a_timeout_is_a_row(suite: Path) -> None:
+    row = hf_zoo.run_one("tinyllama", suite, timeout=0.5)  # killed while still importing
+    assert row["status"] == "fail" and row["reason"].startswith("Timeout: over 0 s (in stage load)"), row
+    assert row["family"] == "tinyllama" and row["stage"] == "load"
