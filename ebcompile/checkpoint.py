@@ -69,7 +69,9 @@ def head_counts(model: nn.Module) -> dict[str, int]:
 def count_attributes(model: nn.Module) -> dict[str, int]:
     """Every head count and width attribute of the table in ``passes.counts`` (``path.attr`` -> value): what a
     fresh model needs rewritten, besides its tensor shapes, to compute what the compact one does."""
-    names = set(HEAD_COUNTS + KV_COUNTS + GROUP_COUNTS + WIDTHS + NEURON_WIDTHS)
+    from .families.hf_moe import EXPERT_COUNTS, EXPERT_WIDTHS
+
+    names = set(HEAD_COUNTS + KV_COUNTS + GROUP_COUNTS + WIDTHS + NEURON_WIDTHS + EXPERT_COUNTS + EXPERT_WIDTHS)
     out = {}
     for path, module in model.named_modules():
         for attr in names & set(module.__dict__):

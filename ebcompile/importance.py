@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .distributed import is_sharded
+from .passes.experts import unit_rows
 from .plan import GroupSet, Plan
 from .scoring import Importance, raw_tensor, unit_slice_scores
 
@@ -59,9 +60,9 @@ def expand_units(model: nn.Module, group: GroupSet, keep: torch.Tensor, out: dic
             continue
         t = raw_tensor(model, m.tensor)
         mask = out.setdefault(m.tensor, torch.ones(t.shape, dtype=torch.bool, device=t.device))
-        rows = mask.narrow(m.dim, m.offset, group.units * m.unit_size).movedim(m.dim, 0)  # a view into mask
-        keep_rows = keep.to(mask.device).repeat_interleave(m.unit_size)
-        rows &= keep_rows.reshape((-1,) + (1,) * (rows.dim() - 1))
+        for rows, first in unit_rows(mask, m, group):  # views into mask (one per expert for a batched member)
+            keep_rows = keep[first:first + rows.shape[0] // m.unit_size].to(mask.device).repeat_interleave(m.unit_size)
+            rows &= keep_rows.reshape((-1,) + (1,) * (rows.dim() - 1))
 
 
 def _bottom_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,14 +117,14 @@ def _structured(model: nn.Module, plan: Plan, ratio: float, scope: str, importan
         raw = [importance.unit_scores(g) for g in groups]
         scores = [_ranked(r, g) for r, g in zip(raw, groups)]
         if scope == "global":
-            # every set keeps its best unit: give it +inf so that it is never among the k lowest
+            # every set keeps its best unit (an MoE layer its top_k best experts): +inf is never among the k lowest
             guarded = []
-            for s in scores:
+            for s, g in zip(scores, groups):
                 s = s.clone()
-                s[s.argmax()] = float("inf")
+                s[s.topk(min(g.min_units, s.numel())).indices] = float("inf")
                 guarded.append(s)
             flat = torch.cat(guarded)
-            k = min(round(ratio * flat.numel()), flat.numel() - len(groups))
+            k = min(round(ratio * flat.numel()), flat.numel() - sum(min(g.min_units, g.units) for g in groups))
             keeps = _bottom_k(flat, k).split([s.numel() for s in scores])
         else:
             keeps = [_bottom_k(s, _layer_quota(s.numel(), g, ratio)) for s, g in zip(scores, groups)]
@@ -153,7 +154,7 @@ def _layer_quota(units: int, group: GroupSet, ratio: float) -> int:
     """Units a layer-scope ranking removes from ``group`` (grouped query heads: whole ranks, one per KV group)."""
     if group.per_group > 1:
         return min(round(ratio * group.per_group), group.per_group - 1) * (units // group.per_group)
-    return min(round(ratio * units), units - 1)
+    return min(round(ratio * units), units - min(group.min_units, units))
 
 
 def _per_group_keep(scores: torch.Tensor, group: GroupSet, keep: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,9 @@ class Member:
     offset: int
     unit_size: int
     masked: bool = True
+    # an expert's slice of a fused [experts, ...] tensor: run b of the group's units (``GroupSet.per_group`` units
+    # each) owns the slice above at index b of dim 0 (neurons inside the experts of a mixture-of-experts layer)
+    batched: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,14 @@ class GroupSet:
     """``units`` coupled structures of one kind in one layer: the heads of one attention op, or the
     neurons of one FFN (fc1 row + bias + fc2 column)."""
 
-    kind: str  # "head" | "neuron"
+    kind: str  # "head" | "neuron" | "expert" (whole experts of a mixture-of-experts layer)
     name: str
     units: int
     members: tuple[Member, ...]
     module: str | None = None  # module whose head-count attributes compaction rewrites
     attributes: tuple[str, ...] = ()  # e.g. ("num_heads",)
     per_group: int = 0  # grouped-query heads kept per KV head: units come in runs of this many, each run keeps as many
+    min_units: int = 1  # the fewest units a draw keeps (a mixture-of-experts layer keeps at least top_k experts)
 
 
 @dataclass

@@ -55,6 +55,10 @@ def sync_config(model: nn.Module) -> bool:
             continue
         width = widths.pop()
         setattr(new, field, width // head_dim if per_head else width)
+    from .passes.experts import expert_config
+
+    for field, value in expert_config(model, config).items():  # mixture-of-experts counts and widths
+        setattr(new, field, value)
     if new.to_dict() == config.to_dict():
         return False
     try:

@@ -14,7 +14,9 @@ from torch import nn
 
 from .distributed import full_vector, unwrap
 from .errors import ConfigError, ImportanceDataError
+from .expert_scores import ExpertActivation
 from .names import split_name
+from .passes.experts import install_routing, is_expert_group
 from .passes.masks import iter_masks
 from .plan import GroupSet, Member, Plan
 from .scoring import (
@@ -185,6 +187,8 @@ class ActivationImportance(_Cumulative):
         for name in self.dims:
             owner, _ = split_name(name)
             self.handles.append(model.get_submodule(owner).register_forward_hook(_ActivationHook(self, name)))
+        moe = structure == "structured" and any(is_expert_group(g) for g in plan.groups)
+        self.experts = ExpertActivation(model, plan, self._stopped) if moe else None  # router-weighted (expert_scores)
 
     def observe(self, name: str, x: Any) -> None:
         if self._stopped():
@@ -211,6 +215,8 @@ class ActivationImportance(_Cumulative):
         if (fresh and self.window == 0) or (not seen and self.current is None):
             check_window("activation", 0, "run forward passes on training (or calibration) data between checks; "
                          "a check must follow at least one batch.")
+        if self.experts is not None:
+            self.experts.begin_draw(sync)
         if seen:
             counts = torch.tensor([float(self.tokens[n]) for n in names])
             reduced = all_reduce_sum([self.sumsq[n] for n in names] + [counts], sync)
@@ -240,7 +246,10 @@ class ActivationImportance(_Cumulative):
     def unit_scores(self, group: GroupSet) -> torch.Tensor:
         """FLAP / Wanda-structured: a unit's activation times the weights that read it (the input columns of the
         linear after it: an attention output projection, an FFN's down projection); a group with no such member
-        (e.g. heads whose output projection is not masked) falls back to every masked weight of the unit."""
+        (e.g. heads whose output projection is not masked) falls back to every masked weight of the unit. Experts and
+        their neurons: router-weighted (``expert_scores``)."""
+        if self.experts is not None and is_expert_group(group):
+            return self.experts.unit_scores(group)
         reading = [m for m in group.members if m.masked and m.tensor in self.dims and m.dim % 2 == self.dims[m.tensor][0]]
 
         def element(m: Member, raw: torch.Tensor) -> torch.Tensor | None:
@@ -255,11 +264,18 @@ class ActivationImportance(_Cumulative):
         out.update({f"tokens/{n}": torch.tensor(t) for n, t in self.tokens.items()})
         out.update({f"current/{n}": v.detach().cpu() for n, v in (self.current or {}).items()})
         out["window"] = torch.tensor(self.window)
+        if self.experts is not None:
+            out.update(self.experts.state_dict())
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         parts: dict[str, dict[str, torch.Tensor]] = {"sumsq": {}, "tokens": {}, "current": {}}
         state = dict(state)
+        moe = {k: state.pop(k) for k in [k for k in state if k.startswith("experts/")]}
+        if moe and self.experts is None:
+            raise ValueError("activation statistics of experts this model does not have")
+        if self.experts is not None:
+            self.experts.load_state_dict(moe)
         self.window = int(state.pop("window", torch.tensor(0)))
         for k, v in state.items():
             kind, name = k.split("/", 1)
@@ -274,6 +290,8 @@ class ActivationImportance(_Cumulative):
         for h in self.handles:
             h.remove()
         self.handles = []
+        if self.experts is not None:
+            self.experts.close()
 
 
 class GateImportance(Importance):
@@ -312,7 +330,10 @@ def _gate_member(group: GroupSet, dims: dict[str, int]) -> Member:
 
 
 def make_importance(kind: str, model: nn.Module, plan: Plan, structure: str) -> Importance:
-    """The tracker for ``kind``, attached to ``model`` (hooks and gates installed); masks must be inserted first."""
+    """The tracker for ``kind``, attached to ``model`` (hooks and gates installed); masks must be inserted first.
+    Also installs the routing hooks of mixture-of-experts layers (``passes.experts``): a masked expert is never routed to."""
+    if structure == "structured":
+        install_routing(model, plan)
     classes = {"magnitude": Importance, "taylor": TaylorImportance, "activation": ActivationImportance, "gate": GateImportance}
     return classes[check_kind(kind, structure)](model, plan, structure)
 

@@ -17,7 +17,9 @@ from torch import fx, nn
 
 from ..capture import Captured
 from ..families import family_of
+from ..names import split_name
 from ..plan import GroupSet, LinearOp, Member
+from .experts import find_expert_groups
 
 __all__ = ["find_groups", "attention_groups", "ffn_groups"]
 
@@ -144,14 +146,17 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], exa
     from .structure import discover
 
     claimed = claimed_weights(attn)
+    experts, skipped = find_expert_groups(cap.root, masked)  # fused MoE experts (passes.experts)
+    routers = {split_name(g.members[0].tensor)[0] for g in experts if g.kind == "expert"}
     graph = _export_graph(cap, example_inputs)
     if graph is not None:
         params = dict(cap.root.named_parameters(remove_duplicate=False))
-        found, skipped = discover(graph[0], graph[1], params, masked, claimed, keep_kv)
-        return attention_groups(attn, masked) + found, skipped
+        found, why = discover(graph[0], graph[1], params, masked, claimed, keep_kv)
+        skipped.update({k: v for k, v in why.items() if k not in routers and k not in skipped})
+        return attention_groups(attn, masked) + found + experts, skipped
     modules = dict(cap.root.named_modules())
     nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed}
-    return attention_groups(attn, masked) + ffn_groups(cap, nodes, masked), {}
+    return attention_groups(attn, masked) + ffn_groups(cap, nodes, masked) + experts, skipped
 
 
 def _export_graph(cap: Captured, example_inputs) -> tuple[fx.Graph, dict[str, str]] | None:

@@ -138,7 +138,7 @@ def strip_masks(model: nn.Module, bake: bool = True) -> None:
 
 
 def _drop_hooks(module: nn.Module) -> None:
-    for hooks in (module._state_dict_hooks, module._forward_hooks):  # ours, and importance trackers' (tagged)
+    for hooks in (module._state_dict_hooks, module._forward_hooks, module._forward_pre_hooks):  # ours, trackers' (tagged)
         for key, hook in list(hooks.items()):
             if getattr(hook, "_ebcompile", False):
                 del hooks[key]

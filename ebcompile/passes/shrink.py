@@ -39,6 +39,7 @@ from ..optim_state import retarget_optimizer
 from ..plan import GroupSet, Plan
 from .carry import carry_flags, check_ticket_state, flags_of
 from .counts import rewrite_counts
+from .experts import remove_expert_neurons, rewrite_expert_counts
 from .masks import iter_masks, strip_masks
 from .reshapes import adapt_forwards
 from .verify import check_same_function
@@ -186,11 +187,17 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> d
         key = f"{g.kind}:{g.name}"
         if key not in ticket.masks.units:
             raise TicketMismatchError(f"the applied ticket has no unit mask for {key}. Fix: apply a ticket drawn from this model.")
-        keep = _rounded_keep(g, ticket.masks.units[key].bool().cpu().flatten(), round_to)
+        keep = ticket.masks.units[key].bool().cpu().flatten()
+        if any(m.batched for m in g.members):  # neurons inside fused experts: cut per expert, before experts go
+            rewrite_expert_counts(new, g, int(remove_expert_neurons(new, g, keep, round_to).sum()))
+            continue
+        keep = _rounded_keep(g, keep, None if g.kind == "expert" else round_to)  # expert counts are never rounded
         for k, idx in removed_indices(g, keep).items():
             removed.setdefault(k, set()).update(idx)
         if g.kind == "head":
             kept_heads[g.module or g.name] = (int(keep.sum()), g.units)
+        elif g.kind == "expert":
+            rewrite_expert_counts(new, g, int(keep.sum()))
         else:
             rewrite_counts(new, g, int(keep.sum()))
     with torch.no_grad():
@@ -280,11 +287,15 @@ def compact(model: nn.Module, round_to: int | str | None = "auto", sparse: bool 
                           "model with its optimizer and call compact(model) when done.")
     new = _compact(model, round_to, sparse)
     if optimizer is not None:
-        retarget_optimizer(optimizer, model, new, lambda m: _compact(m, round_to, sparse))
+        # shadow passes carry state tensors, not weights: the forward rewrites and the check on the example inputs,
+        # done once above, would only run the model three more times (AdamW) on values that mean nothing
+        retarget_optimizer(optimizer, model, new, lambda m: _compact(m, round_to, sparse, check=False))
     return new
 
 
-def _compact(model: nn.Module, round_to: int | None, sparse: bool) -> nn.Module:
+def _compact(model: nn.Module, round_to: int | None, sparse: bool, check: bool = True) -> nn.Module:
+    """The compact copy of ``model``; ``check=False`` leaves out the forward rewrites and the check on the example
+    inputs (a shadow pass: only which slices each parameter keeps matters)."""
     cfg, ticket = _applied_ticket(model)
     structured = ticket.structure == "structured"
     round_to = _check_round_to(round_to, structured)
@@ -302,8 +313,9 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool) -> nn.Module:
         removed = _remove_units(new, cfg.plan, ticket, round_to)
         watch = [g.module if g.kind == "head" else split_name(g.name)[0] for g in cfg.plan.groups]
         heads = [g.module for g in cfg.plan.groups if g.kind == "head" and g.module]
-        adapt_forwards(model, new, list(dict.fromkeys(heads)), getattr(cfg, "example", None), removed)
-        check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])
+        if check:
+            adapt_forwards(model, new, list(dict.fromkeys(heads)), getattr(cfg, "example", None), removed)
+            check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])
         from ..pretrained import attach_save_pretrained, sync_config
 
         sync_config(new)

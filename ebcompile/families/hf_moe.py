@@ -1,0 +1,34 @@
+"""Mixture-of-experts facts the graph cannot show, as data (``passes.experts`` reads them).
+
+The structure is found without this file: an experts container is a module with 3-D parameters sharing a leading
+dim E, next to a router whose weight is ``[E, hidden]``. What the shapes alone leave open is written here: which
+fused tensor feeds the experts' hidden units and which reads them, whether the feeding one holds gate and up
+halves (and in which order), whether the tensors are stored transposed, and where expert counts and widths live
+(module attributes, config fields). The defaults match ``transformers`` 5.x ``@use_experts_implementation``
+experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek, ...), which also carry the layout flags
+(``has_gate``, ``is_transposed``, ``is_concatenated``, ``has_bias``) as attributes, read first.
+"""
+
+from __future__ import annotations
+
+__all__ = ["UP_TENSORS", "DOWN_TENSORS", "BIAS_SUFFIX", "LAYOUT_FLAGS", "GATED_UP", "EXPERT_COUNTS", "EXPERT_WIDTHS",
+           "TOP_K", "CONFIG_EXPERT_COUNTS", "CONFIG_EXPERT_WIDTHS", "SHARED_EXPERT"]
+
+# the fused tensor that makes the experts' hidden units ([E, k*I, H]) and the one that reads them ([E, H, I])
+UP_TENSORS = ("gate_up_proj", "up_proj", "w13", "fc1")
+DOWN_TENSORS = ("down_proj", "w2", "fc2")
+BIAS_SUFFIX = "_bias"  # gate_up_proj_bias [E, k*I], down_proj_bias [E, H]
+GATED_UP = ("gate_up_proj", "w13")  # these hold gate and up halves unless the module's has_gate says otherwise
+# module attribute -> default when the module lacks it
+LAYOUT_FLAGS = {"is_transposed": False, "is_concatenated": True}
+
+# module attributes (experts container and router) holding the expert count, and the experts' width
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+EXPERT_WIDTHS = ("intermediate_dim", "moe_intermediate_size", "expert_dim")
+TOP_K = ("top_k", "num_experts_per_tok")
+
+# config fields: the expert count and the per-expert width (the first one the config has)
+CONFIG_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+CONFIG_EXPERT_WIDTHS = ("moe_intermediate_size", "intermediate_size")
+# a dense shared expert beside the routed ones: (child module name, config field of its width)
+SHARED_EXPERT = ("shared_expert", "shared_expert_intermediate_size")

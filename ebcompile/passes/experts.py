@@ -1,0 +1,306 @@
+"""Mixture-of-experts layers with fused 3-D expert tensors: whole experts and the neurons inside them as units.
+
+Found from the structure (``find_expert_groups``): a module whose 3-D parameters share a leading dim E, next to a
+sibling router whose masked weight is ``[E, H]`` (the router's ``F.linear`` is a linear of the graph). Which fused
+tensor feeds the experts' hidden units and which reads them, the gate/up layout and where counts live are data
+(``families.hf_moe``), overridden by the module's own layout flags.
+
+Units:
+- an ``expert`` GroupSet: expert e = router row e (+ bias) + ``up[e]`` + ``down[e]`` (+ their biases). A draw
+  keeps at least top_k experts per layer (``GroupSet.min_units``: the top_k best scored are never dropped), so
+  top_k never changes; ``compact`` of a ticket that keeps fewer raises ``TicketMismatchError``.
+- a ``neuron`` GroupSet with ``batched`` members: E*I units in runs of I (``per_group``); neuron j of expert e is
+  its gate and up rows j and I+j and its down column j. Units are ranked within each expert and every expert of a
+  layer keeps the same number (one fused tensor has one width), as grouped-query heads are
+  (``importance._per_group_keep``); ``round_to`` rounds that per-expert width.
+
+Masked semantics (``install_routing``): a masked expert is never routed to. A zero router row is not enough
+(logit 0 can still win top-k, and the softmax denominator would still count it), so while the router module runs
+a ``TorchFunctionMode`` (entered by a forward pre-hook, left by an always-called forward hook) sets the masked
+experts' logits to -inf at the output of the ``F.linear`` that reads the router weight. Softmax gives them 0, top-k
+never picks them (top_k <= kept experts) and each kept expert's probability is the one the compact router (those
+rows removed) computes. Invariant: ``compact(m)(x) == m(x)`` for the masked model ``m`` (``verify`` checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
+
+from ..families import hf_moe
+from ..names import split_name
+from ..plan import GroupSet, Member, Plan
+
+__all__ = ["find_expert_groups", "install_routing", "unit_rows", "is_expert_group", "expert_layout", "ExpertLayout",
+           "remove_expert_neurons", "rewrite_expert_counts", "expert_config", "dead_experts"]
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where the parts of one experts container are (names relative to it)."""
+
+    up: str
+    down: str
+    up_bias: str | None
+    down_bias: str | None
+    transposed: bool
+    gated: bool
+    concatenated: bool
+    experts: int
+    width: int  # hidden units per expert (I)
+
+    @property
+    def up_dim(self) -> int:  # the neuron dim of the up tensor
+        return 2 if self.transposed else 1
+
+    @property
+    def down_dim(self) -> int:
+        return 1 if self.transposed else 2
+
+
+def expert_layout(module: nn.Module, hidden: int) -> ExpertLayout | None:
+    """The layout of ``module`` if it is an experts container reading and writing width ``hidden``."""
+    params = dict(module.named_parameters(recurse=False))
+    up = next((n for n in hf_moe.UP_TENSORS if n in params and params[n].dim() == 3), None)
+    down = next((n for n in hf_moe.DOWN_TENSORS if n in params and params[n].dim() == 3), None)
+    if up is None or down is None:
+        return None
+    flags = {k: bool(getattr(module, k, d)) for k, d in hf_moe.LAYOUT_FLAGS.items()}
+    transposed = flags["is_transposed"]
+    gated = bool(getattr(module, "has_gate", up in hf_moe.GATED_UP))
+    u, d = params[up].shape, params[down].shape
+    u_out, u_in = (u[2], u[1]) if transposed else (u[1], u[2])
+    d_out, d_in = (d[2], d[1]) if transposed else (d[1], d[2])
+    if u[0] != d[0] or u_in != hidden or d_out != hidden or u_out != (2 if gated else 1) * d_in:
+        return None
+    experts, width = int(u[0]), int(d_in)
+
+    def bias(name: str, size: int) -> str | None:
+        b = params.get(name + hf_moe.BIAS_SUFFIX)
+        return name + hf_moe.BIAS_SUFFIX if b is not None and tuple(b.shape) == (experts, size) else None
+
+    return ExpertLayout(up, down, bias(up, int(u_out)), bias(down, hidden), transposed, gated, flags["is_concatenated"],
+                        experts, width)
+
+
+def _router(model: nn.Module, parent: str, path: str, experts: int, masked: set[str]) -> tuple[str, nn.Module] | None:
+    owner = model.get_submodule(parent) if parent else model
+    for name, child in owner.named_children():
+        full = f"{parent}.{name}" if parent else name
+        w = child._parameters.get("weight") if full != path else None
+        if w is not None and w.dim() == 2 and w.shape[0] == experts and f"{full}.weight" in masked:
+            return full, child
+    return None
+
+
+def _top_k(router: nn.Module, block: nn.Module) -> int:
+    for holder in (router, block, getattr(block, "config", None), getattr(router, "config", None)):
+        for attr in hf_moe.TOP_K:
+            value = getattr(holder, attr, None) if holder is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return 1
+
+
+def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSet], dict[str, str]]:
+    """The expert and expert-neuron GroupSets of every experts container whose router weight is ``masked``, and
+    why a container next to a masked router has none (keyed by the router's module)."""
+    groups: list[GroupSet] = []
+    skipped: dict[str, str] = {}
+    for path, module in model.named_modules():
+        cubes = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+        if len(cubes) < 2 or len({p.shape[0] for p in cubes}) != 1:
+            continue
+        parent = split_name(path)[0]
+        found = _router(model, parent, path, int(cubes[0].shape[0]), masked)
+        if found is None:
+            continue
+        rpath, router = found
+        layout = expert_layout(module, int(router.weight.shape[1]))
+        if layout is None:
+            skipped[rpath] = f"no experts: {path}'s 3-D tensors have no layout ebcompile knows (families/hf_moe.py)"
+            continue
+        top_k = _top_k(router, model.get_submodule(parent) if parent else model)
+        if layout.experts > top_k:
+            members = [Member(f"{rpath}.weight", 0, 0, 1)]
+            rbias = router._parameters.get("bias")
+            if rbias is not None and f"{rpath}.bias" in masked | {f"{rpath}.bias"}:
+                members.append(Member(f"{rpath}.bias", 0, 0, 1))
+            members += [Member(f"{path}.{n}", 0, 0, 1) for n in (layout.up, layout.down, layout.up_bias, layout.down_bias) if n]
+            groups.append(GroupSet("expert", path, layout.experts, tuple(members), module=path, min_units=top_k))
+        else:
+            skipped[rpath] = f"no whole experts: top_k={top_k} of {layout.experts} experts are read for every token"
+        if layout.width > 1:
+            groups.append(GroupSet("neuron", path, layout.experts * layout.width, _neuron_members(path, layout),
+                                   per_group=layout.width))
+    return groups, skipped
+
+
+def _neuron_members(path: str, lay: ExpertLayout) -> tuple[Member, ...]:
+    def halves(tensor: str, dim: int) -> list[Member]:
+        if lay.gated and lay.concatenated:  # gate rows 0..I-1, up rows I..2I-1
+            return [Member(tensor, dim, 0, 1, batched=True), Member(tensor, dim, lay.width, 1, batched=True)]
+        return [Member(tensor, dim, 0, 2 if lay.gated else 1, batched=True)]  # interleaved gate/up pairs, or up alone
+
+    members = halves(f"{path}.{lay.up}", lay.up_dim)
+    if lay.up_bias:
+        members += halves(f"{path}.{lay.up_bias}", 1)
+    members.append(Member(f"{path}.{lay.down}", lay.down_dim, 0, 1, batched=True))
+    return tuple(members)
+
+
+def is_expert_group(group: GroupSet) -> bool:
+    return group.kind == "expert" or any(m.batched for m in group.members)
+
+
+def unit_rows(t: torch.Tensor, m: Member, group: GroupSet) -> list[tuple[torch.Tensor, int]]:
+    """Views of ``t`` (shaped like ``m``'s tensor) with ``m``'s unit index first, each with its first unit: one view
+    for a plain member, one per expert (index of dim 0) for a ``batched`` one. Writing into a view writes ``t``."""
+    if not m.batched:
+        return [(t.narrow(m.dim, m.offset, group.units * m.unit_size).movedim(m.dim, 0), 0)]
+    n, dim = group.per_group, m.dim % t.dim() - 1
+    return [(t[b].narrow(dim, m.offset, n * m.unit_size).movedim(dim, 0), b * n) for b in range(t.shape[0])]
+
+
+# -- masked semantics: the router never picks a masked expert ------------------------------------------------
+
+
+class _RouteMask(TorchFunctionMode):
+    """-inf on the dead experts' logits at the output of the ``F.linear`` that reads a ``shape`` weight."""
+
+    def __init__(self, shape: torch.Size, dead: torch.Tensor) -> None:
+        super().__init__()
+        self.shape, self.dead = shape, dead
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if func is F.linear and isinstance(weight, torch.Tensor) and weight.shape == self.shape:
+            out = out.masked_fill(self.dead.to(out.device), float("-inf"))
+        return out
+
+
+def dead_experts(router: nn.Module) -> torch.Tensor | None:
+    """The experts whose router rows are masked whole, or None when every expert is live."""
+    if not parametrize.is_parametrized(router, "weight"):
+        return None
+    mask = router.parametrizations["weight"][0]
+    if not getattr(mask, "active", False):
+        return None
+    dead = ~mask.mask.reshape(mask.mask.shape[0], -1).any(1)
+    return dead if bool(dead.any()) else None
+
+
+def _enter(router: nn.Module, args: tuple) -> None:
+    dead = dead_experts(router)
+    if dead is not None:
+        mode = _RouteMask(router.parametrizations["weight"].original.shape, dead)
+        mode.__enter__()
+        router.__dict__["_ebcompile_route"] = mode
+
+
+def _leave(router: nn.Module, args: tuple, out: object) -> None:
+    mode = router.__dict__.pop("_ebcompile_route", None)
+    if mode is not None:
+        mode.__exit__(None, None, None)
+
+
+_enter._ebcompile = True  # strip_masks drops tagged hooks
+_leave._ebcompile = True
+
+
+def install_routing(model: nn.Module, plan: Plan) -> None:
+    """Hooks on every expert router of ``plan`` that keep masked experts from being routed to (idempotent)."""
+    for g in plan.groups:
+        if g.kind != "expert":
+            continue
+        router = model.get_submodule(split_name(g.members[0].tensor)[0])
+        if any(h is _enter for h in router._forward_pre_hooks.values()):
+            continue
+        router.register_forward_pre_hook(_enter)
+        router.register_forward_hook(_leave, always_call=True)
+
+
+# -- compact ------------------------------------------------------------------------------------------------
+
+
+def remove_expert_neurons(model: nn.Module, group: GroupSet, keep: torch.Tensor, round_to: int | None) -> torch.Tensor:
+    """Cut ``group``'s pruned neurons out of every expert (the same count each: the most any expert keeps, rounded
+    up to ``round_to`` and capped at I; an expert keeping fewer takes back pruned, all-zero neurons). Returns the
+    per-unit keep-mask used."""
+    from ..names import tensor_at
+    from .shrink import set_tensor
+
+    n = group.per_group
+    blocks = keep.reshape(-1, n).clone()
+    kept = max(int(blocks.sum(1).max()), 1)
+    if round_to is not None:
+        kept = min(-(-kept // round_to) * round_to, n)
+    for row in blocks:  # take back the first pruned neurons until every expert keeps ``kept``
+        extra = kept - int(row.sum())
+        if extra > 0:
+            row[(~row).nonzero().flatten()[:extra]] = True
+    rows: dict[tuple[str, int], torch.Tensor] = {}  # (tensor, dim) -> [E, size] keep; indices no member owns stay
+    for m in group.members:
+        t = tensor_at(model, m.tensor)
+        k = rows.setdefault((m.tensor, m.dim), torch.ones(t.shape[0], t.shape[m.dim], dtype=torch.bool))
+        k[:, m.offset:m.offset + n * m.unit_size] = blocks.repeat_interleave(m.unit_size, dim=1)
+    with torch.no_grad():
+        for (name, dim), k in rows.items():
+            t = tensor_at(model, name).detach()
+            pieces = [t[b].index_select(dim - 1, k[b].nonzero().flatten().to(t.device)) for b in range(t.shape[0])]
+            set_tensor(model, name, torch.stack(pieces).clone())
+    return blocks.flatten()
+
+
+def rewrite_expert_counts(model: nn.Module, group: GroupSet, kept: int) -> None:
+    """Expert counts (``kind == "expert"``) or per-expert widths (expert neurons) on the experts container and its
+    router, after their tensors were sliced; raises when fewer experts than top_k would be left."""
+    from ..errors import TicketMismatchError
+
+    module = model.get_submodule(group.module or group.name)
+    if group.kind == "expert":
+        if kept < group.min_units:
+            raise TicketMismatchError(f"the ticket keeps {kept} experts of {group.name}, fewer than the {group.min_units} "
+                                      "the router reads for every token (top_k). Fix: draw the ticket with "
+                                      "ebcompile.draw_ticket, which keeps at least top_k experts per layer.")
+        router = model.get_submodule(split_name(group.members[0].tensor)[0])
+        for holder in (module, router):
+            for attr in hf_moe.EXPERT_COUNTS:
+                if isinstance(holder.__dict__.get(attr), int):
+                    setattr(holder, attr, kept)
+    else:
+        for attr in hf_moe.EXPERT_WIDTHS:
+            if isinstance(module.__dict__.get(attr), int):
+                setattr(module, attr, kept // max(group.units // group.per_group, 1))
+
+
+def expert_config(model: nn.Module, config: object) -> dict[str, int]:
+    """Config fields (expert count, per-expert width, shared-expert width) that describe every experts container
+    of ``model`` when they all agree; fields they disagree on are left out."""
+    counts, widths, shared = set(), set(), set()
+    for module in model.modules():
+        params = dict(module.named_parameters(recurse=False))
+        down = next((n for n in hf_moe.DOWN_TENSORS if n in params and params[n].dim() == 3), None)
+        if down is not None:
+            lay = expert_layout(module, int(params[down].shape[1 if not getattr(module, "is_transposed", False) else 2]))
+            if lay is not None:
+                counts.add(lay.experts)
+                widths.add(lay.width)
+        child = module._modules.get(hf_moe.SHARED_EXPERT[0])
+        if child is not None:
+            shared |= {m.out_features for n, m in child.named_modules() if isinstance(m, nn.Linear)
+                       and split_name(n)[1] in ("up_proj", "gate_proj")}
+    out: dict[str, int] = {}
+    for fields, values in ((hf_moe.CONFIG_EXPERT_COUNTS, counts), (hf_moe.CONFIG_EXPERT_WIDTHS, widths),
+                           ((hf_moe.SHARED_EXPERT[1],), shared)):
+        field = next((f for f in fields if isinstance(getattr(config, f, None), int)), None)
+        if field is not None and len(values) == 1:
+            out[field] = values.pop()
+    return out

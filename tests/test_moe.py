@@ -1,0 +1,187 @@
+"""Mixture-of-experts units (``passes.experts``): whole experts and the neurons inside fused 3-D experts.
+
+Tiny random Mixtral (4 experts, top-2, router softmax renormalised over the top-k) and Qwen2-MoE (6 experts, top-2,
+norm_topk_prob False so the softmax over all experts matters, plus a shared expert): hidden 32, 2 layers. Experts use
+``batched_mm`` where ONNX is exported: the default ``grouped_mm`` has no ONNX export (``aten::histc``, the dense model
+fails too) and the eager loop is traced for the example's routing only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+import ebcompile
+from ebcompile.errors import TicketMismatchError
+from ebcompile.importance import expand_units
+
+import zoo
+from hf_models import quiet_one_thread  # noqa: F401 - autouse: one thread, transformers quiet
+from zoo import text_batch
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def mixtral() -> MixtralForCausalLM:
+    return MixtralForCausalLM(MixtralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                                            head_dim=8, intermediate_size=48, vocab_size=100, num_local_experts=4,
+                                            num_experts_per_tok=2, max_position_embeddings=32))
+
+
+def qwen() -> Qwen2MoeForCausalLM:
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                                              shared_expert_intermediate_size=40, vocab_size=100, num_experts=6,
+                                              num_experts_per_tok=2, max_position_embeddings=32, norm_topk_prob=False))
+
+
+MODELS = {"mixtral": (mixtral, "num_local_experts", "intermediate_size"),
+          "qwen2-moe": (qwen, "num_experts", "moe_intermediate_size")}
+
+
+def build(name: str, impl: str = "batched_mm"):
+    model = zoo.seeded(MODELS[name][0])
+    model.config._experts_implementation = impl
+    return model
+
+
+def ticketed(name: str, importance: str = "magnitude", scope: str = "global", ratio: float = 0.4, impl: str = "batched_mm"):
+    x = text_batch()
+    model = ebcompile.prepare(build(name, impl), x, structure="structured", ratio=ratio, scope=scope, importance=importance)
+    if importance != "magnitude":
+        with torch.no_grad():
+            for seed in range(3):
+                model(**text_batch(batch=4, seed=seed))
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    return model.eval(), x
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(**x).logits
+
+
+def moe_blocks(model):
+    return [layer.mlp for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_experts_and_expert_neurons_are_found(name):
+    model = ebcompile.prepare(build(name), text_batch(), structure="structured")
+    groups = {(g.kind, g.name): g for g in model._ebcompile.plan.groups}
+    experts = MODELS[name][0]().config.__dict__[MODELS[name][1]]
+    for i in range(2):
+        path = f"model.layers.{i}.mlp.experts"
+        whole, inner = groups[("expert", path)], groups[("neuron", path)]
+        assert (whole.units, whole.min_units) == (experts, 2)
+        assert whole.members[0].tensor == f"model.layers.{i}.mlp.gate.weight"  # the router's rows follow the experts
+        assert inner.per_group * experts == inner.units and all(m.batched for m in inner.members)
+        assert f"model.layers.{i}.mlp.gate" not in model._ebcompile.plan.skipped
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "activation"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compact_removes_experts_and_neurons_and_computes_what_the_masked_model_computes(name, importance):
+    masked, x = ticketed(name, importance)
+    small = ebcompile.compact(masked).eval()
+    units = masked._ebcompile.ticket.masks.units
+    for i, block in enumerate(moe_blocks(small)):
+        kept = int(units[f"expert:model.layers.{i}.mlp.experts"].sum())
+        assert kept >= 2  # top_k
+        assert block.gate.weight.shape[0] == block.experts.num_experts == block.gate.num_experts == kept
+        width = block.experts.intermediate_dim
+        assert block.experts.gate_up_proj.shape == (kept, 2 * width, 32)
+        assert block.experts.down_proj.shape == (kept, 32, width)
+    original = build(name)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in original.parameters())
+    assert any(b.experts.num_experts < MODELS[name][0]().config.__dict__[MODELS[name][1]] for b in moe_blocks(small))
+    assert not torch.allclose(logits(original, x), logits(masked, x), **TOL)  # the ticket bites
+    for batch in (x, text_batch(batch=3, seed=7), text_batch(batch=5, seq=6, seed=11)):
+        torch.testing.assert_close(logits(small, batch), logits(masked, batch), **TOL)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_expert_neurons_are_ranked_within_each_expert_and_kept_alike(name):
+    masked, _ = ticketed(name, scope="layer", ratio=0.3)
+    for key, keep in masked._ebcompile.ticket.masks.units.items():
+        if key.startswith("neuron:") and key.endswith(".experts"):
+            group = next(g for g in masked._ebcompile.plan.groups if f"{g.kind}:{g.name}" == key)
+            per_expert = keep.reshape(-1, group.per_group).sum(1)
+            assert len(set(per_expert.tolist())) == 1 and int(per_expert[0]) < group.per_group
+            kept_rows = keep.reshape(-1, group.per_group)
+            assert not all(torch.equal(kept_rows[0], r) for r in kept_rows)  # each expert drops its own neurons
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_masked_expert_is_never_routed_to(name):
+    masked, _ = ticketed(name, ratio=0.5)
+    routed: list[tuple[int, torch.Tensor]] = []
+    handles = [block.gate.register_forward_hook(lambda m, a, out, i=i: routed.append((i, out[2])))
+               for i, block in enumerate(moe_blocks(masked))]
+    for seed in range(4):
+        logits(masked, text_batch(batch=4, seed=seed))
+    for h in handles:
+        h.remove()
+    units = masked._ebcompile.ticket.masks.units
+    pruned = {i: set((~units[f"expert:model.layers.{i}.mlp.experts"]).nonzero().flatten().tolist()) for i in range(2)}
+    assert any(pruned.values())
+    for i, index in routed:
+        assert not pruned[i] & set(index.flatten().tolist())
+    # a zero router row alone would be routed to: logit 0 beats negative logits in top-k
+    for block in moe_blocks(masked):
+        block.gate._forward_pre_hooks.clear()
+    routed.clear()
+    handles = [block.gate.register_forward_hook(lambda m, a, out, i=i: routed.append((i, out[2])))
+               for i, block in enumerate(moe_blocks(masked))]
+    logits(masked, text_batch(batch=4, seed=0))
+    assert any(pruned[i] & set(index.flatten().tolist()) for i, index in routed)
+
+
+def test_top_k_experts_are_always_kept_and_compact_refuses_fewer():
+    masked, _ = ticketed("mixtral", ratio=0.9)
+    for key, keep in masked._ebcompile.ticket.masks.units.items():
+        if key.startswith("expert:"):
+            assert int(keep.sum()) == 2
+    model = ebcompile.prepare(build("mixtral"), text_batch(), structure="structured", ratio=0.4)
+    ticket = ebcompile.draw_ticket(model)
+    group = next(g for g in model._ebcompile.plan.groups if g.kind == "expert")
+    keep = torch.zeros(group.units, dtype=torch.bool)
+    keep[0] = True
+    ticket.masks.units[f"expert:{group.name}"] = keep
+    for m in group.members:
+        ticket.masks.tensors.pop(m.tensor, None)
+    expand_units(model, group, keep, ticket.masks.tensors)
+    for g in model._ebcompile.plan.groups:  # members shared with another group (the experts' neurons) again
+        if g.name == group.name and g.kind == "neuron":
+            expand_units(model, g, ticket.masks.units[f"neuron:{g.name}"], ticket.masks.tensors)
+    ebcompile.apply_ticket(model, ticket)
+    with pytest.raises(TicketMismatchError, match="top_k"):
+        ebcompile.compact(model)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_save_load_round_trip(name, tmp_path):
+    masked, x = ticketed(name)
+    small = ebcompile.compact(masked).eval()
+    ebcompile.save(masked, tmp_path / "eb")
+    loaded = ebcompile.load(tmp_path / "eb")
+    torch.testing.assert_close(logits(loaded, x), logits(small, x), **TOL)
+    assert [b.experts.num_experts for b in moe_blocks(loaded)] == [b.experts.num_experts for b in moe_blocks(small)]
+
+
+def test_uniform_compact_mixtral_reloads_with_stock_from_pretrained(tmp_path):
+    masked, x = ticketed("mixtral", scope="layer")
+    small = ebcompile.compact(masked).eval()
+    small.save_pretrained(tmp_path)
+    assert small.config.num_local_experts == small.model.layers[0].mlp.experts.num_experts < 4
+    assert small.config.intermediate_size == small.model.layers[0].mlp.experts.intermediate_dim < 48
+    stock = MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(stock, x), logits(small, x), **TOL)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_onnx_export_of_the_compact_model_verifies(name, tmp_path):
+    masked, x = ticketed(name)
+    report = ebcompile.export_onnx(masked, tmp_path / "m.onnx", x, verify=True)
+    assert report.max_abs_error is not None and report.max_abs_error < 1e-4
