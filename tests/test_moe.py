@@ -13,7 +13,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 import ebcompile
-from ebcompile.errors import TicketMismatchError
+from ebcompile.errors import ConfigError, TicketMismatchError
 from ebcompile.importance import expand_units
 
 import zoo
@@ -185,3 +185,9 @@ def test_onnx_export_of_the_compact_model_verifies(name, tmp_path):
     masked, x = ticketed(name)
     report = ebcompile.export_onnx(masked, tmp_path / "m.onnx", x, verify=True)
     assert report.max_abs_error is not None and report.max_abs_error < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["taylor", "gate"])
+def test_kinds_without_expert_scores_are_refused(kind):
+    with pytest.raises(ConfigError, match="activation"):
+        ebcompile.prepare(build("mixtral"), text_batch(), structure="structured", importance=kind)
