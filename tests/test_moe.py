@@ -2,8 +2,8 @@
 
 Tiny random Mixtral (4 experts, top-2, router softmax renormalised over the top-k) and Qwen2-MoE (6 experts, top-2,
 norm_topk_prob False so the softmax over all experts matters, plus a shared expert): hidden 32, 2 layers. Experts use
-``batched_mm`` where ONNX is exported: the default ``grouped_mm`` has no ONNX export (``aten::histc``, the dense model
-fails too) and the eager loop is traced for the example's routing only.
+``batched_mm``: the default ``grouped_mm`` has no ONNX export (``aten::histc``; the dense model fails too), and the
+eager loop over the experts the example hits is unrolled by the tracer (it verifies on the example only).
 """
 
 from __future__ import annotations

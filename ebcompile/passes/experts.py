@@ -20,6 +20,10 @@ a ``TorchFunctionMode`` (entered by a forward pre-hook, left by an always-called
 experts' logits to -inf at the output of the ``F.linear`` that reads the router weight. Softmax gives them 0, top-k
 never picks them (top_k <= kept experts) and each kept expert's probability is the one the compact router (those
 rows removed) computes. Invariant: ``compact(m)(x) == m(x)`` for the masked model ``m`` (``verify`` checks it).
+
+ONNX (transformers 5.25, torch 2.14): export the ``batched_mm`` experts implementation
+(``config._experts_implementation = "batched_mm"``); the default ``grouped_mm`` does not export (``aten::histc``, the
+dense model neither) and the eager loop is unrolled for the experts the example input hits.
 """
 
 from __future__ import annotations
