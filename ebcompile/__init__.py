@@ -8,9 +8,10 @@ from .passes.shrink import compact
 from .prepare import mask_nodes, prepare
 from .report import report
 from .scorers import add_gate_penalty_grad, gate_parameters, gate_penalty
+from .serving import save_for_serving
 from .ticket import Ticket, apply_ticket, draw_ticket, snapshot
 
 __all__ = ["prepare", "EarlyBird", "Ticket", "apply_ticket", "draw_ticket", "snapshot", "compact", "export_onnx",
            "report", "mask_nodes", "save", "load", "EbcompileError", "gate_penalty", "add_gate_penalty_grad",
-           "gate_parameters"]
+           "gate_parameters", "save_for_serving"]
 __version__ = "0.1.0"

@@ -73,3 +73,8 @@ class ImportanceDataError(EbcompileError):
 class TicketStateError(TicketMismatchError):
     """The masks on a model no longer match the ticket applied to it (a ``state_dict`` saved before
     ``apply_ticket`` was loaded after it)."""
+
+
+class ServingFormatError(EbcompileError, ValueError):
+    """A compact model that the serving format (``save_for_serving``: a stock config, or DeciLM / Nemotron-NAS
+    ``block_configs``) cannot express; nothing is written."""
