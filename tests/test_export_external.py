@@ -160,3 +160,36 @@ def test_cli_export_with_external_data(tmp_path, capsys):
     assert sorted(os.listdir(out.parent)) == ["m.onnx", "m.onnx.data"]
     assert main(["export", str(tmp_path / "dense"), str(out), "--seq", "8", "--no-external-data"]) == 0
     assert sorted(os.listdir(out.parent)) == ["m.onnx"]
+
+
+def _tiny_llama() -> torch.nn.Module:
+    import transformers as t
+
+    torch.manual_seed(0)
+    return t.LlamaForCausalLM(t.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64, vocab_size=64,
+                                            max_position_embeddings=32)).eval()
+
+
+def test_optimizer_reads_and_writes_external_data_as_the_exporter_spills_it(tmp_path, monkeypatch):
+    """Past 2 GB the exporter writes one file per tensor beside the .onnx: simulated here on a tiny Llama (RMSNorm
+    becomes onnxruntime's SimplifiedLayerNormalization, which onnx.checker does not know)."""
+    real = torch.onnx.export
+
+    def spilling_export(model, args, f, **kwargs):
+        real(model, args, f, **kwargs)
+        proto = onnx.load(f)
+        onnx.save_model(proto, f, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=1024)
+
+    model, tokens = _tiny_llama(), {"input_ids": torch.randint(0, 64, (1, 8)), "attention_mask": torch.ones(1, 8).long()}
+    inline = export_onnx(model, tmp_path / "inline.onnx", tokens, optimize=True)
+    monkeypatch.setattr(export_module.torch.onnx, "export", spilling_export)
+    rep = export_onnx(model, tmp_path / "m.onnx", tokens, optimize=True)  # automatic: the exporter spilled
+    assert rep.external_data and rep.optimized and rep.op_counts == inline.op_counts
+    assert rep.op_counts.get("SimplifiedLayerNormalization", 0) + rep.op_counts.get("SkipSimplifiedLayerNormalization", 0) > 0
+    assert rep.op_counts["GroupQueryAttention"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["inline.onnx", "m.onnx", "m.onnx.data"]
+    feeds = {k: v.numpy() for k, v in tokens.items()}
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(**tokens).logits.numpy(), atol=1e-4, rtol=1e-4)

@@ -268,7 +268,7 @@ def export_onnx(
                 raise ExportError(f"onnxruntime's optimizer failed ({notes[-1] if notes else 'no reason given'}), and an fp16 "
                                   "export with optimize=True is converted to fp16 by it. Fix: export with optimize=False "
                                   "(fp16 traced directly), or in fp32.")
-            data = _external(tmp, path, external_data, weights, notes)
+            data = _external(tmp, path, external_data, weights, notes, check=not optimized)
             try:
                 graph = onnx.load(str(tmp), load_external_data=False).graph
             except Exception as exc:  # noqa: BLE001 - a file the optimizer broke
@@ -300,9 +300,10 @@ def export_onnx(
                         files=[str(path)] + ([str(moved)] if moved else []))
 
 
-def _external(tmp: Path, path: Path, wanted: bool | None, weights: int, notes: list[str]) -> str | None:
+def _external(tmp: Path, path: Path, wanted: bool | None, weights: int, notes: list[str], check: bool) -> str | None:
     """Move the weights of the export at ``tmp`` to one data file beside it when ``wanted`` (None: when they pass
-    the protobuf limit, or the exporter already had to write them apart); its name, or None when inline."""
+    the protobuf limit, or the exporter already had to write them apart); its name, or None when inline. ``check``:
+    run ``onnx.checker`` again on the packed file (not after the optimizer, whose contrib ops it does not know)."""
     import onnx
 
     spilled = has_external(tmp)
@@ -315,7 +316,8 @@ def _external(tmp: Path, path: Path, wanted: bool | None, weights: int, notes: l
     if not pack(tmp, name):
         notes.append("external_data: no tensor of 1 KiB or more, so the weights stay inside the .onnx")
         return None
-    onnx.checker.check_model(str(tmp))  # the path form: it follows external data and allows more than 2 GB
+    if check:
+        onnx.checker.check_model(str(tmp))  # the path form: it follows external data and allows more than 2 GB
     return name
 
 
