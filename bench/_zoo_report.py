@@ -12,6 +12,11 @@ from typing import Any
 _ORDER = ("head", "kv", "expert", "neuron")
 
 
+def skipped(row: dict[str, Any]) -> bool:
+    """A test module without a ModelTester (integration tests only): not a failure, nothing to build."""
+    return row["status"] == "skip" or (row["stage"] == "load" and "has no TestCase using ModelTesterMixin" in row["reason"])
+
+
 def dense_ok(row: dict[str, Any]) -> bool:
     return row["status"] == "pass" or row["stage"] not in ("load", "dense")
 
@@ -36,7 +41,10 @@ def cause(row: dict[str, Any]) -> str:
 
 
 def summary(rows: list[dict[str, Any]]) -> list[str]:
+    skips = [r for r in rows if skipped(r)]
+    rows = [r for r in rows if not skipped(r)]
     dense = [r for r in rows if dense_ok(r)]
+    found_heads = [r for r in dense if sum((r.get("found") or {}).get(k, 0) for k in ("head", "kv", "expert"))]
     heads = [r for r in dense if cut_heads(r)]
     neurons = [r for r in dense if (r.get("cut") or {}).get("neuron", 0) > 0]
     both_exact = [r for r in heads if r in neurons and exact(r)]
@@ -45,8 +53,10 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     onnx_both = [r for r in onnx_dense if r["status"] == "pass" or r["stage"] == "save_load"]
     passed = [r for r in rows if r["status"] == "pass"]
     return [
-        f"- **{len(rows)} families run; {len(passed)} pass every stage.**",
-        f"- Of the **{len(dense)}** whose dense model builds and runs: **{len(heads)}** prune heads, KV groups or experts, "
+        f"- **{len(rows)} families run; {len(passed)} pass every stage** ({len(skips)} more have no ModelTester: "
+        f"{', '.join(r['family'] for r in skips) or 'none'}).",
+        f"- Of the **{len(dense)}** whose dense model builds and runs: **{len(found_heads)}** have heads, KV groups or "
+        f"experts found, **{len(heads)}** prune some at p = 0.3 (one global magnitude ranking over heads and neurons), "
         f"**{len(neurons)}** prune FFN neurons, **{len(both_exact)}** do both and compact exactly (compact ≡ masked); "
         f"{len(any_exact)} compact exactly whatever they prune.",
         f"- Of the **{len(onnx_dense)}** whose dense model exports to ONNX (verified): **{len(onnx_both)}** export the "
@@ -57,7 +67,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
 def causes(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     groups: dict[str, list[str]] = defaultdict(list)
     for r in rows:
-        if r["status"] != "pass":
+        if r["status"] != "pass" and not skipped(r):
             groups[cause(r)].append(r["family"])
     return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
 

@@ -200,7 +200,7 @@ def _test_class(module: types.ModuleType) -> type:
         if any(b.__name__ == "ModelTesterMixin" for b in cls.__mro__):
             found.append(cls)
     if not found:
-        raise SuiteError(f"{module.__name__} has no TestCase using ModelTesterMixin")
+        raise SuiteError(f"{module.__name__} has no TestCase using ModelTesterMixin")  # _zoo_stages.NO_TESTER
     found.sort(key=lambda c: (inspect.getsourcelines(c)[1] if _has_source(c) else 1 << 30))
     return found[0]
 
