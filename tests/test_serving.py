@@ -217,3 +217,17 @@ def test_vllm_serves_the_folders_with_the_compact_models_greedy_tokens(tmp_path)
     got = [r["tokens"] for r in json.loads(lines[-1][len("RESULT "):])["runs"]]
     for run, want, have in zip(runs, expected, got):
         assert have == want, run["folder"]
+
+
+def test_cli_serve_export(tmp_path, capsys):
+    from ebcompile.cli.main import main
+
+    ebcompile.save(_compact("llama", "layers"), tmp_path / "small")
+    assert main(["serve-export", str(tmp_path / "small"), str(tmp_path / "serve")]) == 0
+    assert "--trust-remote-code" in capsys.readouterr().out
+    assert json.loads((tmp_path / "serve" / "config.json").read_text())["model_type"] == "nemotron-nas"
+    ebcompile.save(_compact("llama", "heads"), tmp_path / "heads")
+    assert main(["serve-export", str(tmp_path / "heads"), str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ebcompile serve-export: error: DeciLM") and "\n" not in err and 'scope="layer"' in err
+    assert not (tmp_path / "no").exists()

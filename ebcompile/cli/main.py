@@ -17,11 +17,11 @@ from contextlib import contextmanager
 
 from ..errors import EbcompileError
 from ..io import check_writable
-from . import bench, compact, demo, export, inspect, retrain, search
+from . import bench, compact, demo, export, inspect, retrain, search, serve
 
-OUTPUTS = {"demo": True, "search": True, "retrain": True, "compact": True, "export": False}  # args.out: a directory?
+OUTPUTS = {"demo": True, "search": True, "retrain": True, "compact": True, "export": False, "serve-export": True}  # args.out: a directory?
 SUBCOMMANDS = {"demo": demo, "search": search, "retrain": retrain, "compact": compact, "export": export,
-               "inspect": inspect, "bench": bench}
+               "inspect": inspect, "bench": bench, "serve-export": serve}
 
 
 def build_parser() -> argparse.ArgumentParser:
