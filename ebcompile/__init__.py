@@ -1,5 +1,6 @@
 """ebcompile: early-bird lottery tickets for Transformers, as compiler passes over torch.fx graphs."""
 
+from .analysis import Analysis, analyse
 from .checkpoint import load, save
 from .controller import EarlyBird
 from .errors import EbcompileError
@@ -11,7 +12,7 @@ from .scorers import add_gate_penalty_grad, gate_parameters, gate_penalty
 from .serving import save_for_serving
 from .ticket import Ticket, apply_ticket, draw_ticket, snapshot
 
-__all__ = ["prepare", "EarlyBird", "Ticket", "apply_ticket", "draw_ticket", "snapshot", "compact", "export_onnx",
+__all__ = ["prepare", "analyse", "Analysis", "EarlyBird", "Ticket", "apply_ticket", "draw_ticket", "snapshot", "compact", "export_onnx",
            "report", "mask_nodes", "save", "load", "EbcompileError", "gate_penalty", "add_gate_penalty_grad",
            "gate_parameters", "save_for_serving"]
 __version__ = "0.1.0"

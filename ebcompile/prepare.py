@@ -26,7 +26,7 @@ from .scorers import KINDS, check_kind, make_importance
 from .scoring import Importance, raw_tensor
 
 __all__ = ["prepare", "PrepareConfig", "config_of", "mask_nodes", "MaskNode", "current_masks", "check_ratio", "tracker_of",
-           "mask_shapes"]
+           "mask_shapes", "build_plan"]
 
 STRUCTURES = ("unstructured", "structured")
 SCOPES = ("global", "layer")
@@ -137,6 +137,22 @@ def prepare(
                           "parameters). Fix: call ebcompile.prepare on the plain model first, then wrap it in "
                           "DistributedDataParallel or fully_shard it.")
     ratio = check_ratio(ratio)
+    plan, structure, scope, tensors = build_plan(model, example_inputs, structure, scope, include, exclude,
+                                                 prune_output_layer, capture_method, kv_heads, importance)
+    insert_masks(model, tensors)
+    args, kwargs = normalize_inputs(example_inputs)
+    example = (_detached(args), graph_kwargs(model, _detached(kwargs)))
+    model._ebcompile = PrepareConfig(plan, ratio, structure, scope, kv_heads, example, importance=importance)
+    model._ebcompile.tracker = make_importance(importance, model, plan, structure)
+    return model
+
+
+def build_plan(model: nn.Module, example_inputs: Any, structure: str = "auto", scope: str | None = None,
+               include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, prune_output_layer: bool = False,
+               capture_method: str = "auto", kv_heads: str = "prune", importance: str = "magnitude",
+               ) -> tuple[Plan, str, str, list[str]]:
+    """``prepare``'s checks of its arguments and its analysis, changing nothing (the model may be on the meta device):
+    the plan, the structure and scope chosen, and the tensors that would get masks."""
     include, exclude = _patterns("include", include), _patterns("exclude", exclude)
     if not isinstance(prune_output_layer, bool):
         raise ConfigError(f"prune_output_layer={prune_output_layer!r} must be True or False. Fix: e.g. prune_output_layer=True.")
@@ -199,12 +215,7 @@ def prepare(
         tensors = sorted({m.tensor for g in plan.groups for m in g.members if m.masked} | masked_weights)
     else:
         tensors = [op.weight for op in plan.linears]
-    insert_masks(model, tensors)
-    args, kwargs = normalize_inputs(example_inputs)
-    example = (_detached(args), graph_kwargs(model, _detached(kwargs)))
-    model._ebcompile = PrepareConfig(plan, ratio, structure, scope, kv_heads, example, importance=importance)
-    model._ebcompile.tracker = make_importance(importance, model, plan, structure)
-    return model
+    return plan, structure, scope, tensors
 
 
 def require_module(model: Any, what: str) -> None:
