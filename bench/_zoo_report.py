@@ -37,7 +37,8 @@ def cause(row: dict[str, Any]) -> str:
     prefix = re.sub(r"(Model|For\w+)$", "", row.get("model_class") or "") or "\0"
     text = re.sub(rf"\b{re.escape(prefix)}\w*", "<Model>", text, flags=re.IGNORECASE) if len(prefix) > 2 else text
     text = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", text)
-    return f"{row['stage']}: {text[:160]}"
+    both = " [dense ONNX fails too]" if row["stage"] == "onnx" and row.get("dense_onnx") != "ok" else ""
+    return f"{row['stage']}{both}: {text[:160]}"
 
 
 def summary(rows: list[dict[str, Any]]) -> list[str]:

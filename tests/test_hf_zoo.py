@@ -74,7 +74,7 @@ def test_runner_writes_a_passing_row(suite: Path, tmp_path: Path) -> None:
     assert row["found"]["kv"] == 4 and row["found"]["neuron"] == 80  # 2 KV groups x 2 layers; 40 neurons x 2 layers
     assert row["cut"]["neuron"] > 0 and row["max_diff"] < 1e-4
     page = out_md.read_text()
-    assert "| tinyllama | pass |" in page and "**1** prune heads, KV groups or experts" in page
+    assert "| tinyllama | pass |" in page and "**1** have heads, KV groups or experts found, **1** prune some" in page
 
 
 def test_cached_rows_are_kept_and_unknown_families_refused(suite: Path, tmp_path: Path) -> None:
