@@ -6,7 +6,7 @@ Invariant: inputs, outputs and function stay; contrib attention nodes written at
 A failing optimizer leaves the file unchanged and says why in the notes. A file with external data (over 2 GB) is
 optimized with its data loaded and saved back with external data beside it; the optimizer then holds every weight
 in a Python protobuf and fuses on copies (bench/onnx_large.py: past 13 GB RSS on a 2.3 GB model, where the plain
-export peaks at 2x the model), so for such a model prefer ``fused_attention=True`` without ``optimize``.
+export adds 0.5 GB to the model's own memory), so for such a model prefer ``fused_attention=True`` without ``optimize``.
 """
 
 from __future__ import annotations
