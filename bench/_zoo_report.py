@@ -41,6 +41,15 @@ def cause(row: dict[str, Any]) -> str:
     return f"{row['stage']}{both}: {text[:160]}"
 
 
+def coarse(row: dict[str, Any]) -> str:
+    """Stage, exception type and the type of the exception it wraps (``ExportError(UnsupportedOperatorError)``)."""
+    types = re.findall(r"\b(\w+(?:Error|Exception|Expired))\b", row["reason"])
+    outer = row["reason"].split(":", 1)[0]
+    inner = next((t for t in types if t != outer), "")
+    both = " [dense ONNX fails too]" if row["stage"] == "onnx" and row.get("dense_onnx") != "ok" else ""
+    return f"{row['stage']}{both}: {outer}" + (f"({inner})" if inner else "")
+
+
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     skips = [r for r in rows if skipped(r)]
     rows = [r for r in rows if not skipped(r)]
@@ -65,11 +74,11 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def causes(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+def causes(rows: list[dict[str, Any]], key: Any = cause) -> list[tuple[str, list[str]]]:
     groups: dict[str, list[str]] = defaultdict(list)
     for r in rows:
         if r["status"] != "pass" and not skipped(r):
-            groups[cause(r)].append(r["family"])
+            groups[key(r)].append(r["family"])
     return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
 
 
@@ -92,10 +101,11 @@ def markdown(rows: list[dict[str, Any]], source: str, command: str) -> str:
            "of the compact model → `save`/`load` round trip. Written by `bench/hf_zoo.py` (rows: docs/zoo.json).", "",
            f"Suite: {source}. Command: `{command}`.", "", "## Summary", ""]
     out += summary(rows)
-    out += ["", "## Failure causes (grouped by stage and reason, most families first)", "",
-            "| families | stage: reason | which |", "|---|---|---|"]
-    for key, fams in causes(rows):
-        out.append(f"| {len(fams)} | {_cell(key)} | {', '.join(fams[:12])}{' …' if len(fams) > 12 else ''} |")
+    for title, key in (("by stage and exception type", coarse), ("by stage and reason", cause)):
+        out += ["", f"## Failure causes ({title}, most families first)", "",
+                "| families | stage: reason | which |", "|---|---|---|"]
+        for text, fams in causes(rows, key):
+            out.append(f"| {len(fams)} | {_cell(text)} | {', '.join(fams[:12])}{' …' if len(fams) > 12 else ''} |")
     out += ["", "## Per family", "",
             "Units: `head` attention heads, `kv` whole KV groups (grouped-query attention), `expert` MoE experts, "
             "`neuron` FFN neurons. *Stage* is the first stage that failed.", "",

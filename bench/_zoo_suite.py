@@ -90,8 +90,30 @@ def _stub(name: str) -> types.ModuleType:
         return _parameterized_stub()
     mod = types.ModuleType(name)
     mod.__path__ = []  # a package, so that submodule imports find stubs too
-    mod.__getattr__ = lambda attr: type(attr, (), {})  # type: ignore[method-assign]
+    mod.__getattr__ = _attribute  # type: ignore[method-assign]
     return mod
+
+
+def _attribute(attr: str) -> type:
+    if attr.startswith("__"):  # __file__, __spec__, ...: a module without them, not a stub of them
+        raise AttributeError(attr)
+    return _anything(attr)
+
+
+def _anything(attr: str) -> type:
+    """A stub attribute: a class (mixins subclass it) that, called on one function or string, returns it (decorators,
+    ``url_to_local_path(url)``), and otherwise gives an instance that is a pass-through decorator itself."""
+
+    def new(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if cls is stub and len(args) == 1 and not kwargs and (callable(args[0]) or isinstance(args[0], str)):
+            return args[0]
+        return object.__new__(cls)
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return args[0] if len(args) == 1 and callable(args[0]) else self
+
+    stub = type(attr, (), {"__new__": new, "__init__": lambda self, *a, **k: None, "__call__": call})
+    return stub
 
 
 def import_tester_module(root: Path, family: str, stubs: list[str]) -> types.ModuleType:
