@@ -22,7 +22,7 @@ from .passes.groups import find_groups
 from .passes.linears import find_linears
 from .passes.masks import insert_masks, iter_masks
 from .plan import Plan
-from .scorers import KINDS, check_kind, make_importance
+from .scorers import KINDS, check_kind, check_plan_kind, make_importance
 from .scoring import Importance, raw_tensor
 
 __all__ = ["prepare", "PrepareConfig", "config_of", "mask_nodes", "MaskNode", "current_masks", "check_ratio", "tracker_of",
@@ -139,6 +139,7 @@ def prepare(
     ratio = check_ratio(ratio)
     plan, structure, scope, tensors = build_plan(model, example_inputs, structure, scope, include, exclude,
                                                  prune_output_layer, capture_method, kv_heads, importance)
+    check_plan_kind(importance, plan, structure)
     insert_masks(model, tensors)
     args, kwargs = normalize_inputs(example_inputs)
     example = (_detached(args), graph_kwargs(model, _detached(kwargs)))

@@ -332,14 +332,19 @@ def _gate_member(group: GroupSet, dims: dict[str, int]) -> Member:
 def make_importance(kind: str, model: nn.Module, plan: Plan, structure: str) -> Importance:
     """The tracker for ``kind``, attached to ``model`` (hooks and gates installed); masks must be inserted first.
     Also installs the routing hooks of mixture-of-experts layers (``passes.experts``): a masked expert is never routed to."""
-    if structure == "structured" and kind in ("taylor", "gate") and any(is_expert_group(g) for g in plan.groups):
-        raise ConfigError(f"importance={kind!r} does not score the experts of mixture-of-experts layers (fused 3-D expert "
-                          "tensors) yet. Fix: use importance='activation' (router-weighted) or 'magnitude', or leave the "
-                          "experts whole with exclude= on their routers (e.g. exclude=['*.mlp.gate']).")
+    check_plan_kind(kind, plan, structure)
     if structure == "structured":
         install_routing(model, plan)
     classes = {"magnitude": Importance, "taylor": TaylorImportance, "activation": ActivationImportance, "gate": GateImportance}
     return classes[check_kind(kind, structure)](model, plan, structure)
+
+
+def check_plan_kind(kind: str, plan: Plan, structure: str) -> None:
+    """``kind`` checked against the units ``plan`` found (prepare calls it before inserting any mask)."""
+    if structure == "structured" and kind in ("taylor", "gate") and any(is_expert_group(g) for g in plan.groups):
+        raise ConfigError(f"importance={kind!r} does not score the experts of mixture-of-experts layers (fused 3-D expert "
+                          "tensors) yet. Fix: use importance='activation' (router-weighted) or 'magnitude', or leave the "
+                          "experts whole with exclude= on their routers (e.g. exclude=['*.mlp.gate']).")
 
 
 def check_kind(kind: Any, structure: str) -> str:

@@ -188,6 +188,10 @@ def test_onnx_export_of_the_compact_model_verifies(name, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["taylor", "gate"])
-def test_kinds_without_expert_scores_are_refused(kind):
+def test_kinds_without_expert_scores_are_refused_before_anything_changes(kind):
+    model = build("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="activation"):
-        ebcompile.prepare(build("mixtral"), text_batch(), structure="structured", importance=kind)
+        ebcompile.prepare(model, text_batch(), structure="structured", importance=kind)
+    assert not hasattr(model, "_ebcompile") and set(model.state_dict()) == set(before)  # no masks, no parametrizations
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
