@@ -195,3 +195,17 @@ def test_kinds_without_expert_scores_are_refused_before_anything_changes(kind):
         ebcompile.prepare(model, text_batch(), structure="structured", importance=kind)
     assert not hasattr(model, "_ebcompile") and set(model.state_dict()) == set(before)  # no masks, no parametrizations
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_default_grouped_mm_kernel_compacts_any_width_and_exports(name, tmp_path):
+    x = text_batch()  # ratio 0.37 per layer: expert widths no multiple of 4 before alignment (grouped_mm needs 16 bytes)
+    model = ebcompile.prepare(build(name, "grouped_mm"), x, structure="structured", ratio=0.37, scope="layer")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model.eval(), round_to=None)
+    widths = {m.down_proj.shape[-1] for m in small.modules() if isinstance(getattr(m, "down_proj", None), torch.Tensor)}
+    assert widths and all(w % 4 == 0 for w in widths)
+    torch.testing.assert_close(logits(small, x), logits(model, x), rtol=1e-4, atol=1e-5)
+    report = ebcompile.export_onnx(small, tmp_path / "m.onnx", x, verify=True)
+    assert report.max_abs_error < 1e-4 and any("batched_mm" in n for n in report.notes)
+    assert small.config._experts_implementation == "grouped_mm"  # only the export's copy was switched

@@ -114,6 +114,19 @@ def _shared_copy(net: nn.Module, half: bool = False) -> nn.Module:
     return copy.deepcopy(net, memo)
 
 
+def _exportable_experts(net: nn.Module) -> str:
+    """Mixture-of-experts containers of the export copy ``net`` switched to transformers' ``batched_mm`` experts
+    kernel: the default ``grouped_mm`` traces to ``aten::histc`` (no ONNX op) and ``eager`` unrolls only the experts
+    the example routes to. Same function; returns a note when something was switched."""
+    switched = False
+    for module in net.modules():
+        config = getattr(module, "config", None)
+        if hasattr(module, "is_concatenated") and getattr(config, "_experts_implementation", "batched_mm") != "batched_mm":
+            config._experts_implementation = "batched_mm"  # the copy's config: the caller's model keeps its own
+            switched = True
+    return "mixture-of-experts layers exported with the batched_mm experts kernel" if switched else ""
+
+
 def _parameters(net: nn.Module) -> set[str]:
     try:
         return set(inspect.signature(net.forward).parameters)
@@ -213,6 +226,7 @@ def export_onnx(
         raise ConfigError(f"external_data={external_data!r} is not True, False or None. Fix: pass a bool, or None "
                           "(external data when the weights pass 2 GB).")
     net = _shared_copy(plain_model(model))
+    experts_note = _exportable_experts(net)
     weights = weight_bytes(net, fp16)
     if external_data is False and weights > INLINE_LIMIT:
         raise ConfigError(f"external_data=False, but the weights take {weights / 2**30:.2f} GiB and an ONNX protobuf "
@@ -243,7 +257,7 @@ def export_onnx(
     input_names = input_names or [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     output_names = output_names or (["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))])
     axes = _auto_axes(input_names, list(args)) | _auto_axes(output_names, reference) if dynamic_axes == "auto" else dynamic_axes
-    notes: list[str] = [mask_note] if mask_note else []
+    notes: list[str] = [n for n in (mask_note, experts_note) if n]
     path = Path(path)
     moved: Path | None = None  # the data file, once beside path: removed again if the export then fails
     try:

@@ -21,9 +21,10 @@ experts' logits to -inf at the output of the ``F.linear`` that reads the router 
 never picks them (top_k <= kept experts) and each kept expert's probability is the one the compact router (those
 rows removed) computes. Invariant: ``compact(m)(x) == m(x)`` for the masked model ``m`` (``verify`` checks it).
 
-ONNX (transformers 5.25, torch 2.14): export the ``batched_mm`` experts implementation
-(``config._experts_implementation = "batched_mm"``); the default ``grouped_mm`` does not export (``aten::histc``, the
-dense model neither) and the eager loop is unrolled for the experts the example input hits.
+ONNX (transformers 5.25, torch 2.14): ``export_onnx`` switches its own copy to the ``batched_mm`` experts kernel
+(same function); the default ``grouped_mm`` does not export (``aten::histc``, the dense model neither) and the eager
+loop is unrolled for the experts the example input hits. Compact widths are kept multiples of 16 bytes, which
+``grouped_mm`` requires.
 """
 
 from __future__ import annotations
@@ -237,7 +238,9 @@ def install_routing(model: nn.Module, plan: Plan) -> None:
 def remove_expert_neurons(model: nn.Module, group: GroupSet, keep: torch.Tensor, round_to: int | None) -> torch.Tensor:
     """Cut ``group``'s pruned neurons out of every expert (the same count each: the most any expert keeps, rounded
     up to ``round_to`` and capped at I; an expert keeping fewer takes back pruned, all-zero neurons). Returns the
-    per-unit keep-mask used."""
+    per-unit keep-mask used. The width is also rounded up to 16 bytes of its dtype: transformers' default
+    ``grouped_mm`` experts kernel refuses rows whose stride is not a multiple of 16 bytes (a taken-back neuron is
+    all zeros after the ticket, so the function is unchanged)."""
     from ..names import tensor_at
     from .shrink import set_tensor
 
@@ -246,6 +249,8 @@ def remove_expert_neurons(model: nn.Module, group: GroupSet, keep: torch.Tensor,
     kept = max(int(blocks.sum(1).max()), 1)
     if round_to is not None:
         kept = min(-(-kept // round_to) * round_to, n)
+    align = max(16 // tensor_at(model, group.members[0].tensor).element_size(), 1)
+    kept = min(-(-kept // align) * align, n)
     for row in blocks:  # take back the first pruned neurons until every expert keeps ``kept``
         extra = kept - int(row.sum())
         if extra > 0:
