@@ -109,18 +109,6 @@ def _linear(flow: Flow, node: fx.Node):
     return linear_source(flow, x, wname, wshape, 0, bname, shape(node))
 
 
-@handler("addmm")
-def _addmm(flow: Flow, node: fx.Node):  # Hugging Face Conv1D: addmm(bias, x2d, weight[in, out])
-    b, x, w = node.args[:3]
-    wname = flow.param_of.get(w.name) if isinstance(w, fx.Node) else None
-    if wname is None:
-        from .ops_attention import matmul_like
-
-        return matmul_like(flow, node, node.args[1], node.args[2], bias=node.args[0])
-    bname = flow.param_of.get(b.name) if isinstance(b, fx.Node) else None
-    return linear_source(flow, x, wname, shape(w), 1, bname, shape(node))
-
-
 @handler("embedding")
 def _embedding(flow: Flow, node: fx.Node):
     w = node.args[0]

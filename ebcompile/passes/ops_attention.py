@@ -1,4 +1,4 @@
-"""Label handlers for products of two activations: ``matmul``/``bmm`` (eager attention: scores = q @ k^T,
+"""Label handlers for products of two activations: ``matmul``/``bmm``/``addmm`` (eager attention: scores = q @ k^T,
 out = probs @ v) and ``scaled_dot_product_attention`` (``passes.structure``).
 
 A contracted labelled dimension ties each position of one side to the same position of the other (q's head
@@ -16,7 +16,7 @@ import numpy as np
 from torch import fx
 
 from .labels import Labels, varying
-from .ophandlers import Flow, _out, handler, shape
+from .ophandlers import Flow, _out, handler, linear_source, shape
 
 
 def _aligned(lab: Labels | None, nd: int) -> np.ndarray | None:
@@ -114,9 +114,7 @@ def _matmul(flow: Flow, node: fx.Node):
 
     operand = weight_operand(b)
     if operand is not None and operand[0].name in flow.param_of and len(shape(operand[0]) or ()) == 2:
-        from .ophandlers import linear_source  # x @ W or x @ W.T with a 2-D parameter: a linear op
-
-        w, out_dim = operand
+        w, out_dim = operand  # x @ W or x @ W.T with a 2-D parameter: a linear op
         return linear_source(flow, a, flow.param_of[w.name], shape(w), out_dim, None, shape(node))
     return product(flow, flow.lab(a), flow.lab(b), shape(node))
 
@@ -126,6 +124,16 @@ def matmul_like(flow: Flow, node: fx.Node, a, b, bias=None):
     if isinstance(bias, fx.Node) and isinstance(flow.lab(bias), Labels):
         flow.forbid(bias, "added to a matmul")
     return out
+
+
+@handler("addmm")
+def _addmm(flow: Flow, node: fx.Node):  # Hugging Face Conv1D: addmm(bias, x2d, weight[in, out])
+    b, x, w = node.args[:3]
+    wname = flow.param_of.get(w.name) if isinstance(w, fx.Node) else None
+    if wname is None:
+        return matmul_like(flow, node, node.args[1], node.args[2], bias=node.args[0])
+    bname = flow.param_of.get(b.name) if isinstance(b, fx.Node) else None
+    return linear_source(flow, x, wname, shape(w), 1, bname, shape(node))
 
 
 @handler("baddbmm")
