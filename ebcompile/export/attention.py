@@ -7,7 +7,7 @@ eager subgraph it replaces is dead code the exporter drops), so fusing never cha
 KV-head counts are read from each call's tensor shapes, so per-layer counts left by pruning are exact by
 construction. Attention is found where it is computed, not by model type: ``F.scaled_dot_product_attention``
 (Hugging Face SDPA, ``nn.MultiheadAttention``, nanoGPT...) and the eager ``softmax(q @ k^T * scale + bias) @ v``
-chain, followed op by op (``attention_ops.py``). An attention that cannot be fused is left as it is and the
+chain, followed op by op (``attention_ops.py``, ``fusion.py``). An attention that cannot be fused is left as it is and the
 reason is noted with the module it ran in. Masks become an additive ``attention_bias`` (a masked position gets
 the dtype's lowest value): a query row whose keys are all masked is the one case where the fused op and an eager
 ``masked_fill(-inf)`` may differ (both rows are meaningless padding).
@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
-from torch import nn
-from torch.overrides import TorchFunctionMode
 
-__all__ = ["AttentionFusion", "emit_attention", "gqa_supported"]
+__all__ = ["emit_attention", "gqa_supported"]
 
 
 @functools.cache
@@ -80,11 +79,12 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def emit_attention(mode: AttentionFusion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+def emit_attention(mode: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                    scale: float | None, causal: bool, eager: torch.Tensor) -> torch.Tensor:
     """``eager`` (= softmax(q k^T scale + bias [+ causal]) v, heads on dim 1) computed again by one contrib node.
 
-    q ``[B, H, S, D]``, k ``[B, Hk, T, D]``, v ``[B, Hk, T, Dv]``, ``H % Hk == 0``; returns eager's shape."""
+    q ``[B, H, S, D]``, k ``[B, Hk, T, D]``, v ``[B, Hk, T, Dv]``, ``H % Hk == 0``; returns eager's shape. ``mode`` is the
+    ``fusion.AttentionFusion`` tracing (its ``gqa`` flag is read)."""
     batch, heads, seq, dim = (int(n) for n in q.shape)  # sizes are traced tensors while exporting
     total, dim_v = int(k.shape[2]), int(v.shape[3])
     repeat = getattr(k, "_ebc_repeat", None)  # key/value repeated per query head (repeat_kv): fuse the original
@@ -112,51 +112,3 @@ def emit_attention(mode: AttentionFusion, q: torch.Tensor, k: torch.Tensor, v: t
     out = _ContribAttention.apply(*flat, bias, eager.transpose(1, 2).flatten(2), heads, kv_heads, scale, int(causal),
                                   dim == dim_v)
     return out.reshape(q.shape[0], q.shape[2], heads, dim_v).transpose(1, 2)  # sizes read from q: they stay dynamic
-
-
-class AttentionFusion(TorchFunctionMode):
-    """Active while the exporter traces: replaces each attention it can follow by ``emit_attention``."""
-
-    def __init__(self, net: nn.Module, gqa: bool = True) -> None:
-        super().__init__()
-        self.net, self.gqa = net, gqa
-        self.notes: list[str] = []
-        self._names = {m: n for n, m in net.named_modules()}
-        self._stack: list[str] = []
-        self._hooks: list = []
-
-    @property
-    def layer(self) -> str:
-        return self._stack[-1] if self._stack else "<model>"
-
-    def note(self, why: str) -> None:
-        line = f"attention in {self.layer} not fused: {why}"
-        if line not in self.notes:
-            self.notes.append(line)
-
-    def __enter__(self):
-        for module, name in self._names.items():
-            self._hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: self._stack.append(n or "<model>")))
-            self._hooks.append(module.register_forward_hook(lambda m, a, o: self._stack.pop() and None))
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        return super().__exit__(*exc)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        from .attention_ops import HANDLERS, forget_in_place, scores_of
-
-        kwargs = kwargs or {}
-        handler = HANDLERS.get(func)
-        if handler is not None:
-            before = scores_of(args[0]) if args and isinstance(args[0], torch.Tensor) else None
-            out = handler(self, func, args, kwargs)
-            if before is not None and out is args[0] and scores_of(out) is before:
-                forget_in_place(func, args, kwargs)  # an in-place op the handler left untracked (e.g. on the probabilities)
-            return out
-        out = func(*args, **kwargs)
-        forget_in_place(func, args, kwargs)
-        return out

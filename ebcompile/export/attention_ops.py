@@ -1,4 +1,4 @@
-"""Per-op handlers that follow an eager attention while the export traces it (used by ``AttentionFusion``).
+"""Per-op handlers that follow an eager attention while the export traces it (used by ``fusion.AttentionFusion``).
 
 Invariant: a tensor tagged ``_ebc_scores`` holds exactly ``scale * (q @ kt) + bias`` (reshaped to its own shape
 when only leading dims changed; after ``softmax(dim=-1)``, ``probs`` is set and it holds the probabilities of those

@@ -20,8 +20,8 @@ from ..capture import graph_kwargs, inputs_fit, normalize_inputs
 from ..errors import ConfigError, ExportError
 from ..io import atomic_path
 from ..names import split_name
-from .attention import AttentionFusion
 from .external import INLINE_LIMIT, data_name, has_external, pack, previous_data, publish, weight_bytes
+from .fusion import AttentionFusion
 from .optimize import attention_summary, optimize_file
 from .ort_check import run_onnxruntime
 from .ort_child import session
