@@ -137,8 +137,7 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     copies its own shard. Keys are the model's ``state_dict`` keys; masks (``*_mask``) are loaded too."""
     from torch.nn.utils import parametrize
 
-    from .names import split_name
-    from .passes.masks import MASK_SUFFIX
+    from .names import MASK_SUFFIX, split_name
 
     if not any(is_sharded(p) for p in model.parameters()):
         model.load_state_dict(state, strict=False)

@@ -6,7 +6,10 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["split_name", "tensor_at"]
+__all__ = ["split_name", "tensor_at", "MASK_SUFFIX", "GATE_SUFFIX"]
+
+MASK_SUFFIX = "_mask"  # state-dict key of a weight's mask: "<module>.weight_mask" (passes/masks.py)
+GATE_SUFFIX = "_gate"  # and of its learnable unit gates (importance="gate")
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -20,12 +20,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..distributed import masked
-from ..names import split_name
+from ..names import GATE_SUFFIX, MASK_SUFFIX, split_name
 
 __all__ = ["WeightMask", "insert_masks", "strip_masks", "iter_masks", "MASK_SUFFIX", "GATE_SUFFIX", "is_gate"]
-
-MASK_SUFFIX = "_mask"
-GATE_SUFFIX = "_gate"
 
 
 class WeightMask(nn.Module):
