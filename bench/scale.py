@@ -297,7 +297,8 @@ Where a target is missed, and why:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="*", default=["56M", "246M", "1.1B"], choices=list(CONFIGS),
+                        help="537M (AdamW) needs ~16 GB for its compact with the optimizer carried: not by default")
     parser.add_argument("--one", choices=[*CONFIGS, "meta70b"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--no-meta", action="store_true", help="skip the 70B meta-device analysis")
