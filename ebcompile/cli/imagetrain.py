@@ -42,7 +42,7 @@ from .imageclf import (
     save_model,
     trusted_spec,
 )
-from .search import refuse_other_settings
+from .search_run import finish, refuse_other_settings
 
 LR, RULE, THRESHOLD = 1e-3, "relative", 0.3  # image defaults: from-scratch AdamW; the rule measured in docs/RESULTS.md
 PROGRESS, OPTIMIZER, SEARCH_STATE = "progress.json", "optimizer.safetensors", "earlybird.safetensors"
@@ -129,8 +129,6 @@ def search(args: argparse.Namespace) -> int:
     acc = accuracy(model, data, recipe)
     result = {"task": "image", "model": args.model, "found": eb.found, "step": step, "epoch": round(step / per_epoch, 3),
               "checks": eb.checks, "validation_accuracy": acc, "distances": eb.distances()}
-    from .search import finish
-
     return finish(args, out, eb, result, step, "Train longer (--epochs, the search resumes where it stopped)")
 
 

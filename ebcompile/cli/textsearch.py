@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError
 from ..fsguard import read_json
 from ..io import atomic_path
-from .search import refuse_other_settings
+from .search_run import finish, refuse_other_settings
 
 PROGRESS = "progress.json"
 RESUMABLE = ("model", "data", "train_limit", "batch", "lr", "max_len", "seed", "ratio", "structure", "scope", "every",
@@ -119,7 +119,6 @@ def search(args: argparse.Namespace) -> int:
     from ..plots import plot_search
     from ..prepare import check_ratio, prepare
     from . import textclf
-    from .search import finish
 
     check_ratio(args.ratio)
     args.threshold = 0.01 if args.threshold is None else args.threshold
