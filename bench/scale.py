@@ -283,8 +283,8 @@ Where a target is missed, and why:
   analysis's per-feature index arrays, and the first import of torch.export's machinery in the process (on a 1.5M
   Llama: importing torch.export's modules 30 MB, the first prepare of a process 41 MB more, a second prepare in the
   same process 3 MB). At 56M (225 MB) that once-per-process part alone is 0.3x; from 246M on the target holds.
-  The brief's "~3 GB at 246M" was the process's RSS with the random init (the `process_peak_x` field of the JSON rows: 2.0x at 56M, 1.4x at 246M):
-  Hugging Face's init leaves freed memory held by the allocator, which is not prepare's.
+  The brief's "~3 GB at 246M" was the process's RSS with the random init (the `process_peak_x` field of the JSON
+  rows: 2.0x at 56M, 1.4x at 246M): Hugging Face's init leaves freed memory held by the allocator, not prepare's.
 - **537M** is not in the table: with AdamW its compact (three shadow copies of the model for the optimizer
   state, beside two moments and the compact copy) passes the ~14 GB one process may take on this shared machine.
 - **1.1B** trains with SGD without momentum (AdamW's states would not fit), so `compact` is called without
