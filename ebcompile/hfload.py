@@ -104,12 +104,21 @@ def _disagreement(fresh: nn.Module, shapes: dict[str, list[int]]) -> str | None:
         if len(saved) != len(state[key]) or any(s > n for s, n in zip(saved, state[key])):
             return f"{key} has shape {saved} in the weights, {state[key]} by the config"
     embeddings = {f"{p}.weight": m for p, m in fresh.named_modules() if isinstance(m, nn.Embedding)}
-    inputs = fresh.get_input_embeddings() if hasattr(fresh, "get_input_embeddings") else None
+    inputs = input_embeddings(fresh)
     for key, module in embeddings.items():  # vocabularies, positions and the residual width are never pruned
         exact = state[key] if module is inputs else state[key][:1]
         if key in shapes and shapes[key][:len(exact)] != exact:
             return f"{key} has shape {shapes[key]} in the weights, {state[key]} by the config"
     return None
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()``, or None where the model has none: transformers raises
+    ``NotImplementedError`` for a model without a token embedding (a vision model: ConvNext, DETR)."""
+    try:
+        return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def build_checked(cls: type, config: Any, shapes: dict[str, list[int]], where: str | os.PathLike) -> nn.Module:
