@@ -32,18 +32,15 @@ from .families import family_of
 from .fsguard import exists, guard, read_json
 from .hfload import build_checked, header_shapes, hf_class, hf_config
 from .materialized import require_materialized
+from .model_format import CONFIG, FORMAT, META, VERSION, WEIGHTS, count_attributes, head_counts
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
-from .names import split_name, tensor_at
-from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS, ConfigView
+from .names import set_tensor, split_name, tensor_at
+from .passes.counts import ConfigView
 from .passes.reshapes import install_rewrite, rewrites_of
-from .passes.shrink import fix_attributes, removed_indices, set_tensor
+from .passes.shrink import fix_attributes, plain_model, removed_indices
 from .savedir import atomic_dir, read_saved
 
 __all__ = ["save", "load", "head_counts", "WEIGHTS", "CONFIG", "META"]
-
-WEIGHTS, CONFIG, META = "model.safetensors", "config.json", "ebcompile.json"
-FORMAT, VERSION = "ebcompile-model", 1
-
 
 def _is_hf(model: nn.Module) -> bool:
     try:
@@ -51,37 +48,6 @@ def _is_hf(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(model, PreTrainedModel)
-
-
-def head_counts(model: nn.Module) -> dict[str, int]:
-    """Head count of every attention module: registered families (outermost) and ebcompile's compact modules."""
-    counts: dict[str, int] = {}
-    for path, m in model.named_modules():
-        if any(path.startswith(p + ".") for p in counts):
-            continue
-        if isinstance(m, (CompactMultiheadAttention, CompactShiftedWindowAttention)):
-            counts[path] = int(m.num_heads)
-        elif (family := family_of(m)) is not None and (group := family.heads(path, m)) is not None:
-            counts[path] = int(group.units)
-    return counts
-
-
-def count_attributes(model: nn.Module) -> dict[str, int]:
-    """Every head count and width attribute of the table in ``passes.counts`` (``path.attr`` -> value): what a
-    fresh model needs rewritten, besides its tensor shapes, to compute what the compact one does."""
-    from .families.hf_moe import EXPERT_COUNTS, EXPERT_WIDTHS
-
-    names = set(HEAD_COUNTS + KV_COUNTS + GROUP_COUNTS + WIDTHS + NEURON_WIDTHS + EXPERT_COUNTS + EXPERT_WIDTHS)
-    out = {}
-    for path, module in model.named_modules():
-        for attr in names & set(module.__dict__):
-            value = module.__dict__[attr]
-            if isinstance(value, int) and not isinstance(value, bool):
-                out[f"{path}.{attr}" if path else attr] = value
-        view = module.__dict__.get("config")
-        if isinstance(view, ConfigView):  # the counts compaction gave this module over the shared config
-            out.update({f"{path}.config.{attr}" if path else f"config.{attr}": v for attr, v in view.overrides.items()})
-    return out
 
 
 def _set_counts(model: nn.Module, counts: dict[str, Any]) -> None:
@@ -123,8 +89,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     A prepared model is saved as what it deploys to: compacted when a ticket is applied (structured tickets
     lose their pruned heads and neurons), otherwise with its masks baked into the weights.
     """
-    from .export.onnx import plain_model
-    from .prepare import require_module
+    from .materialized import require_module
 
     require_module(model, "save")
     require_materialized(model, "save")

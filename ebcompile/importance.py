@@ -16,6 +16,7 @@ from .distributed import is_sharded
 from .passes.experts import unit_rows
 from .plan import GroupSet, Plan
 from .scoring import Importance, raw_tensor, unit_slice_scores
+from .sharded_masks import unstructured_sharded
 
 __all__ = ["Masks", "compute_masks", "raw_tensor", "expand_units", "hamming"]
 
@@ -92,9 +93,7 @@ def _unstructured(model: nn.Module, plan: Plan, ratio: float, scope: str, import
     names = [op.weight for op in plan.linears]
     scored = [importance.element_scores(n) for n in names]
     if any(is_sharded(t) for t in scored):
-        from .sharded_masks import unstructured_sharded
-
-        return unstructured_sharded(model, names, ratio, scope, scored)
+        return Masks("unstructured", unstructured_sharded(model, names, ratio, scope, scored))
     tensors = [t.flatten() for t in scored]
     masks = Masks("unstructured")
     if scope == "global":

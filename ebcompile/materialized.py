@@ -4,19 +4,20 @@ A model built under ``torch.device("meta")`` (or ``accelerate.init_empty_weights
 ``.to("meta")``) has shapes but no numbers: tracing, ranking, compacting, exporting or saving it can only fail
 deep inside torch (``NotImplementedError: Cannot copy out of meta tensor``) or, worse, succeed on nothing.
 ``require_materialized`` raises a ``ConfigError`` naming the first such tensor and the fix, before anything
-changes.
+changes; ``require_module`` refuses what is not an ``nn.Module`` at all (a name or a path) the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["require_materialized", "require_values", "meta_error"]
+__all__ = ["require_materialized", "require_values", "meta_error", "require_module"]
 
 FIX = ("Fix: materialize the weights first: model.to_empty(device='cpu') (or 'cuda'), then load the real weights "
        "(model.load_state_dict(state), ebcompile.load(directory, model=model), or from_pretrained without meta/empty-"
@@ -40,3 +41,10 @@ def require_values(tensors: Iterable[torch.Tensor], what: str) -> None:
     """Raise ``meta_error`` if any of ``tensors`` is on the meta device."""
     if any(t.is_meta for t in tensors):
         raise meta_error(what, "a weight it reads")
+
+
+def require_module(model: Any, what: str) -> None:
+    """``model`` must be an ``nn.Module``: a model name or path is loaded first by the caller."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{what} needs an nn.Module, got {type(model).__name__} {str(model)[:60]!r}. Fix: build or load the "
+                          "model first (e.g. AutoModel.from_pretrained(name), or ebcompile.load(directory)).")

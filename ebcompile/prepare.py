@@ -16,7 +16,7 @@ from .capture import capture, graph_kwargs, normalize_inputs
 from .distributed import is_sharded, unwrap
 from .errors import ConfigError, InvalidRatioError, NoPrunableLayerError, NotPreparedError
 from .importance import Masks, compute_masks
-from .materialized import require_materialized
+from .materialized import require_materialized, require_module
 from .names import split_name
 from .passes.groups import find_groups
 from .passes.linears import find_linears
@@ -217,13 +217,6 @@ def build_plan(model: nn.Module, example_inputs: Any, structure: str = "auto", s
     else:
         tensors = [op.weight for op in plan.linears]
     return plan, structure, scope, tensors
-
-
-def require_module(model: Any, what: str) -> None:
-    """``model`` must be an ``nn.Module``: a model name or path is loaded first by the caller."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"{what} needs an nn.Module, got {type(model).__name__} {str(model)[:60]!r}. Fix: build or load the "
-                          "model first (e.g. AutoModel.from_pretrained(name), or ebcompile.load(directory)).")
 
 
 def _recomputed(model: nn.Module, weight: str) -> bool:

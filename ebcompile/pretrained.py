@@ -86,7 +86,7 @@ def attach_save_pretrained(model: nn.Module) -> None:
         return
 
     def save_pretrained(save_directory, *args: Any, **kwargs: Any):
-        from .checkpoint import FORMAT, META, VERSION, count_attributes, head_counts
+        from .model_format import FORMAT, META, VERSION, count_attributes, head_counts
         from .passes.reshapes import rewrites_of
 
         out = original(save_directory, *args, **kwargs)

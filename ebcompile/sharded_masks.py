@@ -15,15 +15,15 @@ from torch import nn
 
 from .distributed import DTensor, collective_ints, local_tensor, shard_rows, world
 from .errors import DistributedError
-from .importance import Masks
 from .scoring import raw_tensor
 
 __all__ = ["unstructured_sharded"]
 
 
 def unstructured_sharded(model: nn.Module, names: list[str], ratio: float, scope: str,
-                         scores: list[torch.Tensor] | None = None) -> Masks:
-    """``scores``: one non-negative tensor per name, sharded like its weight (default: the weights' magnitudes)."""
+                         scores: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The keep-mask of each name (``importance.Masks.tensors``). ``scores``: one non-negative tensor per name,
+    sharded like its weight (default: the weights' magnitudes)."""
     raws = scores if scores is not None else [raw_tensor(model, n) for n in names]
     rank, size = world()
     for r in raws:  # ties are dropped in rank order, which is row order only on a 1-D mesh over every rank in order
@@ -43,7 +43,7 @@ def unstructured_sharded(model: nn.Module, names: list[str], ratio: float, scope
     ties = [int((b == t).sum()) if owned[i] else 0 for i, (b, t) in enumerate(zip(bits, cut))]
     less_all = _all_reduce(less)
     ties_by_rank = _all_gather(ties, size)  # [rank][tensor]
-    masks = Masks("unstructured")
+    masks: dict[str, torch.Tensor] = {}
     for s, k, t in zip(rankings, ks, thresholds):
         need = k - sum(less_all[i] for i in s)  # ties to drop, in position order: tensor, then shard (rank)
         before = 0
@@ -54,7 +54,7 @@ def unstructured_sharded(model: nn.Module, names: list[str], ratio: float, scope
             b = bits[i]
             eq = b == t
             keep = (b > t) | (eq & (eq.cumsum(0) > drop_here)) if k > 0 else torch.ones_like(b, dtype=torch.bool)
-            masks.tensors[names[i]] = _whole(keep, raws[i])
+            masks[names[i]] = _whole(keep, raws[i])
     return masks
 
 

@@ -83,7 +83,7 @@ def signature_of(model: nn.Module) -> dict[str, list[int]]:
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of the model's weights (no masks), for ``apply_ticket(..., mode="rewind")``. Sharded (FSDP2)
     tensors are gathered whole: call it on every rank."""
-    from .prepare import require_module
+    from .materialized import require_module
 
     require_module(model, "snapshot")
     state = full_state_dict(unwrap(model))

@@ -20,6 +20,7 @@ from ..capture import graph_kwargs, inputs_fit, normalize_inputs
 from ..errors import ConfigError, ExportError
 from ..io import atomic_path
 from ..names import split_name
+from ..passes.shrink import plain_model
 from .external import INLINE_LIMIT, data_name, has_external, pack, previous_data, publish, weight_bytes
 from .fusion import AttentionFusion
 from .optimize import attention_summary, optimize_file
@@ -44,27 +45,6 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     external_data: bool = False  # the weights are in a data file beside ``path`` (``files[1]``)
     files: list[str] = field(default_factory=list)  # every file written; ``bytes`` is their total
-
-
-def plain_model(model: nn.Module) -> nn.Module:
-    """The model to export: a prepared model is compacted (structured ticket) or has its masks baked in; a
-    DistributedDataParallel wrapper gives the model inside."""
-    from ..distributed import unwrap
-
-    model = unwrap(model)
-    cfg = getattr(model, "_ebcompile", None)
-    if cfg is None:
-        return model
-    if getattr(cfg, "ticket", None) is not None:
-        from ..passes.shrink import compact
-
-        return compact(model)
-    from ..passes.masks import strip_masks
-
-    new = copy.deepcopy(model)
-    strip_masks(new, bake=True)
-    new.__dict__.pop("_ebcompile", None)
-    return new
 
 
 class KeywordCall(nn.Module):
@@ -210,8 +190,7 @@ def export_onnx(
     """
     import onnx
 
-    from ..materialized import require_materialized
-    from ..prepare import require_module
+    from ..materialized import require_materialized, require_module
 
     require_module(model, "export_onnx")
     require_materialized(model, "export_onnx")

@@ -241,8 +241,7 @@ def remove_expert_neurons(model: nn.Module, group: GroupSet, keep: torch.Tensor,
     per-unit keep-mask used. The width is also rounded up to 16 bytes of its dtype: transformers' default
     ``grouped_mm`` experts kernel refuses rows whose stride is not a multiple of 16 bytes (a taken-back neuron is
     all zeros after the ticket, so the function is unchanged)."""
-    from ..names import tensor_at
-    from .shrink import set_tensor
+    from ..names import set_tensor, tensor_at
 
     n = group.per_group
     blocks = keep.reshape(-1, n).clone()

@@ -34,7 +34,7 @@ from ..distributed import is_sharded, unwrap
 from ..errors import ConfigError, DistributedError, NoTicketError, NotPreparedError, TicketMismatchError
 from ..families import family_of
 from ..modules import CompactMultiheadAttention, CompactShiftedWindowAttention, CompactShiftedWindowAttentionV2, SparseLinear
-from ..names import split_name, tensor_at
+from ..names import set_tensor, split_name, tensor_at
 from ..optim_state import retarget_optimizer
 from ..plan import GroupSet, Plan
 from .carry import carry_flags, check_ticket_state, flags_of
@@ -44,7 +44,7 @@ from .masks import iter_masks, strip_masks
 from .reshapes import adapt_forwards
 from .verify import check_same_function
 
-__all__ = ["compact", "storage_bytes", "removed_indices", "set_tensor", "fix_attributes"]
+__all__ = ["compact", "storage_bytes", "removed_indices", "set_tensor", "fix_attributes", "plain_model"]
 
 
 def removed_indices(group: GroupSet, keep: torch.Tensor) -> dict[tuple[str, int], set[int]]:
@@ -57,17 +57,6 @@ def removed_indices(group: GroupSet, keep: torch.Tensor) -> dict[tuple[str, int]
             start = m.offset + u * m.unit_size
             idx.update(range(start, start + m.unit_size))
     return out
-
-
-def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace the parameter or buffer ``name`` by ``value`` (a new shape), keeping ``requires_grad``."""
-    owner, attr = split_name(name)
-    module = model.get_submodule(owner)
-    old = getattr(module, attr)
-    if isinstance(old, nn.Parameter):
-        module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
-    else:
-        module._buffers[attr] = value
 
 
 def _swin_types() -> tuple[type, type] | None:
@@ -268,8 +257,7 @@ def compact(model: nn.Module, round_to: int | str | None = "auto", sparse: bool 
         ConfigError: ``round_to`` with an unstructured ticket, ``sparse=True`` with a structured one, or a
             bad ``round_to``.
     """
-    from ..materialized import require_materialized
-    from ..prepare import require_module
+    from ..materialized import require_materialized, require_module
 
     require_module(model, "compact")
     require_materialized(model, "compact")
@@ -345,3 +333,18 @@ def storage_bytes(model: nn.Module) -> dict[str, int]:
             dense += m.in_features * m.out_features * m.values.element_size() - csr
             layers += 1
     return {"dense": dense, "sparse": stored, "sparse_layers": layers}
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The model to export or save: a prepared model is compacted (structured ticket) or has its masks baked in; a
+    DistributedDataParallel wrapper gives the model inside."""
+    model = unwrap(model)
+    cfg = getattr(model, "_ebcompile", None)
+    if cfg is None:
+        return model
+    if getattr(cfg, "ticket", None) is not None:
+        return compact(model)
+    new = copy.deepcopy(model)
+    strip_masks(new, bake=True)
+    new.__dict__.pop("_ebcompile", None)
+    return new
