@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-__all__ = ["FollowFeatures", "Irregular", "shape_changes", "op_name", "size_args", "META"]
+__all__ = ["FollowFeatures", "Irregular", "shape_changes", "op_name", "size_args", "META", "output_dims", "kept_part"]
 
 META = "ebcompile.features"
 
@@ -199,6 +199,37 @@ class FollowFeatures(fx.Interpreter):
         return tuple(dims)
 
 
+def output_dims(follow: FollowFeatures) -> list[Any]:
+    """The feature dims of each tensor the traced module returned (``None``: not followed), in the order
+    ``verify.relative_error`` flattens an output (tuples, lists and dict values, depth first)."""
+    found: list[Any] = []
+
+    def walk(a: Any, value: Any, dims: Any) -> None:
+        if isinstance(a, fx.Node):
+            value, dims = follow.values.get(a), follow.dims.get(a)
+            a = None
+        if isinstance(value, torch.Tensor):
+            found.append(dims if isinstance(dims, tuple) else None)
+        elif isinstance(value, (tuple, list, dict)):
+            items = list(value.values()) if isinstance(value, dict) else list(value)
+            args = list(a.values()) if isinstance(a, dict) else list(a) if isinstance(a, (tuple, list)) else []
+            for k, v in enumerate(items):
+                walk(args[k] if len(args) == len(items) else None, v,
+                     dims[k] if isinstance(dims, list) and len(dims) == len(items) else None)
+
+    out = next(n for n in follow.module.graph.nodes if n.op == "output")
+    walk(out.args[0], follow.concrete(out.args[0]), None)
+    return found
+
+
+def kept_part(t: torch.Tensor, dims: Any) -> torch.Tensor:
+    """``t`` (of the original sizes) restricted to the kept features of each of its feature dims."""
+    for k, m in enumerate(dims or ()):
+        if m is not None and k < t.dim() and len(m) == t.shape[k] and not m.all():
+            t = t.index_select(k, torch.from_numpy(np.flatnonzero(m)).to(t.device))
+    return t
+
+
 def size_args(n: fx.Node) -> tuple[list[Any], bool]:
     """The size arguments of a view/reshape/expand node, and whether they are passed as one tuple."""
     if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)):
@@ -213,6 +244,8 @@ def shape_changes(follow: FollowFeatures) -> dict[str, dict[str, Any]]:
         op, out = op_name(n), follow.values[n]
         if op in VIEWS and isinstance(out, torch.Tensor) and dims is not None:
             sizes, _ = size_args(n)
+            if len(sizes) == 1 and isinstance(follow.values.get(sizes[0]), (tuple, list)):
+                sizes = list(follow.values[sizes[0]])  # one computed shape (``x.size()[:-2] + (self.embed_dim,)``)
             if len(sizes) != out.dim():
                 continue
             new = [int(m.sum()) if m is not None and not (isinstance(s, int) and s == -1) else None

@@ -9,7 +9,7 @@ shape ops on feature dimensions by the compact sizes. Batch and sequence sizes s
 stays ``-1``. ``self.training`` branches are traced once per mode.
 
 Invariant: a rewritten forward is installed only when the module's compact output equals its masked output on
-the example inputs; otherwise the module is left as it was (and ``check_same_function`` names it). The rewrite
+the example inputs (outputs with a head dimension, such as attention probabilities: on the kept heads); otherwise the module is left as it was (and ``check_same_function`` names it). The rewrite
 is data (node name -> new sizes; JSON): ``checkpoint`` records it in ``ebcompile.json`` and ``load`` installs
 it again on the freshly built model, without storing or running code from the checkpoint.
 """
@@ -17,6 +17,7 @@ it again on the freshly built model, without storing or running code from the ch
 from __future__ import annotations
 
 import functools
+import operator
 import types
 from typing import Any
 
@@ -25,8 +26,8 @@ import torch
 from torch import fx, nn
 
 from ..names import split_name
-from .feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, op_name, shape_changes, size_args
-from .verify import compute_dtype, evaluating, example_for, relative_error, tolerance_for
+from .feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, kept_part, op_name, output_dims, shape_changes, size_args
+from .verify import _tensors, compute_dtype, evaluating, example_for, relative_error, tolerance_for
 
 __all__ = ["adapt_forwards", "install_rewrite", "rewrites_of", "ATTR"]
 
@@ -42,6 +43,8 @@ def _apply(graph: fx.Graph, changes: dict[str, dict[str, Any]]) -> None:
             raise KeyError(f"the traced forward has no node {name!r} that {sorted(change)} applies to")
         if "sizes" in change:
             sizes, packed = size_args(n)
+            if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and len(change["sizes"]) != 1:
+                sizes, packed = _unpacked(graph, n, sizes[0], len(change["sizes"])), True
             new = [s if v is None else int(v) for s, v in zip(sizes, change["sizes"])]
             n.args = (n.args[0], tuple(new)) if packed else (n.args[0], *new)
         elif "split" in change:
@@ -60,6 +63,12 @@ def _apply(graph: fx.Graph, changes: dict[str, dict[str, Any]]) -> None:
     graph.lint()
 
 
+def _unpacked(graph: fx.Graph, n: fx.Node, shape: fx.Node, ndim: int) -> list[fx.Node]:
+    """``shape[0], ..., shape[ndim - 1]`` as graph nodes before ``n`` (a shape op given one computed shape)."""
+    with graph.inserting_before(n):
+        return [graph.call_function(operator.getitem, (shape, k)) for k in range(ndim)]
+
+
 def _trace(module: nn.Module, training: bool) -> fx.GraphModule:
     was = module.training
     module.train(training)
@@ -75,7 +84,12 @@ def _inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
         if n.op != "placeholder":
             continue
         name = str(n.target).lstrip("*")
-        if pos:
+        if str(n.target).startswith("**"):  # ``**kwargs``: symbolic_trace cannot unpack it, the graph never reads it
+            continue
+        if str(n.target).startswith("*"):  # ``*args``: the interpreter gives it every remaining positional value
+            values.extend(pos)
+            pos = []
+        elif pos:
             values.append(pos.pop(0))
         elif name in kwargs:
             values.append(kwargs[name])
@@ -119,8 +133,9 @@ def rewrites_of(model: nn.Module) -> dict[str, Any]:
     return {path: m.__dict__[ATTR] for path, m in model.named_modules() if ATTR in m.__dict__}
 
 
-def _plan(original: nn.Module, rows: dict[str, np.ndarray], args: tuple, kwargs: dict) -> dict[str, Any]:
-    changes = {}
+def _plan(original: nn.Module, rows: dict[str, np.ndarray], args: tuple, kwargs: dict) -> tuple[dict[str, Any], list]:
+    """The changes per mode, and the feature dims of each output tensor (eval mode)."""
+    changes, dims = {}, []
     for mode in ("eval", "train"):
         gm = _trace(original, mode == "train")
         follow = FollowFeatures(gm, rows)
@@ -132,7 +147,8 @@ def _plan(original: nn.Module, rows: dict[str, np.ndarray], args: tuple, kwargs:
         finally:
             original.train(was)
         changes[mode] = shape_changes(follow)
-    return changes
+        dims = output_dims(follow) if mode == "eval" else dims
+    return changes, dims
 
 
 def _call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -179,8 +195,11 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
                 size = masked.get_submodule(owner).weight.shape[0]
                 rows[owner[len(path) + 1:]] = ~np.isin(np.arange(size), sorted(idx))
         try:
-            changes = _plan(masked.get_submodule(path), rows, args, kwargs)
+            changes, dims = _plan(masked.get_submodule(path), rows, args, kwargs)
             install_rewrite(masked.get_submodule(path), target, changes)
+            refs = _tensors(ref)
+            if len(dims) == len(refs):  # per-head outputs (attention probabilities): the kept heads only
+                ref = [kept_part(t, d) for t, d in zip(refs, dims)]
         except Exception:  # noqa: BLE001 - untraceable or irregular: left for check_same_function to name
             continue
         out = _call(target, args, kwargs)

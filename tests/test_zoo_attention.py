@@ -1,0 +1,77 @@
+"""Attention patterns from the Hugging Face zoo that compaction used to fail on, each in a small hand-written module.
+
+- ``ComputedShape``: the merge of the heads reshapes to ``x.size()[:-2] + (self.embed_dim,)`` (one computed shape
+  argument), the forward takes ``**kwargs`` and also returns the per-head attention probabilities (BLIP).
+
+Each is checked: compact == masked on the example and on another batch and sequence length, and after save -> load.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ebcompile
+
+TOL = 1e-5
+
+
+class ComputedShape(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads = dim, heads
+        self.qkv, self.projection = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, h: torch.Tensor, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        bsz, tgt_len, embed_dim = h.size()
+        qkv = self.qkv(h).reshape(bsz, tgt_len, 3, self.num_heads, embed_dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        probs = torch.matmul(qkv[0], qkv[1].transpose(-1, -2)).softmax(-1)
+        out = torch.matmul(probs, qkv[2]).permute(0, 2, 1, 3)
+        return self.projection(out.reshape(out.size()[:-2] + (self.embed_dim,))), probs
+
+
+class Layer(nn.Module):
+    """Pre-norm residual layer; the attention is called with a keyword its forward only takes as ``**kwargs``."""
+
+    def __init__(self, block: type[nn.Module], dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm, self.block = nn.LayerNorm(dim), block(dim, heads)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.block(self.norm(h), **({"output_attentions": False} if isinstance(self.block, ComputedShape) else {}))
+        return h + (out[0] if isinstance(out, tuple) else out)
+
+
+def net(block: type[nn.Module], dim: int = 32, heads: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, dim), Layer(block, dim, heads), Layer(block, dim, heads), nn.Linear(dim, 5)).eval()
+
+
+def batch(b: int, t: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, t, 12, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+
+def compact_and_check(block: type[nn.Module], tmp_path) -> tuple[nn.Module, nn.Module]:
+    x = batch(2, 7)
+    model = ebcompile.prepare(net(block), x, ratio=0.5, structure="structured", scope="layer")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    with torch.no_grad():
+        for b, t in [(2, 7), (3, 5)]:
+            assert rel_err(small(batch(b, t, b)), model(batch(b, t, b))) <= TOL
+    ebcompile.save(small, tmp_path)
+    loaded = ebcompile.load(tmp_path, model=net(block))
+    with torch.no_grad():
+        assert rel_err(loaded(batch(4, 9)), small(batch(4, 9))) <= TOL
+    return model, small
+
+
+def test_heads_merged_by_a_computed_shape_with_per_head_outputs(tmp_path):
+    model, small = compact_and_check(ComputedShape, tmp_path)
+    assert [g.module for g in model._ebcompile.plan.groups if g.kind == "head"] == ["1.block", "2.block"]
+    assert all(small[i].block.__dict__.get("_ebcompile_reshapes") for i in (1, 2))
+    assert small[1].block.qkv.out_features == 3 * 16
