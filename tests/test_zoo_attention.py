@@ -1,5 +1,7 @@
 """Attention patterns from the Hugging Face zoo that compaction used to fail on, each in a small hand-written module.
 
+- ``WeightNormConv``: a ``weight_norm`` parametrization on a conv the analysis never masks (HuBERT / SEW's
+  positional conv) is another library's: compaction leaves it in place.
 - ``ComputedShape``: the merge of the heads reshapes to ``x.size()[:-2] + (self.embed_dim,)`` (one computed shape
   argument), the forward takes ``**kwargs`` and also returns the per-head attention probabilities (BLIP).
 
@@ -28,6 +30,20 @@ class ComputedShape(nn.Module):
         probs = torch.matmul(qkv[0], qkv[1].transpose(-1, -2)).softmax(-1)
         out = torch.matmul(probs, qkv[2]).permute(0, 2, 1, 3)
         return self.projection(out.reshape(out.size()[:-2] + (self.embed_dim,))), probs
+
+
+class WeightNormConv(nn.Module):
+    """A self-attention block after a weight-normed depthwise conv over the sequence."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        conv = nn.Conv1d(dim, dim, 3, padding=1, groups=dim)
+        self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self.attn = ComputedShape(dim, heads)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.attn(h)[0]
 
 
 class Layer(nn.Module):
@@ -68,6 +84,13 @@ def compact_and_check(block: type[nn.Module], tmp_path) -> tuple[nn.Module, nn.M
     with torch.no_grad():
         assert rel_err(loaded(batch(4, 9)), small(batch(4, 9))) <= TOL
     return model, small
+
+
+def test_a_foreign_parametrization_on_an_unpruned_conv_stays(tmp_path):
+    model, small = compact_and_check(WeightNormConv, tmp_path)
+    assert any(g.kind == "head" for g in model._ebcompile.plan.groups)
+    assert nn.utils.parametrize.is_parametrized(small[1].block.conv, "weight")  # weight_norm still there
+    assert small[1].block.attn.qkv.out_features < 3 * 32  # and the heads next to it were cut
 
 
 def test_heads_merged_by_a_computed_shape_with_per_head_outputs(tmp_path):

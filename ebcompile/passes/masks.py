@@ -116,8 +116,12 @@ def strip_masks(model: nn.Module, bake: bool = True) -> None:
         if not parametrize.is_parametrized(module):
             continue
         plists = dict(module.parametrizations.items())
-        if not all(len(pl) == 1 and isinstance(pl[0], WeightMask) for pl in plists.values()):
-            raise NotImplementedError("a module carries parametrizations other than ebcompile masks")
+        ours = [len(pl) == 1 and isinstance(pl[0], WeightMask) for pl in plists.values()]
+        if not any(ours):  # another library's (weight_norm on a conv): not ebcompile's to remove
+            continue
+        if not all(ours):
+            raise NotImplementedError(f"{type(module).__name__} carries an ebcompile mask and another parametrization "
+                                      f"({', '.join(plists)}); ebcompile masks only unparametrized weights")
         originals = {}
         for attr, plist in plists.items():
             original = plist.original
