@@ -1,6 +1,7 @@
 """The saved-model format both writers use (``checkpoint.save`` and the ``save_pretrained`` that ``compact``
 attaches, ``pretrained.py``): file names, the format tag and version of ``ebcompile.json``, and the per-layer counts
-it records (``heads``, ``counts``).
+it records (``heads``, ``counts``). ``attention_heads`` reads the query and key/value heads of every attention layer,
+dense or compacted; ``head_counts`` (what ``load`` can cut) and ``report`` both read it.
 
 Invariant: what is recorded is read from the model as it is (module attributes, a compacted module's view of its
 config), never from a list of model classes, so a reload rebuilds exactly the counts the saved model computes with.
@@ -8,29 +9,73 @@ config), never from a list of model classes, so a reload rebuilds exactly the co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from .families import family_of
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention
 from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS, ConfigView
 
-__all__ = ["WEIGHTS", "CONFIG", "META", "FORMAT", "VERSION", "head_counts", "count_attributes"]
+__all__ = ["WEIGHTS", "CONFIG", "META", "FORMAT", "VERSION", "head_counts", "attention_heads", "HeadCount", "count_attributes"]
 
 WEIGHTS, CONFIG, META = "model.safetensors", "config.json", "ebcompile.json"
 FORMAT, VERSION = "ebcompile-model", 1
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
-    """Head count of every attention module: registered families (outermost) and ebcompile's compact modules."""
-    counts: dict[str, int] = {}
+    """Head count of every attention module whose heads ``load`` can cut (a registered family or ebcompile's
+    compact modules; outermost first): the ``heads`` of ``ebcompile.json``."""
+    return {path: c.heads for path, c in attention_heads(model).items() if c.followed}
+
+
+@dataclass(frozen=True)
+class HeadCount:
+    heads: int  # query heads
+    kv_heads: int  # key/value heads (== heads unless grouped-query attention)
+    followed: bool  # a family ebcompile follows by module (or a compact module): ``load`` can cut it to ``heads``
+
+
+def attention_heads(model: nn.Module) -> dict[str, HeadCount]:
+    """Query and key/value heads of every attention module, outermost first, read from the model as it is (dense or
+    compacted): a registered family's head group, ebcompile's compact modules, projection widths over ``head_dim``
+    (Hugging Face q/k/v projections, grouped-query included), else the counts the module or its own config view keeps."""
+    counts: dict[str, HeadCount] = {}
     for path, m in model.named_modules():
-        if any(path.startswith(p + ".") for p in counts):
+        if not path or any(path.startswith(p + ".") for p in counts) or isinstance(m, nn.Linear):
             continue
-        if isinstance(m, (CompactMultiheadAttention, CompactShiftedWindowAttention)):
-            counts[path] = int(m.num_heads)
-        elif (family := family_of(m)) is not None and (group := family.heads(path, m)) is not None:
-            counts[path] = int(group.units)
+        if (found := _heads_of(path, m)) is not None:
+            counts[path] = found
     return counts
+
+
+def _heads_of(path: str, m: nn.Module) -> HeadCount | None:
+    if isinstance(m, (CompactMultiheadAttention, CompactShiftedWindowAttention)):
+        return HeadCount(int(m.num_heads), int(m.num_heads), True)
+    if (family := family_of(m)) is not None and (group := family.heads(path, m)) is not None:
+        return HeadCount(int(group.units), int(group.units), True)
+    config = getattr(m, "config", None)
+    head_dim = _int(m, "head_dim") or _int(config, "head_dim")
+    q, k = (next((c for n in names if isinstance(c := getattr(m, n, None), nn.Linear)), None)
+            for names in (("q_proj", "query"), ("k_proj", "key")))
+    if q is not None and k is not None and head_dim and not (q.out_features % head_dim or k.out_features % head_dim):
+        return HeadCount(q.out_features // head_dim, k.out_features // head_dim, False)
+    linears = [c for c in m.children() if isinstance(c, nn.Linear)]
+    if not linears and not isinstance(m, nn.MultiheadAttention):
+        return None
+    if heads := next((v for a in HEAD_COUNTS if (v := _int(m, a))), None):  # a count the module keeps
+        return HeadCount(heads, next((v for a in KV_COUNTS if (v := _int(m, a))), heads), False)
+    heads = next((v for a in HEAD_COUNTS if (v := _int(config, a))), None)  # its config (a compact layer's ConfigView)
+    kv = next((v for a in KV_COUNTS if (v := _int(config, a))), heads)
+    own_dim = _int(m, "head_dim")  # an attention module's own head width (an MLP sharing the config has none)
+    if heads and own_dim and any(c.out_features == (heads + 2 * kv) * own_dim for c in linears):  # a fused q|k|v
+        return HeadCount(heads, kv, False)
+    return None
+
+
+def _int(obj: object, attr: str) -> int | None:
+    value = getattr(obj, attr, None) if obj is not None else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def count_attributes(model: nn.Module) -> dict[str, int]:

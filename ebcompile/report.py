@@ -1,4 +1,7 @@
-"""Counts people compare: parameters, non-zero parameters, FLOPs (MACs) and bytes."""
+"""Counts people compare: parameters, non-zero parameters, FLOPs (MACs), bytes, and heads per attention layer.
+
+Heads (and key/value heads where grouped) are read by ``model_format.attention_heads``, the one reader that
+``save`` and ``save_pretrained`` record from too, so a dense and a compacted model are described alike."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import inputs_fit, normalize_inputs
 from .errors import CheckpointError, ConfigError
+from .model_format import attention_heads
 
 __all__ = ["count_parameters", "count_macs", "report", "Report"]
 
@@ -49,7 +53,8 @@ class Report:
     nonzero: int
     bytes: int
     macs: int | None = None
-    heads: dict[str, int] = field(default_factory=dict)
+    heads: dict[str, int] = field(default_factory=dict)  # attention module -> query heads
+    kv_heads: dict[str, int] = field(default_factory=dict)  # grouped-query layers only: module -> key/value heads
     linears: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> (in, out, density)
 
     @property
@@ -60,15 +65,13 @@ class Report:
         lines = [f"{self.source}: {self.parameters:,} parameters ({self.nonzero:,} non-zero, sparsity {self.sparsity:.2%}), "
                  f"{self.bytes:,} bytes" + (f", {self.macs:,} MACs per forward" if self.macs is not None else "")]
         if self.heads:
-            lines.append("heads: " + ", ".join(f"{k} {v}" for k, v in self.heads.items()))
+            lines.append("heads: " + ", ".join(f"{k} {v}" + (f" (kv {self.kv_heads[k]})" if k in self.kv_heads else "")
+                                               for k, v in self.heads.items()))
         if self.linears:
             width = max(len(k) for k in self.linears)
             lines.append(f"{'linear':<{width}}  {'in':>6}  {'out':>6}  density")
             lines += [f"{k:<{width}}  {i:>6}  {o:>6}  {d:.3f}" for k, (i, o, d) in self.linears.items()]
         return "\n".join(lines)
-
-
-_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head")
 
 
 def report(model_or_path: nn.Module | str | os.PathLike, example_inputs: Any = None) -> Report:
@@ -93,11 +96,10 @@ def report(model_or_path: nn.Module | str | os.PathLike, example_inputs: Any = N
         if isinstance(module, nn.Linear):
             w = module.weight
             rep.linears[name] = (module.in_features, module.out_features, float((w != 0).float().mean()))
-        for attr in _HEAD_ATTRS:
-            if isinstance(getattr(module, attr, None), int) and name and not isinstance(module, nn.Linear):
-                if any(isinstance(c, nn.Linear) for c in module.children()) or isinstance(module, nn.MultiheadAttention):
-                    rep.heads[name] = getattr(module, attr)
-                break
+    for name, count in attention_heads(model).items():
+        rep.heads[name] = count.heads
+        if count.kv_heads != count.heads:
+            rep.kv_heads[name] = count.kv_heads
     return rep
 
 
