@@ -6,7 +6,7 @@ Invariant: every number in the page is counted from the rows given; nothing is t
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 _ORDER = ("head", "kv", "expert", "neuron")
@@ -34,6 +34,7 @@ def cause(row: dict[str, Any]) -> str:
     """The failure with family-specific words blurred: numbers -> N, quoted names -> '…', class names of the family
     -> <Model>, so that one library limitation groups across families."""
     text = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", row["reason"])
+    text = re.sub(r" in (a module|[\w.]+ \(\w+\))", " in <module>", text)
     prefix = re.sub(r"(Model|For\w+)$", "", row.get("model_class") or "") or "\0"
     text = re.sub(rf"\b{re.escape(prefix)}\w*", "<Model>", text, flags=re.IGNORECASE) if len(prefix) > 2 else text
     text = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", text)
@@ -62,6 +63,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     onnx_dense = [r for r in rows if r.get("dense_onnx") == "ok"]
     onnx_both = [r for r in onnx_dense if r["status"] == "pass" or r["stage"] == "save_load"]
     passed = [r for r in rows if r["status"] == "pass"]
+    stops = Counter(r["stage"] for r in onnx_dense if r not in onnx_both)
+    failed_export = [r for r in rows if r["status"] == "fail" and r["stage"] == "onnx"]
     return [
         f"- **{len(rows)} families run; {len(passed)} pass every stage** ({len(skips)} more have no ModelTester: "
         f"{', '.join(r['family'] for r in skips) or 'none'}).",
@@ -70,7 +73,9 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         f"**{len(neurons)}** prune FFN neurons, **{len(both_exact)}** do both and compact exactly (compact ≡ masked); "
         f"{len(any_exact)} compact exactly whatever they prune.",
         f"- Of the **{len(onnx_dense)}** whose dense model exports to ONNX (verified): **{len(onnx_both)}** export the "
-        "compact model and verify.",
+        "compact model and verify; the others stop at " + (", ".join(f"{s} ({n})" for s, n in stops.most_common()) or "none")
+        + f". Of the {len(failed_export)} families whose compact export fails, "
+        f"{sum(r.get('dense_onnx') != 'ok' for r in failed_export)} fail the dense export too.",
     ]
 
 
