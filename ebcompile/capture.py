@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,15 +111,50 @@ def graph_kwargs(model: nn.Module, kwargs: dict) -> dict:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return kwargs
-    passes_on = any(p.kind is p.VAR_KEYWORD for p in params.values()) and hasattr(getattr(model, "config", None), "use_cache")
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in params.values()) and _has_cache(getattr(model, "config", None))
     return dict(kwargs, use_cache=False) if "use_cache" in params or passes_on else kwargs
+
+
+def _has_cache(config: Any) -> bool:
+    """Whether ``config`` or its text config (a vision-language model's: Llava, InternVL) sets ``use_cache``."""
+    if config is None:
+        return False
+    get_text = getattr(config, "get_text_config", None)
+    try:
+        text = get_text(decoder=True) if callable(get_text) else None
+    except Exception:  # noqa: BLE001 - a config without a single text config
+        text = None
+    return hasattr(config, "use_cache") or hasattr(text, "use_cache")
+
+
+def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict); where the forward branches on tensor values (``.item()``, ``.tolist()``,
+    ``nonzero``: vision-language models' image grids, MoE routing), once more with real-tensor propagation, which
+    decides those branches by the example inputs' values. The graph is only analysed for these inputs, so a branch
+    fixed by them is what the analysis needs."""
+    from torch._functorch import config as functorch_config
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")  # prints whole graphs on these errors
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    try:
+        return torch.export.export(model, args, kwargs, strict=False)
+    except GuardOnDataDependentSymNode as first:
+        try:
+            with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
+                return torch.export.export(model, args, kwargs, strict=False)
+        except Exception:  # noqa: BLE001 - report the plain export's error, the one a user can act on
+            raise first from None
+    finally:
+        shapes_log.setLevel(level)
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     was_training = model.training
     model.eval()
     try:
-        ep = torch.export.export(model, args, graph_kwargs(model, kwargs), strict=False)
+        ep = _export_program(model, args, graph_kwargs(model, kwargs))
     finally:
         model.train(was_training)
     cap = Captured(graph=ep.graph_module.graph, method="export", root=model)
