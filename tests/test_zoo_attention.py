@@ -4,12 +4,18 @@
   positional conv) is another library's: compaction leaves it in place.
 - ``ComputedShape``: the merge of the heads reshapes to ``x.size()[:-2] + (self.embed_dim,)`` (one computed shape
   argument), the forward takes ``**kwargs`` and also returns the per-head attention probabilities (BLIP).
+- ``Untraceable``: an ``if`` on a tensor size stops ``torch.fx`` and the merge reshapes to ``self.embed_dim`` (FSMT,
+  CLVP): no rewrite reaches it, so compaction keeps its heads whole (``plan.skipped`` says why) and the model
+  compacts exactly instead of failing.
 
 Each is checked: compact == masked on the example and on another batch and sequence length, and after save -> load.
 """
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
@@ -30,6 +36,21 @@ class ComputedShape(nn.Module):
         probs = torch.matmul(qkv[0], qkv[1].transpose(-1, -2)).softmax(-1)
         out = torch.matmul(probs, qkv[2]).permute(0, 2, 1, 3)
         return self.projection(out.reshape(out.size()[:-2] + (self.embed_dim,))), probs
+
+
+class Untraceable(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = dim, heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        bsz, tgt_len, _ = h.size()
+        q, k, v = (p(h).view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        out = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, dim=-1) @ v
+        if out.size(1) != self.num_heads:  # control flow on a size: symbolic_trace cannot follow it
+            raise ValueError("wrong head count")
+        return self.o(out.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim))
 
 
 class WeightNormConv(nn.Module):
@@ -98,3 +119,18 @@ def test_heads_merged_by_a_computed_shape_with_per_head_outputs(tmp_path):
     assert [g.module for g in model._ebcompile.plan.groups if g.kind == "head"] == ["1.block", "2.block"]
     assert all(small[i].block.__dict__.get("_ebcompile_reshapes") for i in (1, 2))
     assert small[1].block.qkv.out_features == 3 * 16
+
+
+def test_heads_no_rewrite_reaches_are_kept_whole(tmp_path):
+    with pytest.warns(UserWarning, match="keeps the heads of 1.block, 2.block whole"):
+        model, small = compact_and_check(Untraceable, tmp_path)
+    skipped = model._ebcompile.plan.skipped
+    assert all(skipped[f"{i}.block.{p}"].startswith("kept whole at compact: ") for i in (1, 2) for p in "qkvo")
+    assert "RuntimeError: shape" in skipped["1.block.q"]
+    assert all(small[i].block.q.out_features == 32 and small[i].block.num_heads == 4 for i in (1, 2))
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))  # compacts at once now, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = ebcompile.compact(model, round_to=None).eval()
+    with torch.no_grad():
+        assert rel_err(again(batch(2, 7)), model(batch(2, 7))) <= TOL

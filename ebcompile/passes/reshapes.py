@@ -9,9 +9,12 @@ shape ops on feature dimensions by the compact sizes. Batch and sequence sizes s
 stays ``-1``. ``self.training`` branches are traced once per mode.
 
 Invariant: a rewritten forward is installed only when the module's compact output equals its masked output on
-the example inputs (outputs with a head dimension, such as attention probabilities: on the kept heads); otherwise the module is left as it was (and ``check_same_function`` names it). The rewrite
-is data (node name -> new sizes; JSON): ``checkpoint`` records it in ``ebcompile.json`` and ``load`` installs
-it again on the freshly built model, without storing or running code from the checkpoint.
+the example inputs (outputs with a head dimension, such as attention probabilities: on the kept heads);
+otherwise the module is left as it was. A module whose compact form still raises is reported to ``compact``,
+which holds its units whole (``hold_whole``: recorded in ``plan.skipped``, the pruned ones stay as zeros), so
+the model compacts exactly; any other mismatch is named by ``check_same_function``. The rewrite is data (node
+name -> new sizes; JSON): ``checkpoint`` records it in ``ebcompile.json`` and ``load`` installs it again on the
+freshly built model, without storing or running code from the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 import operator
 import types
+import warnings
 from typing import Any
 
 import numpy as np
@@ -26,10 +30,11 @@ import torch
 from torch import fx, nn
 
 from ..names import split_name
+from ..plan import Plan
 from .feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, kept_part, op_name, output_dims, shape_changes, size_args
 from .verify import _tensors, compute_dtype, evaluating, example_for, relative_error, tolerance_for
 
-__all__ = ["adapt_forwards", "install_rewrite", "rewrites_of", "ATTR"]
+__all__ = ["adapt_forwards", "hold_whole", "install_rewrite", "rewrites_of", "ATTR"]
 
 ATTR = "_ebcompile_reshapes"  # on a rewritten module: {"eval"|"train": {node name: change}}
 KINDS = {"sizes": VIEWS, "split": SPLITS, "slices": {"getitem"}}  # change -> the ops it may apply to
@@ -155,14 +160,15 @@ def _call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     with torch.no_grad():
         try:
             return module(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - a compact module that cannot run is what this pass repairs
-            return None
+        except Exception as exc:  # noqa: BLE001 - a compact module that cannot run is what this pass repairs
+            return exc
 
 
 def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], example: tuple[tuple, dict] | None,
-                   removed: dict[tuple[str, int], set[int]]) -> list[str]:
+                   removed: dict[tuple[str, int], set[int]], failed: dict[str, str] | None = None) -> list[str]:
     """Rewrite the forward of every module in ``paths`` whose compact output differs from its masked output on
-    the example inputs, where tracing and following its features can fix it. Returns the rewritten paths."""
+    the example inputs, where tracing and following its features can fix it. Returns the rewritten paths;
+    ``failed`` gets each module whose compact form still raises on its example inputs, with the error."""
     if example is None or not paths:
         return []
     seen: dict[str, tuple[tuple, dict, Any]] = {}
@@ -186,7 +192,7 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
     for path, (args, kwargs, ref) in seen.items():
         target = compact.get_submodule(path)
         out = _call(target, args, kwargs)
-        if out is not None and relative_error(ref, out) <= tol:
+        if not isinstance(out, Exception) and relative_error(ref, out) <= tol:
             continue
         rows = {}
         for (name, dim), idx in removed.items():
@@ -201,11 +207,38 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
             if len(dims) == len(refs):  # per-head outputs (attention probabilities): the kept heads only
                 ref = [kept_part(t, d) for t, d in zip(refs, dims)]
         except Exception:  # noqa: BLE001 - untraceable or irregular: left for check_same_function to name
-            continue
-        out = _call(target, args, kwargs)
-        if out is not None and relative_error(ref, out) <= tol:
-            done.append(path)
-        else:
             target.__dict__.pop("forward", None)
             target.__dict__.pop(ATTR, None)
+        else:
+            out = _call(target, args, kwargs)
+            if not isinstance(out, Exception) and relative_error(ref, out) <= tol:
+                done.append(path)
+                continue
+            target.__dict__.pop("forward", None)
+            target.__dict__.pop(ATTR, None)
+        if failed is not None and isinstance(out := _call(target, args, kwargs), Exception):
+            failed[path] = f"{type(out).__name__}: {str(out).splitlines()[0][:200] if str(out) else ''}"
     return done
+
+
+def hold_whole(plan: Plan, failed: dict[str, str]) -> list[str]:
+    """Record in ``plan.skipped`` the linears of the head groups of every module in ``failed`` (path -> error of its
+    compact form) whose tensors all lie inside it: ``compact`` then keeps those units whole (a pruned one stays,
+    zero, as in the masked model), so the model compacts exactly. Returns the modules held whole."""
+    held = []
+    for path, error in failed.items():
+        inside = [g for g in plan.groups if g.module == path or any(m.tensor.startswith(path + ".") for m in g.members)]
+        if not inside or not all(m.tensor.startswith(path + ".") for g in inside for m in g.members):
+            continue  # units shared with tensors outside: check_same_function names the module
+        why = (f"kept whole at compact: {path}'s forward fails with its units cut ({error}); it reads a width that "
+               "neither the attribute rewrites nor the traced reshape rewrite reach (docs/extending.md)")
+        for g in inside:
+            for m in g.members:
+                if m.masked:
+                    plan.skipped.setdefault(split_name(m.tensor)[0], why)
+        held.append(path)
+    if held:
+        warnings.warn(f"compact keeps the heads of {', '.join(held)} whole (their forward reads a width it cannot "
+                      "rewrite; plan.skipped says why). Fix, to cut them: register a family (docs/extending.md).",
+                      UserWarning, stacklevel=3)
+    return held

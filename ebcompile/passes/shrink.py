@@ -41,7 +41,7 @@ from .carry import carry_flags, check_ticket_state, flags_of
 from .counts import rewrite_counts
 from .experts import remove_expert_neurons, rewrite_expert_counts
 from .masks import iter_masks, strip_masks
-from .reshapes import adapt_forwards
+from .reshapes import adapt_forwards, hold_whole
 from .verify import check_same_function
 
 __all__ = ["compact", "storage_bytes", "removed_indices", "set_tensor", "fix_attributes", "plain_model"]
@@ -181,6 +181,8 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> d
             rewrite_expert_counts(new, g, int(remove_expert_neurons(new, g, keep, round_to).sum()))
             continue
         keep = _rounded_keep(g, keep, None if g.kind == "expert" else round_to)  # expert counts are never rounded
+        if any(split_name(m.tensor)[0] in plan.skipped for m in g.members if m.masked):
+            keep = torch.ones_like(keep)  # held whole (reshapes.hold_whole): its forward cannot take fewer units
         for k, idx in removed_indices(g, keep).items():
             removed.setdefault(k, set()).update(idx)
         if g.kind == "head":
@@ -302,7 +304,10 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool, check: bool =
         watch = [g.module if g.kind == "head" else split_name(g.name)[0] for g in cfg.plan.groups]
         heads = [g.module for g in cfg.plan.groups if g.kind == "head" and g.module]
         if check:
-            adapt_forwards(model, new, list(dict.fromkeys(heads)), getattr(cfg, "example", None), removed)
+            failed: dict[str, str] = {}
+            adapt_forwards(model, new, list(dict.fromkeys(heads)), getattr(cfg, "example", None), removed, failed)
+            if failed and hold_whole(cfg.plan, failed):  # once more, those modules' units kept whole
+                return _compact(model, round_to, sparse, check)
             check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])
         from ..pretrained import attach_save_pretrained, sync_config
 
