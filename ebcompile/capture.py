@@ -2,7 +2,9 @@
 
 Two paths, tried in order: ``torch.fx.symbolic_trace`` (torchvision ViT/Swin, plain modules; leaf modules
 such as ``nn.MultiheadAttention`` stay single nodes) and ``torch.export.export`` (Hugging Face models and
-anything with data-dependent Python). The graph is only analysed; the user's module is never replaced.
+anything with data-dependent Python; where that Python branches on tensor values, once more with real-tensor
+propagation, so the branches follow the example inputs). The graph is only analysed; the user's module is never
+replaced.
 """
 
 from __future__ import annotations
