@@ -222,14 +222,14 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
 
 
 def hold_whole(plan: Plan, failed: dict[str, str]) -> list[str]:
-    """Record in ``plan.skipped`` the linears of the head groups of every module in ``failed`` (path -> error of its
-    compact form) whose tensors all lie inside it: ``compact`` then keeps those units whole (a pruned one stays,
+    """Record in ``plan.skipped`` the linears of every group of each module in ``failed`` (path -> error of its
+    compact form: the groups it is the module of or holds tensors of): ``compact`` then keeps those units whole (a pruned one stays,
     zero, as in the masked model), so the model compacts exactly. Returns the modules held whole."""
     held = []
     for path, error in failed.items():
         inside = [g for g in plan.groups if g.module == path or any(m.tensor.startswith(path + ".") for m in g.members)]
-        if not inside or not all(m.tensor.startswith(path + ".") for g in inside for m in g.members):
-            continue  # units shared with tensors outside: check_same_function names the module
+        if not inside:  # (a group held whole loses nothing anywhere, also in tensors outside the module)
+            continue
         why = (f"kept whole at compact: {path}'s forward fails with its units cut ({error}); it reads a width that "
                "neither the attribute rewrites nor the traced reshape rewrite reach (docs/extending.md)")
         for g in inside:
