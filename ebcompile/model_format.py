@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .config_values import config_value
 from .families import family_of
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention
 from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS, ConfigView
@@ -74,7 +75,7 @@ def _heads_of(path: str, m: nn.Module) -> HeadCount | None:
 
 
 def _int(obj: object, attr: str) -> int | None:
-    value = getattr(obj, attr, None) if obj is not None else None
+    value = config_value(obj, attr) if obj is not None else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 

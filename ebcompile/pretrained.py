@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import merged_shapes, pretrained_core
+from .config_values import config_value
 from .names import split_name
 from .passes.counts import ConfigView
 
@@ -46,9 +47,9 @@ def sync_config(model: nn.Module) -> bool:
     if config is None or not hasattr(type(model), "_from_config"):
         return False
     new = copy.deepcopy(config)
-    head_dim = getattr(config, "head_dim", None)
+    head_dim = config_value(config, "head_dim")
     for field, (names, per_head) in CONFIG_FIELDS.items():
-        if not isinstance(getattr(config, field, None), int):
+        if not isinstance(config_value(config, field), int):
             continue
         widths = _widths(model, names)
         if len(widths) != 1 or (per_head and not isinstance(head_dim, int)):

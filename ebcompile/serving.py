@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config_values import config_value
 from .errors import CheckpointError, ServingFormatError
 from .savedir import atomic_dir
 
@@ -90,7 +91,7 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 def _head_dim(model: nn.Module) -> int:
     config = model.config
-    head_dim = getattr(config, "head_dim", None)
+    head_dim = config_value(config, "head_dim")
     return int(head_dim) if isinstance(head_dim, int) and head_dim > 0 else config.hidden_size // config.num_attention_heads
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from ..config_values import config_value
 from ..names import split_name
 from ..plan import GroupSet
 
@@ -114,7 +115,7 @@ def _rewrite_config(module: nn.Module, path: str, names: tuple[str, ...], kept: 
         return []
     new_values = {}
     for attr in names:
-        value = getattr(config, attr, None)
+        value = config_value(config, attr)
         if isinstance(value, int) and not isinstance(value, bool) and value >= units:
             new = _scaled(value, kept, units)
             if new is not None and new > 0:

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
+from ..config_values import config_value
 from ..families import hf_moe
 from ..names import split_name
 from ..plan import GroupSet, Member, Plan
@@ -308,7 +309,7 @@ def expert_config(model: nn.Module, config: object) -> dict[str, int]:
     out: dict[str, int] = {}
     for fields, values in ((hf_moe.CONFIG_EXPERT_COUNTS, counts), (hf_moe.CONFIG_EXPERT_WIDTHS, widths),
                            ((hf_moe.SHARED_EXPERT[1],), shared)):
-        field = next((f for f in fields if isinstance(getattr(config, f, None), int)), None)
+        field = next((f for f in fields if isinstance(config_value(config, f), int)), None)
         if field is not None and len(values) == 1:
             out[field] = values.pop()
     return out
