@@ -122,7 +122,7 @@ class DataDependent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.sum() > 0:
             x = self.fc(x)
-        steps = int(x.abs().sum().item() * 1000) % 3 + 1
+        steps = int(abs(x.detach().numpy()).sum() * 1000) % 3 + 1  # numpy: not even real-tensor export sees it
         for _ in range(steps):
             x = torch.relu(x)
         return self.out(x)

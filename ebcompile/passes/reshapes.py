@@ -221,6 +221,14 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
     return done
 
 
+HELD_WHOLE = "kept whole at compact"  # how hold_whole's plan.skipped reasons begin (compact reads it back)
+
+
+def is_held_whole(plan: Plan, module: str) -> bool:
+    """Whether ``hold_whole`` kept ``module``'s units whole (other plan.skipped reasons, e.g. a LoRA adapter, do not)."""
+    return plan.skipped.get(module, "").startswith(HELD_WHOLE)
+
+
 def hold_whole(plan: Plan, failed: dict[str, str]) -> list[str]:
     """Record in ``plan.skipped`` the linears of every group of each module in ``failed`` (path -> error of its
     compact form: the groups it is the module of or holds tensors of): ``compact`` then keeps those units whole (a pruned one stays,
@@ -230,7 +238,7 @@ def hold_whole(plan: Plan, failed: dict[str, str]) -> list[str]:
         inside = [g for g in plan.groups if g.module == path or any(m.tensor.startswith(path + ".") for m in g.members)]
         if not inside:  # (a group held whole loses nothing anywhere, also in tensors outside the module)
             continue
-        why = (f"kept whole at compact: {path}'s forward fails with its units cut ({error}); it reads a width that "
+        why = (f"{HELD_WHOLE}: {path}'s forward fails with its units cut ({error}); it reads a width that "
                "neither the attribute rewrites nor the traced reshape rewrite reach (docs/extending.md)")
         for g in inside:
             for m in g.members:

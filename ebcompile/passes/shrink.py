@@ -41,7 +41,7 @@ from .carry import carry_flags, check_ticket_state, flags_of
 from .counts import rewrite_counts
 from .experts import remove_expert_neurons, rewrite_expert_counts
 from .masks import iter_masks, strip_masks
-from .reshapes import adapt_forwards, hold_whole
+from .reshapes import adapt_forwards, hold_whole, is_held_whole
 from .verify import check_same_function
 
 __all__ = ["compact", "storage_bytes", "removed_indices", "set_tensor", "fix_attributes", "plain_model"]
@@ -181,7 +181,7 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> d
             rewrite_expert_counts(new, g, int(remove_expert_neurons(new, g, keep, round_to).sum()))
             continue
         keep = _rounded_keep(g, keep, None if g.kind == "expert" else round_to)  # expert counts are never rounded
-        if any(split_name(m.tensor)[0] in plan.skipped for m in g.members if m.masked):
+        if any(is_held_whole(plan, split_name(m.tensor)[0]) for m in g.members if m.masked):
             keep = torch.ones_like(keep)  # held whole (reshapes.hold_whole): its forward cannot take fewer units
         for k, idx in removed_indices(g, keep).items():
             removed.setdefault(k, set()).update(idx)
