@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one torch thread per worker, N workers share the cores
+    torch.set_num_threads(1)
 
 from torchvision.models.swin_transformer import SwinTransformer  # noqa: E402
 from torchvision.models.vision_transformer import VisionTransformer  # noqa: E402
