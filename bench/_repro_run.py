@@ -173,7 +173,8 @@ def _snapshot(model, opt, sched, gen, step, check, seconds, cpu, check_seconds, 
 def dense_run(task: Task, seed: int, searches: list[Search], scope: str, record: float = 0.3) -> DenseRun:
     """Train densely for the task's budget with every search attached; ``record`` is the ratio whose distances are traced."""
     torch.manual_seed(seed)
-    model = ebcompile.prepare(task.build(), task.example(), ratio=record, structure="structured", scope=scope)
+    model = ebcompile.prepare(task.build(), task.example(), ratio=record, structure="structured", scope=scope,
+                              importance="magnitude")  # the seed paper's ranking; several searches share one model
     model.train()
     opt, sched = task.optimizer(model, task.steps)
     every = max(1, task.steps_per_epoch // task.checks_per_epoch)
@@ -240,7 +241,7 @@ class Retrained:
 
 def _fresh(task: Task, run_scope: str, structure: str, ratio: float, snap: Snapshot) -> nn.Module:
     model = ebcompile.prepare(task.build(), task.example(), ratio=ratio, structure=structure,
-                              scope=run_scope if structure == "structured" else "global")
+                              scope=run_scope if structure == "structured" else "global", importance="magnitude")
     state = snap.state if structure == "structured" else {k: v for k, v in snap.state.items() if not k.endswith("_mask")}
     model.load_state_dict(state, strict=structure == "structured")
     return model.train()

@@ -153,7 +153,8 @@ def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None]
         row["dense_onnx"] = "ok"
 
     def prepare() -> None:
-        state["model"] = ebcompile.prepare(state["model"], state["loaded"].inputs, ratio=RATIO, structure="structured")
+        state["model"] = ebcompile.prepare(state["model"], state["loaded"].inputs, ratio=RATIO, structure="structured",
+                                           importance="magnitude")
         row["found"], state["kind_of"] = found_units(state["model"])
 
     def ticket() -> None:

@@ -49,7 +49,7 @@ def data(name: str):
 def trace(name: str, epochs: int, ratio: float, recipe: str) -> list[dict]:
     torch.manual_seed(0)
     (xtr, ytr, xva, yva), model = data(name)
-    ebcompile.prepare(model, xtr[:2], ratio=ratio, structure="structured")
+    ebcompile.prepare(model, xtr[:2], ratio=ratio, structure="structured", importance="magnitude")
     plan = model._ebcompile.plan
     steps = epochs * -(-len(ytr) // 64)
     if recipe == "sgd-step":

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ebcompile  # noqa: E402
 from ebcompile.data import load_polarity  # noqa: E402
+from ebcompile.prepare import config_of  # noqa: E402
 
 from _sections import publish  # noqa: E402
 from minilm_mr import accuracy, batches, model_dir  # noqa: E402
@@ -87,7 +88,7 @@ def run(a) -> dict:
     stream = (b for _ in range(a.epochs) for b in batches(tok, xtr, ytr, a.batch, a.max_len, True, gen))
     result = {"name": a.name, "lora": a.lora, "importance": None if a.dense else a.importance, "ratio": None if a.dense else a.ratio,
               "steps": steps, "every": a.every, "deadline": a.deadline, "window": a.window, "threshold": a.threshold,
-              "lr": a.lr, "gate_lr": a.gate_lr}
+              "lr": a.lr, "gate_lr": a.gate_lr, "epochs": a.epochs}
     for b in stream:
         start, start_cpu = time.perf_counter(), time.process_time()
         loss = model(**b).loss
@@ -104,6 +105,7 @@ def run(a) -> dict:
             result.update(ticket_step=step, by=ticket.found_at["by"], search_seconds=wall + time.perf_counter() - start,
                           search_cpu_seconds=cpu + time.process_time() - start_cpu)
             result["distances"] = [r["distances"] for r in eb.history if r.get("distances")]
+            result["chosen"] = config_of(model).importance  # what importance="auto" chose
             ebcompile.apply_ticket(model, ticket)
             model = ebcompile.compact(model, optimizer=opt).train()
             tqdm.write(f"ticket at step {step} of {steps}, by the {ticket.found_at['by']}")
@@ -136,9 +138,11 @@ def table(write: bool) -> None:
         key = "cpu_seconds" if dense and "cpu_seconds" in r and "cpu_seconds" in dense else "wall_seconds"
         return f"{r[key] / dense[key]:.2f}x" + ("" if key == "cpu_seconds" else " (wall)") if dense else "–"
 
-    for r in sorted(rows.values(), key=lambda r: (r["lora"], r["ratio"] or 0, r["importance"] or "")):
-        dense = rows.get("lora-dense" if r["lora"] else "full-dense")
+    for r in sorted(rows.values(), key=lambda r: (r["lora"], r.get("epochs", 1), r["ratio"] or 0, r["importance"] or "")):
+        dense = next((d for d in rows.values() if d["importance"] is None and d["lora"] == r["lora"]
+                      and d.get("epochs", 1) == r.get("epochs", 1)), None)
         setting = ("LoRA r=8" if r["lora"] else "full fine-tuning") + (
+            f", {r['epochs']} epochs" if r.get("epochs", 1) != 1 else "") + (
             f", every {r['every']}" if r["every"] != 10 else "") + (f", gate lr {r['gate_lr']:g}" if r["importance"] == "gate"
                                                                   and r["gate_lr"] != 1e-2 else "") + (
             f", deadline {r['deadline']:g}" if r["deadline"] != 0.3 and r["importance"] else "") + (
@@ -150,12 +154,14 @@ def table(write: bool) -> None:
         at = f"step {r['ticket_step']} of {r['steps']} ({r['ticket_step'] / r['steps']:.0%})" if r.get("ticket_step") else "none"
         diff = f"{(r['accuracy'] - dense['accuracy']) * 100:+.2f}" if dense else "–"
         ratio = cost(r, dense)
-        lines.append(f"| {setting} | {r['importance']} | {r['ratio']} | {at} | {r.get('by', '–')} | {r['accuracy']:.2%} | {diff} "
+        kind = r["importance"] + (f" (chose {r['chosen']})" if r["importance"] == "auto" and r.get("chosen") else "")
+        lines.append(f"| {setting} | {kind} | {r['ratio']} | {at} | {r.get('by', '–')} | {r['accuracy']:.2%} | {diff} "
                      f"| {ratio} | {r['parameters'] / 1e6:.1f}M |")
     header = ("## Measured: early-bird in fine-tuning, per importance kind (bench/importance_finetune.py)\n\n"
               f"Measured {time.strftime('%Y-%m-%d')} on this 2-core CPU, one torch thread per run: all-MiniLM-L6-v2 on MR "
-              "polarity (8,000 training sentences, one epoch = 250 steps of 32, max length 48, AdamW 5e-5 full / 5e-4 LoRA, "
-              "linear decay; LoRA r = 8 on q/k/v/o and both FFN linears), structured global tickets; EarlyBird default rule "
+              "polarity (8,000 training sentences, one epoch = 250 steps of 32, rows marked \"3 epochs\": 750 steps, the Trainer's "
+              "default budget; max length 48, AdamW 5e-5 full / 5e-4 LoRA, linear decay over the budget; LoRA r = 8 on "
+              "q/k/v/o and both FFN linears), structured global tickets; EarlyBird default rule "
               "(relative 0.3, window 5), a check every 10 steps, deadline at 30% of the budget; at the ticket the model is "
               "compacted with its AdamW state carried and trained on the same schedule to the end. Gates: L1 1e-4, their "
               "own AdamW group at lr 1e-2. One seed; wall times exclude evaluation.")
@@ -164,7 +170,7 @@ def table(write: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--importance", default="activation", choices=["magnitude", "taylor", "activation", "gate"])
+    p.add_argument("--importance", default="auto", choices=["auto", "magnitude", "taylor", "activation", "gate"])
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--lora", action="store_true")
     p.add_argument("--dense", action="store_true", help="the dense baseline: no masks, no search")

@@ -77,7 +77,7 @@ def measure(name, build, inputs, ratios, repeats) -> list[dict]:
     for structure in ("unstructured", "structured"):
         for ratio in ratios:
             torch.manual_seed(0)
-            model = ebcompile.prepare(build().eval(), x, ratio=ratio, structure=structure)
+            model = ebcompile.prepare(build().eval(), x, ratio=ratio, structure=structure, importance="magnitude")
             ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
             row = {"model": name, "config": f"{structure} p={ratio}", "nonzero": count_parameters(model, nonzero=True)}
             small = ebcompile.compact(model, sparse=structure == "unstructured").eval()

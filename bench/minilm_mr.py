@@ -113,7 +113,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     example = next(batches(tok, xtr, ytr, 2, a.max_len, False, None))
     example.pop("labels")
-    ebcompile.prepare(model, example, ratio=a.ratio, structure="structured", scope=a.scope)
+    ebcompile.prepare(model, example, ratio=a.ratio, structure="structured", scope=a.scope, importance="magnitude")
     eb = ebcompile.EarlyBird(model, threshold=a.threshold, rule=a.rule, every=a.every,
                              rewind_at=0 if a.mode == "rewind" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)

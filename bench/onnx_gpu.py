@@ -137,7 +137,7 @@ def _ticketed(name: str, ratio: float, quick: bool, seq: int) -> torch.nn.Module
     torch.manual_seed(0)
     model = family.build(quick).eval()
     if ratio:
-        ebcompile.prepare(model, family.inputs(1, seq, quick), ratio=ratio, structure="structured")
+        ebcompile.prepare(model, family.inputs(1, seq, quick), ratio=ratio, structure="structured", importance="magnitude")
         ebcompile.apply_ticket(model, draw_ticket(model))
         model = ebcompile.compact(model).eval()
     return model

@@ -73,7 +73,7 @@ def build(small: bool, ratio: float) -> torch.nn.Module:
                            tie_word_embeddings=False)
     torch.manual_seed(0)
     model = t.LlamaForCausalLM(config).eval()
-    ebcompile.prepare(model, _tokens(1, 16, 0), ratio=ratio, structure="structured")
+    ebcompile.prepare(model, _tokens(1, 16, 0), ratio=ratio, structure="structured", importance="magnitude")
     ebcompile.apply_ticket(model, draw_ticket(model))
     compact = ebcompile.compact(model).eval()
     del model

@@ -33,7 +33,8 @@ from _sections import publish  # noqa: E402
 
 def dense_with_snapshots(task, seed: int, shares: list[float]) -> tuple[DenseRun, dict[float, object]]:
     torch.manual_seed(seed)
-    model = ebcompile.prepare(task.build(), task.example(), ratio=0.3, structure="structured", scope="global").train()
+    model = ebcompile.prepare(task.build(), task.example(), ratio=0.3, structure="structured", scope="global",
+                                 importance="magnitude").train()
     opt, sched = task.optimizer(model, task.steps)
     gen = torch.Generator().manual_seed(seed)
     at = {deadline_step(task.steps, s): s for s in shares}  # the step a search with that deadline would stop at

@@ -99,7 +99,8 @@ def _example(x):
 def measure(build, rounds: int, per_round: int) -> dict[str, float]:
     torch.manual_seed(0)
     plain, x, y = build()
-    prepared = ebcompile.prepare(copy.deepcopy(plain), _example(x), ratio=0.3, structure="structured")
+    prepared = ebcompile.prepare(copy.deepcopy(plain), _example(x), ratio=0.3, structure="structured",
+                                      importance="magnitude")
     masked = copy.deepcopy(prepared)
     ebcompile.apply_ticket(masked, ebcompile.draw_ticket(masked))
     compact = ebcompile.compact(masked)

@@ -231,9 +231,11 @@ class EarlyBird:
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise CheckpointError(f"the early-bird search state is broken ({type(exc).__name__}: {str(exc)[:150]}). "
                                   "Fix: resume from another saved search, or start the search again.") from exc
-        stats = new.pop("_tracker_state")
+        stats, kind = new.pop("_tracker_state"), new.pop("_tracker_kind")
         for key, value in new.items():
             setattr(self, key, value)
+        if kind != config_of(self.model).importance:
+            tracker_of(self.model).choose(kind)  # auto: the kind the saved search chose
         tracker_of(self.model).load_state_dict(stats)
 
     def _parse_state(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -277,15 +279,19 @@ class EarlyBird:
                 raise TicketMismatchError(f"the saved rewind weights do not fit this model ({bad[:3]}). "
                                           "Fix: load the search into the same prepared model.")
         recent = [float(v) for v in state["recent"]]
-        stats = state.get("importance") or {"kind": config_of(self.model).importance, "tensors": {}}
-        if stats["kind"] != config_of(self.model).importance:
-            raise TicketMismatchError(f"this search ranked by importance={stats['kind']!r}, the model is prepared with "
-                                      f"{config_of(self.model).importance!r}. Fix: prepare it with importance={stats['kind']!r}.")
+        prepared = config_of(self.model).importance
+        stats = state.get("importance") or {"kind": prepared, "tensors": {}}
         tracker = tracker_of(self.model)
+        if stats["kind"] != prepared:  # importance="auto" resumes the kind its saved search chose
+            tracker = tracker.candidate(stats["kind"]) if prepared == "auto" else None
+            if tracker is None:
+                raise TicketMismatchError(f"this search ranked by importance={stats['kind']!r}, the model is prepared with "
+                                          f"{prepared!r}. Fix: prepare it with importance={stats['kind']!r}.")
         backup = tracker.state_dict()
         tracker.load_state_dict(dict(stats["tensors"]))  # checked here, put back: nothing changes unless all is valid
         tracker.load_state_dict(backup)
-        return {"_tracker_state": dict(stats["tensors"]),**new, "ticks": ticks, "history": list(state["history"]), "max_distance": max_distance,
+        return {"_tracker_state": dict(stats["tensors"]), "_tracker_kind": stats["kind"], **new,
+                "ticks": ticks, "history": list(state["history"]), "max_distance": max_distance,
                 "_recent": deque(recent, maxlen=new["window"]), "_packed": packed, "_previous": previous,
                 "rewind_weights": rewind, "ticket": ticket}
 

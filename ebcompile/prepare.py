@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .adapters import adapter_tensors, is_adapter_rank
+from .auto_importance import make_importance
 from .capture import capture, graph_kwargs, normalize_inputs
 from .distributed import is_sharded, unwrap
 from .errors import ConfigError, InvalidRatioError, NoPrunableLayerError, NotPreparedError
@@ -22,7 +23,7 @@ from .passes.groups import find_groups
 from .passes.linears import find_linears
 from .passes.masks import insert_masks, iter_masks
 from .plan import Plan
-from .scorers import KINDS, check_kind, check_plan_kind, make_importance
+from .scorers import KINDS, check_kind, check_plan_kind
 from .scoring import Importance, raw_tensor
 
 __all__ = ["prepare", "PrepareConfig", "config_of", "mask_nodes", "MaskNode", "current_masks", "check_ratio", "tracker_of",
@@ -44,7 +45,7 @@ class PrepareConfig:
     kv_heads: str = "prune"
     example: Any = None  # (args, kwargs) of the example inputs: compact checks its result on them
     ticket: Any = None  # the applied Ticket (set by apply_ticket)
-    importance: str = "magnitude"
+    importance: str = "auto"
     tracker: Any = None  # the importance kind's scorer (ebcompile.scoring.Importance), with its hooks and statistics
 
 
@@ -101,7 +102,7 @@ def prepare(
     prune_output_layer: bool = False,
     capture_method: str = "auto",
     kv_heads: str = "prune",
-    importance: str = "magnitude",
+    importance: str = "auto",
 ) -> nn.Module:
     """Mask every prunable linear weight of ``model`` and return the same module, ready to train.
 
@@ -121,7 +122,9 @@ def prepare(
             heads that read them: the KV cache shrinks too. ``"keep"`` keeps every KV head and removes the same
             number of query heads inside every group (finer-grained; the KV cache is unchanged).
         importance: how units (or weights) are ranked, from the weights or from the data training sees:
-            ``"magnitude"`` (default; weights only), ``"taylor"`` (``|w * dL/dw|``, read from the gradients at
+            ``"auto"`` (default: ``"taylor"`` when the masked weights train, ``"activation"`` when they are frozen
+            (LoRA), ``"magnitude"`` when no training was seen; chosen at the first early-bird check),
+            ``"magnitude"`` (weights only), ``"taylor"`` (``|w * dL/dw|``, read from the gradients at
             each optimizer step), ``"activation"`` (``|w| * rms(input)``, from forward hooks; works with frozen
             weights, e.g. LoRA) or ``"gate"`` (EarlyBERT: a learnable coefficient per head / KV group / neuron; add
             ``l1 * ebcompile.gate_penalty(model)`` to the loss, or let ``EarlyBirdCallback`` do it). Measured
@@ -150,7 +153,7 @@ def prepare(
 
 def build_plan(model: nn.Module, example_inputs: Any, structure: str = "auto", scope: str | None = None,
                include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, prune_output_layer: bool = False,
-               capture_method: str = "auto", kv_heads: str = "prune", importance: str = "magnitude",
+               capture_method: str = "auto", kv_heads: str = "prune", importance: str = "auto",
                ) -> tuple[Plan, str, str, list[str]]:
     """``prepare``'s checks of its arguments and its analysis, changing nothing (the model may be on the meta device):
     the plan, the structure and scope chosen, and the tensors that would get masks."""

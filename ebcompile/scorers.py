@@ -16,7 +16,7 @@ from .distributed import full_vector, unwrap
 from .errors import ConfigError, ImportanceDataError
 from .expert_scores import ExpertActivation
 from .names import split_name
-from .passes.experts import install_routing, is_expert_group
+from .passes.experts import is_expert_group
 from .passes.masks import iter_masks
 from .plan import GroupSet, Member, Plan
 from .scoring import (
@@ -29,12 +29,13 @@ from .scoring import (
     register_taylor,
     sharded_product,
     unit_slice_scores,
+    unregister_taylor,
 )
 
-__all__ = ["KINDS", "make_importance", "gate_penalty", "add_gate_penalty_grad", "gate_parameters", "TaylorImportance",
+__all__ = ["KINDS", "gate_penalty", "add_gate_penalty_grad", "gate_parameters", "TaylorImportance",
            "ActivationImportance", "GateImportance"]
 
-KINDS = ("magnitude", "taylor", "activation", "gate")
+KINDS = ("auto", "magnitude", "taylor", "activation", "gate")
 
 
 class _Cumulative(Importance):
@@ -130,6 +131,9 @@ class TaylorImportance(_Cumulative):
             raise ValueError("taylor statistics of tensors this model does not mask")
         self.sums, self.current, self.steps = sums, current or None, int(state.get("steps", torch.tensor(0)))
         self.window = int(state.get("window", torch.tensor(0)))
+
+    def close(self) -> None:
+        unregister_taylor(self)
 
 
 def _stored(model: nn.Module, name: str) -> torch.Tensor:
@@ -329,16 +333,6 @@ def _gate_member(group: GroupSet, dims: dict[str, int]) -> Member:
     return masked[0]
 
 
-def make_importance(kind: str, model: nn.Module, plan: Plan, structure: str) -> Importance:
-    """The tracker for ``kind``, attached to ``model`` (hooks and gates installed); masks must be inserted first.
-    Also installs the routing hooks of mixture-of-experts layers (``passes.experts``): a masked expert is never routed to."""
-    check_plan_kind(kind, plan, structure)
-    if structure == "structured":
-        install_routing(model, plan)
-    classes = {"magnitude": Importance, "taylor": TaylorImportance, "activation": ActivationImportance, "gate": GateImportance}
-    return classes[check_kind(kind, structure)](model, plan, structure)
-
-
 def check_plan_kind(kind: str, plan: Plan, structure: str) -> None:
     """``kind`` checked against the units ``plan`` found (prepare calls it before inserting any mask)."""
     if structure == "structured" and kind in ("taylor", "gate") and any(is_expert_group(g) for g in plan.groups):
@@ -351,7 +345,7 @@ def check_kind(kind: Any, structure: str) -> str:
     """``kind`` checked against ``structure`` (raises ConfigError before anything changes)."""
     if not isinstance(kind, str) or kind not in KINDS:
         raise ConfigError(f"importance={kind!r} is not one of {', '.join(map(repr, KINDS))}. Fix: pick one of them "
-                          "(e.g. importance='activation' for fine-tuning and LoRA).")
+                          "(importance='auto', the default, picks taylor or activation from what training feeds it).")
     if kind == "gate" and structure != "structured":
         raise ConfigError("importance='gate' learns one coefficient per head, KV group and neuron, so it needs structured "
                           "masks. Fix: pass structure='structured', or use importance='taylor' or 'activation'.")

@@ -42,7 +42,7 @@ from .errors import ConfigError, ImportanceDataError
 from .names import split_name
 from .plan import GroupSet, Member, Plan
 
-__all__ = ["Importance", "raw_tensor", "unit_slice_scores", "register_taylor", "all_reduce_sum", "member_key",
+__all__ = ["Importance", "raw_tensor", "unit_slice_scores", "register_taylor", "unregister_taylor", "all_reduce_sum", "member_key",
            "sharded_product", "in_dims", "check_window"]
 
 
@@ -173,6 +173,11 @@ def register_taylor(tracker: Any) -> None:
     _TAYLOR.add(tracker)
     if _TAYLOR_HOOK is None:
         _TAYLOR_HOOK = register_optimizer_step_pre_hook(_taylor_pre_step)
+
+
+def unregister_taylor(tracker: Any) -> None:
+    """``tracker`` reads no more gradients."""
+    _TAYLOR.discard(tracker)
 
 
 def all_reduce_sum(tensors: list[torch.Tensor], sync: bool) -> list[torch.Tensor]:

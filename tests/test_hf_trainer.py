@@ -16,6 +16,7 @@ from transformers import BertForSequenceClassification  # noqa: E402
 import ebcompile  # noqa: E402
 from ebcompile.errors import ConfigError  # noqa: E402
 from ebcompile.passes.masks import iter_masks  # noqa: E402
+from ebcompile.prepare import config_of  # noqa: E402
 
 from hf_models import (  # noqa: E402
     TOL,
@@ -43,6 +44,7 @@ def test_trainer_with_earlybird_callback_finds_and_applies_a_ticket(tmp_path):
     callback.attach(trainer)
     trainer.train()
     assert callback.applied and callback.ticket is not None
+    assert config_of(model).importance == "taylor"  # the default, auto, saw the Trainer's optimizer steps
     assert trainer.state.global_step == 3  # found at the third check; stop=True ends the search phase
     assert all(m.frozen for *_, m in iter_masks(model))
     logged = [h for h in trainer.state.log_history if "eb/distance_overall" in h]

@@ -82,7 +82,7 @@ def search(args: argparse.Namespace) -> int:
     from ..prepare import check_ratio, prepare
 
     check_ratio(args.ratio)
-    if args.importance != "magnitude":
+    if args.importance not in ("auto", "magnitude"):
         raise ConfigError(f"--importance {args.importance} is for text models; the image search ranks by magnitude (measured "
                           "from scratch in docs/RESULTS.md). Fix: leave out --importance, or use ebcompile.prepare(..., "
                           "importance=...) in your own loop.")
@@ -102,7 +102,7 @@ def search(args: argparse.Namespace) -> int:
     check_classifier(model, args.model, example, num_classes)
     if progress is not None:
         checkpoint.load(out / "model", model=model)
-    prepare(model, example, ratio=args.ratio, structure=args.structure, scope=args.scope)
+    prepare(model, example, ratio=args.ratio, structure=args.structure, scope=args.scope, importance="magnitude")
     model.to(_device())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     per_epoch = math.ceil(len(data.train_y) / args.batch)
@@ -184,7 +184,8 @@ def retrain(args: argparse.Namespace) -> int:
     model = checkpoint.load(folder, model=recipe.build(args.factory))
     dense = sum(p.numel() for p in model.parameters())
     eb_probe = load_ticket_or_fail(folder)
-    prepare(model, recipe.fit(data.train_x[:2]), ratio=eb_probe.ratio, structure=eb_probe.structure, scope=eb_probe.scope)
+    prepare(model, recipe.fit(data.train_x[:2]), ratio=eb_probe.ratio, structure=eb_probe.structure, scope=eb_probe.scope,
+            importance="magnitude")
     model.to(_device())
     eb = EarlyBird(model)  # the saved search: its ticket and the weights before it (for --mode rewind)
     eb.load(folder / SEARCH_STATE)

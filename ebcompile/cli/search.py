@@ -35,11 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", default="global", choices=["global", "layer"],
                    help="global (default): one ranking over all layers, each keeps its own widths (measured better "
                         "when fine-tuning a pretrained model); layer: every layer prunes the same share")
-    p.add_argument("--importance", default="magnitude", choices=["magnitude", "taylor", "activation", "gate"],
-                   help="how heads and neurons are ranked (default: %(default)s). Fine-tuning a pretrained text model: gate "
-                        "(learnable unit gates with an L1 penalty, trained in their own AdamW group at --gate-lr) kept the "
-                        "most accuracy as measured in docs/early-bird.md; taylor and activation need no extra parameters. "
-                        "Text models only")
+    p.add_argument("--importance", default="auto", choices=["auto", "magnitude", "taylor", "activation", "gate"],
+                   help="how heads and neurons are ranked (default: %(default)s: taylor when the weights train, activation "
+                        "with LoRA's frozen weights; the image search ranks by magnitude). Fine-tuning a pretrained text "
+                        "model, gate (learnable unit gates with an L1 penalty, in their own AdamW group at --gate-lr) kept "
+                        "the most accuracy in docs/early-bird.md but adds parameters; taylor and activation add none")
     p.add_argument("--gate-lr", type=float, default=1e-2, help="--importance gate: the gates' learning rate (default: %(default)s)")
     p.add_argument("--every", type=int, default=50, help="optimizer steps between checks (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=0, help="optimizer steps before the first check")
