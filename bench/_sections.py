@@ -26,6 +26,24 @@ def write_section(doc: str, name: str, block: str) -> Path:
     return path
 
 
+def kept_sections(old: str, new: str) -> str:
+    """``new`` with every marked section of ``old`` that ``new`` lacks appended (a generator that rewrites a whole
+    document, e.g. reproduce.py's RESULTS.md, keeps the sections other benches write into it)."""
+    pos = 0
+    while (start := old.find("<!-- ", pos)) >= 0:
+        stop = old.find(" -->", start)
+        tag = old[start + 5:stop]
+        pos = stop
+        if not tag.endswith(":begin"):
+            continue
+        end = f"<!-- {tag[:-6]}:end -->"
+        if f"<!-- {tag} -->" in new or end not in old[stop:]:
+            continue
+        block = old[start:old.index(end, stop) + len(end)]
+        new, pos = new.rstrip() + "\n\n" + block + "\n", old.index(end, stop)
+    return new
+
+
 def publish(doc: str, name: str, header: str, text: str, write: bool = True) -> None:
     """Print a bench's header and table, and (``write``) put them in their section of ``docs/<doc>``."""
     block = f"{header}\n\n{text}"

@@ -165,7 +165,8 @@ def table(write: bool) -> None:
               "(relative 0.3, window 5), a check every 10 steps, deadline at 30% of the budget; at the ticket the model is "
               "compacted with its AdamW state carried and trained on the same schedule to the end. Gates: L1 1e-4, their "
               "own AdamW group at lr 1e-2. One seed; wall times exclude evaluation.")
-    publish("early-bird.md", "importance_finetune", header, "\n".join(lines), write=write)
+    for doc in ("early-bird.md", "RESULTS.md"):  # RESULTS.md: the importance column of the results
+        publish(doc, "importance_finetune", header, "\n".join(lines), write=write)
 
 
 def main() -> None:

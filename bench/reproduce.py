@@ -167,8 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     if out is not None:
         from ebcompile.io import atomic_path
 
+        from _sections import kept_sections
+
+        old = out.read_text() if out.exists() else ""
         with atomic_path(out) as tmp:
-            tmp.write_text(text)
+            tmp.write_text(kept_sections(old, text))  # the importance benches' sections stay
         if not a.quick and out == ROOT / "docs" / "RESULTS.md":
             from _repro_doc import recipe_section
 

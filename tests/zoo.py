@@ -318,6 +318,21 @@ def _t5_encoder():
                                    vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
 
 
+def _gptj():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    return GPTJForCausalLM(GPTJConfig(vocab_size=VOCAB, n_positions=64, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                      rotary_dim=4, n_inner=FFN, bos_token_id=0, eos_token_id=1, use_cache=False))
+
+
+def _codegen():
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    return CodeGenForCausalLM(CodeGenConfig(vocab_size=VOCAB, n_positions=64, n_ctx=64, n_embd=HIDDEN, n_layer=LAYERS,
+                                            n_head=HEADS, rotary_dim=4, n_inner=FFN, bos_token_id=0, eos_token_id=1,
+                                            use_cache=False))
+
+
 def _timm_vit():
     from timm.models.vision_transformer import VisionTransformer
 
@@ -356,6 +371,11 @@ ZOO: dict[str, Spec] = {
     "falcon": Spec(_falcon, text_batch, _per_layer("transformer.h.{i}.{n}", ("self_attention.query_key_value",
                                                                          "self_attention.dense", "mlp.dense_h_to_4h",
                                                                          "mlp.dense_4h_to_h")), hf=True),
+    # rotary embeddings rotating every two features (torch.stack of the pair's halves); CodeGen: one fused qkv
+    "gptj": Spec(_gptj, text_batch, _per_layer("transformer.h.{i}.{n}", ("attn.q_proj", "attn.k_proj", "attn.v_proj",
+                                                                      "attn.out_proj", "mlp.fc_in", "mlp.fc_out")), hf=True),
+    "codegen": Spec(_codegen, text_batch, _per_layer("transformer.h.{i}.{n}", ("attn.qkv_proj", "attn.out_proj", "mlp.fc_in",
+                                                                            "mlp.fc_out")), hf=True),
     "tenc-post": Spec(lambda: EncoderClassifier(norm_first=False), token_batch, _TENC),
     "tenc-pre": Spec(lambda: EncoderClassifier(norm_first=True), token_batch, _TENC),
     "nanogpt": Spec(lambda: GPT(GPTConfig()), token_batch,

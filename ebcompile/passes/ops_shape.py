@@ -177,6 +177,24 @@ def _cat(flow: Flow, node: fx.Node):
     return _out(np.concatenate(pieces, axis=dim))
 
 
+@handler("stack")
+def _stack(flow: Flow, node: fx.Node):
+    """``stack(tensors, dim)``: a new axis at ``dim`` indexes the inputs; each input keeps its labels along the others
+    (GPT-J's rotate_every_two stacks the two halves of each rotary pair)."""
+    tensors = node.args[0]
+    labs = [flow.lab(t) for t in tensors]
+    if not any(isinstance(lab, Labels) for lab in labs):
+        return None
+    dst = shape(node)
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(dst))
+    ndim = len(dst) - 1
+    padded = [lab.ids.reshape((1,) * (ndim - lab.ids.ndim) + lab.ids.shape) if isinstance(lab, Labels) else None
+              for lab in labs]
+    common = np.broadcast_shapes(*[ids.shape for ids in padded if ids is not None])
+    pieces = [np.broadcast_to(ids if ids is not None else -np.ones((1,) * ndim, dtype=np.int64), common) for ids in padded]
+    return _out(np.stack(pieces, axis=dim))
+
+
 @handler("repeat_interleave")
 def _repeat_interleave(flow: Flow, node: fx.Node):
     lab = flow.lab(node.args[0])
