@@ -35,12 +35,14 @@ from .materialized import require_materialized
 from .model_format import CONFIG, FORMAT, META, VERSION, WEIGHTS, count_attributes, head_counts
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
 from .names import set_tensor, split_name, tensor_at
-from .passes.counts import ConfigView
+from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTH_ATTRS, WIDTHS, ConfigView
 from .passes.reshapes import install_rewrite, rewrites_of
 from .passes.shrink import fix_attributes, plain_model, removed_indices
 from .savedir import atomic_dir, read_saved
 
 __all__ = ["save", "load", "head_counts", "WEIGHTS", "CONFIG", "META"]
+
+COUNT_NAMES = set(HEAD_COUNTS + KV_COUNTS + GROUP_COUNTS + WIDTHS + NEURON_WIDTHS)  # what count_attributes saves anyway
 
 def _is_hf(model: nn.Module) -> bool:
     try:
@@ -72,6 +74,8 @@ def _set_counts(model: nn.Module, counts: dict[str, Any]) -> None:
             raise CheckpointError(f"{META}: {key}={value!r} is not a count. Fix: save the model again.")
         if isinstance(module.__dict__.get(attr), int):
             setattr(module, attr, value)
+            if attr in module.__dict__.get(WIDTH_ATTRS, {}) or attr not in COUNT_NAMES:  # saved again if saved again
+                module.__dict__.setdefault(WIDTH_ATTRS, {})[attr] = value
 
 
 def _has_config(model: nn.Module, path: str) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 from .config_values import config_value
 from .families import family_of
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention
-from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS, ConfigView
+from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTH_ATTRS, WIDTHS, ConfigView
 
 __all__ = ["WEIGHTS", "CONFIG", "META", "FORMAT", "VERSION", "head_counts", "attention_heads", "HeadCount", "count_attributes"]
 
@@ -87,7 +87,7 @@ def count_attributes(model: nn.Module) -> dict[str, int]:
     names = set(HEAD_COUNTS + KV_COUNTS + GROUP_COUNTS + WIDTHS + NEURON_WIDTHS + EXPERT_COUNTS + EXPERT_WIDTHS)
     out = {}
     for path, module in model.named_modules():
-        for attr in names & set(module.__dict__):
+        for attr in (names | set(module.__dict__.get(WIDTH_ATTRS, ()))) & set(module.__dict__):
             value = module.__dict__[attr]
             if isinstance(value, int) and not isinstance(value, bool):
                 out[f"{path}.{attr}" if path else attr] = value

@@ -78,7 +78,8 @@ FAMILIES = {
     **{n: (functools.partial(_hf, n), zoo.text_batch, 2) for n in ("hf-gpt2", "hf-bert", "hf-roberta")},
     **{n: (functools.partial(_hf, n), lambda: {"pixel_values": _image()}, 2) for n in ("hf-vit", "hf-deit")},
     "hf-swin": (functools.partial(_hf, "hf-swin"), lambda: {"pixel_values": _image()}, 2),
-    **{n: (zoo.ZOO[n].make, zoo.ZOO[n].batch, 2) for n in ("llama", "qwen2", "mistral", "gptj", "codegen", "nanogpt", "tenc-post",
+    **{n: (zoo.ZOO[n].make, zoo.ZOO[n].batch, 2) for n in ("llama", "qwen2", "mistral", "gptj", "codegen", "gpt-bigcode", "nanogpt",
+                                                          "tenc-post",
                                                           "distilbert", "t5-encoder",
                                                           "timm-vit")},
     **{b.__name__: (functools.partial(reshapes.Net, b, 24, 6), lambda: reshapes.batch(2, 7), 2)

@@ -23,7 +23,7 @@ from hf_models import (
 )
 from hf_models import build as hf_build
 
-ZOO = ("llama", "qwen2", "phi3", "falcon", "gptj", "codegen", "distilbert", "t5-encoder", "tenc-post", "nanogpt", "timm-vit")
+ZOO = ("llama", "qwen2", "phi3", "falcon", "gptj", "codegen", "gpt-bigcode", "distilbert", "t5-encoder", "tenc-post", "nanogpt", "timm-vit")
 HF = ("gpt2-lm", "bert", "vit", "swin")
 
 
@@ -44,7 +44,10 @@ def _dense_truth(model, plan) -> dict[str, tuple[int, int]]:
     for g in plan.groups:
         if g.kind != "head":
             continue
-        if isinstance(heads, int) and isinstance(kv, int) and kv != heads and g.units == kv:
+        if getattr(cfg, "multi_query", False) is True:  # one KV head (GPTBigCode): the query heads are the units
+            assert g.units == heads and g.per_group == heads, (g.module, g.units, g.per_group)
+            out[g.module] = (heads, 1)
+        elif isinstance(heads, int) and isinstance(kv, int) and kv != heads and g.units == kv:
             out[g.module] = (heads, kv)
         else:
             if isinstance(heads, int):

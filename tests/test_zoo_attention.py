@@ -38,19 +38,32 @@ class ComputedShape(nn.Module):
         return self.projection(out.reshape(out.size()[:-2] + (self.embed_dim,))), probs
 
 
-class Untraceable(nn.Module):
+class WidthAttribute(nn.Module):
+    """Untraceable (control flow on a size), and it merges its heads back with ``self.embed_dim``: a width under a
+    name that also means the residual width elsewhere (GPTBigCode splits its fused q/k/v with it)."""
+
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.embed_dim, self.num_heads, self.head_dim = dim, heads, dim // heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def heads(self, h: torch.Tensor) -> torch.Tensor:
         bsz, tgt_len, _ = h.size()
         q, k, v = (p(h).view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
         out = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, dim=-1) @ v
         if out.size(1) != self.num_heads:  # control flow on a size: symbolic_trace cannot follow it
             raise ValueError("wrong head count")
-        return self.o(out.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim))
+        return out.transpose(1, 2)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.o(self.heads(h).reshape(*h.shape[:2], self.embed_dim))
+
+
+class Untraceable(WidthAttribute):
+    """As WidthAttribute, but the merged width is the input's: nothing rewrites it."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.o(self.heads(h).reshape(h.shape))
 
 
 class WeightNormConv(nn.Module):
@@ -119,6 +132,16 @@ def test_heads_merged_by_a_computed_shape_with_per_head_outputs(tmp_path):
     assert [g.module for g in model._ebcompile.plan.groups if g.kind == "head"] == ["1.block", "2.block"]
     assert all(small[i].block.__dict__.get("_ebcompile_reshapes") for i in (1, 2))
     assert small[1].block.qkv.out_features == 3 * 16
+
+
+def test_a_width_attribute_is_rewritten_where_the_module_needs_it_and_saved(tmp_path):
+    """``embed_dim`` is no count-table name (it is the residual width in most modules); it is set to the compact
+    width only because this module fails without it and computes the masked output with it; load sets it again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, small = compact_and_check(WidthAttribute, tmp_path)  # save / load and the outputs checked there
+    assert all(small[i].block.q.out_features == 16 and small[i].block.embed_dim == 16 for i in (1, 2))
+    assert ebcompile.load(tmp_path, model=net(WidthAttribute))[1].block.embed_dim == 16
 
 
 def test_heads_no_rewrite_reaches_are_kept_whole(tmp_path):

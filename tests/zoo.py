@@ -333,6 +333,14 @@ def _codegen():
                                             use_cache=False))
 
 
+def _gpt_bigcode():
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    return GPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=VOCAB, n_positions=64, n_embd=HIDDEN, n_layer=LAYERS,
+                                                  n_head=HEADS, n_inner=FFN, multi_query=True, use_cache=False,
+                                                  bos_token_id=0, eos_token_id=1))
+
+
 def _timm_vit():
     from timm.models.vision_transformer import VisionTransformer
 
@@ -376,6 +384,9 @@ ZOO: dict[str, Spec] = {
                                                                       "attn.out_proj", "mlp.fc_in", "mlp.fc_out")), hf=True),
     "codegen": Spec(_codegen, text_batch, _per_layer("transformer.h.{i}.{n}", ("attn.qkv_proj", "attn.out_proj", "mlp.fc_in",
                                                                             "mlp.fc_out")), hf=True),
+    # multi-query attention (one KV head): the query heads are the units; its fused c_attn splits by embed_dim
+    "gpt-bigcode": Spec(_gpt_bigcode, text_batch, _per_layer("transformer.h.{i}.{n}", ("attn.c_attn", "attn.c_proj",
+                                                                                    "mlp.c_fc", "mlp.c_proj")), hf=True),
     "tenc-post": Spec(lambda: EncoderClassifier(norm_first=False), token_batch, _TENC),
     "tenc-pre": Spec(lambda: EncoderClassifier(norm_first=True), token_batch, _TENC),
     "nanogpt": Spec(lambda: GPT(GPTConfig()), token_batch,

@@ -31,10 +31,11 @@ from torch import fx, nn
 
 from ..names import split_name
 from ..plan import Plan
+from .counts import WIDTH_ATTRS
 from .feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, kept_part, op_name, output_dims, shape_changes, size_args
 from .verify import _tensors, compute_dtype, evaluating, example_for, relative_error, tolerance_for
 
-__all__ = ["adapt_forwards", "hold_whole", "install_rewrite", "rewrites_of", "ATTR"]
+__all__ = ["adapt_forwards", "hold_whole", "install_rewrite", "rewrites_of", "rewrite_widths", "ATTR", "WIDTH_ATTRS"]
 
 ATTR = "_ebcompile_reshapes"  # on a rewritten module: {"eval"|"train": {node name: change}}
 KINDS = {"sizes": VIEWS, "split": SPLITS, "slices": {"getitem"}}  # change -> the ops it may apply to
@@ -164,10 +165,32 @@ def _call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
             return exc
 
 
+def rewrite_widths(module: nn.Module, old: int, new: int) -> list[str]:
+    """Set every plain ``int`` attribute of ``module`` equal to ``old`` (its heads' width before compaction) to
+    ``new``, and record them in ``module.__dict__[WIDTH_ATTRS]`` (saved with the counts, set again at load).
+    For a width kept under a name the count table cannot claim in general (GPTBigCode's ``embed_dim``, read to
+    split its fused q/k/v, equals the residual width in most modules), so it is tried only where the compact
+    module fails without it, and kept only when the module then computes what the masked one did."""
+    names = [a for a, v in module.__dict__.items() if not a.startswith("_") and type(v) is int and v == old]
+    for a in names:
+        setattr(module, a, new)
+    if names:
+        module.__dict__.setdefault(WIDTH_ATTRS, {}).update({a: new for a in names})
+    return names
+
+
+def _undo_widths(module: nn.Module, names: list[str], old: int) -> None:
+    for a in names:
+        setattr(module, a, old)
+        module.__dict__.get(WIDTH_ATTRS, {}).pop(a, None)
+
+
 def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], example: tuple[tuple, dict] | None,
-                   removed: dict[tuple[str, int], set[int]], failed: dict[str, str] | None = None) -> list[str]:
+                   removed: dict[tuple[str, int], set[int]], failed: dict[str, str] | None = None,
+                   widths: dict[str, tuple[int, int]] | None = None) -> list[str]:
     """Rewrite the forward of every module in ``paths`` whose compact output differs from its masked output on
-    the example inputs, where tracing and following its features can fix it. Returns the rewritten paths;
+    the example inputs, where a width attribute (``rewrite_widths``, with ``widths``: path -> (original, compact)
+    heads x head width) or tracing and following its features can fix it. Returns the rewritten paths;
     ``failed`` gets each module whose compact form still raises on its example inputs, with the error."""
     if example is None or not paths:
         return []
@@ -194,6 +217,13 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
         out = _call(target, args, kwargs)
         if not isinstance(out, Exception) and relative_error(ref, out) <= tol:
             continue
+        if path in (widths or {}):
+            old, new = widths[path]
+            names = rewrite_widths(target, old, new)
+            out = _call(target, args, kwargs) if names else out
+            if names and not isinstance(out, Exception) and relative_error(ref, out) <= tol:
+                continue
+            _undo_widths(target, names, old)
         rows = {}
         for (name, dim), idx in removed.items():
             owner, attr = split_name(name)

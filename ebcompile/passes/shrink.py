@@ -168,7 +168,10 @@ def _rounded_keep(group: GroupSet, keep: torch.Tensor, round_to: int | None) -> 
     return keep
 
 
-def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> dict[tuple[str, int], set[int]]:
+def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None
+                  ) -> tuple[dict[tuple[str, int], set[int]], dict[str, tuple[int, int]]]:
+    """Slice every group's removed units out of ``new``'s tensors: the indices removed per (tensor, dim), and the
+    widths of each attention module whose heads were cut (path -> (original, compact) heads x head width)."""
     removed: dict[tuple[str, int], set[int]] = {}
     kept_heads: dict[str, tuple[int, int]] = {}
     groups = {(g.module or g.name): g for g in plan.groups if g.kind == "head"}
@@ -199,7 +202,12 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None) -> d
             keep_idx = torch.tensor([i for i in range(t.shape[dim]) if i not in idx], dtype=torch.long, device=t.device)
             set_tensor(new, name, t.detach().index_select(dim, keep_idx).clone())
     fix_attributes(new, groups, kept_heads)
-    return removed
+    widths = {}
+    for path, (kept, units) in kept_heads.items():
+        width = max((m.unit_size for m in groups[path].members if m.masked), default=0)
+        if kept < units and width:
+            widths[path] = (units * width, kept * width)
+    return removed, widths
 
 
 def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
@@ -300,12 +308,12 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool, check: bool =
     strip_masks(new, bake=True)
     new.__dict__.pop("_ebcompile", None)
     if structured:
-        removed = _remove_units(new, cfg.plan, ticket, round_to)
+        removed, widths = _remove_units(new, cfg.plan, ticket, round_to)
         watch = [g.module if g.kind == "head" else split_name(g.name)[0] for g in cfg.plan.groups]
         heads = [g.module for g in cfg.plan.groups if g.kind == "head" and g.module]
         if check:
             failed: dict[str, str] = {}
-            adapt_forwards(model, new, list(dict.fromkeys(heads)), getattr(cfg, "example", None), removed, failed)
+            adapt_forwards(model, new, list(dict.fromkeys(heads)), getattr(cfg, "example", None), removed, failed, widths)
             if failed and hold_whole(cfg.plan, failed):  # once more, those modules' units kept whole
                 return _compact(model, round_to, sparse, check)
             check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])

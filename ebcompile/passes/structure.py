@@ -198,7 +198,7 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
         while name in names:
             name += "'"
         names.add(name)
-        per_group = _per_group(flow, [root for root, _ in units]) if is_head and keep_kv else 0
+        per_group = _per_group(flow, [root for root, _ in units]) if is_head and (keep_kv or flow.kv_groups) else 0
         if per_group < 0:
             skipped.setdefault(producer, "its query heads are not ordered by KV head")
             continue
