@@ -23,7 +23,8 @@ from hf_models import (
 )
 from hf_models import build as hf_build
 
-ZOO = ("llama", "qwen2", "phi3", "falcon", "gptj", "codegen", "gpt-bigcode", "distilbert", "t5-encoder", "tenc-post", "nanogpt", "timm-vit")
+ZOO = ("llama", "qwen2", "phi3", "falcon", "gptj", "codegen", "gpt-bigcode", "minicpm3", "deepseek-v3",
+       "distilbert", "t5-encoder", "tenc-post", "nanogpt", "timm-vit")
 HF = ("gpt2-lm", "bert", "vit", "swin")
 
 

@@ -341,6 +341,26 @@ def _gpt_bigcode():
                                                   bos_token_id=0, eos_token_id=1))
 
 
+def _mla(config_cls, model_cls, **kw):  # multi-head latent attention: low-rank q and kv, a rotary key part every head shares
+    return model_cls(config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                                num_attention_heads=HEADS, num_key_value_heads=HEADS, q_lora_rank=16, kv_lora_rank=16,
+                                qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
+                                use_cache=False, bos_token_id=0, eos_token_id=1, pad_token_id=0, **kw))
+
+
+def _minicpm3():
+    from transformers import MiniCPM3Config, MiniCPM3ForCausalLM
+
+    return _mla(MiniCPM3Config, MiniCPM3ForCausalLM)
+
+
+def _deepseek_v3():  # the dense layers only (first_k_dense_replace): experts are tests/test_moe.py's
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    return _mla(DeepseekV3Config, DeepseekV3ForCausalLM, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                n_group=1, topk_group=1, first_k_dense_replace=LAYERS, rope_interleave=True)
+
+
 def _timm_vit():
     from timm.models.vision_transformer import VisionTransformer
 
@@ -387,6 +407,12 @@ ZOO: dict[str, Spec] = {
     # multi-query attention (one KV head): the query heads are the units; its fused c_attn splits by embed_dim
     "gpt-bigcode": Spec(_gpt_bigcode, text_batch, _per_layer("transformer.h.{i}.{n}", ("attn.c_attn", "attn.c_proj",
                                                                                     "mlp.c_fc", "mlp.c_proj")), hf=True),
+    "minicpm3": Spec(_minicpm3, text_batch, _per_layer("model.layers.{i}.{n}", ("self_attn.q_b_proj", "self_attn.kv_b_proj",
+                                                                            "self_attn.o_proj", "mlp.up_proj")), hf=True,
+                     ffns=3 * LAYERS),  # + q_a_proj and kv_a_proj: one unit each (normalized together), never cut
+    "deepseek-v3": Spec(_deepseek_v3, text_batch, _per_layer("model.layers.{i}.{n}", ("self_attn.q_b_proj", "self_attn.kv_b_proj",
+                                                                                  "self_attn.o_proj", "mlp.up_proj")), hf=True,
+                        ffns=3 * LAYERS),
     "tenc-post": Spec(lambda: EncoderClassifier(norm_first=False), token_batch, _TENC),
     "tenc-pre": Spec(lambda: EncoderClassifier(norm_first=True), token_batch, _TENC),
     "nanogpt": Spec(lambda: GPT(GPTConfig()), token_batch,

@@ -57,6 +57,10 @@ def product(flow: Flow, a: Labels | None, b: Labels | None, out_shape: tuple[int
             return kept
     # contracted dimension: a[..., m, k] with b[..., k, n]
     if la is not None and lb is not None:
+        shared = _shared_channels(la, lb)
+        if shared is not None:  # MLA: a rotary key part shared by every head is kept whole, the rest stays per head
+            el.forbid(lb[..., shared, :], "a key part every attention head reads (kept whole)")
+            la, lb = la[..., :, ~shared], lb[..., ~shared, :]
         el.union(la[..., :, :, None], lb[..., None, :, :])
     elif la is not None and la.shape[-1] > 1:
         el.forbid(la, f"its features are contracted with other data by {what}")
@@ -98,6 +102,23 @@ def _keep_kv(flow: Flow, left: np.ndarray, right: np.ndarray, la: np.ndarray, lb
         out_shape = np.broadcast_shapes(left.shape, right.shape)
         return _out(np.broadcast_to(mine, out_shape).copy())
     return None
+
+
+def _shared_channels(la: np.ndarray, lb: np.ndarray) -> np.ndarray | None:
+    """The contracted positions (``la[..., m, k] @ lb[..., k, n]``) where ``lb`` has the same labels in every head
+    while ``la`` has its own per head, when some other position is per head on both sides (DeepSeek / MiniCPM3
+    multi-head latent attention: the rotary key part is computed once and expanded to every head)."""
+    axis = _head_axis(la[..., :, :1], lb[..., :1, :])
+    if axis is None or la.shape[-1] != lb.shape[-2] or la.shape[-1] < 2:
+        return None
+
+    def per_head(ids: np.ndarray, dim: int) -> np.ndarray:  # per contracted position: labels differ across heads
+        moved = np.moveaxis(ids, (axis, dim), (0, -1))
+        return ((moved != moved[:1]) & (moved >= 0)).reshape(-1, moved.shape[-1]).any(0)
+
+    a_own, b_own = per_head(la, la.ndim - 1), per_head(lb, lb.ndim - 2)
+    shared = a_own & ~b_own & (np.moveaxis(lb, lb.ndim - 2, -1) >= 0).reshape(-1, lb.shape[-2]).any(0)
+    return shared if shared.any() and (a_own & b_own).any() else None
 
 
 def _one_kv_head(left: np.ndarray, right: np.ndarray) -> int | None:

@@ -223,3 +223,54 @@ def _repeat(flow: Flow, node: fx.Node):
 
 
 HANDLER_FUNCTIONS = {operator.getitem: "getitem"}
+
+
+# -- a buffer filled in place: ``new_empty`` then ``buf[..., a:b] = x`` (DeepSeek's latent attention key) ----------
+FILLS = ("new_empty", "new_zeros", "new_ones", "new_full", "empty_like", "zeros_like", "ones_like", "full_like")
+
+
+@handler(*FILLS)
+def _fill(flow: Flow, node: fx.Node):
+    """A fresh tensor shaped (or typed) like its input: nothing labelled, and the input's features stay free."""
+    return None
+
+
+def _region(node: fx.Node) -> tuple[fx.Node, list[tuple[str, tuple]]] | None:
+    """``node`` as a chain of ``slice`` / ``select`` views of a base tensor: the base and the chain, outermost first."""
+    chain = []
+    while isinstance(node, fx.Node) and node.op == "call_function" and getattr(node.target, "_opname", "") in ("slice", "select"):
+        chain.append((node.target._opname, tuple(node.args[1:])))
+        node = node.args[0]
+    return (node, chain[::-1]) if chain and isinstance(node, fx.Node) else None
+
+
+@handler("copy_")
+def _copy_(flow: Flow, node: fx.Node):
+    """``dst.copy_(src)`` where ``dst`` is a slice of a buffer: the buffer's labels get ``src``'s at that region
+    (later readers of the buffer see them); anything else keeps ``src``'s features whole."""
+    dst, src = node.args[0], node.args[1]
+    lab, found = flow.lab(src), _region(dst)
+    base_shape = shape(found[0]) if found else None
+    if not isinstance(lab, Labels) or base_shape is None or isinstance(flow.lab(found[0]), list):
+        flow.forbid(src, "copied into a tensor the analysis does not follow")
+        return None
+    base, chain = found
+    old = flow.lab(base)
+    try:
+        ids = np.array(old.full(base_shape)) if isinstance(old, Labels) else -np.ones(base_shape, dtype=np.int64)
+        view = ids
+        for op, args in chain:
+            dim = _norm_dim(args[0] if args else 0, view.ndim)
+            if op == "select":
+                view = view[(slice(None),) * dim + (args[1],)]
+            else:
+                start = args[1] if len(args) > 1 and args[1] is not None else 0
+                end = args[2] if len(args) > 2 and args[2] is not None else view.shape[dim]
+                step = args[3] if len(args) > 3 else 1
+                view = view[(slice(None),) * dim + (slice(start, min(end, view.shape[dim]), step),)]
+        view[...] = np.broadcast_to(lab.ids.reshape((1,) * (view.ndim - lab.ids.ndim) + lab.ids.shape), view.shape)
+    except (OverflowError, ValueError, IndexError):
+        flow.forbid(src, "copied into a tensor the analysis does not follow")
+        return None
+    flow.labels[base] = _out(ids)
+    return flow.labels[base] if dst is base else _out(np.array(view))
