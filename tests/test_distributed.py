@@ -88,7 +88,7 @@ def test_two_ranks_find_the_one_process_ticket(mode, single, fsdp, tmp_path):
         assert structured["compact_sharded"] == "DistributedError"  # compact on the sharded model says: gather first
 
 
-KINDS = ("structured@taylor", "structured@activation", "structured@gate", "unstructured@activation")
+KINDS = ("structured@auto", "structured@taylor", "structured@activation", "structured@gate", "unstructured@activation")
 
 
 def test_ddp_agrees_for_every_importance_kind(tmp_path):
