@@ -88,7 +88,7 @@ def run(a) -> dict:
     stream = (b for _ in range(a.epochs) for b in batches(tok, xtr, ytr, a.batch, a.max_len, True, gen))
     result = {"name": a.name, "lora": a.lora, "importance": None if a.dense else a.importance, "ratio": None if a.dense else a.ratio,
               "steps": steps, "every": a.every, "deadline": a.deadline, "window": a.window, "threshold": a.threshold,
-              "lr": a.lr, "gate_lr": a.gate_lr, "epochs": a.epochs}
+              "lr": a.lr, "gate_lr": a.gate_lr, "epochs": a.epochs, "seed": a.seed}
     for b in stream:
         start, start_cpu = time.perf_counter(), time.process_time()
         loss = model(**b).loss
@@ -138,11 +138,12 @@ def table(write: bool) -> None:
         key = "cpu_seconds" if dense and "cpu_seconds" in r and "cpu_seconds" in dense else "wall_seconds"
         return f"{r[key] / dense[key]:.2f}x" + ("" if key == "cpu_seconds" else " (wall)") if dense else "–"
 
-    for r in sorted(rows.values(), key=lambda r: (r["lora"], r.get("epochs", 1), r["ratio"] or 0, r["importance"] or "")):
+    for r in sorted(rows.values(), key=lambda r: (r["lora"], r.get("epochs", 1), r.get("seed", 0), r["ratio"] or 0, r["importance"] or "")):
         dense = next((d for d in rows.values() if d["importance"] is None and d["lora"] == r["lora"]
-                      and d.get("epochs", 1) == r.get("epochs", 1)), None)
+                      and d.get("epochs", 1) == r.get("epochs", 1) and d.get("seed", 0) == r.get("seed", 0)), None)
         setting = ("LoRA r=8" if r["lora"] else "full fine-tuning") + (
             f", {r['epochs']} epochs" if r.get("epochs", 1) != 1 else "") + (
+            f", seed {r['seed']}" if r.get("seed", 0) else "") + (
             f", every {r['every']}" if r["every"] != 10 else "") + (f", gate lr {r['gate_lr']:g}" if r["importance"] == "gate"
                                                                   and r["gate_lr"] != 1e-2 else "") + (
             f", deadline {r['deadline']:g}" if r["deadline"] != 0.3 and r["importance"] else "") + (
@@ -164,7 +165,8 @@ def table(write: bool) -> None:
               "q/k/v/o and both FFN linears), structured global tickets; EarlyBird default rule "
               "(relative 0.3, window 5), a check every 10 steps, deadline at 30% of the budget; at the ticket the model is "
               "compacted with its AdamW state carried and trained on the same schedule to the end. Gates: L1 1e-4, their "
-              "own AdamW group at lr 1e-2. One seed; wall times exclude evaluation.")
+              "own AdamW group at lr 1e-2. Seed 0 unless a row names another (each row against the dense run of its "
+              "seed); times exclude evaluation.")
     for doc in ("early-bird.md", "RESULTS.md"):  # RESULTS.md: the importance column of the results
         publish(doc, "importance_finetune", header, "\n".join(lines), write=write)
 
