@@ -70,6 +70,11 @@ def _set_counts(model: nn.Module, counts: dict[str, Any]) -> None:
         except AttributeError as exc:
             raise CheckpointError(f"the checkpoint sets {key}, which the model lacks. Fix: pass a model of the saved "
                                   "architecture.") from exc
+        if isinstance(value, list) and isinstance(module.__dict__.get(attr), tuple) \
+                and all(type(x) is int and x >= 0 for x in value) and len(value) == len(module.__dict__[attr]):
+            setattr(module, attr, tuple(value))  # a shape attribute (passes.reshapes.rewrite_widths)
+            module.__dict__.setdefault(WIDTH_ATTRS, {})[attr] = tuple(value)
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise CheckpointError(f"{META}: {key}={value!r} is not a count. Fix: save the model again.")
         if isinstance(module.__dict__.get(attr), int):

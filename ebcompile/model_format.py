@@ -87,10 +87,13 @@ def count_attributes(model: nn.Module) -> dict[str, int]:
     names = set(HEAD_COUNTS + KV_COUNTS + GROUP_COUNTS + WIDTHS + NEURON_WIDTHS + EXPERT_COUNTS + EXPERT_WIDTHS)
     out = {}
     for path, module in model.named_modules():
-        for attr in (names | set(module.__dict__.get(WIDTH_ATTRS, ()))) & set(module.__dict__):
+        own = set(module.__dict__.get(WIDTH_ATTRS, ()))
+        for attr in (names | own) & set(module.__dict__):
             value = module.__dict__[attr]
             if isinstance(value, int) and not isinstance(value, bool):
                 out[f"{path}.{attr}" if path else attr] = value
+            elif attr in own and isinstance(value, tuple):  # a shape attribute passes.reshapes.rewrite_widths set
+                out[f"{path}.{attr}" if path else attr] = list(value)
         view = module.__dict__.get("config")
         if isinstance(view, ConfigView):  # the counts compaction gave this module over the shared config
             out.update({f"{path}.config.{attr}" if path else f"config.{attr}": v for attr, v in view.overrides.items()})

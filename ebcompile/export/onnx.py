@@ -59,6 +59,28 @@ class KeywordCall(nn.Module):
         return tuple(_flatten(self.net(**dict(zip(self.names, args)), **self.extra)))
 
 
+class PositionalCall(nn.Module):
+    """``net(*args)`` and nothing else: ``torch.onnx.export`` appends the defaults of a forward's other parameters to
+    the traced inputs, so a flag such as timm Eva's ``is_causal=False`` would reach the model as a tensor."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.net(*args)
+
+
+def _flag_defaults(net: nn.Module, given: int) -> bool:
+    """Whether ``net.forward`` has parameters after the ``given`` positional ones whose defaults are plain flags or
+    numbers (``PositionalCall`` then hides them from the exporter)."""
+    try:
+        params = list(inspect.signature(net.forward).parameters.values())[given:]
+    except (TypeError, ValueError):
+        return False
+    return any(isinstance(p.default, (bool, int, float)) for p in params)
+
+
 def _to_compact_attention(net: nn.Module) -> None:
     """Swap packed, batch-first ``nn.MultiheadAttention`` for the equivalent ``CompactMultiheadAttention``."""
     from ..modules import CompactMultiheadAttention
@@ -223,6 +245,8 @@ def export_onnx(
         args = tuple(kwargs[k] for k in input_names)
         extra = {k: v for k, v in graph_kwargs(net, kwargs).items() if k not in input_names}
         net = KeywordCall(net, input_names, extra)
+    elif _flag_defaults(net, len(args)):
+        net = PositionalCall(net)
     with torch.no_grad(), inputs_fit(family_net, args, {}):  # fp16 is checked against the fp32 model
         reference = _flatten(net(*args))
     if any(r.is_floating_point() and not bool(torch.isfinite(r).all()) for r in reference):

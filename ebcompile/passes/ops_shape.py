@@ -136,6 +136,13 @@ def _index(flow: Flow, node: fx.Node):
     """``x[..., [i, j]]``: constant indices along one dimension pick those slices (any other indexing is refused).
     The indices are baked into the model's code, so that dimension must keep its size: its slices join one unit."""
     lab, indices = flow.lab(node.args[0]), node.args[1]
+    table = flow.param_of.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None
+    if lab is None and table is not None and len(shape(node.args[0]) or ()) == 2 and len(indices) == 1 \
+            and indices[0] is not None and shape(node) is not None:
+        # rows of a 2-D parameter picked by an index tensor (a relative-position bias table, timm Swin / MaxViT):
+        # an embedding lookup, whose columns (one per head) may follow units
+        cols = shape(node.args[0])[1]
+        return Labels(flow.el.of(table, 1, cols).reshape((1,) * (len(shape(node)) - 1) + (-1,)))
     if not isinstance(lab, Labels):
         return None
     given = [(d, i) for d, i in enumerate(indices) if i is not None]

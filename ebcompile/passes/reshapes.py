@@ -165,32 +165,45 @@ def _call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
             return exc
 
 
-def rewrite_widths(module: nn.Module, old: int, new: int) -> list[str]:
-    """Set every plain ``int`` attribute of ``module`` equal to ``old`` (its heads' width before compaction) to
-    ``new``, and record them in ``module.__dict__[WIDTH_ATTRS]`` (saved with the counts, set again at load).
-    For a width kept under a name the count table cannot claim in general (GPTBigCode's ``embed_dim``, read to
-    split its fused q/k/v, equals the residual width in most modules), so it is tried only where the compact
-    module fails without it, and kept only when the module then computes what the masked one did."""
-    names = [a for a, v in module.__dict__.items() if not a.startswith("_") and type(v) is int and v == old]
-    for a in names:
-        setattr(module, a, new)
-    if names:
-        module.__dict__.setdefault(WIDTH_ATTRS, {}).update({a: new for a in names})
-    return names
+def rewrite_widths(module: nn.Module, width: tuple[int, int], heads: tuple[int, int]) -> list[tuple[nn.Module, str, Any]]:
+    """In ``module`` and its submodules (linears aside): set every plain ``int`` attribute equal to the heads' original
+    width (``width``: original, compact; heads x head_dim) to the compact one, and in every tuple of ints (a shape kept
+    as an attribute, timm's ``bias_shape``) the original head count (``heads``: original, kept) to the kept one.
+    Each change is recorded in its module's ``__dict__[WIDTH_ATTRS]`` (saved with the counts, set again at load).
+    For sizes kept under names the count table cannot claim in general (GPTBigCode's ``embed_dim``, read to split its
+    fused q/k/v, is the residual width in most modules), so it is tried only where the compact module fails without
+    it, and kept only when the module then computes what the masked one did. Returns (module, attr, old value)."""
+    changed = []
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            continue
+        for a, v in list(sub.__dict__.items()):
+            if a.startswith("_"):
+                continue
+            if type(v) is int and v == width[0]:
+                new: Any = width[1]
+            elif isinstance(v, tuple) and v and all(type(x) is int for x in v) and heads[0] in v:
+                new = tuple(heads[1] if x == heads[0] else x for x in v)
+            else:
+                continue
+            setattr(sub, a, new)
+            sub.__dict__.setdefault(WIDTH_ATTRS, {})[a] = new
+            changed.append((sub, a, v))
+    return changed
 
 
-def _undo_widths(module: nn.Module, names: list[str], old: int) -> None:
-    for a in names:
-        setattr(module, a, old)
-        module.__dict__.get(WIDTH_ATTRS, {}).pop(a, None)
+def _undo_widths(changed: list[tuple[nn.Module, str, Any]]) -> None:
+    for sub, a, old in changed:
+        setattr(sub, a, old)
+        sub.__dict__.get(WIDTH_ATTRS, {}).pop(a, None)
 
 
 def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], example: tuple[tuple, dict] | None,
                    removed: dict[tuple[str, int], set[int]], failed: dict[str, str] | None = None,
-                   widths: dict[str, tuple[int, int]] | None = None) -> list[str]:
+                   widths: dict[str, tuple[int, int, int, int]] | None = None) -> list[str]:
     """Rewrite the forward of every module in ``paths`` whose compact output differs from its masked output on
-    the example inputs, where a width attribute (``rewrite_widths``, with ``widths``: path -> (original, compact)
-    heads x head width) or tracing and following its features can fix it. Returns the rewritten paths;
+    the example inputs, where size attributes (``rewrite_widths``, with ``widths``: path -> (original, compact)
+    heads x head width, original and kept heads) or tracing and following its features can fix it. Returns the rewritten paths;
     ``failed`` gets each module whose compact form still raises on its example inputs, with the error."""
     if example is None or not paths:
         return []
@@ -218,12 +231,12 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
         if not isinstance(out, Exception) and relative_error(ref, out) <= tol:
             continue
         if path in (widths or {}):
-            old, new = widths[path]
-            names = rewrite_widths(target, old, new)
-            out = _call(target, args, kwargs) if names else out
-            if names and not isinstance(out, Exception) and relative_error(ref, out) <= tol:
+            w0, w1, h0, h1 = widths[path]
+            changed = rewrite_widths(target, (w0, w1), (h0, h1))
+            out = _call(target, args, kwargs) if changed else out
+            if changed and not isinstance(out, Exception) and relative_error(ref, out) <= tol:
                 continue
-            _undo_widths(target, names, old)
+            _undo_widths(changed)
         rows = {}
         for (name, dim), idx in removed.items():
             owner, attr = split_name(name)

@@ -171,7 +171,8 @@ def _rounded_keep(group: GroupSet, keep: torch.Tensor, round_to: int | None) -> 
 def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None
                   ) -> tuple[dict[tuple[str, int], set[int]], dict[str, tuple[int, int]]]:
     """Slice every group's removed units out of ``new``'s tensors: the indices removed per (tensor, dim), and the
-    widths of each attention module whose heads were cut (path -> (original, compact) heads x head width)."""
+    sizes of each attention module whose heads were cut (path -> original and compact heads x head width, original
+    and kept heads)."""
     removed: dict[tuple[str, int], set[int]] = {}
     kept_heads: dict[str, tuple[int, int]] = {}
     groups = {(g.module or g.name): g for g in plan.groups if g.kind == "head"}
@@ -206,7 +207,7 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None
     for path, (kept, units) in kept_heads.items():
         width = max((m.unit_size for m in groups[path].members if m.masked), default=0)
         if kept < units and width:
-            widths[path] = (units * width, kept * width)
+            widths[path] = (units * width, kept * width, units, kept)
     return removed, widths
 
 

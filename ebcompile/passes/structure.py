@@ -33,7 +33,7 @@ from .ophandlers import HANDLERS, Flow, pointwise
 __all__ = ["discover", "META"]
 
 META = "ebcompile.labels"
-SOURCES = ("linear", "addmm", "embedding", "mm", "matmul")  # ops that create labels from their parameters
+SOURCES = ("linear", "addmm", "embedding", "mm", "matmul", "index")  # ops that create labels from their parameters
 
 
 def _param_labels(el: Elements, name: str, value: torch.Tensor) -> Labels | None:
