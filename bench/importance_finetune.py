@@ -130,7 +130,7 @@ def run(a) -> dict:
 
 
 def table(write: bool) -> None:
-    rows = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json")) if not p.stem.startswith("scratch-")}
     lines = ["| setting | importance | p | ticket at (share of budget) | drawn by | accuracy | − dense (points) | cost / dense | params |",
              "|---|---|---|---|---|---|---|---|---|"]
 

@@ -111,7 +111,8 @@ def table(write: bool) -> None:
               f"Measured {time.strftime('%Y-%m-%d')} on this 2-core CPU, one torch thread per run: the four small models of "
               "RESULTS.md trained from scratch on their budgets, structured global tickets at p = 0.3, the from-scratch "
               "rule (relative 0.3, window 5, deadline 15%); at the ticket compacted with the AdamW state carried and trained "
-              "to the end of the budget. Accuracy in %, mean ± standard deviation over seeds.")
+              "to the end of the budget. Accuracy in %, mean ± standard deviation over seeds. These runs shared the 2 cores with "
+              "other jobs (the test suite): the CPU-time ratios are rough.")
     for doc in ("early-bird.md", "RESULTS.md"):  # RESULTS.md: the importance column of the results
         publish(doc, "importance_scratch", header, "\n".join(lines), write=write)
 
