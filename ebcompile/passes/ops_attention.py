@@ -37,9 +37,8 @@ def _repeats(flow: Flow, ids: np.ndarray, axis: int) -> np.ndarray | None:
 
 
 def product(flow: Flow, a: Labels | None, b: Labels | None, out_shape: tuple[int, ...], transpose_b: bool = False,
-            what: str = "matmul", keep_kv: bool | None = None) -> Labels | None:
-    """Labels of ``a @ b`` (``b`` given as ``[..., N, K]`` when ``transpose_b``); ``keep_kv`` (default: the flow's):
-    a side whose heads repeat is kept whole."""
+            what: str = "matmul") -> Labels | None:
+    """Labels of ``a @ b`` (``b`` given as ``[..., N, K]`` when ``transpose_b``)."""
     nd = len(out_shape)
     la, lb = _aligned(a, nd), _aligned(b, nd)
     if la is None and lb is None:
@@ -51,7 +50,7 @@ def product(flow: Flow, a: Labels | None, b: Labels | None, out_shape: tuple[int
     if single is not None:  # multi-query: the shared side's labels spread over the heads, then kept whole
         la, lb = (la, np.repeat(lb, la.shape[single], single)) if lb.shape[single] == 1 else (
             np.repeat(la, lb.shape[single], single), lb)
-    if la is not None and lb is not None and ((flow.keep_kv if keep_kv is None else keep_kv) or single is not None):
+    if la is not None and lb is not None and (flow.keep_kv or single is not None):
         kept = _keep_kv(flow, la[..., :, :1], lb[..., :1, :], la, lb)
         if kept is not None:
             return kept
@@ -199,9 +198,7 @@ def _sdpa(flow: Flow, node: fx.Node):
         return None
     heads, kv = qs[-3] if len(qs) >= 3 else 1, ks[-3] if len(ks) >= 3 else 1
     lk, lv = flow.lab(k), flow.lab(v)
-    if heads > 1 and kv == 1:  # multi-query, broadcast: one KV head's labels at every head (product keeps it whole)
-        lk, lv = _spread_heads(lk, heads), _spread_heads(lv, heads)
-    elif heads != kv and kv > 0 and heads % kv == 0:  # enable_gqa: each KV head serves heads // kv query heads
+    if heads != kv and kv > 0 and heads % kv == 0:  # enable_gqa: each KV head serves heads // kv query heads
         lk = Labels(np.repeat(lk.ids, heads // kv, axis=-3), lk.param) if isinstance(lk, Labels) and lk.ids.shape[-3] > 1 else lk
         lv = Labels(np.repeat(lv.ids, heads // kv, axis=-3), lv.param) if isinstance(lv, Labels) and lv.ids.shape[-3] > 1 else lv
     scores_shape = qs[:-1] + (ks[-2],)
@@ -250,16 +247,7 @@ def _unsliceable_bias(flow: Flow, scores: Labels, bias: Any, q: Any, k: Any, att
         flow.forbid(k, why)
 
 
-def _spread_heads(lab: Labels | None, heads: int) -> Labels | None:
-    """A single KV head's labels repeated along the head axis (multi-query attention broadcasts it)."""
-    if not isinstance(lab, Labels) or lab.param:
-        return lab
-    ids = lab.ids.reshape((1,) * max(0, 3 - lab.ids.ndim) + lab.ids.shape)
-    return Labels(np.repeat(ids, heads, axis=-3), lab.param) if ids.shape[-3] == 1 else lab
-
-
-def _probs_v(flow: Flow, scores: Labels | None, lv: Labels | None, out_shape: tuple[int, ...],
-             keep_kv: bool | None = None) -> Labels | None:
+def _probs_v(flow: Flow, scores: Labels | None, lv: Labels | None, out_shape: tuple[int, ...]) -> Labels | None:
     """Labels of ``probs @ v`` where ``probs`` carries the scores' labels."""
     nd = len(out_shape)
     left = _aligned(scores, nd)
@@ -276,8 +264,7 @@ def _probs_v(flow: Flow, scores: Labels | None, lv: Labels | None, out_shape: tu
     if single is not None and right_b.shape[single] == 1:  # multi-query: one v read by every head
         right_b = np.repeat(right_b, left.shape[single], single)
         axis = single
-    keep = (flow.keep_kv if keep_kv is None else keep_kv) or single is not None
-    if keep and axis is not None and _repeats(flow, right_b, axis) is not None:
+    if (flow.keep_kv or single is not None) and axis is not None and _repeats(flow, right_b, axis) is not None:
         el.forbid(right_b, "KV heads are kept whole (kv_heads='keep')")
         shape_ = np.broadcast_shapes(left.shape, right_b.shape)
         return _out(np.broadcast_to(left, shape_).copy())
