@@ -115,8 +115,13 @@ def _embedding(flow: Flow, node: fx.Node):
     wname = flow.param_of.get(w.name) if isinstance(w, fx.Node) else None
     if wname is None:
         return None
-    ws = shape(w)
-    return Labels(flow.el.of(wname, 1, ws[1]).reshape((1,) * (len(shape(node)) - 1) + (-1,)))
+    return table_columns(flow, wname, shape(w)[1], node)
+
+
+def table_columns(flow: Flow, table: str, columns: int, node: fx.Node) -> Labels:
+    """Rows of a 2-D parameter looked up by index (an embedding, a relative-position bias table): each output
+    position carries the table's column labels along its last dimension (columns may be heads and follow them)."""
+    return Labels(flow.el.of(table, 1, columns).reshape((1,) * (len(shape(node)) - 1) + (-1,)))
 
 
 # -- pointwise ------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 from torch import fx
 
 from .labels import Labels, compress, varying
-from .ophandlers import Flow, _norm_dim, _out, handler, shape
+from .ophandlers import Flow, _norm_dim, _out, handler, shape, table_columns
 
 IDENTITY = ("clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "dropout", "lift_fresh_copy",
             "_assert_tensor_metadata", "feature_dropout", "alpha_dropout", "expand", "expand_as", "_unsafe_view_copy")
@@ -139,10 +139,8 @@ def _index(flow: Flow, node: fx.Node):
     table = flow.param_of.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None
     if lab is None and table is not None and len(shape(node.args[0]) or ()) == 2 and len(indices) == 1 \
             and indices[0] is not None and shape(node) is not None:
-        # rows of a 2-D parameter picked by an index tensor (a relative-position bias table, timm Swin / MaxViT):
-        # an embedding lookup, whose columns (one per head) may follow units
-        cols = shape(node.args[0])[1]
-        return Labels(flow.el.of(table, 1, cols).reshape((1,) * (len(shape(node)) - 1) + (-1,)))
+        # rows of a 2-D parameter picked by an index tensor (a relative-position bias table, timm Swin / MaxViT)
+        return table_columns(flow, table, shape(node.args[0])[1], node)
     if not isinstance(lab, Labels):
         return None
     given = [(d, i) for d, i in enumerate(indices) if i is not None]
@@ -270,14 +268,11 @@ def _copy_(flow: Flow, node: fx.Node):
             dim = _norm_dim(args[0] if args else 0, view.ndim)
             if op == "select":
                 view = view[(slice(None),) * dim + (args[1],)]
-            else:
-                start = args[1] if len(args) > 1 and args[1] is not None else 0
-                end = args[2] if len(args) > 2 and args[2] is not None else view.shape[dim]
-                step = args[3] if len(args) > 3 else 1
-                view = view[(slice(None),) * dim + (slice(start, min(end, view.shape[dim]), step),)]
+            else:  # slice(dim, start, end, step): numpy clips the ends as torch does
+                view = view[(slice(None),) * dim + (slice(*(list(args[1:4]) + [None] * 3)[:3]),)]
         view[...] = np.broadcast_to(lab.ids.reshape((1,) * (view.ndim - lab.ids.ndim) + lab.ids.shape), view.shape)
     except (OverflowError, ValueError, IndexError):
         flow.forbid(src, "copied into a tensor the analysis does not follow")
         return None
     flow.labels[base] = _out(ids)
-    return flow.labels[base] if dst is base else _out(np.array(view))
+    return _out(np.array(view))
