@@ -282,7 +282,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"the saved tensors do not fit {type(model).__name__}: {str(exc)[:400]}. Fix: pass a model "
+        why = " ".join(str(exc).split())[:400]  # torch's message spans lines; an error is read on one
+        raise CheckpointError(f"the saved tensors do not fit {type(model).__name__}: {why}. Fix: pass a model "
                               "of the saved architecture.") from exc
     return model.eval()
 

@@ -93,6 +93,9 @@ def header_shapes(files: list[Path]) -> dict[str, list[int]]:
 def _disagreement(fresh: nn.Module, shapes: dict[str, list[int]]) -> str | None:
     """Why the weights' ``shapes`` cannot be (a compaction of) ``fresh``'s tensors, or None if they can."""
     state = {k: list(v.shape) for k, v in fresh.state_dict().items()}
+    for dense, compact in _compact_names(fresh).items():  # a compacted module saves some tensors under new names
+        if compact in shapes and dense in state:
+            state[compact] = state.pop(dense)
     tied = set(getattr(fresh, "all_tied_weights_keys", None) or {})
     missing = [k for k in state if k not in shapes and k not in tied]
     if missing:
@@ -110,6 +113,18 @@ def _disagreement(fresh: nn.Module, shapes: dict[str, list[int]]) -> str | None:
         if key in shapes and shapes[key][:len(exact)] != exact:
             return f"{key} has shape {shapes[key]} in the weights, {state[key]} by the config"
     return None
+
+
+def _compact_names(model: nn.Module) -> dict[str, str]:
+    """Dense state_dict name -> the name its compacted module saves it under, from the families' records."""
+    from .families import family_of
+
+    names: dict[str, str] = {}
+    for path, module in model.named_modules():
+        family = family_of(module) if path else None
+        if family is not None and family.compact_names is not None:
+            names.update(family.compact_names(path, module))
+    return names
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:

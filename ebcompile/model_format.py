@@ -40,21 +40,35 @@ class HeadCount:
 def attention_heads(model: nn.Module) -> dict[str, HeadCount]:
     """Query and key/value heads of every attention module, outermost first, read from the model as it is (dense or
     compacted): a registered family's head group, ebcompile's compact modules, projection widths over ``head_dim``
-    (Hugging Face q/k/v projections, grouped-query included), else the counts the module or its own config view keeps."""
+    (Hugging Face q/k/v projections, grouped-query included), else the counts the module or its own config view keeps.
+    Modules ``load`` can cut are found first, so a container that merely keeps a head count (a decoder's
+    ``num_heads``) never hides the attention modules inside it."""
+    modules = [(path, m) for path, m in model.named_modules() if path and not isinstance(m, nn.Linear)]
     counts: dict[str, HeadCount] = {}
-    for path, m in model.named_modules():
-        if not path or any(path.startswith(p + ".") for p in counts) or isinstance(m, nn.Linear):
-            continue
-        if (found := _heads_of(path, m)) is not None:
+    for path, m in modules:
+        if not _inside(path, counts) and (found := _followed_heads(path, m)) is not None:
             counts[path] = found
-    return counts
+    for path, m in modules:
+        if path not in counts and not _inside(path, counts) and not any(p.startswith(path + ".") for p in counts) and (
+                found := _kept_heads(m)) is not None:
+            counts[path] = found
+    order = {path: i for i, (path, _) in enumerate(modules)}
+    return dict(sorted(counts.items(), key=lambda item: order[item[0]]))
 
 
-def _heads_of(path: str, m: nn.Module) -> HeadCount | None:
+def _inside(path: str, counts: dict[str, HeadCount]) -> bool:
+    return any(path.startswith(p + ".") for p in counts)
+
+
+def _followed_heads(path: str, m: nn.Module) -> HeadCount | None:
     if isinstance(m, (CompactMultiheadAttention, CompactShiftedWindowAttention)):
         return HeadCount(int(m.num_heads), int(m.num_heads), True)
     if (family := family_of(m)) is not None and (group := family.heads(path, m)) is not None:
         return HeadCount(int(group.units), int(group.units), True)
+    return None
+
+
+def _kept_heads(m: nn.Module) -> HeadCount | None:
     config = getattr(m, "config", None)
     head_dim = _int(m, "head_dim") or _int(config, "head_dim")
     q, k = (next((c for n in names if isinstance(c := getattr(m, n, None), nn.Linear)), None)

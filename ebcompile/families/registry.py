@@ -32,6 +32,8 @@ class AttentionFamily:
     # compaction: called after the head slices were removed from the tensors, with the kept head count;
     # returns a replacement module, or None when it rewrote the module's attributes in place
     rewrite: Callable[[nn.Module, int], nn.Module | None] | None = None
+    # the state_dict names a compacted module saves under, by the dense module's (path, module) -> {dense: compact}
+    compact_names: Callable[[str, nn.Module], dict[str, str]] | None = None
 
 
 FAMILIES: list[AttentionFamily] = []

@@ -34,5 +34,10 @@ def _mha_heads(path: str, m: nn.MultiheadAttention) -> GroupSet | None:
     return GroupSet("head", path, m.num_heads, tuple(members), module=path, attributes=("num_heads",))
 
 
+def _mha_compact_names(path: str, m: nn.MultiheadAttention) -> dict[str, str]:
+    """``CompactMultiheadAttention`` keeps the packed projection as a Linear: ``in_proj_weight`` -> ``in_proj.weight``."""
+    return {f"{path}.in_proj_weight": f"{path}.in_proj.weight", f"{path}.in_proj_bias": f"{path}.in_proj.bias"}
+
+
 FAMILY = register(AttentionFamily("torch.nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention),
-                                  _mha_linears, _mha_heads))
+                                  _mha_linears, _mha_heads, compact_names=_mha_compact_names))
