@@ -209,3 +209,30 @@ def test_the_default_grouped_mm_kernel_compacts_any_width_and_exports(name, tmp_
     report = ebcompile.export_onnx(small, tmp_path / "m.onnx", x, verify=True)
     assert report.max_abs_error < 1e-4 and any("batched_mm" in n for n in report.notes)
     assert small.config._experts_implementation == "grouped_mm"  # only the export's copy was switched
+
+
+def test_per_expert_routing_bias_buffers_follow_the_experts(tmp_path):
+    """MiniMax-M2 keeps ``e_score_correction_bias`` (one entry per expert) on the MoE block: compaction cuts it with
+    the experts, so the kept experts keep their own corrections."""
+    from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
+
+    cfg = MiniMaxM2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, head_dim=8,
+                          intermediate_size=24, vocab_size=100, num_local_experts=6, num_experts_per_tok=2,
+                          max_position_embeddings=32)
+    model = zoo.seeded(lambda: MiniMaxM2ForCausalLM(cfg))
+    model.config._experts_implementation = "batched_mm"
+    with torch.no_grad():
+        for block in moe_blocks(model):
+            block.e_score_correction_bias.copy_(torch.linspace(-0.01, 0.01, 6))
+    x = text_batch()
+    ebcompile.prepare(model, x, structure="structured", ratio=0.4, importance="magnitude")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    model.eval()
+    small = ebcompile.compact(model).eval()
+    torch.testing.assert_close(logits(small, x), logits(model, x), **TOL)
+    kept = [b.experts.num_experts for b in moe_blocks(small)]
+    assert min(kept) < 6
+    for block, n in zip(moe_blocks(small), kept):
+        assert block.e_score_correction_bias.shape == (n,) and block.gate.weight.shape[0] == n
+    ebcompile.save(small, tmp_path / "eb")
+    torch.testing.assert_close(logits(ebcompile.load(tmp_path / "eb"), x), logits(small, x), **TOL)

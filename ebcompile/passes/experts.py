@@ -137,6 +137,9 @@ def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSe
             rbias = router._parameters.get("bias")
             if rbias is not None and f"{rpath}.bias" in masked | {f"{rpath}.bias"}:
                 members.append(Member(f"{rpath}.bias", 0, 0, 1))
+            for owner in dict.fromkeys([rpath, parent]):  # the router's and the MoE block's own per-expert tensors
+                members += [Member(f"{owner}.{n}" if owner else n, 0, 0, 1, masked=False)
+                            for n in _per_expert(model.get_submodule(owner), layout.experts)]
             members += [Member(f"{path}.{n}", 0, 0, 1) for n in (layout.up, layout.down, layout.up_bias, layout.down_bias) if n]
             groups.append(GroupSet("expert", path, layout.experts, tuple(members), module=path, min_units=top_k))
         else:
@@ -145,6 +148,13 @@ def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSe
             groups.append(GroupSet("neuron", path, layout.experts * layout.width, _neuron_members(path, layout),
                                    per_group=layout.width))
     return groups, skipped
+
+
+def _per_expert(module: nn.Module, experts: int) -> list[str]:
+    """A router's or MoE block's own 1-D tensors with one entry per expert besides the router's weight and bias
+    (DeepSeek-V3's and MiniMax-M2's ``e_score_correction_bias`` buffers): they follow the experts at compaction."""
+    own = list(module._parameters.items()) + list(module._buffers.items())
+    return [n for n, t in own if n not in ("weight", "bias") and t is not None and t.dim() == 1 and t.shape[0] == experts]
 
 
 def _neuron_members(path: str, lay: ExpertLayout) -> tuple[Member, ...]:
