@@ -30,7 +30,7 @@ from torch import nn
 from .errors import CheckpointError, ConfigError, EbcompileError
 from .families import family_of
 from .fsguard import exists, guard, read_json
-from .hfload import build_checked, header_shapes, hf_class, hf_config
+from .hfload import build_checked, header_shapes, hf_class, hf_config, read_folder, saved_hf_class
 from .materialized import require_materialized
 from .model_format import CONFIG, FORMAT, META, VERSION, WEIGHTS, count_attributes, head_counts
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
@@ -168,18 +168,20 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def _hf_model(directory: Path, shapes: dict[str, list[int]]) -> nn.Module:
-    """The model class named by ``config.json``'s ``architectures``, built from that config (no hub access, no
-    code from the folder) once the weights' ``shapes`` are checked to fit it."""
+def _hf_model(directory: Path, shapes: dict[str, list[int]], saved_class: object = None) -> nn.Module:
+    """The model class ``ebcompile.json`` records (else the one ``config.json``'s ``architectures`` names), built
+    from that config (no hub access, no code from the folder) once the weights' ``shapes`` are checked to fit it."""
     if not exists(directory / CONFIG):
         raise CheckpointError(f"{directory / CONFIG} does not exist. Fix: save with ebcompile.save, or pass model=.")
+    cls = saved_hf_class(saved_class)
     try:
-        config = hf_config(directory, local_only=True)
+        config = (cls.config_class.from_dict(read_folder(directory)) if cls is not None  # bounded JSON, no code
+                  else hf_config(directory, local_only=True))
     except EbcompileError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure means the config cannot be used
         raise CheckpointError(f"{directory / CONFIG} is not a usable transformers config: {exc}. Fix: save again.") from exc
-    cls = hf_class(config, "Fix: pass model= (a freshly built model of that architecture).")
+    cls = cls or hf_class(config, "Fix: pass model= (a freshly built model of that architecture).")
     return build_checked(cls, config, shapes, directory)
 
 
@@ -305,7 +307,7 @@ def _read(directory: Path, model: nn.Module | None) -> nn.Module | tuple[nn.Modu
                                   "model= (a freshly built model of that class).")
         shapes = header_shapes([directory / WEIGHTS])
         shapes.update({k: shapes[t] for k, t in meta["aliases"].items() if t in shapes})
-        model = _hf_model(directory, shapes)
+        model = _hf_model(directory, shapes, meta.get("class"))
     elif getattr(model, "_ebcompile", None) is not None:
         raise ConfigError("load needs a plain model; this one was prepared by ebcompile. Fix: pass a freshly built model.")
     else:  # loading into meta tensors would return a model with no values

@@ -22,7 +22,7 @@ from torch import nn
 from .errors import CheckpointError, EbcompileError
 from .fsguard import exists, guard, read_json
 
-__all__ = ["NO_CODE", "read_folder", "hf_config", "hf_class", "build_checked", "header_shapes"]
+__all__ = ["NO_CODE", "read_folder", "hf_config", "hf_class", "saved_hf_class", "build_checked", "header_shapes"]
 
 NO_CODE: dict[str, Any] = {"trust_remote_code": False}
 _NO_CODE_FIX = ("Fix: ebcompile never runs code from a model folder or hub repository; pass a model whose config "
@@ -77,6 +77,24 @@ def hf_class(config: Any, fix: str) -> type:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise CheckpointError(f"config.json names architecture {name!r}, which transformers does not provide. {fix}")
     return cls
+
+
+def saved_hf_class(qualified: object) -> type | None:
+    """The ``transformers`` model class ``ebcompile.json`` records (``transformers.models.<m>.modeling_<m>.<Class>``),
+    or None: only modules inside the installed transformers are imported, never code from the folder. It names
+    classes ``config.json``'s ``architectures`` cannot (a sub-model such as ``TrOCRDecoder``, Bark's sub-models)."""
+    import importlib
+
+    import transformers
+
+    if not isinstance(qualified, str) or not qualified.startswith("transformers.models."):
+        return None
+    module, _, name = qualified.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
 
 
 def header_shapes(files: list[Path]) -> dict[str, list[int]]:
