@@ -151,3 +151,20 @@ def test_load_refuses_a_rewrite_that_does_not_fit_the_model(tmp_path):
     ebcompile.save(ebcompile.compact(model), tmp_path)
     with pytest.raises(CheckpointError, match="Fix:"):
         ebcompile.load(tmp_path, model=build(ChunkMatmul, 32, 4))
+
+
+def test_holding_units_whole_again_is_no_retry():
+    """A module that still fails with its units already held whole is not held again: compact stops retrying and
+    its self-check reports the failure (once a RecursionError in Decision Transformer)."""
+    import warnings
+
+    from ebcompile.passes.reshapes import hold_whole
+    from ebcompile.plan import GroupSet, Member, Plan
+
+    group = GroupSet("head", "attn", 2, (Member("attn.q.weight", 0, 0, 4), Member("attn.o.weight", 1, 0, 4)), module="attn")
+    plan = Plan(groups=[group])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert hold_whole(plan, {"attn": "RuntimeError: shape"}) == ["attn"]
+        assert set(plan.skipped) == {"attn.q", "attn.o"}
+        assert hold_whole(plan, {"attn": "RuntimeError: shape"}) == []

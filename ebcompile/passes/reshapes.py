@@ -275,7 +275,8 @@ def is_held_whole(plan: Plan, module: str) -> bool:
 def hold_whole(plan: Plan, failed: dict[str, str]) -> list[str]:
     """Record in ``plan.skipped`` the linears of every group of each module in ``failed`` (path -> error of its
     compact form: the groups it is the module of or holds tensors of): ``compact`` then keeps those units whole (a pruned one stays,
-    zero, as in the masked model), so the model compacts exactly. Returns the modules held whole."""
+    zero, as in the masked model), so the model compacts exactly. Returns the modules newly held whole (none when
+    every one already was: the failure has another cause, which the caller's check then reports)."""
     held = []
     for path, error in failed.items():
         inside = [g for g in plan.groups if g.module == path or any(m.tensor.startswith(path + ".") for m in g.members)]
@@ -283,10 +284,10 @@ def hold_whole(plan: Plan, failed: dict[str, str]) -> list[str]:
             continue
         why = (f"{HELD_WHOLE}: {path}'s forward fails with its units cut ({error}); it reads a width that "
                "neither the attribute rewrites nor the traced reshape rewrite reach (docs/extending.md)")
-        for g in inside:
-            for m in g.members:
-                if m.masked:
-                    plan.skipped.setdefault(split_name(m.tensor)[0], why)
+        owners = {split_name(m.tensor)[0] for g in inside for m in g.members if m.masked} - set(plan.skipped)
+        if not owners:  # already held whole and still failing: holding again would change nothing (no retry loop)
+            continue
+        plan.skipped.update(dict.fromkeys(sorted(owners), why))
         held.append(path)
     if held:
         warnings.warn(f"compact keeps the heads of {', '.join(held)} whole (their forward reads a width it cannot "
