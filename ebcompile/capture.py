@@ -35,6 +35,7 @@ class Captured:
     root: nn.Module  # the user's module (symbolic_trace: the GraphModule shares its submodules)
     param_of: dict[str, str] = field(default_factory=dict)  # node name -> qualified parameter name
     module_of: dict[str, str] = field(default_factory=dict)  # call_module node name -> module path
+    buffer_of: dict[str, str] = field(default_factory=dict)  # node name -> qualified buffer name (export only)
 
     def param(self, node: Any) -> str | None:
         """The qualified parameter name a node stands for, if it is a parameter."""
@@ -165,6 +166,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     for node in ep.graph_module.graph.nodes:
         if node.op == "placeholder" and node.name in sig.inputs_to_parameters:
             cap.param_of[node.name] = sig.inputs_to_parameters[node.name]
+        elif node.op == "placeholder" and node.name in sig.inputs_to_buffers:
+            cap.buffer_of[node.name] = sig.inputs_to_buffers[node.name]
         elif node.op == "placeholder" and node.name in constants:  # small integer constants: index lists (x[..., [-2]])
             value = ep.constants.get(constants[node.name])
             if isinstance(value, torch.Tensor) and value.numel() <= 4096 and not value.is_floating_point() and not value.is_complex():

@@ -151,7 +151,7 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], exa
     graph = _export_graph(cap, example_inputs)
     if graph is not None:
         params = dict(cap.root.named_parameters(remove_duplicate=False))
-        found, why = discover(graph[0], graph[1], params, masked, claimed, keep_kv)
+        found, why = discover(graph[0], graph[1], params, masked, claimed, keep_kv, graph[2])
         skipped.update({k: v for k, v in why.items() if k not in routers and k not in skipped})
         return attention_groups(attn, masked) + found + experts, skipped
     modules = dict(cap.root.named_modules())
@@ -159,9 +159,10 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], exa
     return attention_groups(attn, masked) + ffn_groups(cap, nodes, masked) + experts, skipped
 
 
-def _export_graph(cap: Captured, example_inputs) -> tuple[fx.Graph, dict[str, str]] | None:
+def _export_graph(cap: Captured, example_inputs) -> tuple[fx.Graph, dict[str, str], dict[str, str]] | None:
+    """The export graph with its node -> parameter and node -> buffer names."""
     if cap.method == "export":
-        return cap.graph, cap.param_of
+        return cap.graph, cap.param_of, cap.buffer_of
     if example_inputs is None:
         return None
     from ..capture import CAPTURE_PATHS, normalize_inputs
@@ -171,4 +172,4 @@ def _export_graph(cap: Captured, example_inputs) -> tuple[fx.Graph, dict[str, st
         exported = CAPTURE_PATHS["export"](cap.root, args, kwargs)
     except Exception:  # noqa: BLE001 - the model cannot be exported: the fx-graph search still finds FFN neurons
         return None
-    return exported.graph, exported.param_of
+    return exported.graph, exported.param_of, exported.buffer_of

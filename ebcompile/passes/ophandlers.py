@@ -30,6 +30,7 @@ class Flow:
         self.labels: dict[fx.Node, Any] = {}
         self.keep_kv = keep_kv  # grouped-query attention: prune query heads inside groups, never KV heads
         self.kv_groups: list[tuple[np.ndarray, np.ndarray]] = []  # (query-head elements, kv-group index)
+        self.buffer_of: dict[str, str] = {}  # node name -> qualified buffer name (labelled only by handlers)
 
     def lab(self, arg: Any) -> Labels | None:
         return self.labels.get(arg) if isinstance(arg, fx.Node) else None
@@ -231,3 +232,35 @@ def _layer_norm(flow: Flow, node: fx.Node):
     reduce_dims(flow, x, list(range(nd - len(normalized), nd)), True, "its features are normalised by a norm layer across units")
     out = Labels(lab.ids)
     return [out, None, None] if node.target._opname in ("native_layer_norm", "_fused_rms_norm") else out
+
+
+_BATCH_NORM_OUTPUTS = {"batch_norm": 1, "native_batch_norm": 3, "_native_batch_norm_legit": 3,
+                       "_native_batch_norm_legit_no_training": 3, "_native_batch_norm_legit_functional": 5}
+
+
+@handler(*_BATCH_NORM_OUTPUTS)
+def _batch_norm(flow: Flow, node: fx.Node):
+    """Per-channel (dim 1) statistics and affine: the channels stay independent units and the norm's weight, bias
+    and running statistics follow them; positions normalised together (the other dims) must be one unit."""
+    x = node.args[0]
+    lab, s = flow.lab(x), shape(x)
+    if not isinstance(lab, Labels) or lab.param or s is None:
+        return None
+    ids = lab.ids.reshape((1,) * (len(s) - lab.ids.ndim) + lab.ids.shape)
+    if len(s) < 2 or ids.shape[1] != s[1]:  # channels unlabelled, features elsewhere: all mixed by the statistics
+        flow.forbid(x, "its features are normalised together by a batch norm")
+        return None
+    rows = np.moveaxis(ids, 1, 0).reshape(s[1], -1)  # per channel: every position its statistics cover
+    if rows.shape[1] > 1:
+        for row in rows:
+            flow.el.same_unit.append((row.copy(), "its features are normalised together by a batch norm"))
+    for vector in node.args[1:5]:  # weight, bias, running mean, running var: one entry per channel
+        v = flow.lab(vector)
+        buffer = flow.buffer_of.get(vector.name) if isinstance(vector, fx.Node) else None
+        if v is None and buffer is not None and shape(vector) == (s[1],):
+            v = Labels(flow.el.of(buffer, 0, s[1]), True)
+        if isinstance(v, Labels) and v.param and v.ids.size == s[1]:
+            flow.el.union(rows[:, 0], v.ids.reshape(-1))
+    out = Labels(lab.ids)
+    n = _BATCH_NORM_OUTPUTS[node.target._opname]
+    return out if n == 1 else [out] + [None] * (n - 1)

@@ -67,9 +67,12 @@ def _labelled_inputs(flow: Flow, node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if flow.labels.get(a) is not None]
 
 
-def propagate(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.Tensor], keep_kv: bool) -> Flow:
-    """Label every node of ``graph``; returns the flow with its elements and constraints."""
+def propagate(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.Tensor], keep_kv: bool,
+              buffer_of: dict[str, str] | None = None) -> Flow:
+    """Label every node of ``graph``; returns the flow with its elements and constraints. Buffers get no labels of
+    their own: a handler that knows a buffer follows a unit (a batch norm's running statistics) labels it."""
     flow = Flow(Elements(), param_of, keep_kv)
+    flow.buffer_of = dict(buffer_of or {})
     for node in graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             name = param_of.get(node.name)
@@ -141,9 +144,10 @@ def _common_module(tensors: list[str]) -> str:
 
 
 def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.Tensor], masked: set[str],
-             claimed: set[str], keep_kv: bool = False) -> tuple[list[GroupSet], dict[str, str]]:
+             claimed: set[str], keep_kv: bool = False, buffer_of: dict[str, str] | None = None
+             ) -> tuple[list[GroupSet], dict[str, str]]:
     """Head and neuron ``GroupSet``s of ``graph`` over the ``masked`` weights, and why other linears have none."""
-    flow = propagate(graph, param_of, params, keep_kv)
+    flow = propagate(graph, param_of, params, keep_kv, buffer_of)
     el = flow.el
     comps: dict[int, list[int]] = defaultdict(list)
     for e in range(len(el.parent)):
