@@ -1,9 +1,10 @@
 """Capture: model + example inputs -> an fx graph whose parameter uses are named.
 
-Two paths, tried in order: ``torch.fx.symbolic_trace`` (torchvision ViT/Swin, plain modules; leaf modules
+Three paths, tried in order: ``torch.fx.symbolic_trace`` (torchvision ViT/Swin, plain modules; leaf modules
 such as ``nn.MultiheadAttention`` stay single nodes) and ``torch.export.export`` (Hugging Face models and
 anything with data-dependent Python; where that Python branches on tensor values, once more with real-tensor
-propagation, so the branches follow the example inputs). The graph is only analysed; the user's module is never
+propagation, so the branches follow the example inputs), then by pieces (``capture_pieces``: the largest submodules
+that export, merged; a vision-language model's towers when the whole does not export). The graph is only analysed; the user's module is never
 replaced.
 """
 
@@ -13,33 +14,18 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from .capture_pieces import capture_pieces
+from .capture_types import Captured
 from .errors import CaptureError, EbcompileError, InputMismatchError
 
 CONSTANT = "ebcompile.constant"  # node.meta: the value of a small lifted integer constant (torch.export)
 
 __all__ = ["CONSTANT", "Captured", "capture", "normalize_inputs", "graph_kwargs", "inputs_fit"]
-
-
-@dataclass
-class Captured:
-    """A captured graph plus the lookups the analyses need."""
-
-    graph: fx.Graph
-    method: str  # "symbolic_trace" | "export"
-    root: nn.Module  # the user's module (symbolic_trace: the GraphModule shares its submodules)
-    param_of: dict[str, str] = field(default_factory=dict)  # node name -> qualified parameter name
-    module_of: dict[str, str] = field(default_factory=dict)  # call_module node name -> module path
-    buffer_of: dict[str, str] = field(default_factory=dict)  # node name -> qualified buffer name (export only)
-
-    def param(self, node: Any) -> str | None:
-        """The qualified parameter name a node stands for, if it is a parameter."""
-        return self.param_of.get(node.name) if isinstance(node, fx.Node) else None
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -108,7 +94,7 @@ def graph_kwargs(model: nn.Module, kwargs: dict) -> dict:
     """``kwargs`` plus ``use_cache=False`` for models whose forward takes ``use_cache`` (Hugging Face decoders), or
     passes ``**kwargs`` on to a model configured with it (a PEFT wrapper): a KV cache object in the outputs cannot
     be exported, and it is not part of the computation."""
-    if "use_cache" in kwargs:
+    if kwargs.get("use_cache") is not None:  # None (a parent passing its own default on) means unset
         return kwargs
     try:
         params = inspect.signature(model.forward).parameters
@@ -178,6 +164,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
 CAPTURE_PATHS: dict[str, Callable[[nn.Module, tuple, dict], Captured]] = {
     "symbolic_trace": _symbolic_trace,
     "export": _export,
+    "pieces": lambda model, args, kwargs: capture_pieces(model, args, kwargs, _export),  # the largest exportable parts
 }
 
 

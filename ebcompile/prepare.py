@@ -171,7 +171,7 @@ def build_plan(model: nn.Module, example_inputs: Any, structure: str = "auto", s
         raise ConfigError("this model is already prepared. Fix: call prepare once, on the plain model.")
     cap = capture(model, example_inputs, capture_method)
     linears, attn = find_linears(cap)
-    plan = Plan(capture=cap.method)
+    plan = Plan(capture=f"export of pieces: {', '.join(cap.pieces)}" if cap.pieces else cap.method)
     adapters = adapter_tensors(model)
     for op in linears:
         if op.weight in adapters:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..capture import Captured
+from ..capture_types import Captured
 from ..families import family_of
 from ..names import split_name
 from ..plan import GroupSet, LinearOp, Member

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..capture import Captured
+from ..capture_types import Captured, clean_stack_path
 from ..families import family_of
 from ..names import split_name
 from ..plan import LinearOp
@@ -50,14 +50,8 @@ def _used_modules(cap: Captured) -> set[str]:
         if (p := cap.param(node)) is not None:
             add(split_name(p)[0])
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-            add(_clean_stack_path(path))
+            add(clean_stack_path(path))
     return used
-
-
-def _clean_stack_path(path: str) -> str:
-    # torch.export writes paths like "L['self'].encoder.layers[0]" or "encoder.layers.0"
-    path = path.replace("L['self']", "").replace("L__self__", "").lstrip(".")
-    return path.replace("[", ".").replace("]", "").replace("'", "")
 
 
 _LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
@@ -197,7 +191,8 @@ def find_linears(cap: Captured) -> tuple[list[LinearOp], dict[str, nn.Module]]:
     claimed = claimed_weights(attn)
     nodes = {n: op for n, op in linear_nodes(cap, modules).items() if op.weight not in claimed}
     owners = {n: o for n in cap.graph.nodes if (o := _owner(cap, n, attn)) is not None}
-    outputs = _output_layers(cap.graph, set(nodes) | set(owners))
+    # pieces (capture by parts): a piece's output is not the model's, and the model's own head is left outside them
+    outputs = set() if cap.pieces else _output_layers(cap.graph, set(nodes) | set(owners))
     ops: list[LinearOp] = []
     emitted: set[str] = set()
     for node in cap.graph.nodes:
@@ -229,7 +224,7 @@ def _owner(cap: Captured, node: fx.Node, attn: dict[str, nn.Module]) -> str | No
             if p.startswith(path + "."):
                 return path
     for path, _ in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
-        clean = _clean_stack_path(path)
+        clean = clean_stack_path(path)
         if clean in attn:
             return clean
     return None

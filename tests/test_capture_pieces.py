@@ -1,0 +1,68 @@
+"""Capture by pieces: a model whose own forward neither traces nor exports (Python on a tensor's values, as a
+vision-language model's merge of image and text tokens) is analysed through its largest submodules that export,
+each with the inputs it got in one eager run; units inside a piece are found and cut, nothing crosses a piece."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ebcompile
+from ebcompile.capture import CAPTURE_PATHS, normalize_inputs
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class Untraceable(nn.Module):
+    """Two towers and a head; the forward picks how often to run the second tower from numpy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vision = nn.Sequential(Block(), Block())
+        self.text = Block()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.vision(x)
+        for _ in range(int(abs(h.detach().numpy()).sum() * 1000) % 2 + 1):
+            h = self.text(h)
+        return self.head(h.mean(1))
+
+
+def test_whole_capture_fails_and_the_pieces_are_the_towers() -> None:
+    model, x = Untraceable().eval(), torch.randn(2, 5, 16)
+    args, kwargs = normalize_inputs(x)
+    for path in ("symbolic_trace", "export"):
+        with pytest.raises(Exception):  # noqa: B017 - any failure: the whole model must not capture
+            CAPTURE_PATHS[path](model, args, kwargs)
+    cap = CAPTURE_PATHS["pieces"](model, args, kwargs)
+    assert cap.pieces == ["vision", "text"]  # the head, a lone linear, is no piece
+    assert {"vision.0.fc1.weight", "text.fc2.weight"} <= set(cap.param_of.values())
+
+
+def test_neurons_inside_pieces_are_found_cut_and_compact_exactly(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, x = Untraceable().eval(), torch.randn(2, 5, 16)
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
+    plan = model._ebcompile.plan
+    assert plan.capture == "export of pieces: vision, text"
+    assert sorted(g.name for g in plan.groups if g.kind == "neuron") == ["text.fc1", "vision.0.fc1", "vision.1.fc1"]
+    assert "head" not in {op.name for op in plan.linears}
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    assert small.text.fc1.out_features < 32
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+    ebcompile.save(small, tmp_path / "s")
+    back = ebcompile.load(tmp_path / "s", model=Untraceable())
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x))
