@@ -35,7 +35,7 @@ from .materialized import require_materialized
 from .model_format import CONFIG, FORMAT, META, VERSION, WEIGHTS, count_attributes, head_counts
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
 from .names import set_tensor, split_name, tensor_at
-from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTH_ATTRS, WIDTHS, ConfigView
+from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, SLICED_BUFFERS, WIDTH_ATTRS, WIDTHS, ConfigView
 from .passes.reshapes import install_rewrite, rewrites_of
 from .passes.shrink import fix_attributes, plain_model, removed_indices
 from .savedir import atomic_dir, read_saved
@@ -120,11 +120,13 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
             continue
         stored[ident] = key
         tensors[key] = value.detach().to("cpu").clone().contiguous()
+    for name in getattr(net, SLICED_BUFFERS, []):  # cut by compact but outside the state_dict: stored beside it
+        tensors[name] = tensor_at(net, name).detach().to("cpu").clone().contiguous()
     is_hf = _is_hf(net)
     meta = {"format": FORMAT, "version": VERSION, "class": f"{type(net).__module__}.{type(net).__qualname__}",
-            "transformers": is_hf, "shapes": {k: list(v.shape) for k, v in state.items()},
+            "transformers": is_hf, "shapes": {k: list(v.shape) for k, v in {**state, **tensors}.items()},
             "heads": head_counts(net), "aliases": aliases, "counts": count_attributes(net),
-            "reshapes": rewrites_of(net), "extra_state": extra}
+            "reshapes": rewrites_of(net), "extra_state": extra, "buffers": list(getattr(net, SLICED_BUFFERS, []))}
     from safetensors.torch import save_file
 
     with atomic_dir(directory, marker=META) as tmp:  # a kill at any instant leaves the old or the new save
@@ -162,6 +164,9 @@ def _read_meta(directory: Path) -> dict[str, Any]:
                               "Fix: save it again with this version.")
     meta.setdefault("counts", {})
     meta.setdefault("reshapes", {})
+    meta.setdefault("buffers", [])
+    if not isinstance(meta["buffers"], list) or not all(isinstance(b, str) for b in meta["buffers"]):
+        raise CheckpointError(f"{path} has a malformed 'buffers' entry. Fix: save the model again.")
     for key, kind in (("shapes", dict), ("heads", dict), ("aliases", dict), ("counts", dict), ("reshapes", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{path} lacks a valid {key!r} entry. Fix: save the model again.")
@@ -278,6 +283,13 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
         return got
     model, meta, weights = got
     _shrink(model, meta)
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    for name in meta["buffers"]:  # non-persistent buffers compact cut: set from the file, not the state_dict
+        value = weights.pop(name, None)
+        if name not in buffers or value is None or list(value.shape) != list(buffers[name].shape):
+            raise CheckpointError(f"{META} lists buffer {name!r}, which the model or {WEIGHTS} lacks or which does not fit. "
+                                  "Fix: pass a model of the saved architecture, or save the model again.")
+        set_tensor(model, name, value.to(buffers[name].device))
     floats = {v.dtype for v in weights.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     if len(floats) == 1:
         model.to(floats.pop())
@@ -307,6 +319,7 @@ def _read(directory: Path, model: nn.Module | None) -> nn.Module | tuple[nn.Modu
                                   "model= (a freshly built model of that class).")
         shapes = header_shapes([directory / WEIGHTS])
         shapes.update({k: shapes[t] for k, t in meta["aliases"].items() if t in shapes})
+        shapes = {k: v for k, v in shapes.items() if k not in meta["buffers"]}  # outside the state_dict
         model = _hf_model(directory, shapes, meta.get("class"))
     elif getattr(model, "_ebcompile", None) is not None:
         raise ConfigError("load needs a plain model; this one was prepared by ebcompile. Fix: pass a freshly built model.")

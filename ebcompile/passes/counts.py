@@ -27,12 +27,14 @@ from ..config_values import config_value
 from ..names import split_name
 from ..plan import GroupSet
 
-__all__ = ["ConfigView", "HEAD_COUNTS", "KV_COUNTS", "GROUP_COUNTS", "WIDTHS", "NEURON_WIDTHS", "WIDTH_ATTRS", "rewrite_counts"]
+__all__ = ["ConfigView", "HEAD_COUNTS", "KV_COUNTS", "GROUP_COUNTS", "WIDTHS", "NEURON_WIDTHS", "WIDTH_ATTRS",
+           "SLICED_BUFFERS", "rewrite_counts"]
 
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "nhead", "num_q_heads", "heads")
 KV_COUNTS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "num_kv", "kv_heads")
 GROUP_COUNTS = ("num_key_value_groups", "n_rep", "num_queries_per_kv", "kv_groups")
 WIDTHS = ("all_head_size", "inner_dim", "attn_dim", "split_size", "hidden_size_per_partition", "qkv_dim")
+SLICED_BUFFERS = "_ebcompile_sliced_buffers"  # non-persistent buffers compact cut (names): ebcompile.save writes them
 WIDTH_ATTRS = "_ebcompile_widths"  # a module's own width attributes passes.reshapes.rewrite_widths set: {attr: value}
 NEURON_WIDTHS = ("intermediate_size", "ffn_dim", "d_ff", "dim_feedforward", "hidden_features", "mlp_dim")
 

@@ -151,6 +151,11 @@ class FollowFeatures(fx.Interpreter):
                 return (*(src or (None,) * out.dim())[:-1], self.rows[n.target])
             if isinstance(self.module.get_submodule(n.target), nn.Linear):
                 return (*(src or (None,) * out.dim())[:-1], np.ones(out.shape[-1], dtype=bool))
+        if op == "linear":  # F.linear(x, module.weight, ...) in the forward itself (timm EVA's q|k|v with a built bias)
+            w = args[1] if len(args) > 1 else n.kwargs.get("weight")
+            owner = _weight_owner(w)
+            if owner in self.rows:
+                return (*(src or (None,) * out.dim())[:-1], self.rows[owner])
         if op in VIEWS | {"flatten", "unflatten", "view_as", "reshape_as"} and src is not None and op != "expand":
             return _reshape(src, tuple(x.shape), tuple(out.shape))
         if op in PERMUTES | SPLITS:
@@ -197,6 +202,16 @@ class FollowFeatures(fx.Interpreter):
                      and len(d[-back]) == out.shape[k]]
             dims.append(masks[0] if masks else None)
         return tuple(dims)
+
+
+def _weight_owner(w: Any) -> str | None:
+    """The module whose weight node ``w`` reads: ``get_attr`` of ``<owner>.weight``, or its mask's parametrization
+    (``call_module`` of ``<owner>.parametrizations.weight``)."""
+    if isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target).endswith(".weight"):
+        return str(w.target).rpartition(".")[0]
+    if isinstance(w, fx.Node) and w.op == "call_module" and str(w.target).endswith(".parametrizations.weight"):
+        return str(w.target)[: -len(".parametrizations.weight")]
+    return None
 
 
 def output_dims(follow: FollowFeatures) -> list[Any]:
@@ -268,6 +283,8 @@ def shape_changes(follow: FollowFeatures) -> dict[str, dict[str, Any]]:
             for k, (x, dim) in enumerate(_entries(index, len(src))):
                 if isinstance(x, slice) and dim is not None and src[dim] is not None:
                     start, stop, step = x.indices(len(src[dim]))
+                    if step != 1 and bool(np.all(src[dim])):  # every feature kept (a head's width): unchanged
+                        continue
                     if step != 1:
                         raise Irregular("strided slice of a pruned dimension")
                     bounds = [int(src[dim][:start].sum()), int(src[dim][:stop].sum())]

@@ -107,7 +107,11 @@ def _linear(flow: Flow, node: fx.Node):
         flow.forbid(w, "used as a computed linear weight")
         return None
     bname = flow.param_of.get(b.name) if isinstance(b, fx.Node) else None
-    return linear_source(flow, x, wname, wshape, 0, bname, shape(node))
+    out = linear_source(flow, x, wname, wshape, 0, bname, shape(node))
+    computed = flow.lab(b) if bname is None else None  # a bias built in the forward (EVA's cat of q|k|v biases)
+    if isinstance(computed, Labels) and computed.param and computed.ids.size == wshape[0]:
+        flow.el.union(flow.el.of(wname, 0, wshape[0]), computed.ids.reshape(-1))
+    return out
 
 
 @handler("embedding")

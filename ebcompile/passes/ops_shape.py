@@ -171,15 +171,19 @@ def _cat(flow: Flow, node: fx.Node):
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     dst = shape(node)
     dim = _norm_dim(dim, len(dst))
-    pieces = []
+    pieces, labs = [], []
     for t in tensors:
         s = shape(t)
         lab = flow.lab(t)
+        buffer = flow.buffer_of.get(t.name) if isinstance(t, fx.Node) else None
+        if lab is None and buffer is not None and len(s) == 1:  # a buffer beside labelled slices (EVA's zero k bias)
+            lab = Labels(flow.el.of(buffer, 0, s[0]), True)
         ids = lab.ids if isinstance(lab, Labels) else -np.ones((1,) * len(s), dtype=np.int64)
+        labs += [lab] if isinstance(lab, Labels) else []
         full = list(dst)
         full[dim] = s[dim]
         pieces.append(np.broadcast_to(ids, full))
-    return _out(np.concatenate(pieces, axis=dim))
+    return _out(np.concatenate(pieces, axis=dim), all(lab.param for lab in labs))  # a cat of parameters is one
 
 
 @handler("stack")

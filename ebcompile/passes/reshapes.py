@@ -106,12 +106,29 @@ def _inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     return values
 
 
+def _plain_weights(gm: fx.GraphModule) -> None:
+    """A masked weight read in the forward itself (``F.linear(x, self.qkv.weight)``) traces as a call of its mask's
+    parametrization; the compact module has a plain weight (the mask baked in): read that attribute instead."""
+    graph = gm.graph
+    for n in list(graph.nodes):
+        owner, sep, attr = str(n.target).rpartition(".parametrizations.")
+        if n.op == "call_module" and sep and "." not in attr:
+            holder = gm.get_submodule(owner)  # the GraphModule's own container: give it the name, for its checks
+            if not hasattr(holder, attr):
+                holder.__dict__[attr] = torch.empty(0)
+            with graph.inserting_before(n):
+                plain = graph.get_attr(f"{owner}.{attr}")
+            n.replace_all_uses_with(plain)
+            graph.erase_node(n)
+
+
 def install_rewrite(original: nn.Module, target: nn.Module, changes: dict[str, dict[str, dict[str, Any]]]) -> None:
     """Trace ``original`` (of the original sizes) per mode, apply ``changes`` and make the result ``target``'s
     forward (``target`` may be ``original`` itself, shrunk after this call)."""
     forwards = {}
     for mode in ("eval", "train"):
         gm = _trace(original, mode == "train")
+        _plain_weights(gm)
         _apply(gm.graph, changes.get(mode, {}))
         gm.recompile()
         for n in gm.graph.nodes:  # tensor constants the tracer made live on the GraphModule only

@@ -38,7 +38,7 @@ from ..names import set_tensor, split_name, tensor_at
 from ..optim_state import retarget_optimizer
 from ..plan import GroupSet, Plan
 from .carry import carry_flags, check_ticket_state, flags_of
-from .counts import rewrite_counts
+from .counts import SLICED_BUFFERS, rewrite_counts
 from .experts import remove_expert_neurons, rewrite_expert_counts
 from .masks import iter_masks, strip_masks
 from .reshapes import adapt_forwards, hold_whole, is_held_whole
@@ -211,6 +211,15 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None
     return removed, widths
 
 
+def _record_sliced_buffers(new: nn.Module, removed: dict) -> None:
+    """Buffers outside the state_dict (``persistent=False``: timm EVA's zero k bias) that lost units: a fresh model's
+    copy would not fit the compact one, so ``save`` stores them and ``load`` sets them."""
+    hidden = {f"{p}.{b}" if p else b for p, m in new.named_modules() for b in m._non_persistent_buffers_set}
+    sliced = sorted({name for (name, _), idx in removed.items() if idx and name in hidden})
+    if sliced:
+        new.__dict__[SLICED_BUFFERS] = sliced
+
+
 def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
     """Every masked ``nn.Linear`` weight of ``new`` as a ``SparseLinear``; returns the (maybe new) root."""
     targets = set(tensors)
@@ -310,6 +319,7 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool, check: bool =
     new.__dict__.pop("_ebcompile", None)
     if structured:
         removed, widths = _remove_units(new, cfg.plan, ticket, round_to)
+        _record_sliced_buffers(new, removed)
         watch = [g.module if g.kind == "head" else split_name(g.name)[0] for g in cfg.plan.groups]
         heads = [g.module for g in cfg.plan.groups if g.kind == "head" and g.module]
         if check:
