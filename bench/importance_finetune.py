@@ -172,7 +172,9 @@ def table(write: bool) -> None:
               "(relative 0.3, window 5), a check every 10 steps, deadline at 30% of the budget; at the ticket the model is "
               "compacted with its AdamW state carried and trained on the same schedule to the end. Gates: L1 1e-4, their "
               "own AdamW group at lr 1e-2. Seed 0 unless a row names another (each row against the dense run of its "
-              "seed); times exclude evaluation.")
+              "seed); times exclude evaluation. Runs made at different times differ by up to about 10% in CPU time on "
+              "this shared machine (the fused seed-0 dense run: 1,387 s, and 1,251 s an hour earlier while other work "
+              "ran): the fused seed-0 dense and p = 0.3 runs ran side by side, the p = 0.5 runs side by side later.")
     for doc in ("early-bird.md", "RESULTS.md"):  # RESULTS.md: the importance column of the results
         publish(doc, "importance_finetune", header, "\n".join(lines), write=write)
 
