@@ -115,7 +115,7 @@ def _plain_weights(gm: fx.GraphModule) -> None:
         if n.op == "call_module" and sep and "." not in attr:
             holder = gm.get_submodule(owner)  # the GraphModule's own container: give it the name, for its checks
             if not hasattr(holder, attr):
-                holder.__dict__[attr] = torch.empty(0)
+                holder.register_buffer(attr, torch.empty(0), persistent=False)
             with graph.inserting_before(n):
                 plain = graph.get_attr(f"{owner}.{attr}")
             n.replace_all_uses_with(plain)
