@@ -35,6 +35,12 @@ class Flow:
     def lab(self, arg: Any) -> Labels | None:
         return self.labels.get(arg) if isinstance(arg, fx.Node) else None
 
+    def buffer_labels(self, arg: Any, size: int) -> Labels | None:
+        """Elements of a 1-D buffer of ``size`` entries (buffers get labels only where a handler knows they follow
+        units: a batch norm's statistics, a slice concatenated with labelled parameters)."""
+        name = self.buffer_of.get(arg.name) if isinstance(arg, fx.Node) else None
+        return Labels(self.el.of(name, 0, size), True) if name is not None and shape(arg) == (size,) else None
+
     def forbid(self, arg: Any, why: str) -> None:
         lab = self.lab(arg)
         if isinstance(lab, Labels):
@@ -260,9 +266,7 @@ def _batch_norm(flow: Flow, node: fx.Node):
             flow.el.same_unit.append((row.copy(), "its features are normalised together by a batch norm"))
     for vector in node.args[1:5]:  # weight, bias, running mean, running var: one entry per channel
         v = flow.lab(vector)
-        buffer = flow.buffer_of.get(vector.name) if isinstance(vector, fx.Node) else None
-        if v is None and buffer is not None and shape(vector) == (s[1],):
-            v = Labels(flow.el.of(buffer, 0, s[1]), True)
+        v = v if v is not None else flow.buffer_labels(vector, s[1])
         if isinstance(v, Labels) and v.param and v.ids.size == s[1]:
             flow.el.union(rows[:, 0], v.ids.reshape(-1))
     out = Labels(lab.ids)

@@ -175,9 +175,8 @@ def _cat(flow: Flow, node: fx.Node):
     for t in tensors:
         s = shape(t)
         lab = flow.lab(t)
-        buffer = flow.buffer_of.get(t.name) if isinstance(t, fx.Node) else None
-        if lab is None and buffer is not None and len(s) == 1:  # a buffer beside labelled slices (EVA's zero k bias)
-            lab = Labels(flow.el.of(buffer, 0, s[0]), True)
+        if lab is None and len(s) == 1:  # a buffer beside labelled slices (EVA's zero k bias)
+            lab = flow.buffer_labels(t, s[0])
         ids = lab.ids if isinstance(lab, Labels) else -np.ones((1,) * len(s), dtype=np.int64)
         labs += [lab] if isinstance(lab, Labels) else []
         full = list(dst)
