@@ -65,13 +65,23 @@ def fsdp(tmp_path_factory) -> tuple[Path, list[dict]]:
     return out, ranks(out, "fsdp")
 
 
+KINDS = ("structured@auto", "structured@taylor", "structured@activation", "structured@gate", "unstructured@activation")
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """One torchrun for every DDP search (each start costs two interpreters importing torch)."""
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun(out, "ddp", "--structures", ",".join(("structured", "unstructured", *KINDS, "diverged")))
+    return out, ranks(out, "ddp")
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_find_the_one_process_ticket(mode, single, fsdp, tmp_path):
+def test_two_ranks_find_the_one_process_ticket(mode, single, fsdp, ddp):
     if mode == "fsdp":
         results = fsdp[1]
     else:
-        torchrun(tmp_path, mode, "--structures", "structured,unstructured,diverged")
-        results = ranks(tmp_path, mode)
+        results = ddp[1]
         for r in results:  # rank 1's weights drifted behind DDP's back: both ranks stop at the first check
             assert r["diverged"]["error"] == "DistributedError"
             assert "ranks disagree on the masks" in r["diverged"]["message"] and "Fix:" in r["diverged"]["message"]
@@ -88,14 +98,10 @@ def test_two_ranks_find_the_one_process_ticket(mode, single, fsdp, tmp_path):
         assert structured["compact_sharded"] == "DistributedError"  # compact on the sharded model says: gather first
 
 
-KINDS = ("structured@auto", "structured@taylor", "structured@activation", "structured@gate", "unstructured@activation")
-
-
-def test_ddp_agrees_for_every_importance_kind(tmp_path):
+def test_ddp_agrees_for_every_importance_kind(ddp, tmp_path):
     """Taylor reads DDP's averaged gradients, gates are DDP parameters, and activation statistics are summed over the
     ranks before a draw: two ranks, each on its half of the batch, draw what one process draws on the whole batch."""
-    torchrun(tmp_path, "ddp", "--structures", ",".join(KINDS))
-    results = ranks(tmp_path, "ddp")
+    results = ddp[1]
     for name in KINDS:
         structure, _, importance = name.partition("@")
         want = dist_worker.search("single", structure, tmp_path, importance=importance)

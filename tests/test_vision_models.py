@@ -1,23 +1,29 @@
-"""Full-size torchvision vit_b_16 and swin_t at structured p = 0.3: smaller linears, smaller verified ONNX."""
+"""torchvision's vit_b_16 and swin_t at full width (their classes and widths, fewer blocks: tests/test_prepare.py masks
+the full-depth models) at structured p = 0.3: smaller linears, smaller verified ONNX."""
 
 from __future__ import annotations
 
 import onnx
 import pytest
 import torch
-import torchvision
+from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.vision_transformer import VisionTransformer
 
 import ebcompile
 from ebcompile.importance import raw_tensor
 
-CASES = {"vit_b_16": torchvision.models.vit_b_16, "swin_t": torchvision.models.swin_t}
+CASES = {  # vit_b_16's and swin_t's widths, heads and windows, shallower
+    "vit_b_16": lambda: VisionTransformer(image_size=224, patch_size=16, num_layers=2, num_heads=12, hidden_dim=768, mlp_dim=3072),
+    "swin_t": lambda: SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[1, 1, 2, 1], num_heads=[3, 6, 12, 24],
+                                      window_size=[7, 7], stochastic_depth_prob=0.2),
+}
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_structured_p03_shrinks_linears_and_onnx(name, tmp_path):
     torch.manual_seed(0)
     x = torch.randn(1, 3, 224, 224)
-    dense = CASES[name](weights=None).eval()
+    dense = CASES[name]().eval()
     dense_file = ebcompile.export_onnx(dense, tmp_path / "dense.onnx", x)
     model = ebcompile.prepare(dense, x, ratio=0.3, structure="structured", scope="layer")  # 30% of every layer's units
     ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))

@@ -30,6 +30,8 @@ class Elements:
         self.same_unit: list[tuple[np.ndarray, str]] = []  # (elements, why) that must form a single unit
         self.attention: set[int] = set()  # elements that pass through an attention op (heads)
         self.roles: dict[tuple[str, int], str] = {}  # (tensor, dim) -> "out" | "in" | "bias" (of a linear op)
+        # (activation elements, parameter elements along one of its dims, why): resolved by ``settle_followers``
+        self.followers: list[tuple[np.ndarray, np.ndarray, str]] = []
 
     def of(self, tensor: str, dim: int, size: int) -> np.ndarray:
         """The elements of ``tensor`` along ``dim`` (created on first use)."""
@@ -71,6 +73,29 @@ class Elements:
 
     def roots(self, ids: np.ndarray) -> set[int]:
         return {self.find(int(x)) for x in np.unique(ids[ids >= 0])}
+
+    def settle_followers(self) -> None:
+        """Once every unit is known: a parameter index that meets one unit only follows it (a per-head bias added
+        after the head split, before the attention op joins each head's channels); one that meets several is shared,
+        which is sound only where those units do not differ along that parameter's dimension (a norm weight over
+        head_dim), else the activation's units may not be removed."""
+        for act, param, why in self.followers:
+            a, b = np.broadcast_arrays(act, param)
+            keep = (a >= 0) & (b >= 0)
+            if not keep.any():
+                continue
+            roots = np.vectorize(self.find, otypes=[np.int64])(np.where(keep, a, 0))
+            per_param: dict[int, set[int]] = {}
+            for y, r in zip(b[keep].ravel(), roots[keep].ravel()):
+                per_param.setdefault(int(y), set()).add(int(r))
+            if all(len(s) == 1 for s in per_param.values()):
+                for y, s in per_param.items():
+                    self.union(np.array([y]), np.array([s.pop()]))
+                continue
+            dim = next(d for d in range(param.ndim) if param.shape[d] > 1)
+            first = np.take(np.where(keep, roots, -1), [0], axis=dim)
+            if not np.array_equal(np.broadcast_to(first, roots.shape)[keep], roots[keep]):
+                self.forbid(a[keep], why)
 
 
 @dataclass

@@ -148,6 +148,7 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None):
     if out_shape is None:
         return None
     name = node.target._opname if isinstance(node.target, torch._ops.OpOverload) else str(node.target)
+    name = name[:-1] if name.endswith("_") and not name.startswith("_") else name  # in place: masked_fill_
     if zero_preserving is None:
         zero_preserving = name in _ZERO_PRESERVING
     operands = [a for a in node.args if isinstance(a, fx.Node) and shape(a) is not None]
@@ -175,16 +176,54 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None):
             per_param.setdefault(y, set()).add(flow.el.find(x))
         if pairs and all(len(s) == 1 for s in per_param.values()):
             flow.el.union(a, b)
+        else:  # the units may not be joined yet (a head's channels): decided once they are
+            flow.el.followers.append((primary, ids, f"its features meet a parameter shared across units in {name}"))
     vary = set(varying(primary))
     for a in operands:
         if isinstance(flow.lab(a), Labels):
             continue
         s = (1,) * (nd - len(shape(a))) + shape(a)
+        if _follows_per_dim(flow, a, s, primary, name):
+            continue
         leaks = any(s[d] > 1 for d in vary)
         numerator = node.args and a is node.args[0]
         if leaks and not (zero_preserving and not (name == "div" and numerator)):
             flow.el.forbid(primary, f"its features are mixed with other data by {name} (a residual connection)")
     return _out(primary)
+
+
+_PARAM_VIEWS = {"unsqueeze", "slice", "view", "reshape", "_unsafe_view", "alias", "detach", "clone", "_to_copy", "to",
+                "squeeze", "contiguous"}
+
+
+def _param_behind(flow: Flow, arg: fx.Node) -> tuple[str, tuple[int, ...]] | None:
+    """(name, shape) of the parameter ``arg`` is, or is a view of that only adds or drops size-1 dimensions
+    (``pos_bias_v[None, :, None, :]``): the non-1 dimensions of both are the same, in the same order."""
+    node = arg
+    for _ in range(8):
+        name = flow.param_of.get(node.name)
+        if name is not None:
+            big = [s for s in shape(node) or () if s > 1]
+            return (name, shape(node)) if big == [s for s in shape(arg) if s > 1] else None
+        op = node.target._opname if isinstance(node.target, torch._ops.OpOverload) else None
+        if op not in _PARAM_VIEWS or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _follows_per_dim(flow: Flow, arg: fx.Node, aligned: tuple[int, ...], primary: np.ndarray, op: str) -> bool:
+    """A parameter with several dimensions (Conformer's per-head ``pos_bias_u`` of (heads, head_dim)) met by
+    labelled features: each of its dimensions gets elements that follow the units they meet (settled at the end)."""
+    found = _param_behind(flow, arg)
+    if found is None:
+        return False
+    name, pshape = found
+    param_dims = [d for d, s in enumerate(pshape) if s > 1]
+    for d, pd in zip((d for d, s in enumerate(aligned) if s > 1), param_dims):
+        ids = flow.el.of(name, pd, aligned[d]).reshape([aligned[d] if i == d else 1 for i in range(len(aligned))])
+        flow.el.followers.append((primary, ids, f"its features meet {name}, shared across units, in {op}"))
+    return True
 
 
 # -- reductions and normalisations ------------------------------------------------------------------------------

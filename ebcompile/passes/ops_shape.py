@@ -83,6 +83,28 @@ def _slice(flow: Flow, node: fx.Node):
     return _out(np.take(ids, list(idx), axis=dim), lab.param)
 
 
+@handler("pad", "constant_pad_nd")
+def _pad(flow: Flow, node: fx.Node):
+    """Padding along dimensions the labels do not vary on keeps them (the relative-position shift of Conformer
+    scores pads the key axis); constant padding along a labelled one adds unlabelled positions."""
+    lab, out = flow.lab(node.args[0]), shape(node)
+    if not isinstance(lab, Labels) or out is None:
+        return None
+    pads = list(node.args[1])
+    ids = lab.ids.reshape((1,) * (len(out) - lab.ids.ndim) + lab.ids.shape)
+    widths = [(0, 0)] * len(out)
+    for i in range(0, len(pads), 2):
+        widths[len(out) - 1 - i // 2] = (pads[i], pads[i + 1])
+    padded = [d for d, w in enumerate(widths) if w != (0, 0) and ids.shape[d] > 1]
+    if not padded:
+        return Labels(ids, lab.param)
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    if node.target._opname == "pad" and mode != "constant" or any(min(widths[d]) < 0 for d in padded):
+        flow.forbid(node.args[0], f"padded by {mode} along its features")
+        return None
+    return _out(np.pad(ids, [widths[d] if d in padded else (0, 0) for d in range(len(out))], constant_values=-1), lab.param)
+
+
 @handler("select")
 def _select(flow: Flow, node: fx.Node):
     lab = flow.lab(node.args[0])

@@ -53,8 +53,27 @@ def _handler_of(node: fx.Node):
         return HANDLERS["getitem"]
     if isinstance(node.target, torch._ops.OpOverload):
         fn = HANDLERS.get(node.target._opname)
-        return pointwise if fn is None and _is_pointwise(node.target) else fn
+        if fn is None and _is_pointwise(node.target):
+            return pointwise
+        return fn if fn is not None else _in_place(node.target)
     return None
+
+
+def _in_place(op: torch._ops.OpOverload):
+    """``masked_fill_`` and the like: the functional op's handler, whose labels the mutated input takes too."""
+    functional = getattr(torch.ops.aten, op._opname[:-1], None) if op._opname.endswith("_") else None
+    if functional is None or op._opname == "copy_":
+        return None
+    fn = HANDLERS.get(functional._qualified_op_name.split("::")[-1])
+    if fn is None and not any(torch.Tag.pointwise in getattr(functional, o).tags for o in functional.overloads()):
+        return None
+
+    def run(flow, node: fx.Node):
+        out = (fn or pointwise)(flow, node)
+        if isinstance(node.args[0], fx.Node):
+            flow.labels[node.args[0]] = out
+        return out
+    return run
 
 
 def _is_pointwise(op: torch._ops.OpOverload) -> bool:
@@ -149,6 +168,7 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
     """Head and neuron ``GroupSet``s of ``graph`` over the ``masked`` weights, and why other linears have none."""
     flow = propagate(graph, param_of, params, keep_kv, buffer_of)
     el = flow.el
+    el.settle_followers()
     comps: dict[int, list[int]] = defaultdict(list)
     for e in range(len(el.parent)):
         comps[el.find(e)].append(e)
