@@ -136,6 +136,7 @@ def table_columns(flow: Flow, table: str, columns: int, node: fx.Node) -> Labels
 
 
 # -- pointwise ------------------------------------------------------------------------------------------------
+_ALIASES = {"multiply": "mul", "subtract": "sub", "divide": "div", "true_divide": "div"}
 _ZERO_PRESERVING = {"mul", "div", "where", "masked_fill", "_to_copy", "to", "clone", "type_as"}
 
 
@@ -149,6 +150,7 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None):
         return None
     name = node.target._opname if isinstance(node.target, torch._ops.OpOverload) else str(node.target)
     name = name[:-1] if name.endswith("_") and not name.startswith("_") else name  # in place: masked_fill_
+    name = _ALIASES.get(name, name)
     if zero_preserving is None:
         zero_preserving = name in _ZERO_PRESERVING
     operands = [a for a in node.args if isinstance(a, fx.Node) and shape(a) is not None]
@@ -206,7 +208,8 @@ def _param_behind(flow: Flow, arg: fx.Node) -> tuple[str, tuple[int, ...]] | Non
             big = [s for s in shape(node) or () if s > 1]
             return (name, shape(node)) if big == [s for s in shape(arg) if s > 1] else None
         op = node.target._opname if isinstance(node.target, torch._ops.OpOverload) else None
-        if op not in _PARAM_VIEWS or not node.args or not isinstance(node.args[0], fx.Node):
+        scaled = op in ("mul", "div") and len(node.args) > 1 and isinstance(node.args[1], (int, float))  # r_w_bias * scale
+        if not (op in _PARAM_VIEWS or scaled) or not node.args or not isinstance(node.args[0], fx.Node):
             return None
         node = node.args[0]
     return None
@@ -224,6 +227,11 @@ def _follows_per_dim(flow: Flow, arg: fx.Node, aligned: tuple[int, ...], primary
         ids = flow.el.of(name, pd, aligned[d]).reshape([aligned[d] if i == d else 1 for i in range(len(aligned))])
         flow.el.followers.append((primary, ids, f"its features meet {name}, shared across units, in {op}"))
     return True
+
+
+@handler("multiply", "subtract", "divide", "true_divide")  # aliases the export keeps, not tagged pointwise
+def _pointwise_alias(flow: Flow, node: fx.Node):
+    return pointwise(flow, node)
 
 
 # -- reductions and normalisations ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from .labels import Labels, compress, varying
 from .ophandlers import Flow, _norm_dim, _out, handler, shape, table_columns
 
 IDENTITY = ("clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "dropout", "lift_fresh_copy",
-            "_assert_tensor_metadata", "feature_dropout", "alpha_dropout", "expand", "expand_as", "_unsafe_view_copy")
+            "_assert_tensor_metadata", "feature_dropout", "alpha_dropout", "expand", "expand_as", "_unsafe_view_copy", "broadcast_to")
 
 
 @handler(*IDENTITY)
@@ -175,6 +175,22 @@ def _index(flow: Flow, node: fx.Node):
         return _out(np.take(lab.ids, [0] * len(value), axis=dim), lab.param)
     flow.el.union_along(lab.ids, dim)
     return _out(np.take(lab.ids, value.tolist(), axis=dim), lab.param)
+
+
+@handler("gather")
+def _gather(flow: Flow, node: fx.Node):
+    """``x.gather(dim, index)`` along a dimension the labels do not vary on (DeBERTa's relative-position scores
+    gathered along the key axis, per head): each output position keeps its row's labels. Along a labelled
+    dimension it is refused."""
+    lab, out = flow.lab(node.args[0]), shape(node)
+    if not isinstance(lab, Labels) or out is None:
+        return None
+    ids = lab.ids.reshape((1,) * (len(out) - lab.ids.ndim) + lab.ids.shape)
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(out))
+    if ids.shape[dim] > 1 or any(ids.shape[d] > 1 and ids.shape[d] != out[d] for d in range(len(out)) if d != dim):
+        flow.forbid(node.args[0], "gathered along its features")
+        return None
+    return Labels(ids, lab.param)
 
 
 @handler("getitem")
