@@ -91,3 +91,36 @@ def test_einsum_summing_a_letter_of_one_operand_is_refused() -> None:
     ebcompile.prepare(model, torch.randn(2, 3, 16), ratio=0.5, structure="unstructured")  # the masks still go on
     with pytest.raises(ebcompile.errors.NoPrunableLayerError):
         ebcompile.prepare(Summed(), torch.randn(2, 3, 16), ratio=0.5, structure="structured")
+
+
+class RolledAttention(nn.Module):
+    """Swin-style shifted tokens (``roll`` over positions) and XLM-style ``cat`` of a legacy empty cache."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.up, self.down = nn.Linear(dim, 40), nn.Linear(40, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        shifted = torch.roll(x, shifts=1, dims=1)
+        q, k, v = self.qkv(shifted).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        k = torch.cat([torch.empty(0), k], dim=2)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+        x = x + torch.roll(self.o(h), shifts=-1, dims=1)
+        return x + self.down(F.gelu(self.up(x)))
+
+
+def test_rolled_positions_and_an_empty_cache_keep_the_heads() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(RolledAttention(), RolledAttention()).eval()
+    x = torch.randn(2, 5, 32)
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
+    assert sorted(g.kind for g in model._ebcompile.plan.groups) == ["head", "head", "neuron", "neuron"]
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    assert small[0].qkv.out_features < 96
+    with torch.no_grad():
+        y = torch.randn(3, 7, 32)
+        torch.testing.assert_close(small(y), model(y))

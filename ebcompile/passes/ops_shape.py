@@ -105,6 +105,21 @@ def _pad(flow: Flow, node: fx.Node):
     return _out(np.pad(ids, [widths[d] if d in padded else (0, 0) for d in range(len(out))], constant_values=-1), lab.param)
 
 
+@handler("roll")
+def _roll(flow: Flow, node: fx.Node):
+    """Shifting along dimensions the labels do not vary on (Swin's shifted windows over positions) keeps them."""
+    lab = flow.lab(node.args[0])
+    if not isinstance(lab, Labels):
+        return None
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", [])
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    ids = lab.ids
+    if not dims or any(ids.shape[_norm_dim(d, ids.ndim)] > 1 for d in dims if -ids.ndim <= d < ids.ndim):
+        flow.forbid(node.args[0], "rolled along its features")
+        return None
+    return lab
+
+
 @handler("select")
 def _select(flow: Flow, node: fx.Node):
     lab = flow.lab(node.args[0])
@@ -212,6 +227,8 @@ def _cat(flow: Flow, node: fx.Node):
     pieces, labs = [], []
     for t in tensors:
         s = shape(t)
+        if len(s) != len(dst) and 0 in s:  # a legacy empty tensor (an empty cache): torch.cat skips it
+            continue
         lab = flow.lab(t)
         if lab is None and len(s) == 1:  # a buffer beside labelled slices (EVA's zero k bias)
             lab = flow.buffer_labels(t, s[0])
