@@ -37,8 +37,9 @@ def _repeats(flow: Flow, ids: np.ndarray, axis: int) -> np.ndarray | None:
 
 
 def product(flow: Flow, a: Labels | None, b: Labels | None, out_shape: tuple[int, ...], transpose_b: bool = False,
-            what: str = "matmul") -> Labels | None:
-    """Labels of ``a @ b`` (``b`` given as ``[..., N, K]`` when ``transpose_b``)."""
+            what: str = "matmul", shapes: tuple[Any, Any] | None = None) -> Labels | None:
+    """Labels of ``a @ b`` (``b`` given as ``[..., N, K]`` when ``transpose_b``; ``shapes``: the operands' shapes,
+    which let per-head channels be contracted with data every head shares)."""
     nd = len(out_shape)
     la, lb = _aligned(a, nd), _aligned(b, nd)
     if la is None and lb is None:
@@ -61,10 +62,10 @@ def product(flow: Flow, a: Labels | None, b: Labels | None, out_shape: tuple[int
             el.forbid(lb[..., shared, :], "a key part every attention head reads (kept whole)")
             la, lb = la[..., :, ~shared], lb[..., ~shared, :]
         el.union(la[..., :, :, None], lb[..., None, :, :])
-    elif la is not None and la.shape[-1] > 1:
+    elif la is not None and la.shape[-1] > 1 and not _rows_own_channels(la, shapes[1] if shapes else None, la.ndim - 1):
         el.forbid(la, f"its features are contracted with other data by {what}")
         la = None
-    elif lb is not None and lb.shape[-2] > 1:
+    elif lb is not None and lb.shape[-2] > 1 and not _rows_own_channels(lb, shapes[0] if shapes else None, lb.ndim - 2):
         el.forbid(lb, f"its features are contracted with other data by {what}")
         lb = None
     for ids, axis in ((la, -1), (lb, -2)):
@@ -80,6 +81,19 @@ def product(flow: Flow, a: Labels | None, b: Labels | None, out_shape: tuple[int
         el.attention.update(int(x) for x in left[left >= 0].ravel())
     lb_, rb_ = np.broadcast_arrays(left, right)
     return _out(np.where(lb_ >= 0, lb_, rb_))
+
+
+def _rows_own_channels(ids: np.ndarray, other: Any, axis: int) -> bool:
+    """Labelled channels contracted with unlabelled data can stay prunable when each row (a head) owns its channels
+    whole — the contracted slice joins its row's unit, so removing a unit removes whole rows and the data keeps its
+    size — and the data is the same for every labelled batch position (SAM's relative-position tables, shared by
+    the heads: size 1 along the head axis). Otherwise the contraction mixes the units with other data."""
+    if other is None:
+        return False
+    nd = ids.ndim
+    other = (1,) * (nd - len(other)) + tuple(other)
+    rows = varying(np.take(ids, [0], axis=axis))
+    return bool(rows) and all(other[d] == 1 for d in rows if d < nd - 2)
 
 
 def _keep_kv(flow: Flow, left: np.ndarray, right: np.ndarray, la: np.ndarray, lb: np.ndarray) -> Labels | None:
@@ -152,11 +166,11 @@ def _matmul(flow: Flow, node: fx.Node):
     if operand is not None and operand[0].name in flow.param_of and len(shape(operand[0]) or ()) == 2:
         w, out_dim = operand  # x @ W or x @ W.T with a 2-D parameter: a linear op
         return linear_source(flow, a, flow.param_of[w.name], shape(w), out_dim, None, shape(node))
-    return product(flow, flow.lab(a), flow.lab(b), shape(node))
+    return product(flow, flow.lab(a), flow.lab(b), shape(node), shapes=(shape(a), shape(b)))
 
 
 def matmul_like(flow: Flow, node: fx.Node, a, b, bias=None):
-    out = product(flow, flow.lab(a), flow.lab(b), shape(node))
+    out = product(flow, flow.lab(a), flow.lab(b), shape(node), shapes=(shape(a), shape(b)))
     if isinstance(bias, fx.Node) and isinstance(flow.lab(bias), Labels):
         flow.forbid(bias, "added to a matmul")
     return out
@@ -174,7 +188,8 @@ def _addmm(flow: Flow, node: fx.Node):  # Hugging Face Conv1D: addmm(bias, x2d, 
 
 @handler("baddbmm")
 def _baddbmm(flow: Flow, node: fx.Node):
-    out = product(flow, flow.lab(node.args[1]), flow.lab(node.args[2]), shape(node))
+    out = product(flow, flow.lab(node.args[1]), flow.lab(node.args[2]), shape(node),
+                  shapes=(shape(node.args[1]), shape(node.args[2])))
     extra = flow.lab(node.args[0])
     if isinstance(extra, Labels) and out is not None:
         flow.el.union(out.ids, extra.ids)

@@ -52,12 +52,14 @@ def _einsum(flow: Flow, node: fx.Node):
         for g in groups:
             dims.append(int(np.prod([size[c] for c in order[at:at + g]], dtype=np.int64)))
             at += g
-        return Labels(ids.reshape(dims))
+        return Labels(compress(ids.reshape(dims)))
 
     left = laid_out(labs[0], first, batch + m + k, [1] * len(batch) + [len(m), len(k)])
     right = laid_out(labs[1], second, batch + k + n, [1] * len(batch) + [len(k), len(n)])
     flat = tuple(size[c] for c in batch) + (int(np.prod([size[c] for c in m])), int(np.prod([size[c] for c in n])))
-    res = product(flow, left, right, flat, what="einsum")
+    inner = int(np.prod([size[c] for c in k], dtype=np.int64))
+    operand_shapes = (flat[:-1] + (inner,), flat[:-2] + (inner, flat[-1]))
+    res = product(flow, left, right, flat, what="einsum", shapes=operand_shapes)
     if res is None:
         return None
     ids = np.broadcast_to(res.ids.reshape((1,) * (len(flat) - res.ids.ndim) + res.ids.shape), flat)
