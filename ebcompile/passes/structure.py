@@ -66,7 +66,7 @@ def _in_place(op: torch._ops.OpOverload):
     if functional is None or op._opname == "copy_":
         return None
     fn = HANDLERS.get(functional._qualified_op_name.split("::")[-1])
-    if fn is None and not any(torch.Tag.pointwise in getattr(functional, o).tags for o in functional.overloads()):
+    if fn is None and not _is_pointwise(getattr(functional, functional.overloads()[0])):
         return None
 
     def run(flow, node: fx.Node):
