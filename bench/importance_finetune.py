@@ -137,6 +137,8 @@ def table(write: bool) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
 
     def cost(r: dict, dense: dict | None) -> str:  # CPU seconds of one thread where both runs have them, else wall
+        if r.get("contended") or (dense or {}).get("contended"):  # other work shared the cores: no fair ratio
+            return "– (shared CPU)"
         key = "cpu_seconds" if dense and "cpu_seconds" in r and "cpu_seconds" in dense else "wall_seconds"
         return f"{r[key] / dense[key]:.2f}x" + ("" if key == "cpu_seconds" else " (wall)") if dense else "–"
 
@@ -174,7 +176,9 @@ def table(write: bool) -> None:
               "own AdamW group at lr 1e-2. Seed 0 unless a row names another (each row against the dense run of its "
               "seed); times exclude evaluation. Runs made at different times differ by up to about 10% in CPU time on "
               "this shared machine (the fused seed-0 dense run: 1,387 s, and 1,251 s an hour earlier while other work "
-              "ran): the fused seed-0 dense and p = 0.3 runs ran side by side, the p = 0.5 runs side by side later.")
+              "ran): the fused seed-0 dense and p = 0.3 runs ran side by side, the p = 0.5 runs side by side later. A cost "
+              "of \"– (shared CPU)\" marks runs made while other work shared the cores: their accuracies stand (a run "
+              "is deterministic at one thread), their times are not compared.")
     for doc in ("early-bird.md", "RESULTS.md"):  # RESULTS.md: the importance column of the results
         publish(doc, "importance_finetune", header, "\n".join(lines), write=write)
 
