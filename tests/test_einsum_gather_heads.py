@@ -101,11 +101,13 @@ class RolledAttention(nn.Module):
         self.heads = heads
         self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.up, self.down = nn.Linear(dim, 40), nn.Linear(40, dim)
+        self.temperature = nn.Parameter(torch.ones(1))  # one entry scaling every head's channels: shared
 
     def forward(self, x):
         b, t, _ = x.shape
         shifted = torch.roll(x, shifts=1, dims=1)
         q, k, v = self.qkv(shifted).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q = q * self.temperature
         k = torch.cat([torch.empty(0), k], dim=2)
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
         x = x + torch.roll(self.o(h), shifts=-1, dims=1)
@@ -124,3 +126,25 @@ def test_rolled_positions_and_an_empty_cache_keep_the_heads() -> None:
     with torch.no_grad():
         y = torch.randn(3, 7, 32)
         torch.testing.assert_close(small(y), model(y))
+
+
+class NoisyBlock(nn.Module):
+    """A forward that samples (VITS's noise in eval mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = RolledAttention()
+
+    def forward(self, x):
+        return self.inner(x + 0.01 * torch.randn_like(x))
+
+
+def test_a_sampling_forward_compacts_and_a_scalar_parameter_is_shared() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(NoisyBlock(), NoisyBlock()).eval()
+    x = torch.randn(2, 5, 32)
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
+    assert "head" in {g.kind for g in model._ebcompile.plan.groups}
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()  # its self-check draws the same noise for both models
+    assert small[0].inner.temperature.shape == (1,) and small[0].inner.qkv.out_features < 96

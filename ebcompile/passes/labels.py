@@ -92,7 +92,9 @@ class Elements:
                 for y, s in per_param.items():
                     self.union(np.array([y]), np.array([s.pop()]))
                 continue
-            dim = next(d for d in range(param.ndim) if param.shape[d] > 1)
+            dim = next((d for d in range(param.ndim) if param.shape[d] > 1), None)
+            if dim is None:  # one entry broadcast everywhere (a scalar parameter): shared, never sliced
+                continue
             first = np.take(np.where(keep, roots, -1), [0], axis=dim)
             if not np.array_equal(np.broadcast_to(first, roots.shape)[keep], roots[keep]):
                 self.forbid(a[keep], why)

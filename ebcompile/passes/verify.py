@@ -97,8 +97,10 @@ def _run(model: nn.Module, args: tuple, kwargs: dict, watch: list[str],
             continue
         handles.append(module.register_forward_pre_hook(_entering(entered, path)))
         handles.append(module.register_forward_hook(_leaving(entered, seen, path)))
-    try:
-        with evaluating(model), torch.no_grad():
+    try:  # the same random numbers for both models: a forward that samples (VITS's noise) compares equal
+        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        with evaluating(model), torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
             return model(*args, **kwargs), seen
     finally:
         for h in handles:
