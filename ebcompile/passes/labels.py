@@ -84,19 +84,20 @@ class Elements:
             keep = (a >= 0) & (b >= 0)
             if not keep.any():
                 continue
-            roots = np.vectorize(self.find, otypes=[np.int64])(np.where(keep, a, 0))
-            per_param: dict[int, set[int]] = {}
-            for y, r in zip(b[keep].ravel(), roots[keep].ravel()):
-                per_param.setdefault(int(y), set()).add(int(r))
-            if all(len(s) == 1 for s in per_param.values()):
-                for y, s in per_param.items():
-                    self.union(np.array([y]), np.array([s.pop()]))
+            unique, inverse = np.unique(a[keep], return_inverse=True)
+            roots = np.array([self.find(int(x)) for x in unique], dtype=np.int64)[inverse.reshape(-1)]
+            pairs = np.unique(np.stack([b[keep], roots]), axis=1)  # distinct (parameter element, unit root)
+            if len(np.unique(pairs[0])) == pairs.shape[1]:  # every parameter element meets one unit
+                for y, r in pairs.T:
+                    self.union(np.array([y]), np.array([r]))
                 continue
             dim = next((d for d in range(param.ndim) if param.shape[d] > 1), None)
             if dim is None:  # one entry broadcast everywhere (a scalar parameter): shared, never sliced
                 continue
-            first = np.take(np.where(keep, roots, -1), [0], axis=dim)
-            if not np.array_equal(np.broadcast_to(first, roots.shape)[keep], roots[keep]):
+            full = np.full(a.shape, -1, dtype=np.int64)
+            full[keep] = roots
+            first = np.take(full, [0], axis=dim)
+            if not np.array_equal(np.broadcast_to(first, full.shape)[keep], roots):
                 self.forbid(a[keep], why)
 
 
