@@ -176,7 +176,9 @@ def table(write: bool) -> None:
               "own AdamW group at lr 1e-2. Seed 0 unless a row names another (each row against the dense run of its "
               "seed); times exclude evaluation. Runs made at different times differ by up to about 10% in CPU time on "
               "this shared machine (the fused seed-0 dense run: 1,387 s, and 1,251 s an hour earlier while other work "
-              "ran): the fused seed-0 dense and p = 0.3 runs ran side by side, the p = 0.5 runs side by side later. A cost "
+              "ran): the fused seed-0 dense and p = 0.3 runs ran side by side, the seed-0 p = 0.5 pair side by side "
+              "later, the seed-1 p = 0.5 pair side by side with nothing else running (2026-12-07: the ticket run took "
+              "923 s, 7% more than the same run, to the same accuracy, the day before). A cost "
               "of \"– (shared CPU)\" marks runs made while other work shared the cores: their accuracies stand (a run "
               "is deterministic at one thread), their times are not compared.")
     for doc in ("early-bird.md", "RESULTS.md"):  # RESULTS.md: the importance column of the results

@@ -114,6 +114,11 @@ class Labels:
         return np.broadcast_to(self.ids, shape)
 
 
+def aligned(ids: np.ndarray, ndim: int) -> np.ndarray:
+    """``ids`` with leading size-1 dimensions added up to ``ndim`` (numpy's broadcasting alignment, made explicit)."""
+    return ids.reshape((1,) * (ndim - ids.ndim) + ids.shape)
+
+
 def varying(ids: np.ndarray) -> list[int]:
     """Dimensions along which the labels change."""
     return [d for d in range(ids.ndim) if ids.shape[d] > 1]

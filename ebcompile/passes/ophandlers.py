@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from .labels import Elements, Labels, compress, varying
+from .labels import Elements, Labels, aligned, compress, varying
 
 __all__ = ["HANDLERS", "Flow", "handler"]
 
@@ -159,11 +159,8 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None):
         return None
     nd = len(out_shape)
 
-    def aligned(ids: np.ndarray) -> np.ndarray:
-        return ids.reshape((1,) * (nd - ids.ndim) + ids.shape)
-
-    acts = [(a, aligned(lab.ids)) for a, lab in labelled if not lab.param]
-    params = [(a, aligned(lab.ids)) for a, lab in labelled if lab.param]
+    acts = [(a, aligned(lab.ids, nd)) for a, lab in labelled if not lab.param]
+    params = [(a, aligned(lab.ids, nd)) for a, lab in labelled if lab.param]
     if not acts:  # only parameters: e.g. a scaled bias vector
         return Labels(compress(params[0][1]), True)
     primary = acts[0][1]
@@ -303,7 +300,7 @@ def _batch_norm(flow: Flow, node: fx.Node):
     lab, s = flow.lab(x), shape(x)
     if not isinstance(lab, Labels) or lab.param or s is None:
         return None
-    ids = lab.ids.reshape((1,) * (len(s) - lab.ids.ndim) + lab.ids.shape)
+    ids = aligned(lab.ids, len(s))
     if len(s) < 2 or ids.shape[1] != s[1]:  # channels unlabelled, features elsewhere: all mixed by the statistics
         flow.forbid(x, "its features are normalised together by a batch norm")
         return None

@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 from torch import fx
 
-from .labels import Labels, varying
+from .labels import Labels, aligned, varying
 from .ophandlers import Flow, _out, handler, linear_source, shape
 
 
 def _aligned(lab: Labels | None, nd: int) -> np.ndarray | None:
     if not isinstance(lab, Labels) or lab.param:
         return None
-    return lab.ids.reshape((1,) * (nd - lab.ids.ndim) + lab.ids.shape)
+    return aligned(lab.ids, nd)
 
 
 def _repeats(flow: Flow, ids: np.ndarray, axis: int) -> np.ndarray | None:
@@ -220,7 +220,7 @@ def _sdpa(flow: Flow, node: fx.Node):
     scores = product(flow, flow.lab(q), lk, scores_shape, transpose_b=True, what="attention")
     lmask = flow.lab(mask) if isinstance(mask, fx.Node) else None
     if isinstance(lmask, Labels) and scores is not None:
-        flow.el.union(scores.ids, lmask.ids.reshape((1,) * (len(scores_shape) - lmask.ids.ndim) + lmask.ids.shape))
+        flow.el.union(scores.ids, aligned(lmask.ids, len(scores_shape)))
     elif scores is not None:
         _unsliceable_bias(flow, scores, mask, q, k, node)
     out = _probs_v(flow, scores, lv, qs[:-1] + (vs[-1],))

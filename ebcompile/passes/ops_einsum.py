@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from torch import fx
 
-from .labels import Labels, compress
+from .labels import Labels, aligned, compress
 from .ophandlers import Flow, handler, shape
 from .ops_attention import product
 
@@ -62,7 +62,7 @@ def _einsum(flow: Flow, node: fx.Node):
     res = product(flow, left, right, flat, what="einsum", shapes=operand_shapes)
     if res is None:
         return None
-    ids = np.broadcast_to(res.ids.reshape((1,) * (len(flat) - res.ids.ndim) + res.ids.shape), flat)
+    ids = np.broadcast_to(aligned(res.ids, len(flat)), flat)
     ids = ids.reshape(tuple(size[c] for c in batch + m + n))
     order = batch + m + n
     return Labels(compress(np.transpose(ids, [order.index(c) for c in out])))

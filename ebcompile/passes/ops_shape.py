@@ -8,7 +8,7 @@ import operator
 import numpy as np
 from torch import fx
 
-from .labels import Labels, compress, varying
+from .labels import Labels, aligned, compress, varying
 from .ophandlers import Flow, _norm_dim, _out, handler, shape, table_columns
 
 IDENTITY = ("clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "dropout", "lift_fresh_copy",
@@ -21,7 +21,7 @@ def _identity(flow: Flow, node: fx.Node):
     out = shape(node)
     if not isinstance(lab, Labels) or out is None:
         return None
-    ids = lab.ids.reshape((1,) * (len(out) - lab.ids.ndim) + lab.ids.shape)
+    ids = aligned(lab.ids, len(out))
     return Labels(ids, lab.param)
 
 
@@ -91,7 +91,7 @@ def _pad(flow: Flow, node: fx.Node):
     if not isinstance(lab, Labels) or out is None:
         return None
     pads = list(node.args[1])
-    ids = lab.ids.reshape((1,) * (len(out) - lab.ids.ndim) + lab.ids.shape)
+    ids = aligned(lab.ids, len(out))
     widths = [(0, 0)] * len(out)
     for i in range(0, len(pads), 2):
         widths[len(out) - 1 - i // 2] = (pads[i], pads[i + 1])
@@ -200,7 +200,7 @@ def _gather(flow: Flow, node: fx.Node):
     lab, out = flow.lab(node.args[0]), shape(node)
     if not isinstance(lab, Labels) or out is None:
         return None
-    ids = lab.ids.reshape((1,) * (len(out) - lab.ids.ndim) + lab.ids.shape)
+    ids = aligned(lab.ids, len(out))
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(out))
     if ids.shape[dim] > 1 or any(ids.shape[d] > 1 and ids.shape[d] != out[d] for d in range(len(out)) if d != dim):
         flow.forbid(node.args[0], "gathered along its features")
@@ -251,7 +251,7 @@ def _stack(flow: Flow, node: fx.Node):
     dst = shape(node)
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(dst))
     ndim = len(dst) - 1
-    padded = [lab.ids.reshape((1,) * (ndim - lab.ids.ndim) + lab.ids.shape) if isinstance(lab, Labels) else None
+    padded = [aligned(lab.ids, ndim) if isinstance(lab, Labels) else None
               for lab in labs]
     common = np.broadcast_shapes(*[ids.shape for ids in padded if ids is not None])
     pieces = [np.broadcast_to(ids if ids is not None else -np.ones((1,) * ndim, dtype=np.int64), common) for ids in padded]
@@ -281,7 +281,7 @@ def _repeat(flow: Flow, node: fx.Node):
         return None
     reps = list(node.args[1])
     ids = np.broadcast_to(lab.ids, src)
-    ids = ids.reshape((1,) * (len(reps) - ids.ndim) + ids.shape)
+    ids = aligned(ids, len(reps))
     return Labels(compress(np.tile(ids, reps)), lab.param)
 
 
@@ -328,7 +328,7 @@ def _copy_(flow: Flow, node: fx.Node):
                 view = view[(slice(None),) * dim + (args[1],)]
             else:  # slice(dim, start, end, step): numpy clips the ends as torch does
                 view = view[(slice(None),) * dim + (slice(*(list(args[1:4]) + [None] * 3)[:3]),)]
-        view[...] = np.broadcast_to(lab.ids.reshape((1,) * (view.ndim - lab.ids.ndim) + lab.ids.shape), view.shape)
+        view[...] = np.broadcast_to(aligned(lab.ids, view.ndim), view.shape)
     except (OverflowError, ValueError, IndexError):
         flow.forbid(src, "copied into a tensor the analysis does not follow")
         return None
