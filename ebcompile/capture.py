@@ -22,6 +22,7 @@ from torch import fx, nn
 from .capture_pieces import capture_pieces
 from .capture_types import Captured
 from .errors import CaptureError, EbcompileError, InputMismatchError
+from .passes.verify import evaluating
 
 CONSTANT = "ebcompile.constant"  # node.meta: the value of a small lifted integer constant (torch.export)
 
@@ -39,13 +40,8 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 
 def check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Run the model once so that inputs that do not fit fail with a clear message."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), inputs_fit(model, args, kwargs):
-            model(*args, **kwargs)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad(), inputs_fit(model, args, kwargs):
+        model(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -140,12 +136,8 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         ep = _export_program(model, args, graph_kwargs(model, kwargs))
-    finally:
-        model.train(was_training)
     cap = Captured(graph=ep.graph_module.graph, method="export", root=model)
     sig = ep.graph_signature
     constants = getattr(sig, "inputs_to_lifted_tensor_constants", {})

@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from .capture_types import Captured, clean_stack_path
+from .passes.verify import evaluating
 
 __all__ = ["capture_pieces"]
 
@@ -33,13 +34,10 @@ def record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tupl
                 seen.setdefault(path, (a, kw))
 
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(*args, **kwargs)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return seen

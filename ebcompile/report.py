@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .capture import inputs_fit, normalize_inputs
 from .errors import CheckpointError, ConfigError
 from .model_format import attention_heads
+from .passes.verify import evaluating
 
 __all__ = ["count_parameters", "count_macs", "report", "Report"]
 
@@ -31,16 +32,13 @@ def count_parameters(model: nn.Module, nonzero: bool = False) -> int:
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward on ``example_inputs`` (torch's FLOP counter / 2)."""
     args, kwargs = normalize_inputs(example_inputs)
-    was_training = model.training
-    model.eval()
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel is invisible to the counter
     try:
-        with torch.no_grad(), inputs_fit(model, args, kwargs), FlopCounterMode(display=False) as counter:
+        with evaluating(model), torch.no_grad(), inputs_fit(model, args, kwargs), FlopCounterMode(display=False) as counter:
             model(*args, **kwargs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    model.train(was_training)
     return counter.get_total_flops() // 2
 
 

@@ -33,7 +33,7 @@ from ..names import split_name
 from ..plan import Plan
 from .counts import WIDTH_ATTRS
 from .feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, kept_part, op_name, output_dims, shape_changes, size_args
-from .verify import _tensors, compute_dtype, evaluating, example_for, relative_error, tolerance_for
+from .verify import _tensors, compute_dtype, evaluating, example_for, relative_error, running_as, tolerance_for
 
 __all__ = ["adapt_forwards", "hold_whole", "install_rewrite", "rewrites_of", "rewrite_widths", "ATTR", "WIDTH_ATTRS"]
 
@@ -76,12 +76,8 @@ def _unpacked(graph: fx.Graph, n: fx.Node, shape: fx.Node, ndim: int) -> list[fx
 
 
 def _trace(module: nn.Module, training: bool) -> fx.GraphModule:
-    was = module.training
-    module.train(training)
-    try:
+    with running_as(module, training):
         return fx.symbolic_trace(module)
-    finally:
-        module.train(was)
 
 
 def _inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
@@ -162,13 +158,8 @@ def _plan(original: nn.Module, rows: dict[str, np.ndarray], args: tuple, kwargs:
     for mode in ("eval", "train"):
         gm = _trace(original, mode == "train")
         follow = FollowFeatures(gm, rows)
-        was = original.training
-        original.train(mode == "train")
-        try:
-            with torch.no_grad():
-                follow.run(*_inputs(gm, args, kwargs))
-        finally:
-            original.train(was)
+        with running_as(original, mode == "train"), torch.no_grad():  # no running statistics or RNG state changed
+            follow.run(*_inputs(gm, args, kwargs))
         changes[mode] = shape_changes(follow)
         dims = output_dims(follow) if mode == "eval" else dims
     return changes, dims

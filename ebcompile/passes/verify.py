@@ -70,6 +70,25 @@ def evaluating(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+@contextmanager
+def running_as(module: nn.Module, training: bool) -> Iterator[None]:
+    """``module`` in train (``training``) or eval mode inside, leaving no trace: afterwards each module's own mode,
+    every buffer's values (a batch norm in train mode updates its running statistics) and the CPU random number
+    generator's state (dropout draws from it) are what they were."""
+    modes = [(m, m.training) for m in module.modules()]
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    module.train(training)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
 def _entering(entered: list[str], path: str):
     def hook(module: nn.Module, args: tuple) -> None:
         entered.append(path)
