@@ -32,6 +32,8 @@ class Elements:
         self.roles: dict[tuple[str, int], str] = {}  # (tensor, dim) -> "out" | "in" | "bias" (of a linear op)
         # (activation elements, parameter elements along one of its dims, why): resolved by ``settle_followers``
         self.followers: list[tuple[np.ndarray, np.ndarray, str]] = []
+        # (activation elements, the shape of data without labels it meets, why): resolved by ``settle_followers``
+        self.fixed_extents: list[tuple[np.ndarray, tuple[int, ...], str]] = []
 
     def of(self, tensor: str, dim: int, size: int) -> np.ndarray:
         """The elements of ``tensor`` along ``dim`` (created on first use)."""
@@ -99,6 +101,23 @@ class Elements:
             first = np.take(full, [0], axis=dim)
             if not np.array_equal(np.broadcast_to(first, full.shape)[keep], roots):
                 self.forbid(a[keep], why)
+        for act, extent, why in self.fixed_extents:
+            if any(_units_vary(self.unit_roots(act), d) for d in range(act.ndim) if extent[d] > 1 and act.shape[d] > 1):
+                self.forbid(act, why)
+
+    def unit_roots(self, ids: np.ndarray) -> np.ndarray:
+        """``ids`` with every element replaced by the root of its unit (``-1`` stays)."""
+        out = np.full(ids.shape, -1, dtype=np.int64)
+        keep = ids >= 0
+        unique, inverse = np.unique(ids[keep], return_inverse=True)
+        out[keep] = np.array([self.find(int(x)) for x in unique], dtype=np.int64)[inverse.reshape(-1)]
+        return out
+
+
+def _units_vary(roots: np.ndarray, dim: int) -> bool:
+    """Whether different units (or labelled and unlabelled positions) lie along ``dim``: cutting a unit shrinks it."""
+    first = np.take(roots, [0], axis=dim)
+    return not np.array_equal(np.broadcast_to(first, roots.shape), roots)
 
 
 @dataclass

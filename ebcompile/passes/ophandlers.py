@@ -188,6 +188,9 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None):
         numerator = node.args and a is node.args[0]
         if leaks and not (zero_preserving and not (name == "div" and numerator)):
             flow.el.forbid(primary, f"its features are mixed with other data by {name} (a residual connection)")
+        elif leaks:  # zeros stay zeros, so masking is exact; a compact model must still cut that data alike
+            flow.el.fixed_extents.append((primary, s, f"its features meet data of their full width in {name} that "
+                                                      "the analysis cannot cut with them (from an op it does not follow)"))
     return _out(primary)
 
 

@@ -1,0 +1,57 @@
+"""Units that meet, in a product, data from an op the analysis does not follow.
+
+LFM2's short convolution: ``B, C, x = in_proj(h).chunk(3)``, ``y = C * conv1d(B * x)``, ``out_proj(y)``. The depthwise
+convolution is not followed, so its output has no labels; zeroing a row of ``C`` (and the matching ``out_proj``
+column) is still exact in the masked model, because the product keeps zeros zero. But a compact model cannot cut
+``C``'s channel without cutting the convolution's output channel too: the analysis must not offer those units.
+Before, it did, and the compact model failed (``28 vs 27``: the chunk of three unequal parts). Checked: such a
+projection gets no units, the rest of the model still does, and compact ≡ masked at two lengths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ebcompile
+
+
+class ShortConv(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.in_proj, self.out_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.conv = nn.Conv1d(dim, dim, kernel_size=3, groups=dim, padding=2)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, c, x = self.in_proj(h).transpose(-1, -2).chunk(3, dim=-2)
+        y = c * self.conv(b * x)[..., : h.shape[1]]
+        return self.out_proj(y.transpose(-1, -2))
+
+
+class Net(nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.mix, self.fc1, self.fc2 = ShortConv(dim), nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.mix(h)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h)
+
+
+def test_units_meeting_unfollowed_data_are_not_offered_and_compact_is_exact():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16)
+    model = ebcompile.prepare(Net().eval(), x, ratio=0.5, structure="structured", scope="layer")
+    plan = model._ebcompile.plan
+    grouped = {m.tensor.rsplit(".", 1)[0] for g in plan.groups for m in g.members}
+    assert "mix.in_proj" not in grouped and "mix.in_proj" in plan.skipped
+    assert "fc1" in grouped, "the FFN's neurons are still found"
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model, 0.5))
+    small = ebcompile.compact(model, round_to=None).eval()
+    assert small.fc1.out_features < 64
+    with torch.no_grad():
+        for t in (7, 11):
+            y = torch.randn(3, t, 16, generator=torch.Generator().manual_seed(t))
+            torch.testing.assert_close(small(y), model(y), rtol=1e-5, atol=1e-6)
