@@ -172,7 +172,7 @@ def build_plan(model: nn.Module, example_inputs: Any, structure: str = "auto", s
     cap = capture(model, example_inputs, capture_method)
     linears, attn = find_linears(cap)
     plan = Plan(capture=f"export of pieces: {', '.join(cap.pieces)}" if cap.pieces else cap.method)
-    adapters = adapter_tensors(model)
+    adapters, tied = adapter_tensors(model), _tied_across_modules(model, [op.weight for op in linears])
     for op in linears:
         if op.weight in adapters:
             plan.skipped[op.name] = (f"an adapter of {adapters[op.weight]}: with structured masks its rows / columns follow that "
@@ -183,6 +183,9 @@ def build_plan(model: nn.Module, example_inputs: Any, structure: str = "auto", s
             plan.skipped[op.name] = "not matched by include"
         elif _matches(op.name, exclude):
             plan.skipped[op.name] = "matched by exclude"
+        elif op.weight in tied:
+            plan.skipped[op.name] = (f"its weight is also the weight of {tied[op.weight]} (tied across modules, as Zamba's "
+                                     "shared transformer block): cut in one, the tie would break; it is kept whole")
         elif _recomputed(model, op.weight):
             plan.skipped[op.name] = ("its weight is recomputed at every forward (a hook, e.g. nn.utils.weight_norm): a mask "
                                      "on it would be overwritten; remove the hook to prune it")
@@ -220,6 +223,24 @@ def build_plan(model: nn.Module, example_inputs: Any, structure: str = "auto", s
     else:
         tensors = [op.weight for op in plan.linears]
     return plan, structure, scope, tensors
+
+
+def _tied_across_modules(model: nn.Module, weights: list[str]) -> dict[str, str]:
+    """Each of ``weights`` whose parameter another module also holds (weights tied between two module objects;
+    one module reused in several places holds it once) -> that other module's path."""
+    holders: dict[int, list[str]] = {}
+    for path, module in model.named_modules():
+        for value in module._parameters.values():
+            if value is not None:
+                holders.setdefault(id(value), []).append(path)
+    out = {}
+    for weight in weights:
+        owner, attr = split_name(weight)
+        value = model.get_submodule(owner)._parameters.get(attr)
+        others = [p for p in holders.get(id(value), []) if p != owner] if value is not None else []
+        if others:
+            out[weight] = others[0]
+    return out
 
 
 def _recomputed(model: nn.Module, weight: str) -> bool:

@@ -6,6 +6,10 @@ column) is still exact in the masked model, because the product keeps zeros zero
 ``C``'s channel without cutting the convolution's output channel too: the analysis must not offer those units.
 Before, it did, and the compact model failed (``28 vs 27``: the chunk of three unequal parts). Checked: such a
 projection gets no units, the rest of the model still does, and compact ≡ masked at two lengths.
+
+Also here: linears whose weights are tied across two module objects (Zamba's shared transformer block). The masks
+went on one holder only, so the other computed with the unmasked weights and compaction broke the tie (a 64-wide
+input met a 45-wide linear); such linears are now kept whole, with the reason in ``plan.skipped``.
 """
 
 from __future__ import annotations
@@ -55,3 +59,35 @@ def test_units_meeting_unfollowed_data_are_not_offered_and_compact_is_exact():
         for t in (7, 11):
             y = torch.randn(3, t, 16, generator=torch.Generator().manual_seed(t))
             torch.testing.assert_close(small(y), model(y), rtol=1e-5, atol=1e-6)
+
+
+class TiedBlocks(nn.Module):
+    """Two FFN module objects whose linears share their weights (Zamba's shared transformer block, tied per layer)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.a1, self.a2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.b1, self.b2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.b1.weight, self.b2.weight = self.a1.weight, self.a2.weight
+        self.c1, self.c2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for fc1, fc2 in ((self.a1, self.a2), (self.b1, self.b2), (self.c1, self.c2)):
+            h = h + fc2(torch.relu(fc1(h)))
+        return self.head(h)
+
+
+def test_weights_tied_across_modules_are_kept_whole_and_stay_tied():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    model = ebcompile.prepare(TiedBlocks().eval(), x, ratio=0.5, structure="structured", scope="layer")
+    skipped = model._ebcompile.plan.skipped
+    assert all("tied across modules" in skipped[n] for n in ("a1", "a2", "b1", "b2") if n in skipped)
+    assert {"a1", "b1"} & set(skipped), "a tied linear was masked"
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model, 0.5))
+    small = ebcompile.compact(model, round_to=None).eval()
+    assert small.c1.out_features < 64 and small.a1.out_features == 64
+    assert small.a1.weight is small.b1.weight, "the tie broke"
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
