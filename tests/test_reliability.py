@@ -11,7 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -106,39 +107,43 @@ def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     assert listing(tmp_path) == ["t.safetensors"]
 
 
-def kill_after(script: str, delay: float) -> None:
-    """Run ``script`` until it prints "ready", then SIGKILL it ``delay`` seconds later (mid-write)."""
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
+def kill_after(work: Callable[[], None], delay: float) -> None:
+    """Fork a child that runs ``work`` (an endless loop of writes) and SIGKILL it ``delay`` seconds after it starts
+    (mid-write). A fork of this warm process, not a fresh interpreter: the kill is the same, without importing torch."""
+    ready, signal_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        try:
+            os.close(ready)
+            os.write(signal_end, b"r")
+            work()
+        finally:
+            os._exit(1)
+    os.close(signal_end)
     try:
-        proc.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert os.read(ready, 1) == b"r"
+        time.sleep(delay)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready)
 
 
-KILL_SCRIPT = """
-import sys, torch, ebcompile
-sys.path.insert(0, {tests!r})
-from conftest import make_mlp, mlp_batch
-model = ebcompile.prepare(make_mlp(), mlp_batch(), ratio=0.5)
-ticket = ebcompile.draw_ticket(model)
-print("ready", flush=True)
-i = 0
-while True:
-    torch.manual_seed(i)
-    ticket.save({path!r})
-    i += 1
-"""
+def _save_tickets_forever(ticket: ebcompile.Ticket, path: Path) -> None:
+    i = 0
+    while True:
+        torch.manual_seed(i)
+        ticket.save(path)
+        i += 1
 
 
 def test_sigkill_while_overwriting_a_ticket_leaves_a_loadable_ticket(tmp_path):
     path = tmp_path / "ticket.safetensors"
     model = prepared()
     ebcompile.draw_ticket(model).save(path)
-    script = textwrap.dedent(KILL_SCRIPT).format(tests=str(ROOT / "tests"), path=str(path))
+    ticket = ebcompile.draw_ticket(model)
     for delay in (0.05, 0.2, 0.5):
-        kill_after(script, delay)
+        kill_after(lambda: _save_tickets_forever(ticket, path), delay)
         ebcompile.Ticket.load(path)  # the old or the new ticket, whole
     ebcompile.draw_ticket(model).save(path)  # the next write removes what the killed ones left
     assert listing(tmp_path) == ["ticket.safetensors"]
@@ -322,14 +327,19 @@ def _mr(folder: Path, pos: str, neg: str) -> Path:
 @pytest.mark.parametrize("data,words", [
     ("empty", "empty"), ("one-class", "two classes"), ("./no-such-folder", "no such folder"),
     ("../../no/such/folder", "no such folder")])
-def test_search_checks_its_data_before_training(tmp_path, data, words):
+def test_search_checks_its_data_before_training(tmp_path, data, words, monkeypatch, capsys):
+    """In process (the shell's one-line contract is checked by the subprocess tests of test_reliability_cli.py)."""
+    from ebcompile.cli.main import main
+
     if data == "empty":
         _mr(tmp_path / data, "", "\n\n")
     elif data == "one-class":
         _mr(tmp_path / data, "".join(f"good film {i}\n" for i in range(50)), "")
-    proc = cli("search", "./no-model-needed-first", "--data", data, "--out", "run", cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Fix:" in proc.stderr and words in proc.stderr, proc.stderr
+    monkeypatch.chdir(tmp_path)
+    rc = main(["search", "./no-model-needed-first", "--data", data, "--out", "run"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Fix:" in err and words in err, err
     assert not (tmp_path / "run").exists()
 
 
@@ -366,27 +376,20 @@ def test_a_kill_between_the_two_renames_of_a_swap_leaves_the_old_save_loadable(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-SAVE_KILL_SCRIPT = """
-import sys, torch, ebcompile
-sys.path.insert(0, {tests!r})
-from conftest import make_mlp
-model = make_mlp()
-print("ready", flush=True)
-i = 0
-while True:
-    with torch.no_grad():
-        model[0].weight.fill_(float(i % 7))
-    ebcompile.save(model, {path!r})
-    i += 1
-"""
+def _save_models_forever(path: Path) -> None:
+    model, i = make_mlp(), 0
+    while True:
+        with torch.no_grad():
+            model[0].weight.fill_(float(i % 7))
+        ebcompile.save(model, path)
+        i += 1
 
 
 def test_sigkill_while_overwriting_a_save_directory_leaves_a_loadable_save(tmp_path):
     path = tmp_path / "run"
     ebcompile.save(make_mlp(), path)
-    script = textwrap.dedent(SAVE_KILL_SCRIPT).format(tests=str(ROOT / "tests"), path=str(path))
     for delay in (0.05, 0.3, 0.8):
-        kill_after(script, delay)
+        kill_after(lambda: _save_models_forever(path), delay)
         loaded = ebcompile.load(path, model=make_mlp())  # the old or the new save, whole
         assert loaded[0].weight.unique().numel() in (1, make_mlp()[0].weight.numel())
     ebcompile.save(make_mlp(), path)
