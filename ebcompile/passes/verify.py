@@ -73,13 +73,14 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 @contextmanager
 def running_as(module: nn.Module, training: bool) -> Iterator[None]:
     """``module`` in train (``training``) or eval mode inside, leaving no trace: afterwards each module's own mode,
-    every buffer's values (a batch norm in train mode updates its running statistics) and the CPU random number
-    generator's state (dropout draws from it) are what they were."""
+    every buffer's values (a batch norm in train mode updates its running statistics) and the random number
+    generators' states (dropout draws from them: the CPU's and those of the GPUs the module is on) are what they were."""
     modes = [(m, m.training) for m in module.modules()]
     saved = [(b, b.detach().clone()) for b in module.buffers()]
     module.train(training)
     try:
-        with torch.random.fork_rng(devices=[]):
+        cuda = sorted({t.device.index or 0 for t in module.parameters() if t.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):  # the CPU generator and those of the GPUs the module is on
             yield
     finally:
         for m, mode in modes:
