@@ -31,6 +31,9 @@ class Flow:
         self.keep_kv = keep_kv  # grouped-query attention: prune query heads inside groups, never KV heads
         self.kv_groups: list[tuple[np.ndarray, np.ndarray]] = []  # (query-head elements, kv-group index)
         self.buffer_of: dict[str, str] = {}  # node name -> qualified buffer name (labelled only by handlers)
+        # tensors computed from labelled features by ops the analysis does not follow (a convolution's output): their
+        # sizes along those features are fixed, so a compact model cannot cut units that meet them position by position
+        self.opaque: set[fx.Node] = set()
 
     def lab(self, arg: Any) -> Labels | None:
         return self.labels.get(arg) if isinstance(arg, fx.Node) else None
@@ -188,7 +191,7 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None):
         numerator = node.args and a is node.args[0]
         if leaks and not (zero_preserving and not (name == "div" and numerator)):
             flow.el.forbid(primary, f"its features are mixed with other data by {name} (a residual connection)")
-        elif leaks:  # zeros stay zeros, so masking is exact; a compact model must still cut that data alike
+        elif leaks and a in flow.opaque:  # zeros stay zeros, so masking is exact; a compact model must cut that data too
             flow.el.fixed_extents.append((primary, s, f"its features meet data of their full width in {name} that "
                                                       "the analysis cannot cut with them (from an op it does not follow)"))
     return _out(primary)

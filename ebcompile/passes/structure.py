@@ -29,7 +29,7 @@ from . import ops_attention as _ops_attention  # noqa: F401 - registers handlers
 from . import ops_einsum as _ops_einsum  # noqa: F401 - registers handlers
 from . import ops_shape as _ops_shape  # noqa: F401 - registers handlers
 from .labels import Elements, Labels
-from .ophandlers import HANDLERS, Flow, pointwise
+from .ophandlers import HANDLERS, Flow, pointwise, shape
 
 __all__ = ["discover", "META"]
 
@@ -104,24 +104,42 @@ def propagate(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch
                 flow.forbid(a, "its features reach the model output")
             continue
         inputs = _labelled_inputs(flow, node)
+        from_opaque = any(a in flow.opaque for a in node.all_input_nodes)
         if not inputs and not (isinstance(node.target, torch._ops.OpOverload) and node.target._opname in SOURCES):
+            if from_opaque and shape(node) is not None:
+                flow.opaque.add(node)
             continue
         fn = _handler_of(node)
         what = getattr(node.target, "__name__", str(node.target))
         if fn is None:
             for a in inputs:
                 flow.forbid(a, f"its features are read by {what}, which the analysis does not follow")
+            flow.opaque.add(node)
             continue
         try:
             out = fn(flow, node)
         except Exception as exc:  # noqa: BLE001 - an unexpected form of a known op: leave its units alone
             for a in inputs:
                 flow.forbid(a, f"its features are read by {what} in a form the analysis does not follow ({type(exc).__name__})")
+            flow.opaque.add(node)
             continue
         flow.labels[node] = out
         if out is not None:
             node.meta[META] = out
+        elif shape(node) is not None and (from_opaque or any(_reads_values(node, a) for a in inputs)):
+            flow.opaque.add(node)  # features mixed into data without labels
     return flow
+
+
+_SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros", "new_ones",
+               "new_empty", "new_full", "sym_size", "size"}
+
+
+def _reads_values(node: fx.Node, arg: fx.Node) -> bool:
+    """Whether ``node`` computes from ``arg``'s values, not only its shape (``expand_as(mask, scores)`` reads the
+    scores' shape, which a compact model shrinks with them)."""
+    op = node.target._opname if isinstance(node.target, torch._ops.OpOverload) else str(node.target)
+    return op not in _SHAPE_ONLY and not (op == "expand_as" and len(node.args) > 1 and node.args[1] is arg)
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
