@@ -29,7 +29,7 @@ from . import ops_attention as _ops_attention  # noqa: F401 - registers handlers
 from . import ops_einsum as _ops_einsum  # noqa: F401 - registers handlers
 from . import ops_shape as _ops_shape  # noqa: F401 - registers handlers
 from .labels import Elements, Labels
-from .ophandlers import HANDLERS, Flow, pointwise, shape
+from .ophandlers import HANDLERS, Flow, pointwise
 
 __all__ = ["discover", "META"]
 
@@ -106,7 +106,7 @@ def propagate(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch
         inputs = _labelled_inputs(flow, node)
         from_opaque = any(a in flow.opaque for a in node.all_input_nodes)
         if not inputs and not (isinstance(node.target, torch._ops.OpOverload) and node.target._opname in SOURCES):
-            if from_opaque and shape(node) is not None:
+            if from_opaque and _is_tensor(node):
                 flow.opaque.add(node)
             continue
         fn = _handler_of(node)
@@ -126,9 +126,14 @@ def propagate(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch
         flow.labels[node] = out
         if out is not None:
             node.meta[META] = out
-        elif shape(node) is not None and (from_opaque or any(_reads_values(node, a) for a in inputs)):
+        elif _is_tensor(node) and (from_opaque or any(_reads_values(node, a) for a in inputs)):
             flow.opaque.add(node)  # features mixed into data without labels
     return flow
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    """A tensor-valued node (its sizes may be symbolic: never read them here, outside a handler's guard)."""
+    return isinstance(node.meta.get("val"), torch.Tensor)
 
 
 _SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros", "new_ones",
