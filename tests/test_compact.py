@@ -49,7 +49,7 @@ pytestmark = SPARSE_WARNINGS
 # -- structured: property tests --------------------------------------------------------------------------
 
 
-@settings(max_examples=60, **PROPS)
+@settings(max_examples=40, **PROPS)
 @given(cfg=vit_cfgs, seed=st.integers(0, 2**16), batches=st.lists(st.integers(1, 3), min_size=1, max_size=2), data=st.data())
 def test_vit_compact_equals_masked(cfg, seed, batches, data):
     model = fresh("vit", cfg, "structured", seed)

@@ -63,7 +63,7 @@ def _train(model: nn.Module, opt, sched, x: torch.Tensor, target: torch.Tensor, 
         sched.step()
 
 
-@settings(max_examples=30, **PROPS)
+@settings(max_examples=20, **PROPS)
 @given(kind=st.sampled_from(["vit", "swin1", "swin2", "mlp"]), vit=vit_cfgs, swin=swin_cfgs(), mlp=mlp_cfgs,
        opt_kind=st.sampled_from(["sgd", "adamw"]), seed=st.integers(0, 2**16), data=st.data())
 def test_compact_with_optimizer_trains_like_the_masked_model(kind, vit, swin, mlp, opt_kind, seed, data):
@@ -117,7 +117,7 @@ def test_compact_with_optimizer_refuses_what_it_cannot_carry(mlp):
 # -- rounding --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, **PROPS)
+@settings(max_examples=25, **PROPS)
 @given(kind=st.sampled_from(["vit", "mlp"]), vit=vit_cfgs, mlp=mlp_cfgs, round_to=st.sampled_from([2, 3, 4, 8]),
        seed=st.integers(0, 2**16), data=st.data())
 def test_round_to_keeps_widths_at_multiples(kind, vit, mlp, round_to, seed, data):
