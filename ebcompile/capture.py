@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -138,6 +139,7 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     with evaluating(model):
         ep = _export_program(model, args, graph_kwargs(model, kwargs))
+    inline_grad_blocks(ep.graph_module)
     cap = Captured(graph=ep.graph_module.graph, method="export", root=model)
     sig = ep.graph_signature
     constants = getattr(sig, "inputs_to_lifted_tensor_constants", {})
@@ -151,6 +153,35 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
             if isinstance(value, torch.Tensor) and value.numel() <= 4096 and not value.is_floating_point() and not value.is_complex():
                 node.meta[CONSTANT] = value.detach().cpu().clone()
     return cap
+
+
+def inline_grad_blocks(gm: fx.GraphModule) -> None:
+    """Copy the body of every ``with torch.no_grad()`` block (``torch.export``'s ``wrap_with_set_grad_enabled``
+    higher-order op over a submodule) into the graph in its place, so the analysis follows the features through it
+    (LayoutLMv3 looks up its per-head position bias under ``no_grad``). The graph is only analysed, never run."""
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    for node in [n for n in gm.graph.nodes if hop is not None and n.op == "call_function" and n.target is hop]:
+        sub = getattr(gm, node.args[1].target, None) if isinstance(node.args[1], fx.Node) else None
+        if not isinstance(sub, fx.GraphModule) or any(n.op == "get_attr" for n in sub.graph.nodes):
+            continue  # a nested block: left as it is (its outputs are then unlabelled)
+        env: dict[fx.Node, Any] = {}
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        env.update(zip(placeholders, node.args[2:]))
+        outputs: Any = None
+        with gm.graph.inserting_before(node):
+            for inner in sub.graph.nodes:
+                if inner.op == "output":
+                    outputs = fx.map_arg(inner.args[0], env.__getitem__)
+                elif inner.op != "placeholder":
+                    env[inner] = gm.graph.node_copy(inner, env.__getitem__)
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                break
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        if not node.users:
+            gm.graph.erase_node(node)
 
 
 CAPTURE_PATHS: dict[str, Callable[[nn.Module, tuple, dict], Captured]] = {

@@ -273,6 +273,17 @@ def _reduce(flow: Flow, node: fx.Node):
     return [out, out] if node.target._opname == "var_mean" else out
 
 
+@handler("max", "min")
+def _max_min(flow: Flow, node: fx.Node):
+    """``max(x, dim)`` -> (values, indices), reduced like ``amax`` (Hiera's query pooling over window positions);
+    ``max(x)`` over everything; ``max(x, other)`` position by position."""
+    overload = node.target._overloadname
+    if overload == "other":
+        return pointwise(flow, node)
+    out = _reduce(flow, node)
+    return [out, out] if overload.endswith("dim") else out
+
+
 @handler("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
 def _softmax(flow: Flow, node: fx.Node):
     lab = flow.lab(node.args[0])

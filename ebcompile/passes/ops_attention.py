@@ -74,7 +74,7 @@ def product(flow: Flow, a: Labels | None, b: Labels | None, out_shape: tuple[int
     left = la[..., :, :1] if la is not None else None  # [..., M, 1]
     right = lb[..., :1, :] if lb is not None else None  # [..., 1, N]
     if left is None or right is None:
-        return _out(left if right is None else right)
+        return None if left is None and right is None else _out(left if right is None else right)
     batch_axis = _head_axis(left, right)
     el.union(left, right)
     if batch_axis is not None:

@@ -168,19 +168,41 @@ def _constant(node) -> np.ndarray | None:
     return None
 
 
+def _rows_picked(lab: Labels, given: list, src: tuple[int, ...] | None, out: tuple[int, ...] | None) -> Labels | None:
+    """``x[idx]`` with one index tensor along a dimension the labels do not vary on (a per-head table computed in
+    the forward, Swin v2's ``cpb_mlp(coords).view(-1, heads)[relative_position_index]``): whatever the indices, every
+    picked position keeps its row's labels; the indexed dimension becomes the index tensor's dimensions."""
+    if len(given) != 1 or src is None or out is None or not isinstance(given[0][1], fx.Node) or shape(given[0][1]) is None:
+        return None
+    dim, index = given[0][0], shape(given[0][1])
+    ids = aligned(lab.ids, len(src))
+    if ids.ndim <= dim or ids.shape[dim] != 1:
+        return None
+    ids = ids.reshape(ids.shape[:dim] + (1,) * len(index) + ids.shape[dim + 1:])
+    return Labels(ids, lab.param) if ids.ndim == len(out) else None
+
+
 @handler("index")
 def _index(flow: Flow, node: fx.Node):
     """``x[..., [i, j]]``: constant indices along one dimension pick those slices (any other indexing is refused).
     The indices are baked into the model's code, so that dimension must keep its size: its slices join one unit."""
     lab, indices = flow.lab(node.args[0]), node.args[1]
     table = flow.param_of.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None
-    if lab is None and table is not None and len(shape(node.args[0]) or ()) == 2 and len(indices) == 1 \
-            and indices[0] is not None and shape(node) is not None:
-        # rows of a 2-D parameter picked by an index tensor (a relative-position bias table, timm Swin / MaxViT)
-        return table_columns(flow, table, shape(node.args[0])[1], node)
+    picks = [d for d, i in enumerate(indices) if i is not None]
+    if lab is None and table is not None and len(shape(node.args[0]) or ()) == 2 and len(picks) == 1 \
+            and picks[0] in (0, 1) and shape(node) is not None:
+        # rows of a 2-D parameter picked by an index tensor (a relative-position bias table, timm Swin / MaxViT),
+        # or its columns (``bias.weight[:, buckets]``, LayoutLMv3): the other dimension's labels follow
+        if picks[0] == 0:
+            return table_columns(flow, table, shape(node.args[0])[1], node)
+        rows = shape(node.args[0])[0]
+        return Labels(flow.el.of(table, 0, rows).reshape((rows,) + (1,) * (len(shape(node)) - 1)))
     if not isinstance(lab, Labels):
         return None
     given = [(d, i) for d, i in enumerate(indices) if i is not None]
+    picked = _rows_picked(lab, given, shape(node.args[0]), shape(node))
+    if picked is not None:
+        return picked
     value = _constant(given[0][1]) if len(given) == 1 else None
     if value is None or value.ndim != 1 or value.dtype.kind not in "iu":  # integer positions (not a boolean mask)
         flow.forbid(node.args[0], "indexed by tensors the analysis does not know")
@@ -190,6 +212,20 @@ def _index(flow: Flow, node: fx.Node):
         return _out(np.take(lab.ids, [0] * len(value), axis=dim), lab.param)
     flow.el.union_along(lab.ids, dim)
     return _out(np.take(lab.ids, value.tolist(), axis=dim), lab.param)
+
+
+@handler("index_select")
+def _index_select(flow: Flow, node: fx.Node):
+    """``x.index_select(dim, idx)`` along a dimension the labels do not vary on: labels kept (a per-head table
+    looked up at relative positions); along a labelled dimension it is refused."""
+    lab, out = flow.lab(node.args[0]), shape(node)
+    if not isinstance(lab, Labels) or out is None:
+        return None
+    ids = aligned(lab.ids, len(out))
+    if ids.shape[_norm_dim(node.args[1], len(out))] > 1:
+        flow.forbid(node.args[0], "indexed along its features by index_select")
+        return None
+    return Labels(ids, lab.param)
 
 
 @handler("gather")
