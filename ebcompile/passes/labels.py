@@ -80,7 +80,9 @@ class Elements:
         """Once every unit is known: a parameter index that meets one unit only follows it (a per-head bias added
         after the head split, before the attention op joins each head's channels); one that meets several is shared,
         which is sound only where those units do not differ along that parameter's dimension (a norm weight over
-        head_dim), else the activation's units may not be removed."""
+        head_dim), else the activation's units may not be removed. Then the fixed extents: data of full width from an
+        op the analysis does not follow (``fixed_extents``) forbids the units that vary along a dimension it spans,
+        since a compact model could not cut that data with them."""
         for act, param, why in self.followers:
             a, b = np.broadcast_arrays(act, param)
             keep = (a >= 0) & (b >= 0)

@@ -16,7 +16,7 @@ from torch import fx
 
 from .labels import Elements, Labels, aligned, compress, varying
 
-__all__ = ["HANDLERS", "Flow", "handler"]
+__all__ = ["HANDLERS", "Flow", "aten_name", "handler"]
 
 aten = torch.ops.aten
 
@@ -57,6 +57,13 @@ class Flow:
 def shape(arg: Any) -> tuple[int, ...] | None:
     val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
     return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def aten_name(node: Any) -> str:
+    """The aten op a graph node calls, without its overload (``add`` for ``aten.add.Tensor``); "" for anything else
+    (a placeholder, ``operator.getitem``, a higher-order op). Every handler lookup and op test reads names this way."""
+    target = getattr(node, "target", None)
+    return target._opname if isinstance(target, torch._ops.OpOverload) else ""
 
 
 HANDLERS: dict[str, Callable[[Flow, fx.Node], Any]] = {}
@@ -151,7 +158,7 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None):
     out_shape = shape(node)
     if out_shape is None:
         return None
-    name = node.target._opname if isinstance(node.target, torch._ops.OpOverload) else str(node.target)
+    name = aten_name(node) or str(node.target)
     name = name[:-1] if name.endswith("_") and not name.startswith("_") else name  # in place: masked_fill_
     name = _ALIASES.get(name, name)
     if zero_preserving is None:
@@ -210,7 +217,7 @@ def _param_behind(flow: Flow, arg: fx.Node) -> tuple[str, tuple[int, ...]] | Non
         if name is not None:
             big = [s for s in shape(node) or () if s > 1]
             return (name, shape(node)) if big == [s for s in shape(arg) if s > 1] else None
-        op = node.target._opname if isinstance(node.target, torch._ops.OpOverload) else None
+        op = aten_name(node)
         scaled = op in ("mul", "div") and len(node.args) > 1 and isinstance(node.args[1], (int, float))  # r_w_bias * scale
         if not (op in _PARAM_VIEWS or scaled) or not node.args or not isinstance(node.args[0], fx.Node):
             return None

@@ -16,7 +16,7 @@ import numpy as np
 from torch import fx
 
 from .labels import Labels, aligned, varying
-from .ophandlers import Flow, _out, handler, linear_source, shape
+from .ophandlers import Flow, _out, aten_name, handler, linear_source, shape
 
 
 def _aligned(lab: Labels | None, nd: int) -> np.ndarray | None:
@@ -247,13 +247,13 @@ def _unsliceable_bias(flow: Flow, scores: Labels, bias: Any, q: Any, k: Any, att
     nd = scores.ids.ndim
     sizes = [(1,) * (nd - len(shape(bias))) + tuple(shape(bias))]
     node, chain = bias, [bias]
-    while node.op == "call_function" and getattr(node.target, "_opname", "") in _BROADCASTS and isinstance(node.args[0], fx.Node):
+    while aten_name(node) in _BROADCASTS and isinstance(node.args[0], fx.Node):
         node = node.args[0]
         chain.append(node)
         if shape(node) is not None:
             sizes.append((1,) * (nd - len(shape(node))) + tuple(shape(node)))
     where = _module_of(attention)
-    if (getattr(node.target, "_opname", "") in _FILLS and where is not None
+    if (aten_name(node) in _FILLS and where is not None
             and all(_module_of(u) == where for n in chain for u in n.users)):
         return
     if any(all(s[d] > 1 for s in sizes) for d in varying(scores.ids)):

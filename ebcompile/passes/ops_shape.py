@@ -9,7 +9,7 @@ import numpy as np
 from torch import fx
 
 from .labels import Labels, aligned, compress, varying
-from .ophandlers import Flow, _norm_dim, _out, handler, shape, table_columns
+from .ophandlers import Flow, _norm_dim, _out, aten_name, handler, shape, table_columns
 
 IDENTITY = ("clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "dropout", "lift_fresh_copy",
             "_assert_tensor_metadata", "feature_dropout", "alpha_dropout", "expand", "expand_as", "_unsafe_view_copy", "broadcast_to")
@@ -161,7 +161,7 @@ def _constant(node) -> np.ndarray | None:
     while isinstance(node, fx.Node):
         if CONSTANT in node.meta:
             return node.meta[CONSTANT].numpy()
-        if node.op != "call_function" or getattr(node.target, "_opname", "") not in (
+        if aten_name(node) not in (
                 "lift_fresh_copy", "clone", "_to_copy", "detach", "detach_", "alias"):
             return None
         node = node.args[0]
@@ -337,8 +337,8 @@ def _fill(flow: Flow, node: fx.Node):
 def _region(node: fx.Node) -> tuple[fx.Node, list[tuple[str, tuple]]] | None:
     """``node`` as a chain of ``slice`` / ``select`` views of a base tensor: the base and the chain, outermost first."""
     chain = []
-    while isinstance(node, fx.Node) and node.op == "call_function" and getattr(node.target, "_opname", "") in ("slice", "select"):
-        chain.append((node.target._opname, tuple(node.args[1:])))
+    while isinstance(node, fx.Node) and aten_name(node) in ("slice", "select"):
+        chain.append((aten_name(node), tuple(node.args[1:])))
         node = node.args[0]
     return (node, chain[::-1]) if chain and isinstance(node, fx.Node) else None
 

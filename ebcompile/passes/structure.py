@@ -29,7 +29,7 @@ from . import ops_attention as _ops_attention  # noqa: F401 - registers handlers
 from . import ops_einsum as _ops_einsum  # noqa: F401 - registers handlers
 from . import ops_shape as _ops_shape  # noqa: F401 - registers handlers
 from .labels import Elements, Labels
-from .ophandlers import HANDLERS, Flow, pointwise
+from .ophandlers import HANDLERS, Flow, aten_name, pointwise
 
 __all__ = ["discover", "META"]
 
@@ -53,7 +53,7 @@ def _handler_of(node: fx.Node):
     if node.target is operator.getitem:
         return HANDLERS["getitem"]
     if isinstance(node.target, torch._ops.OpOverload):
-        fn = HANDLERS.get(node.target._opname)
+        fn = HANDLERS.get(aten_name(node))
         if fn is None and _is_pointwise(node.target):
             return pointwise
         return fn if fn is not None else _in_place(node.target)
@@ -105,7 +105,7 @@ def propagate(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch
             continue
         inputs = _labelled_inputs(flow, node)
         from_opaque = any(a in flow.opaque for a in node.all_input_nodes)
-        if not inputs and not (isinstance(node.target, torch._ops.OpOverload) and node.target._opname in SOURCES):
+        if not inputs and aten_name(node) not in SOURCES:
             if from_opaque and _is_tensor(node):
                 flow.opaque.add(node)
             continue
@@ -143,7 +143,7 @@ _SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like"
 def _reads_values(node: fx.Node, arg: fx.Node) -> bool:
     """Whether ``node`` computes from ``arg``'s values, not only its shape (``expand_as(mask, scores)`` reads the
     scores' shape, which a compact model shrinks with them)."""
-    op = node.target._opname if isinstance(node.target, torch._ops.OpOverload) else str(node.target)
+    op = aten_name(node) or str(node.target)
     return op not in _SHAPE_ONLY and not (op == "expand_as" and len(node.args) > 1 and node.args[1] is arg)
 
 
