@@ -28,14 +28,15 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, EbcompileError
-from .families import family_of
+from .families import compacted_by, family_of
+from .families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
 from .fsguard import exists, guard, read_json
 from .hfload import build_checked, header_shapes, hf_class, hf_config, read_folder, saved_hf_class
 from .materialized import require_materialized
 from .model_format import CONFIG, FORMAT, META, VERSION, WEIGHTS, count_attributes, head_counts
-from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention, SparseLinear
+from .modules import SparseLinear
 from .names import set_tensor, split_name, tensor_at
-from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, SLICED_BUFFERS, WIDTH_ATTRS, WIDTHS, ConfigView
+from .passes.counts import SLICED_BUFFERS, WIDTH_ATTRS, ConfigView
 from .passes.reshapes import install_rewrite, rewrites_of
 from .passes.shrink import fix_attributes, plain_model, removed_indices
 from .savedir import atomic_dir, read_saved
@@ -204,7 +205,7 @@ def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
         family = family_of(module)
         group = family.heads(path, module) if family is not None else None
         if group is None:
-            if isinstance(module, (CompactMultiheadAttention, CompactShiftedWindowAttention)) and module.num_heads == count:
+            if compacted_by(module) is not None and module.num_heads == count:  # already compact (rebuilt by load)
                 continue
             raise CheckpointError(f"{path} is not an attention module whose heads ebcompile follows. Fix: pass model= "
                                   "built like the saved one, before compaction.")

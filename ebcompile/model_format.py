@@ -15,8 +15,9 @@ from torch import nn
 
 from .config_values import config_value
 from .families import family_of
+from .families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention
-from .passes.counts import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTH_ATTRS, WIDTHS, ConfigView
+from .passes.counts import WIDTH_ATTRS, ConfigView
 
 __all__ = ["WEIGHTS", "CONFIG", "META", "FORMAT", "VERSION", "head_counts", "attention_heads", "HeadCount", "count_attributes"]
 

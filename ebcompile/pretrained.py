@@ -21,17 +21,12 @@ from torch import nn
 
 from .adapters import merged_shapes, pretrained_core
 from .config_values import config_value
+from .families.vocabulary import CONFIG_FIELDS
 from .names import split_name
 from .passes.counts import ConfigView
 
-__all__ = ["sync_config", "attach_save_pretrained", "pretrained_weights", "CONFIG_FIELDS"]
+__all__ = ["sync_config", "attach_save_pretrained", "pretrained_weights"]
 
-# config field -> (names of the linears whose output width gives it, divide by the config's head_dim?)
-CONFIG_FIELDS = {
-    "num_attention_heads": (("q_proj", "query", "q", "q_lin"), True),
-    "num_key_value_heads": (("k_proj", "key", "k", "k_lin"), True),
-    "intermediate_size": (("up_proj", "gate_proj", "fc1", "c_fc", "w1", "lin1", "wi", "dense_h_to_4h"), False),
-}
 
 
 def _widths(model: nn.Module, names: tuple[str, ...]) -> set[int]:

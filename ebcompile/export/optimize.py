@@ -1,6 +1,6 @@
 """onnxruntime's transformer optimizer on an exported file: LayerNorm, SkipLayerNorm, RMSNorm
 (``SimplifiedLayerNormalization``), GELU / BiasGelu fusions, run with the optimizer ``model_type`` of the model's
-family (data below, else read off the graph), then optional fp16.
+family (its ``families.records`` record, else read off the graph), then optional fp16.
 
 Invariant: inputs, outputs and function stay; contrib attention nodes written at export are kept as they are.
 A failing optimizer leaves the file unchanged and says why in the notes. A file with external data (over 2 GB) is
@@ -20,31 +20,20 @@ from pathlib import Path
 import onnx
 from torch import nn
 
+from ..families.records import record_of
 from .external import has_external
 
 __all__ = ["optimize_file", "optimizer_model_type", "FUSED_ATTENTION_OPS", "attention_summary"]
 
 FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 
-# onnxruntime.transformers.optimizer model_type per family: Hugging Face ``config.model_type`` ...
-HF_MODEL_TYPES = {
-    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "electra": "bert", "albert": "bert",
-    "deberta": "bert", "mpnet": "bert", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "vit": "vit", "deit": "vit", "beit": "vit",
-    "dinov2": "vit", "swin": "swin", "swinv2": "swin", "t5": "t5", "mt5": "t5", "bart": "bart", "clip": "clip", "phi": "phi",
-    "llama": "gpt2", "mistral": "gpt2", "qwen2": "gpt2", "qwen3": "qwen3", "gemma": "gpt2",
-}
-# ... or the model's class name (torchvision, timm)
-CLASS_MODEL_TYPES = {"VisionTransformer": "vit", "SwinTransformer": "swin"}
-
-
 def optimizer_model_type(net: nn.Module, path: Path) -> str:
-    """The optimizer ``model_type`` for ``net``: from its family, else the graph (causal attention: gpt2; a
+    """The optimizer ``model_type`` for ``net``: from its family record (``families.records``), else the graph (causal attention: gpt2; a
     convolution input: vit; else bert), always one the installed onnxruntime knows."""
     from onnxruntime.transformers.optimizer import MODEL_TYPES
 
-    config = getattr(net, "config", None)
-    wanted = HF_MODEL_TYPES.get(getattr(config, "model_type", None) or "")
-    wanted = wanted or next((CLASS_MODEL_TYPES[c.__name__] for c in type(net).__mro__ if c.__name__ in CLASS_MODEL_TYPES), None)
+    record = record_of(net)
+    wanted = record.ort_model_type if record is not None else None
     if wanted in MODEL_TYPES:
         return wanted
     graph = onnx.load(str(path), load_external_data=False).graph

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..plan import GroupSet, LinearOp, Member
 from .registry import AttentionFamily, class_named, linear_op, register
+from .vocabulary import HEAD_COUNTS
 
 __all__ = ["SEPARATE_QKV_NAMES", "FAMILY"]
 
@@ -24,7 +25,6 @@ SEPARATE_QKV_NAMES = (
     "BertAttention", "RobertaAttention", "XLMRobertaAttention", "CamembertAttention", "ElectraAttention",
     "ViTAttention", "DeiTAttention", "SwinAttention",
 )
-_HEAD_COUNTS = ("num_attention_heads", "num_heads")  # attributes holding the head count, where present
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _separate_heads(path: str, m: nn.Module) -> GroupSet | None:
 
 
 def _set_heads(holder: nn.Module, heads: int, head_dim: int) -> None:
-    for attr in _HEAD_COUNTS:
+    for attr in HEAD_COUNTS:
         if isinstance(getattr(holder, attr, None), int):
             setattr(holder, attr, heads)
     if isinstance(getattr(holder, "all_head_size", None), int):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..plan import GroupSet, LinearOp, Member
 
-__all__ = ["AttentionFamily", "register", "family_of", "FAMILIES", "linear_op", "qkv_members", "class_named"]
+__all__ = ["AttentionFamily", "register", "family_of", "compacted_by", "FAMILIES", "linear_op", "qkv_members", "class_named"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class AttentionFamily:
     rewrite: Callable[[nn.Module, int], nn.Module | None] | None = None
     # the state_dict names a compacted module saves under, by the dense module's (path, module) -> {dense: compact}
     compact_names: Callable[[str, nn.Module], dict[str, str]] | None = None
+    # the classes ``rewrite`` returns: a module of one of them is already compact (``load`` recognises it)
+    compact_types: tuple[type, ...] = ()
 
 
 FAMILIES: list[AttentionFamily] = []
@@ -46,6 +48,11 @@ def register(family: AttentionFamily) -> AttentionFamily:
 
 def family_of(module: nn.Module) -> AttentionFamily | None:
     return next((f for f in FAMILIES if f.matches(module)), None)
+
+
+def compacted_by(module: nn.Module) -> AttentionFamily | None:
+    """The family whose ``rewrite`` made ``module`` (a ``CompactMultiheadAttention``...), if any."""
+    return next((f for f in FAMILIES if isinstance(module, f.compact_types)), None) if FAMILIES else None
 
 
 def linear_op(path: str, name: str, module: nn.Linear, out_dim: int = 0) -> LinearOp:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import ConfigError
+from ..modules import CompactMultiheadAttention
 from ..plan import GroupSet, LinearOp, Member
 from .registry import AttentionFamily, linear_op, qkv_members, register
 
-__all__ = ["FAMILY"]
+__all__ = ["FAMILY", "compact_mha"]
 
 
 def _mha_linears(path: str, m: nn.MultiheadAttention) -> list[LinearOp]:
@@ -39,5 +41,14 @@ def _mha_compact_names(path: str, m: nn.MultiheadAttention) -> dict[str, str]:
     return {f"{path}.in_proj_weight": f"{path}.in_proj.weight", f"{path}.in_proj_bias": f"{path}.in_proj.bias"}
 
 
+def compact_mha(m: nn.MultiheadAttention, heads: int) -> CompactMultiheadAttention:
+    """The module as a ``CompactMultiheadAttention`` with ``heads`` heads (its tensors already sliced)."""
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        raise ConfigError("an nn.MultiheadAttention uses kdim/vdim != embed_dim, add_bias_kv or add_zero_attn, which "
+                          "CompactMultiheadAttention does not implement. Fix: leave it unpruned (exclude=['<path>.*']).")
+    return CompactMultiheadAttention.from_module(m, heads)
+
+
 FAMILY = register(AttentionFamily("torch.nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention),
-                                  _mha_linears, _mha_heads, compact_names=_mha_compact_names))
+                                  _mha_linears, _mha_heads, rewrite=compact_mha, compact_names=_mha_compact_names,
+                                  compact_types=(CompactMultiheadAttention,)))

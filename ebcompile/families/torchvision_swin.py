@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..modules import CompactShiftedWindowAttention, CompactShiftedWindowAttentionV2
 from ..plan import GroupSet, LinearOp, Member
 from .registry import AttentionFamily, linear_op, qkv_members, register
 
@@ -44,4 +45,12 @@ def _swin_heads(path: str, m: nn.Module) -> GroupSet | None:
     return GroupSet("head", path, heads, tuple(members), module=path, attributes=("num_heads",))
 
 
-FAMILY = register(AttentionFamily("torchvision.ShiftedWindowAttention", _is_tv_swin, _swin_linears, _swin_heads))
+def _swin_rewrite(m: nn.Module, heads: int) -> nn.Module:
+    """v2 (it has ``logit_scale``) or v1, as the compact module of that version."""
+    compact = CompactShiftedWindowAttentionV2 if hasattr(m, "logit_scale") else CompactShiftedWindowAttention
+    return compact.from_module(m, heads)
+
+
+FAMILY = register(AttentionFamily("torchvision.ShiftedWindowAttention", _is_tv_swin, _swin_linears, _swin_heads,
+                                  rewrite=_swin_rewrite,
+                                  compact_types=(CompactShiftedWindowAttention, CompactShiftedWindowAttentionV2)))

@@ -1,6 +1,6 @@
 """Transform: rewrite the head counts and widths a module's forward reads, after its tensors were sliced.
 
-Data first: the attribute names below are where Transformer code keeps these numbers (``num_heads``,
+Data first: the attribute names of ``families.vocabulary`` are where Transformer code keeps these numbers (``num_heads``,
 ``num_key_value_heads``, ``num_key_value_groups``, ``all_head_size``, ``intermediate_size``, ...). An attribute
 is rewritten only when its value is the one the removed units imply (a head count equal to the number of
 heads, a width equal to heads x head_dim), scaled by kept / original. Modules the table does not cover are
@@ -24,19 +24,14 @@ from typing import Any
 from torch import nn
 
 from ..config_values import config_value
+from ..families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
 from ..names import split_name
 from ..plan import GroupSet
 
-__all__ = ["ConfigView", "HEAD_COUNTS", "KV_COUNTS", "GROUP_COUNTS", "WIDTHS", "NEURON_WIDTHS", "WIDTH_ATTRS",
-           "SLICED_BUFFERS", "rewrite_counts"]
+__all__ = ["ConfigView", "WIDTH_ATTRS", "SLICED_BUFFERS", "rewrite_counts"]
 
-HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "nhead", "num_q_heads", "heads")
-KV_COUNTS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "num_kv", "kv_heads")
-GROUP_COUNTS = ("num_key_value_groups", "n_rep", "num_queries_per_kv", "kv_groups")
-WIDTHS = ("all_head_size", "inner_dim", "attn_dim", "split_size", "hidden_size_per_partition", "qkv_dim")
 SLICED_BUFFERS = "_ebcompile_sliced_buffers"  # non-persistent buffers compact cut (names): ebcompile.save writes them
 WIDTH_ATTRS = "_ebcompile_widths"  # a module's own width attributes passes.reshapes.rewrite_widths set: {attr: value}
-NEURON_WIDTHS = ("intermediate_size", "ffn_dim", "d_ff", "dim_feedforward", "hidden_features", "mlp_dim")
 
 
 def _scaled(value: int, kept: int, units: int) -> int | None:

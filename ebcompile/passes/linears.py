@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from ..capture_types import Captured, clean_stack_path
 from ..families import family_of
+from ..families.vocabulary import is_transposed_linear
 from ..names import split_name
 from ..plan import LinearOp
 
@@ -63,7 +64,7 @@ def _linear_node_weight(cap: Captured, node: fx.Node, modules: dict[str, nn.Modu
         mod = modules.get(str(node.target))
         if isinstance(mod, nn.Linear):
             return f"{node.target}.weight", (f"{node.target}.bias" if mod.bias is not None else None), 0
-        if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # HF Conv1D traced as a leaf
+        if is_transposed_linear(mod):  # HF Conv1D traced as a leaf
             return f"{node.target}.weight", f"{node.target}.bias", 1
         return None
     if node.op != "call_function":

@@ -8,9 +8,10 @@ Invariant: does not preserve shapes, does preserve the function of the masked mo
 Structured tickets: the pruned units' slices are cut out of every member tensor of their group (q/k/v rows,
 out-projection columns, relative-position bias columns, logit scales, FFN rows and columns). Head counts are
 rewritten where they live: by the attention family's ``rewrite`` hook where it has one
-(``ebcompile.families``); otherwise ``nn.MultiheadAttention`` becomes ``CompactMultiheadAttention``
-and torchvision ``ShiftedWindowAttention``/``V2`` become ``CompactShiftedWindowAttention``/``V2`` (their
-functional form takes the head width from the residual width, which is wrong once heads are gone).
+(``ebcompile.families``: ``nn.MultiheadAttention`` becomes ``CompactMultiheadAttention`` and torchvision
+``ShiftedWindowAttention``/``V2`` become ``CompactShiftedWindowAttention``/``V2``, whose functional forms take the
+head width from the residual width, wrong once heads are gone); otherwise the attribute table of
+``passes.counts``.
 Attention modules that lose no head are left as they are. ``round_to=k`` keeps widths (``heads * head_dim``, FFN neurons) at
 multiples of ``k`` by keeping a few pruned units back: their masked slices are zero in the masked model, so
 the function is unchanged; widths never exceed the original ones. The default rounds to ``ROUND_TO`` (8).
@@ -33,7 +34,9 @@ from ..adapters import sync_adapter_features
 from ..distributed import is_sharded, unwrap
 from ..errors import ConfigError, DistributedError, NoTicketError, NotPreparedError, TicketMismatchError
 from ..families import family_of
-from ..modules import CompactMultiheadAttention, CompactShiftedWindowAttention, CompactShiftedWindowAttentionV2, SparseLinear
+from ..families.torch_mha import compact_mha
+from ..families.vocabulary import is_transposed_linear
+from ..modules import SparseLinear
 from ..names import set_tensor, split_name, tensor_at
 from ..optim_state import retarget_optimizer
 from ..plan import GroupSet, Plan
@@ -59,52 +62,31 @@ def removed_indices(group: GroupSet, keep: torch.Tensor) -> dict[tuple[str, int]
     return out
 
 
-def _swin_types() -> tuple[type, type] | None:
-    try:
-        from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return None
-    return ShiftedWindowAttention, ShiftedWindowAttentionV2
-
-
 def fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: dict[str, tuple[int, int]]) -> None:
     """Make feature counts and head counts agree with the sliced tensors (rewrites or replaces modules)."""
     for _path, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
-        elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        elif is_transposed_linear(module):
             module.nx, module.nf = module.weight.shape  # HF Conv1D: weight [in, out], forward reads nf
     sync_adapter_features(model)
-    swin = _swin_types()
     for path, (heads, units) in kept_heads.items():
         if heads == units:  # nothing removed: the original module still computes the right thing
             continue
         mod = model.get_submodule(path)
         family = family_of(mod)
         if family is not None and family.rewrite is not None:  # the family knows its module best
-            replacement = family.rewrite(mod, heads)
+            try:
+                replacement = family.rewrite(mod, heads)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("<path>", path)) from exc
             if replacement is not None:
                 _replace(model, path, replacement)
-        elif isinstance(mod, nn.MultiheadAttention):
-            _replace(model, path, _compact_mha(mod, heads, path))
-        elif swin is not None and isinstance(mod, swin[1]):
-            _replace(model, path, CompactShiftedWindowAttentionV2.from_module(mod, heads))
-        elif swin is not None and isinstance(mod, swin[0]):
-            _replace(model, path, CompactShiftedWindowAttention.from_module(mod, heads))
         elif groups[path].attributes:
             for attr in groups[path].attributes:
                 setattr(mod, attr, heads)
         else:  # found by the structure analysis: the attribute table of passes.counts
             rewrite_counts(model, groups[path], heads)
-
-
-def _compact_mha(mod: nn.MultiheadAttention, heads: int, path: str = "") -> CompactMultiheadAttention:
-    if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
-        raise ConfigError(
-            f"nn.MultiheadAttention {path} uses kdim/vdim != embed_dim, add_bias_kv or add_zero_attn, which "
-            f"CompactMultiheadAttention does not implement. Fix: leave it unpruned (exclude=['{path or '<path>'}.*'])."
-        )
-    return CompactMultiheadAttention.from_module(mod, heads)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -231,7 +213,7 @@ def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
         if not targets & set(names):
             continue
         if mod._qkv_same_embed_dim and mod.bias_k is None and not mod.add_zero_attn:
-            _replace(new, path, _compact_mha(mod, mod.num_heads, path))
+            _replace(new, path, compact_mha(mod, mod.num_heads))
             targets = {names.get(t, t) for t in targets}
         else:  # left dense: nn.MultiheadAttention's fused path needs strided weights
             keep_dense.add(f"{path}.out_proj")
