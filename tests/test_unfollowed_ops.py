@@ -1,11 +1,13 @@
 """Units that meet, in a product, data from an op the analysis does not follow.
 
-LFM2's short convolution: ``B, C, x = in_proj(h).chunk(3)``, ``y = C * conv1d(B * x)``, ``out_proj(y)``. The depthwise
-convolution is not followed, so its output has no labels; zeroing a row of ``C`` (and the matching ``out_proj``
-column) is still exact in the masked model, because the product keeps zeros zero. But a compact model cannot cut
-``C``'s channel without cutting the convolution's output channel too: the analysis must not offer those units.
-Before, it did, and the compact model failed (``28 vs 27``: the chunk of three unequal parts). Checked: such a
-projection gets no units, the rest of the model still does, and compact ≡ masked at two lengths.
+A short convolution as LFM2 writes it: ``B, C, x = in_proj(h).chunk(3)``, ``y = C * conv1d(B * x)``, ``out_proj(y)``.
+When the convolution mixes channels (``groups=1``) it is not followed, so its output has no labels; zeroing a row of
+``C`` (and the matching ``out_proj`` column) is still exact in the masked model, because the product keeps zeros
+zero. But a compact model cannot cut ``C``'s channel without cutting the convolution's output channel too: the
+analysis must not offer those units (before, it did, and the compact model failed: ``28 vs 27``). Checked: such a
+projection gets no units, the rest of the model still does, and compact ≡ masked at two lengths. LFM2's own
+convolution is depthwise (``groups=dim``): each channel is filtered on its own, so it is followed — the channels
+are units, the filters and bias are cut with them (``test_a_depthwise_convolution_keeps_its_channels_as_units``).
 
 Also here: linears whose weights are tied across two module objects (Zamba's shared transformer block). The masks
 went on one holder only, so the other computed with the unmasked weights and compaction broke the tie (a 64-wide
@@ -14,6 +16,8 @@ input met a 45-wide linear); such linears are now kept whole, with the reason in
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 from torch import nn
 
@@ -21,10 +25,10 @@ import ebcompile
 
 
 class ShortConv(nn.Module):
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, groups: int = 1) -> None:
         super().__init__()
         self.in_proj, self.out_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.conv = nn.Conv1d(dim, dim, kernel_size=3, groups=dim, padding=2)
+        self.conv = nn.Conv1d(dim, dim, kernel_size=3, groups=groups, padding=2)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b, c, x = self.in_proj(h).transpose(-1, -2).chunk(3, dim=-2)
@@ -33,9 +37,9 @@ class ShortConv(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, dim: int = 16) -> None:
+    def __init__(self, dim: int = 16, groups: int = 1) -> None:
         super().__init__()
-        self.mix, self.fc1, self.fc2 = ShortConv(dim), nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.mix, self.fc1, self.fc2 = ShortConv(dim, groups), nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
         self.head = nn.Linear(dim, 3)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -59,6 +63,30 @@ def test_units_meeting_unfollowed_data_are_not_offered_and_compact_is_exact():
         for t in (7, 11):
             y = torch.randn(3, t, 16, generator=torch.Generator().manual_seed(t))
             torch.testing.assert_close(small(y), model(y), rtol=1e-5, atol=1e-6)
+
+
+def test_a_depthwise_convolution_keeps_its_channels_as_units():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16)
+    model = ebcompile.prepare(Net(groups=16).eval(), x, ratio=0.5, structure="structured", scope="layer")
+    plan = model._ebcompile.plan
+    group = next(g for g in plan.groups if any(m.tensor == "mix.in_proj.weight" for m in g.members))
+    assert {"mix.conv.weight", "mix.conv.bias", "mix.out_proj.weight"} <= {m.tensor for m in group.members}
+    assert group.units == 16  # one channel of B, C and x and its filter per unit
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model, 0.5))
+    small = ebcompile.compact(model, round_to=None).eval()
+    conv = small.mix.conv
+    assert conv.in_channels == conv.out_channels == conv.groups == conv.weight.shape[0] == 8
+    assert small.mix.in_proj.out_features == 24
+    with tempfile.TemporaryDirectory() as d:
+        ebcompile.save(small, d)
+        back = ebcompile.load(d, model=Net(groups=16))
+    assert back.mix.conv.groups == 8
+    with torch.no_grad():
+        for t in (7, 11):
+            y = torch.randn(3, t, 16, generator=torch.Generator().manual_seed(t))
+            torch.testing.assert_close(small(y), model(y), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(back(y), small(y), rtol=1e-6, atol=1e-7)
 
 
 class TiedBlocks(nn.Module):

@@ -69,6 +69,8 @@ def fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: di
             module.out_features, module.in_features = module.weight.shape
         elif is_transposed_linear(module):
             module.nx, module.nf = module.weight.shape  # HF Conv1D: weight [in, out], forward reads nf
+        elif isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.in_channels == module.out_channels:
+            module.groups = module.in_channels = module.out_channels = module.weight.shape[0]  # depthwise: its channels cut
     sync_adapter_features(model)
     for path, (heads, units) in kept_heads.items():
         if heads == units:  # nothing removed: the original module still computes the right thing

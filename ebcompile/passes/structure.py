@@ -26,6 +26,7 @@ from torch import fx
 from ..names import split_name
 from ..plan import GroupSet, Member
 from . import ops_attention as _ops_attention  # noqa: F401 - registers handlers
+from . import ops_conv as _ops_conv  # noqa: F401 - registers handlers
 from . import ops_einsum as _ops_einsum  # noqa: F401 - registers handlers
 from . import ops_shape as _ops_shape  # noqa: F401 - registers handlers
 from .labels import Elements, Labels
