@@ -75,8 +75,9 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def found_units(model: torch.nn.Module) -> tuple[dict[str, int], dict[str, str]]:
-    """Units per kind in the prepared plan, and the kind of each group name (``kv``: a head group whose units are
-    whole KV groups, i.e. its masked members do not all have the same unit size)."""
+    """Units per kind in the prepared plan, and the kind of each group by its mask key ``kind:name`` (``kv``: a head
+    group whose units are whole KV groups, i.e. its masked members do not all have the same unit size). Keyed by the
+    whole key: a mixture-of-experts layer's expert group and expert-neuron group share one name."""
     plan = model._ebcompile.plan
     found = dict.fromkeys(KINDS, 0)
     kind_of: dict[str, str] = {}
@@ -84,7 +85,7 @@ def found_units(model: torch.nn.Module) -> tuple[dict[str, int], dict[str, str]]
         kind = g.kind
         if kind == "head" and len({m.unit_size for m in g.members if m.masked}) > 1:
             kind = "kv"
-        kind_of[g.name] = kind
+        kind_of[f"{g.kind}:{g.name}"] = kind
         found[kind] = found.get(kind, 0) + g.units
     return found, kind_of
 
@@ -92,7 +93,7 @@ def found_units(model: torch.nn.Module) -> tuple[dict[str, int], dict[str, str]]
 def cut_units(ticket: Any, kind_of: dict[str, str]) -> dict[str, int]:
     cut = dict.fromkeys(KINDS, 0)
     for key, keep in ticket.masks.units.items():
-        kind = kind_of.get(key.split(":", 1)[-1], ticket.masks.kind_of(key))
+        kind = kind_of.get(key, ticket.masks.kind_of(key))
         cut[kind] = cut.get(kind, 0) + int((~keep).sum())
     return cut
 

@@ -91,3 +91,25 @@ def test_a_timeout_is_a_row(suite: Path) -> None:
     row = hf_zoo.run_one("tinyllama", suite, timeout=0.5)  # killed while still importing
     assert row["status"] == "fail" and row["reason"].startswith("Timeout: over 0 s (in stage load)"), row
     assert row["family"] == "tinyllama" and row["stage"] == "load"
+
+
+def test_expert_and_expert_neuron_groups_of_one_layer_are_counted_apart():
+    """A mixture-of-experts layer's expert group and its expert-neuron group share one name: the cut is counted per
+    mask key (``expert:<name>``, ``neuron:<name>``), so removed experts are not reported as neurons."""
+    from types import SimpleNamespace
+
+    import torch
+    from _zoo_stages import cut_units, found_units
+
+    from ebcompile.plan import GroupSet, Member
+
+    groups = [GroupSet("expert", "mlp.experts", 8, (Member("mlp.experts.up", 0, 0, 1),), min_units=2),
+              GroupSet("neuron", "mlp.experts", 64, (Member("mlp.experts.up", 1, 0, 1),), per_group=8)]
+    model = SimpleNamespace(_ebcompile=SimpleNamespace(plan=SimpleNamespace(groups=groups)))
+    found, kind_of = found_units(model)
+    assert found["expert"] == 8 and found["neuron"] == 64
+    keep_experts, keep_neurons = torch.arange(8) >= 3, torch.arange(64) >= 10
+    masks = SimpleNamespace(units={"expert:mlp.experts": keep_experts, "neuron:mlp.experts": keep_neurons},
+                            kind_of=lambda key: key.split(":", 1)[0])
+    cut = cut_units(SimpleNamespace(masks=masks), kind_of)
+    assert cut["expert"] == 3 and cut["neuron"] == 10
