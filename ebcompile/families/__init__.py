@@ -18,8 +18,8 @@ from . import torch_mha  # noqa: F401
 from . import torchvision_swin  # noqa: F401
 from . import hf_gpt2  # noqa: F401
 from . import hf_separate_qkv  # noqa: F401
-from .records import RECORDS, Family, record_of
+from .records import RECORDS, Family, record_of, register_record
 # isort: on
 
 __all__ = ["AttentionFamily", "register", "family_of", "compacted_by", "FAMILIES", "linear_op", "qkv_members",
-           "class_named", "Family", "RECORDS", "record_of"]
+           "class_named", "Family", "RECORDS", "record_of", "register_record"]

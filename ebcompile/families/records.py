@@ -7,8 +7,8 @@ onnxruntime optimizer type its fused export uses, and — for an attention modul
 ``AttentionFamily`` that names its projections and heads and rewrites it after compaction.
 
 Readers: ``export.optimize`` (the optimizer type), and through ``attention`` the registry that ``prepare``,
-``compact``, ``report`` and ``load`` consult. Adding a family is adding one record here (and, for opaque attention,
-one file beside this one that registers its ``AttentionFamily``).
+``compact``, ``report`` and ``load`` consult. A new family is one ``register_record(Family(...))`` call, from the
+library's own files or the user's (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import ConfigError
 from . import hf_gpt2, hf_separate_qkv, torch_mha, torchvision_swin
-from .registry import AttentionFamily
+from .registry import FAMILIES, AttentionFamily, register
 
-__all__ = ["Family", "RECORDS", "record_of"]
+__all__ = ["Family", "RECORDS", "record_of", "register_record"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Family:
     attention: AttentionFamily | None = None  # an attention module the graph cannot see into
 
 
-RECORDS: tuple[Family, ...] = (
+RECORDS: list[Family] = [
     Family("bert", ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert", "deberta",
                     "mpnet"), ort_model_type="bert", attention=hf_separate_qkv.FAMILY),
     Family("gpt2", ("gpt2", "decision_transformer"), ort_model_type="gpt2", attention=hf_gpt2.FAMILY),
@@ -48,7 +49,20 @@ RECORDS: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2", "gemma"), ort_model_type="gpt2"),  # decoders fuse as GPT-2 does
     Family("qwen3", ("qwen3",), ort_model_type="qwen3"),
     Family("torch-mha", attention=torch_mha.FAMILY),  # nn.MultiheadAttention inside any model
-)
+]
+
+
+def register_record(family: Family) -> Family:
+    """Add ``family`` (from your own file, before ``prepare``); its ``attention``, if any, joins the registry that
+    ``prepare``, ``compact`` and ``load`` consult. A name or ``model_type`` already recorded is refused."""
+    taken = {t for r in RECORDS for t in r.model_types} & set(family.model_types)
+    if any(r.name == family.name for r in RECORDS) or taken:
+        raise ConfigError(f"family {family.name!r} is already recorded (name or model_type {sorted(taken)}). Fix: give "
+                          "it another name, or leave the built-in record in place.")
+    if family.attention is not None and family.attention not in FAMILIES:
+        register(family.attention)
+    RECORDS.append(family)
+    return family
 
 
 def record_of(model: nn.Module) -> Family | None:
