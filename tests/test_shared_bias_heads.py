@@ -8,6 +8,8 @@
   rows with an index buffer: indexing along a dimension the labels do not vary on keeps them, so the MLP's output
   rows follow the heads.
 - Hiera: ``max(dim)`` over positions (query pooling) keeps the labels, like ``amax``.
+- DeepSeek-V2: rotary embedding in complex form (`view_as_complex` of channel pairs, `view_as_real` back); LeViT:
+  `hardswish`, which torch does not tag pointwise.
 Each: the units are found, the compact model computes what the masked one did at two lengths, and is smaller.
 """
 
@@ -159,3 +161,37 @@ def test_max_over_positions_keeps_the_neurons():
     model, small = _compact_matches(MaxPooledFfn(), [torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (1, 4))], "export")
     assert [g.units for g in _groups(model, "neuron")] == [64]
     assert small.fc1.out_features == 32
+
+
+class ComplexRotaryAttention(nn.Module):
+    """DeepSeek-V2's rotary embedding in complex form: ``view_as_complex`` of channel pairs times per-position phases,
+    then ``view_as_real`` and a flatten back; and LeViT's ``hardswish`` (not tagged pointwise by torch) before the
+    output projection."""
+
+    def __init__(self, dim: int = 24, heads: int = 4) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-2]
+        angles = torch.arange(n)[:, None] * torch.arange(1, self.head_dim // 2 + 1)[None, :] * 0.1
+        phases = torch.polar(torch.ones_like(angles), angles)
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * phases).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(self.rotate(q), self.rotate(k), v).transpose(1, 2).reshape(b, n, -1)
+        x = x + self.o(F.hardswish(y))
+        return x + self.fc2(F.hardswish(self.fc1(x)))
+
+
+def test_complex_rotary_and_hardswish_keep_the_heads():
+    torch.manual_seed(0)
+    net = nn.Sequential(ComplexRotaryAttention(), nn.Linear(24, 3))
+    model, small = _compact_matches(net, [torch.randn(2, 6, 24), torch.randn(1, 9, 24)], "export")
+    assert [g.units for g in _groups(model, "head")] == [4] and [g.units for g in _groups(model, "neuron")] == [48]
+    assert small[0].q.out_features == 12 and small[0].fc1.out_features == 24

@@ -239,7 +239,8 @@ def _follows_per_dim(flow: Flow, arg: fx.Node, aligned: tuple[int, ...], primary
     return True
 
 
-@handler("multiply", "subtract", "divide", "true_divide")  # aliases the export keeps, not tagged pointwise
+# aliases the export keeps, and elementwise activations torch does not tag pointwise (LeViT's hardswish)
+@handler("multiply", "subtract", "divide", "true_divide", "hardswish")
 def _pointwise_alias(flow: Flow, node: fx.Node):
     return pointwise(flow, node)
 

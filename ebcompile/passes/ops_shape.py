@@ -25,6 +25,25 @@ def _identity(flow: Flow, node: fx.Node):
     return Labels(ids, lab.param)
 
 
+@handler("view_as_complex")
+def _view_as_complex(flow: Flow, node: fx.Node):
+    """Pairs of the last dimension as complex numbers (complex rotary embeddings, DeepSeek-V2): a pair inside one
+    unit keeps its labels; labels that differ within a pair are refused."""
+    lab, src = flow.lab(node.args[0]), shape(node.args[0])
+    if not isinstance(lab, Labels) or src is None:
+        return None
+    ids = aligned(lab.ids, len(src))
+    if ids.shape[-1] == 2:
+        flow.el.union_along(ids, ids.ndim - 1)
+    return Labels(ids[..., 0], lab.param)
+
+
+@handler("view_as_real")
+def _view_as_real(flow: Flow, node: fx.Node):
+    lab = flow.lab(node.args[0])
+    return Labels(lab.ids[..., None], lab.param) if isinstance(lab, Labels) else None
+
+
 @handler("native_dropout")
 def _native_dropout(flow: Flow, node: fx.Node):
     return [_identity(flow, node), None]
