@@ -62,6 +62,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     any_exact = [r for r in dense if exact(r)]
     onnx_dense = [r for r in rows if r.get("dense_onnx") == "ok"]
     onnx_both = [r for r in onnx_dense if r["status"] == "pass" or r["stage"] == "save_load"]
+    attending = [r for r in dense if r.get("attention")]
+    attending_both = [r for r in attending if r in both_exact]
     passed = [r for r in rows if r["status"] == "pass"]
     stops = Counter(r["stage"] for r in onnx_dense if r not in onnx_both)
     failed_export = [r for r in rows if r["status"] == "fail" and r["stage"] == "onnx"]
@@ -71,7 +73,11 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         f"- Of the **{len(dense)}** whose dense model builds and runs: **{len(found_heads)}** have heads, KV groups or "
         f"experts found, **{len(heads)}** prune some at p = 0.3 (one global magnitude ranking over heads and neurons), "
         f"**{len(neurons)}** prune FFN neurons, **{len(both_exact)}** do both and compact exactly (compact ≡ masked); "
-        f"{len(any_exact)} compact exactly whatever they prune.",
+        f"{len(any_exact)} compact exactly whatever they prune."
+        + (f" Of the **{len(attending)}** whose dense forward computes attention (scaled dot-product attention, or a "
+           f"softmax next to a batched product; the others are CNNs, state-space models, codecs: no heads to find), "
+           f"**{len(attending_both)}** ({100 * len(attending_both) / len(attending):.1f}%) do both."
+           if attending else ""),
         f"- Of the **{len(onnx_dense)}** whose dense model exports to ONNX (verified): **{len(onnx_both)}** export the "
         "compact model and verify; the others stop at " + (", ".join(f"{s} ({n})" for s, n in stops.most_common()) or "none")
         + f". Of the {len(failed_export)} families whose compact export fails, "

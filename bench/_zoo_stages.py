@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 STAGES = ("load", "dense", "dense_onnx", "prepare", "ticket", "compact", "equal", "onnx", "save_load")
 KINDS = ("head", "kv", "expert", "neuron")
@@ -56,6 +57,27 @@ def run_model(model: torch.nn.Module, inputs: dict[str, Any]) -> list[torch.Tens
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return [t.detach().float() for t in tensors_of(model(**inputs))]
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the aten ops one forward runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def computes_attention(model: torch.nn.Module, inputs: dict[str, Any]) -> bool:
+    """Whether a forward computes attention: scaled dot-product attention, or a softmax next to a batched product
+    (``bmm``/``baddbmm``; matmuls of 3-D+ tensors dispatch to them). CNNs, state-space models and codecs do not."""
+    with _OpNames() as seen:
+        run_model(model, inputs)
+    sdpa = any("scaled_dot_product" in n for n in seen.names)
+    return sdpa or (bool({"softmax", "_softmax", "_safe_softmax"} & seen.names) and bool({"bmm", "baddbmm"} & seen.names))
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -146,6 +168,7 @@ def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None]
                 errors.append((cls.__name__, exc))
                 continue
             state["model"], row["model_class"] = model, cls.__name__
+            row["attention"] = computes_attention(model, loaded.inputs)
             return
         name, exc = errors[0]
         row["model_class"] = name

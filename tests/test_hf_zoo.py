@@ -75,6 +75,7 @@ def test_runner_writes_a_passing_row(suite: Path, tmp_path: Path) -> None:
     assert row["cut"]["neuron"] > 0 and row["max_diff"] < 1e-4
     page = out_md.read_text()
     assert "| tinyllama | pass |" in page and "**1** have heads, KV groups or experts found, **1** prune some" in page
+    assert row["attention"] is True and "Of the **1** whose dense forward computes attention" in page
 
 
 def test_cached_rows_are_kept_and_unknown_families_refused(suite: Path, tmp_path: Path) -> None:
