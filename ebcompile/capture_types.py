@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import fx, nn
 
-__all__ = ["Captured", "clean_stack_path"]
+__all__ = ["Captured", "clean_stack_path", "param_through_casts"]
 
 
 @dataclass
@@ -25,6 +25,25 @@ class Captured:
     def param(self, node: Any) -> str | None:
         """The qualified parameter name a node stands for, if it is a parameter."""
         return self.param_of.get(node.name) if isinstance(node, fx.Node) else None
+
+
+_CASTS = ("_to_copy", "to", "type_as", "alias", "detach", "clone", "contiguous", "float", "half", "bfloat16")
+
+
+def param_through_casts(param_of: dict[str, str], node: Any) -> str | None:
+    """The parameter ``node`` is, or is a dtype/device copy of (``self.weight.float()``: DeepSeek-V2's and MiMo's
+    routers compute in fp32), following at most a few copies; None for anything computed."""
+    for _ in range(4):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.name in param_of:
+            return param_of[node.name]
+        target = node.target
+        name = getattr(target, "_opname", None) or (target if node.op == "call_method" else None)
+        if name not in _CASTS or not node.args:
+            return None
+        node = node.args[0]
+    return None
 
 
 def clean_stack_path(path: str) -> str:

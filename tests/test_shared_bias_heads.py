@@ -8,6 +8,8 @@
   rows with an index buffer: indexing along a dimension the labels do not vary on keeps them, so the MLP's output
   rows follow the heads.
 - Hiera: ``max(dim)`` over positions (query pooling) keeps the labels, like ``amax``.
+- DeepSeek-V2 and MiMo: a router computed as `F.linear(x.float(), self.weight.float())` is a linear of its weight
+  (so its experts are found).
 - DeepSeek-V2: rotary embedding in complex form (`view_as_complex` of channel pairs, `view_as_real` back); LeViT:
   `hardswish`, which torch does not tag pointwise.
 Each: the units are found, the compact model computes what the masked one did at two lengths, and is smaller.
@@ -195,3 +197,23 @@ def test_complex_rotary_and_hardswish_keep_the_heads():
     model, small = _compact_matches(net, [torch.randn(2, 6, 24), torch.randn(1, 9, 24)], "export")
     assert [g.units for g in _groups(model, "head")] == [4] and [g.units for g in _groups(model, "neuron")] == [48]
     assert small[0].q.out_features == 12 and small[0].fc1.out_features == 24
+
+
+class CastWeights(nn.Module):
+    """DeepSeek-V2's and MiMo's router form: ``F.linear(x.float(), self.weight.float())``, a linear on a dtype copy of
+    its weight (and bias)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(F.linear(x.float(), self.fc1.weight.float(), self.fc1.bias.float()))
+        return self.out(x + self.fc2(h))
+
+
+def test_a_linear_on_a_cast_of_its_weight_is_still_a_linear():
+    torch.manual_seed(0)
+    model, small = _compact_matches(CastWeights(), [torch.randn(2, 5, 16), torch.randn(1, 3, 16)], "export")
+    assert [g.units for g in _groups(model, "neuron")] == [64] and small.fc1.out_features == 32

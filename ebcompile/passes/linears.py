@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..capture_types import Captured, clean_stack_path
+from ..capture_types import Captured, clean_stack_path, param_through_casts
 from ..families import family_of
 from ..families.vocabulary import is_transposed_linear
 from ..names import split_name
@@ -71,11 +71,11 @@ def _linear_node_weight(cap: Captured, node: fx.Node, modules: dict[str, nn.Modu
         return None
     target = node.target
     if target in _LINEAR_FUNCTIONS or target is torch.ops.aten.linear.default:
-        w = cap.param(node.args[1]) if len(node.args) > 1 else cap.param(node.kwargs.get("weight"))
+        w = param_through_casts(cap.param_of, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
         if w is None:
             return None
         b_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return w, cap.param(b_node), 0
+        return w, param_through_casts(cap.param_of, b_node), 0
     if target is torch.ops.aten.addmm.default:  # HF Conv1D: addmm(bias, x2d, weight[in, out])
         w = cap.param(node.args[2])
         if w is None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from ..capture_types import param_through_casts
 from .labels import Elements, Labels, aligned, compress, varying
 
 __all__ = ["HANDLERS", "Flow", "aten_name", "handler"]
@@ -109,8 +110,7 @@ def linear_source(flow: Flow, x: Any, weight: str, w_shape: tuple[int, ...], out
 
 
 def _param_shape(flow: Flow, node: Any):
-    name = flow.param_of.get(node.name) if isinstance(node, fx.Node) else None
-    return name, shape(node)
+    return param_through_casts(flow.param_of, node), shape(node)
 
 
 @handler("linear")
@@ -122,7 +122,7 @@ def _linear(flow: Flow, node: fx.Node):
         flow.forbid(x, "read by a linear op whose weight is computed")
         flow.forbid(w, "used as a computed linear weight")
         return None
-    bname = flow.param_of.get(b.name) if isinstance(b, fx.Node) else None
+    bname = param_through_casts(flow.param_of, b)
     out = linear_source(flow, x, wname, wshape, 0, bname, shape(node))
     computed = flow.lab(b) if bname is None else None  # a bias built in the forward (EVA's cat of q|k|v biases)
     if isinstance(computed, Labels) and computed.param and computed.ids.size == wshape[0]:
