@@ -113,6 +113,29 @@ def _has_cache(config: Any) -> bool:
     return hasattr(config, "use_cache") or hasattr(text, "use_cache")
 
 
+@contextlib.contextmanager
+def _no_op_conversions() -> Iterator[None]:
+    """While exporting, ``module.to(dtype/device)`` that changes nothing returns the module as it is. A forward that
+    casts a submodule to the dtype it already has (Switch Transformers' and NLLB-MoE's routers:
+    ``self.classifier = self.classifier.to(self.dtype)``) otherwise fails in export, whose fake parameters cannot
+    be swapped in place ("Couldn't swap Linear.weight"). A conversion that changes something runs as before."""
+    original = nn.Module.to
+
+    def to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = [*self.parameters(), *self.buffers()]
+        same = memory_format is None and all(
+            (device is None or t.device == device) and (dtype is None or not t.is_floating_point() or t.dtype == dtype)
+            for t in tensors)
+        return self if same else original(self, *args, **kwargs)
+
+    nn.Module.to = to
+    try:
+        yield
+    finally:
+        nn.Module.to = original
+
+
 def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """``torch.export`` (non-strict); where the forward branches on tensor values (``.item()``, ``.tolist()``,
     ``nonzero``: vision-language models' image grids, MoE routing), once more with real-tensor propagation, which
@@ -125,10 +148,11 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export
     level = shapes_log.level
     shapes_log.setLevel(logging.ERROR)
     try:
-        return torch.export.export(model, args, kwargs, strict=False)
+        with _no_op_conversions():
+            return torch.export.export(model, args, kwargs, strict=False)
     except GuardOnDataDependentSymNode as first:
         try:
-            with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
+            with functorch_config.patch(fake_tensor_propagate_real_tensors=True), _no_op_conversions():
                 return torch.export.export(model, args, kwargs, strict=False)
         except Exception:  # noqa: BLE001 - report the plain export's error, the one a user can act on
             raise first from None

@@ -52,8 +52,11 @@ def capture_pieces(model: nn.Module, args: tuple, kwargs: dict,
     def visit(path: str, module: nn.Module) -> None:
         for name, child in module.named_children():
             full = f"{path}.{name}" if path else name
-            if full not in inputs or sum(isinstance(m, nn.Linear) for m in child.modules()) < 2:
-                continue  # never called, or no structure to find: a lone linear stays out (a model's output layer)
+            if sum(isinstance(m, nn.Linear) for m in child.modules()) < 2:
+                continue  # no structure to find: a lone linear stays out (a model's output layer)
+            if full not in inputs:  # never called itself: a container (ModuleList of layers) or unused
+                visit(full, child)
+                continue
             try:
                 pieces.append((full, export(child, *inputs[full])))
             except Exception:  # noqa: BLE001 - this module does not export: try its children

@@ -66,3 +66,27 @@ def test_neurons_inside_pieces_are_found_cut_and_compact_exactly(tmp_path) -> No
     back = ebcompile.load(tmp_path / "s", model=Untraceable())
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x))
+
+
+class LayersInAList(nn.Module):
+    """Layers held in a ``ModuleList`` that the forward iterates (the list itself is never called), one of which
+    does not export (Switch Transformers: the blocks under ``encoder.block``, an expert loop over token indices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        if int(abs(x.detach().numpy()).sum() * 1000) % 2:  # the whole model does not export
+            x = x * 2
+        return self.head(x)
+
+
+def test_pieces_are_found_inside_a_module_list_that_is_never_called() -> None:
+    model, x = LayersInAList().eval(), torch.randn(2, 5, 16)
+    args, kwargs = normalize_inputs(x)
+    cap = CAPTURE_PATHS["pieces"](model, args, kwargs)
+    assert cap.pieces == ["layers.0", "layers.1"]

@@ -1,4 +1,4 @@
-"""Per-head position biases the analysis now follows, and the forms it met them in.
+"""Forms met in transformers' model zoo that the analysis now follows, each reduced to a few lines.
 
 - LayoutLMv3: one bias table for every layer (``rel_pos_bias = nn.Linear(bins, heads)`` in the encoder), looked up
   under ``torch.no_grad()`` as ``weight[:, buckets].index_select(1, idx)``: ``torch.export`` wraps the block in a
@@ -12,6 +12,8 @@
   (so its experts are found).
 - DeepSeek-V2: rotary embedding in complex form (`view_as_complex` of channel pairs, `view_as_real` back); LeViT:
   `hardswish`, which torch does not tag pointwise.
+- Switch Transformers / NLLB-MoE: a forward that casts a submodule to the dtype it already has
+  (``self.classifier = self.classifier.to(self.dtype)``) exports (fake parameters cannot be swapped in place).
 Each: the units are found, the compact model computes what the masked one did at two lengths, and is smaller.
 """
 
@@ -217,3 +219,20 @@ def test_a_linear_on_a_cast_of_its_weight_is_still_a_linear():
     torch.manual_seed(0)
     model, small = _compact_matches(CastWeights(), [torch.randn(2, 5, 16), torch.randn(1, 3, 16)], "export")
     assert [g.units for g in _groups(model, "neuron")] == [64] and small.fc1.out_features == 32
+
+
+class CastsItsRouter(nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.router, self.out = nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.router = self.router.to(torch.float32)  # already float32: changes nothing
+        return self.out(self.fc2(F.gelu(self.fc1(x + self.router(x)))))
+
+
+def test_a_forward_that_casts_a_submodule_to_its_own_dtype_exports():
+    torch.manual_seed(0)
+    model, small = _compact_matches(CastsItsRouter(), [torch.randn(2, 5, 16), torch.randn(1, 3, 16)], "export")
+    assert model._ebcompile.plan.capture.startswith("export") and small.fc1.out_features == 32
