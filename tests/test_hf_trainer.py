@@ -133,7 +133,7 @@ def test_trainer_callback_unbound_logs_into_the_trainer_entries(tmp_path):
 
 
 
-@pytest.mark.parametrize("every,deadline,stopped", [(1, 0.25, 5), (2, 0.25, 5), ("epoch", 0.4, 8)])
+@pytest.mark.parametrize("every,deadline,stopped", [(1, 0.25, 5), ("auto", 0.25, 5), ("epoch", 0.4, 8)])
 def test_trainer_callback_draws_the_ticket_by_its_deadline_share_of_the_training(tmp_path, every, deadline, stopped):
     from transformers import Trainer, TrainingArguments
 
@@ -151,6 +151,24 @@ def test_trainer_callback_draws_the_ticket_by_its_deadline_share_of_the_training
     assert callback.applied and callback.ticket.found_at["by"] == "deadline"
     assert trainer.state.global_step == stopped  # 25% of 20 steps; 40% of 5 epochs = epoch 2
     assert callback.earlybird.budget == (5 if every == "epoch" else 20)
+    assert callback.earlybird.every == 1  # every=1, "epoch" (one tick per epoch) or auto: max_steps / 75, at least 1
+
+
+def test_trainer_callback_defaults_check_often_enough_for_the_rule_to_decide():
+    """The defaults follow the measured fine-tuning recipe: ``every="auto"`` checks every ``max_steps / 75`` steps
+    (10 of the 750 steps of three MiniLM epochs) and the deadline is at 30%, where the rule fired at 15-20%."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from ebcompile.integrations import EarlyBirdCallback
+
+    model = ebcompile.prepare(build("bert"), text_batch(), ratio=0.3, structure="structured")
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    callback = EarlyBirdCallback()
+    callback.on_train_begin(args, TrainerState(max_steps=750), TrainerControl(), model=model)
+    eb = callback.earlybird
+    assert (eb.every, eb.budget, eb.deadline, eb.window) == (10, 750, 0.3, 5)
+    with pytest.raises(ConfigError, match="'auto', 'epoch' or a number"):
+        EarlyBirdCallback(every="often")
 
 
 def test_safe_checkpoints_resume_to_the_same_weights_without_a_pickle(tmp_path):

@@ -19,14 +19,20 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..controller import DEADLINE, EarlyBird
+from ..controller import EarlyBird
 from ..errors import ConfigError
 from ..scorers import add_gate_penalty_grad
 from ..ticket import MODES, Ticket, apply_ticket
 
-__all__ = ["EarlyBirdCallback", "PREFIX", "STATE_FILE"]
+__all__ = ["EarlyBirdCallback", "PREFIX", "STATE_FILE", "AUTO_CHECKS", "TRAINER_DEADLINE"]
 
 PREFIX = "eb/"
+# every="auto": about this many checks over the Trainer's max_steps (the measured fine-tuning recipe: a check every 10
+# of 750 steps, docs/early-bird.md), so the window of checks fills long before the deadline
+AUTO_CHECKS = 75
+# the callback's deadline: in fine-tuning the rule fires at 15-20% of a three-epoch budget (docs/early-bird.md), so a
+# 15% deadline would draw most tickets before the rule could; from-scratch runs measured 10-30% as equally good
+TRAINER_DEADLINE = 0.3
 STATE_FILE = "earlybird.safetensors"  # the search state, in each Trainer checkpoint folder
 log = logging.getLogger(__name__)
 
@@ -35,12 +41,15 @@ class EarlyBirdCallback(TrainerCallback):
     """Runs ``ebcompile.EarlyBird`` on the Trainer's model (a model returned by ``ebcompile.prepare``).
 
     Args:
-        every: ``"epoch"`` (one check at each epoch end) or ``N`` (one check every N optimizer steps).
+        every: ``"auto"`` (a check every ``max_steps / 75`` optimizer steps: every 10 of a 750-step fine-tuning, as
+            measured in docs/early-bird.md), ``"epoch"`` (one check at each epoch end: with the Trainer's three
+            epochs the window can never fill, so the deadline draws the ticket) or ``N`` (every N optimizer steps).
         ratio, threshold, rule, window, warmup, criterion: as in ``EarlyBird`` (``warmup`` counts epochs or
             steps, like ``every``).
         deadline: the share of the Trainer's training (``max_steps``, or its epochs with ``every="epoch"``) by
-            which the ticket is drawn at the latest (default 0.15, as measured in docs/RESULTS.md); ``None``:
-            search until the rule fires. It also sets the budget of an ``earlybird`` passed in without one.
+            which the ticket is drawn at the latest (default 0.3: in fine-tuning the rule fires at 15-20% of the
+            budget, docs/early-bird.md); ``None``: search until the rule fires. It also sets the budget of an
+            ``earlybird`` passed in without one.
         mode: how the found ticket is applied: ``"continue"``, ``"rewind"`` (to the weights at train begin)
             or ``"reinit"`` (seeded with ``seed``); see ``ebcompile.apply_ticket``.
         apply: apply the ticket as soon as it is found (``False``: only record it in ``self.ticket``).
@@ -61,14 +70,14 @@ class EarlyBirdCallback(TrainerCallback):
 
     def __init__(
         self,
-        every: int | str = "epoch",
+        every: int | str = "auto",
         ratio: float | None = None,
         threshold: float = 0.3,
         rule: str = "relative",
         window: int = 5,
         warmup: int = 0,
         criterion: str = "max",
-        deadline: float | None = DEADLINE,
+        deadline: float | None = TRAINER_DEADLINE,
         mode: str = "continue",
         apply: bool = True,
         stop: bool = False,
@@ -80,14 +89,15 @@ class EarlyBirdCallback(TrainerCallback):
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r} is not one of {', '.join(map(repr, MODES))}. Fix: pick one of them.")
-        if every != "epoch" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ConfigError(f"every={every!r} must be 'epoch' or a number of optimizer steps >= 1. Fix: e.g. every=50.")
+        if every not in ("auto", "epoch") and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ConfigError(f"every={every!r} must be 'auto', 'epoch' or a number of optimizer steps >= 1. Fix: e.g. "
+                              "every='auto' or every=50.")
         if isinstance(gate_l1, bool) or not isinstance(gate_l1, (int, float)) or not 0 <= gate_l1 < float("inf"):
             raise ConfigError(f"gate_l1={gate_l1!r} must be a number >= 0. Fix: e.g. gate_l1=1e-4.")
         self.gate_l1 = float(gate_l1)
         self.every, self.mode, self.apply, self.stop, self.seed, self.on_ticket = every, mode, apply, stop, seed, on_ticket
         self._options: dict[str, Any] = dict(ratio=ratio, threshold=threshold, rule=rule, window=window,
-                                             every=1 if every == "epoch" else every, warmup=warmup, criterion=criterion,
+                                             every=every if isinstance(every, int) else 1, warmup=warmup, criterion=criterion,
                                              rewind_at=0 if mode == "rewind" else None, deadline=deadline)
         self.deadline = deadline
         self.earlybird = earlybird
@@ -112,6 +122,8 @@ class EarlyBirdCallback(TrainerCallback):
         if self.earlybird is None:
             if model is None:
                 raise ConfigError("the Trainer passed no model to EarlyBirdCallback. Fix: pass earlybird=EarlyBird(model).")
+            if self.every == "auto":
+                self._options["every"] = max(1, round(state.max_steps / AUTO_CHECKS))
             self.earlybird = EarlyBird(model, **self._options)  # NotPreparedError when prepare() was not called
         if self.earlybird.budget is None and self.deadline is not None:
             self.earlybird.budget = max(1, math.ceil(state.num_train_epochs) if self.every == "epoch" else state.max_steps)
