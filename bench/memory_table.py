@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ebcompile  # noqa: E402
-from ebcompile.passes.shrink import storage_bytes  # noqa: E402
 from ebcompile.report import count_macs, count_parameters  # noqa: E402
+from ebcompile.transforms.shrink import storage_bytes  # noqa: E402
 
 from _sections import publish  # noqa: E402
 

@@ -93,7 +93,7 @@ def _init_in_place(model) -> None:
 
 def _unprepare(model) -> None:
     """Back to the plain model (masks and trackers gone), so that the next importance kind prepares it again."""
-    from ebcompile.passes.masks import strip_masks
+    from ebcompile.transforms.masks import strip_masks
 
     model._ebcompile.tracker.close()
     strip_masks(model, bake=False)

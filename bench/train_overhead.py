@@ -207,7 +207,7 @@ def weight_read_us(reads: int = 200_000) -> dict[str, float]:
     """Microseconds per read of a masked weight attribute: plain, all-ones fast path, and torch's parametrization call."""
     import timeit
 
-    from ebcompile.passes import masks
+    from ebcompile.transforms import masks
 
     def mlp() -> nn.Module:
         torch.manual_seed(0)
@@ -270,7 +270,7 @@ def main() -> None:
               f"{'CPU time of the stepping thread, so that the other jobs on the machine do not count' if a.threads == 1 else 'wall time'}. "
               "Structured p = 0.3 ticket; the EarlyBird check row is one `check()` (draw masks + distance) against one step. "
               "Target: the prepared model within 3% of plain. While every mask is all ones the masked attribute read returns "
-              "the stored tensor directly (`ebcompile/passes/masks.py`), so the prepared model runs the plain model's ops; "
+              "the stored tensor directly (`ebcompile/transforms/masks.py`), so the prepared model runs the plain model's ops; "
               "the second table shows what one read costs through torch's parametrization call instead (every masked weight and "
               "bias is read at least once per forward).")
     publish("benchmarks.md", "train_overhead", header, "\n".join(rows), write=not a.no_write)

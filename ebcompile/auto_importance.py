@@ -21,8 +21,8 @@ import warnings
 import torch
 from torch import nn
 
+from .analysis.experts import install_routing, is_expert_group
 from .errors import ConfigError
-from .passes.experts import install_routing, is_expert_group
 from .plan import GroupSet, Plan
 from .scorers import ActivationImportance, GateImportance, TaylorImportance, check_kind, check_plan_kind
 from .scoring import Importance
@@ -132,7 +132,7 @@ class AutoImportance(Importance):
 
 def make_importance(kind: str, model: nn.Module, plan: Plan, structure: str) -> Importance:
     """The tracker for ``kind``, attached to ``model`` (hooks and gates installed); masks must be inserted first.
-    Also installs the routing hooks of mixture-of-experts layers (``passes.experts``): a masked expert is never routed to."""
+    Also installs the routing hooks of mixture-of-experts layers (``analysis.experts``): a masked expert is never routed to."""
     check_plan_kind(kind, plan, structure)
     if structure == "structured":
         install_routing(model, plan)

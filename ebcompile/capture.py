@@ -23,7 +23,7 @@ from torch import fx, nn
 from .capture_pieces import capture_pieces
 from .capture_types import Captured
 from .errors import CaptureError, EbcompileError, InputMismatchError
-from .passes.verify import evaluating
+from .transforms.verify import evaluating
 
 CONSTANT = "ebcompile.constant"  # node.meta: the value of a small lifted integer constant (torch.export)
 

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from .capture_types import Captured, clean_stack_path
-from .passes.verify import evaluating
+from .transforms.verify import evaluating
 
 __all__ = ["capture_pieces"]
 

@@ -36,10 +36,10 @@ from .materialized import require_materialized
 from .model_format import CONFIG, FORMAT, META, VERSION, WEIGHTS, count_attributes, head_counts
 from .modules import SparseLinear
 from .names import set_tensor, split_name, tensor_at
-from .passes.counts import SLICED_BUFFERS, WIDTH_ATTRS, ConfigView
-from .passes.reshapes import install_rewrite, rewrites_of
-from .passes.shrink import fix_attributes, plain_model, removed_indices
 from .savedir import atomic_dir, read_saved
+from .transforms.counts import SLICED_BUFFERS, WIDTH_ATTRS, ConfigView
+from .transforms.reshapes import install_rewrite, rewrites_of
+from .transforms.shrink import fix_attributes, plain_model, removed_indices
 
 __all__ = ["save", "load", "head_counts", "WEIGHTS", "CONFIG", "META"]
 
@@ -56,7 +56,7 @@ def _is_hf(model: nn.Module) -> bool:
 def _set_counts(model: nn.Module, counts: dict[str, Any]) -> None:
     for key, value in counts.items():
         owner, attr = split_name(key)
-        if owner == "config" or owner.endswith(".config"):  # a module's view of the shared config (passes.counts)
+        if owner == "config" or owner.endswith(".config"):  # a module's view of the shared config (transforms.counts)
             parent = owner[:-len("config")].rstrip(".")
             if not _has_config(model, parent) or not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise CheckpointError(f"the checkpoint sets {key}, which the model lacks. Fix: pass a model of the saved "
@@ -73,7 +73,7 @@ def _set_counts(model: nn.Module, counts: dict[str, Any]) -> None:
                                   "architecture.") from exc
         if isinstance(value, list) and isinstance(module.__dict__.get(attr), tuple) \
                 and all(type(x) is int and x >= 0 for x in value) and len(value) == len(module.__dict__[attr]):
-            setattr(module, attr, tuple(value))  # a shape attribute (passes.reshapes.rewrite_widths)
+            setattr(module, attr, tuple(value))  # a shape attribute (transforms.reshapes.rewrite_widths)
             module.__dict__.setdefault(WIDTH_ATTRS, {})[attr] = tuple(value)
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -237,7 +237,7 @@ def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
 
 
 def _reinstall_rewrites(model: nn.Module, rewrites: dict[str, Any]) -> None:
-    """Forwards that compact rewrote (``passes.reshapes``): traced again from the fresh model's own code."""
+    """Forwards that compact rewrote (``transforms.reshapes``): traced again from the fresh model's own code."""
     for path, changes in rewrites.items():
         try:
             module = model.get_submodule(path)

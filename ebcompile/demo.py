@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 
 from .controller import DEADLINE, EarlyBird
 from .io import atomic_path, check_writable
-from .passes.shrink import compact
 from .plots import plot_search
 from .prepare import prepare
 from .report import count_macs, count_parameters
 from .ticket import apply_ticket, draw_ticket
+from .transforms.shrink import compact
 
 __all__ = ["DemoResult", "run_demo", "digits_split", "small_vit"]
 

@@ -1,7 +1,7 @@
 """Data-aware scores of mixture-of-experts units for ``importance="activation"``, from forward hooks.
 
 - a whole expert: the router's mean probability for it over every token seen (softmax over all experts of the
-  router logits, masked experts at -inf as ``passes.experts`` routes them): the share of the layer's routing mass it
+  router logits, masked experts at -inf as ``analysis.experts`` routes them): the share of the layer's routing mass it
   carries. Routing, not weight size, is what says an expert is unused.
 - a neuron inside an expert: Wanda-structured, as FFN neurons are scored (``scorers.ActivationImportance``): the
   mean |down column| of that expert times the RMS of the neuron's activation over the tokens routed to that expert.
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .analysis.experts import dead_experts, expert_layout
 from .names import split_name
-from .passes.experts import dead_experts, expert_layout
 from .plan import GroupSet, Plan
 from .scoring import all_reduce_sum, raw_tensor, unit_slice_scores
 
@@ -116,7 +116,7 @@ class ExpertActivation:
         if group.kind != "expert" and f"sumsq/{group.name}" in self.pending:
             routed = self.pending[f"routed/{group.name}"].clamp(min=1.0)
             rms = (self.pending[f"sumsq/{group.name}"] / routed[:, None]).sqrt()  # [E, I]
-            down = group.members[-1]  # the tensor reading the neurons (passes.experts lists it last)
+            down = group.members[-1]  # the tensor reading the neurons (analysis.experts lists it last)
             w = raw_tensor(model, down.tensor).detach().abs().float()
             per_neuron = w.mean(3 - down.dim)  # [E, I]: the mean |weight| reading each neuron
             return (per_neuron.cpu() * rms).flatten()

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .analysis.experts import unit_rows
 from .distributed import is_sharded
-from .passes.experts import unit_rows
 from .plan import GroupSet, Plan
 from .scoring import Importance, raw_tensor, unit_slice_scores
 from .sharded_masks import unstructured_sharded

@@ -17,7 +17,7 @@ from .config_values import config_value
 from .families import family_of
 from .families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
 from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention
-from .passes.counts import WIDTH_ATTRS, ConfigView
+from .transforms.counts import WIDTH_ATTRS, ConfigView
 
 __all__ = ["WEIGHTS", "CONFIG", "META", "FORMAT", "VERSION", "head_counts", "attention_heads", "HeadCount", "count_attributes"]
 
@@ -95,7 +95,7 @@ def _int(obj: object, attr: str) -> int | None:
 
 
 def count_attributes(model: nn.Module) -> dict[str, int]:
-    """Every head count and width attribute of the table in ``passes.counts`` (``path.attr`` -> value): what a
+    """Every head count and width attribute of the table in ``transforms.counts`` (``path.attr`` -> value): what a
     fresh model needs rewritten, besides its tensor shapes, to compute what the compact one does."""
     from .families.hf_moe import EXPERT_COUNTS, EXPERT_WIDTHS
 
@@ -107,7 +107,7 @@ def count_attributes(model: nn.Module) -> dict[str, int]:
             value = module.__dict__[attr]
             if isinstance(value, int) and not isinstance(value, bool):
                 out[f"{path}.{attr}" if path else attr] = value
-            elif attr in own and isinstance(value, tuple):  # a shape attribute passes.reshapes.rewrite_widths set
+            elif attr in own and isinstance(value, tuple):  # a shape attribute transforms.reshapes.rewrite_widths set
                 out[f"{path}.{attr}" if path else attr] = list(value)
         view = module.__dict__.get("config")
         if isinstance(view, ConfigView):  # the counts compaction gave this module over the shared config

@@ -9,7 +9,7 @@ from torch import nn
 
 __all__ = ["split_name", "tensor_at", "set_tensor", "MASK_SUFFIX", "GATE_SUFFIX"]
 
-MASK_SUFFIX = "_mask"  # state-dict key of a weight's mask: "<module>.weight_mask" (passes/masks.py)
+MASK_SUFFIX = "_mask"  # state-dict key of a weight's mask: "<module>.weight_mask" (transforms/masks.py)
 GATE_SUFFIX = "_gate"  # and of its learnable unit gates (importance="gate")
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .passes.masks import is_gate
+from .transforms.masks import is_gate
 
 Transform = Callable[[nn.Module], nn.Module]
 

@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .adapters import adapter_tensors, is_adapter_rank
+from .analysis.groups import find_groups
+from .analysis.linears import find_linears
 from .auto_importance import make_importance
 from .capture import capture, graph_kwargs, normalize_inputs
 from .distributed import is_sharded, unwrap
@@ -19,12 +21,10 @@ from .errors import ConfigError, InvalidRatioError, NoPrunableLayerError, NotPre
 from .importance import Masks, compute_masks
 from .materialized import require_materialized, require_module
 from .names import split_name
-from .passes.groups import find_groups
-from .passes.linears import find_linears
-from .passes.masks import insert_masks, iter_masks
 from .plan import Plan
 from .scorers import KINDS, check_kind, check_plan_kind
 from .scoring import Importance, raw_tensor
+from .transforms.masks import insert_masks, iter_masks
 
 __all__ = ["prepare", "PrepareConfig", "config_of", "mask_nodes", "MaskNode", "current_masks", "check_ratio", "tracker_of",
            "mask_shapes", "build_plan"]

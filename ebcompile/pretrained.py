@@ -23,7 +23,7 @@ from .adapters import merged_shapes, pretrained_core
 from .config_values import config_value
 from .families.vocabulary import CONFIG_FIELDS
 from .names import split_name
-from .passes.counts import ConfigView
+from .transforms.counts import ConfigView
 
 __all__ = ["sync_config", "attach_save_pretrained", "pretrained_weights"]
 
@@ -51,7 +51,7 @@ def sync_config(model: nn.Module) -> bool:
             continue
         width = widths.pop()
         setattr(new, field, width // head_dim if per_head else width)
-    from .passes.experts import expert_config
+    from .analysis.experts import expert_config
 
     for field, value in expert_config(model, config).items():  # mixture-of-experts counts and widths
         setattr(new, field, value)
@@ -66,7 +66,7 @@ def sync_config(model: nn.Module) -> bool:
     if {k: tuple(v.shape) for k, v in fresh.state_dict().items()} != want:
         return False
     model.config = new
-    for module in model.modules():  # submodules holding the shared config object, or a view of it (passes.counts)
+    for module in model.modules():  # submodules holding the shared config object, or a view of it (transforms.counts)
         held = module.__dict__.get("config")
         if held is config or (isinstance(held, ConfigView) and held._base is config):
             module.config = new
@@ -83,7 +83,7 @@ def attach_save_pretrained(model: nn.Module) -> None:
 
     def save_pretrained(save_directory, *args: Any, **kwargs: Any):
         from .model_format import FORMAT, META, VERSION, count_attributes, head_counts
-        from .passes.reshapes import rewrites_of
+        from .transforms.reshapes import rewrites_of
 
         out = original(save_directory, *args, **kwargs)
         meta = {"format": FORMAT, "version": VERSION, "class": f"{type(model).__module__}.{type(model).__qualname__}",

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .capture import inputs_fit, normalize_inputs
 from .errors import CheckpointError, ConfigError
 from .model_format import attention_heads
-from .passes.verify import evaluating
+from .transforms.verify import evaluating
 
 __all__ = ["count_parameters", "count_macs", "report", "Report"]
 

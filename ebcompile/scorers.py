@@ -12,12 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .analysis.experts import is_expert_group
 from .distributed import full_vector, unwrap
 from .errors import ConfigError, ImportanceDataError
 from .expert_scores import ExpertActivation
 from .names import split_name
-from .passes.experts import is_expert_group
-from .passes.masks import iter_masks
 from .plan import GroupSet, Member, Plan
 from .scoring import (
     Importance,
@@ -31,6 +30,7 @@ from .scoring import (
     unit_slice_scores,
     unregister_taylor,
 )
+from .transforms.masks import iter_masks
 
 __all__ = ["KINDS", "gate_penalty", "add_gate_penalty_grad", "gate_parameters", "TaylorImportance",
            "ActivationImportance", "GateImportance"]

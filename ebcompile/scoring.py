@@ -75,8 +75,8 @@ def unit_slice_scores(model: nn.Module, group: GroupSet, element: Callable[[Memb
         if t is None:
             continue
         dim, offset = m.dim % t.dim(), m.offset
-        if m.batched:  # one expert's slice per run of units (passes.experts): sum each expert's rows
-            from .passes.experts import unit_rows
+        if m.batched:  # one expert's slice per run of units (analysis.experts): sum each expert's rows
+            from .analysis.experts import unit_rows
 
             count += m.unit_size * math.prod(n for d, n in enumerate(t.shape) if d not in (0, dim))
             units = torch.cat([r.reshape(r.shape[0], -1).sum(1).reshape(-1, m.unit_size).sum(1) for r, _ in unit_rows(t, m, group)])

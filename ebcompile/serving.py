@@ -65,9 +65,9 @@ def ffn_mult_for(width: int, hidden: int) -> float | None:
 
 
 def _core(model: nn.Module) -> nn.Module:
-    """The plain compact model: a prepared one is compacted (``passes.shrink.plain_model``)."""
+    """The plain compact model: a prepared one is compacted (``transforms.shrink.plain_model``)."""
     from .materialized import require_module
-    from .passes.shrink import plain_model
+    from .transforms.shrink import plain_model
 
     require_module(model, "save_for_serving")
     return plain_model(model)

@@ -18,8 +18,8 @@ from .importance import Masks, raw_tensor
 from .io import load_tensors, save_tensors
 from .masks_io import masks_from_tensors, masks_to_tensors
 from .materialized import require_materialized
-from .passes.masks import iter_masks
 from .prepare import config_of
+from .transforms.masks import iter_masks
 
 __all__ = ["Ticket", "apply_ticket", "snapshot", "MODES"]
 

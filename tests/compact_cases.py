@@ -33,9 +33,9 @@ from ebcompile.modules import (
     CompactShiftedWindowAttention,
     CompactShiftedWindowAttentionV2,
 )
-from ebcompile.passes.masks import WeightMask
-from ebcompile.passes.shrink import compact
 from ebcompile.ticket import Ticket, signature_of
+from ebcompile.transforms.masks import WeightMask
+from ebcompile.transforms.shrink import compact
 
 SPARSE_WARNINGS = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state",
                                              "ignore:Sparse invariant checks")

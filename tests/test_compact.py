@@ -21,7 +21,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 import ebcompile
 from ebcompile.errors import ConfigError, EbcompileError, NoTicketError, NotPreparedError
 from ebcompile.modules import CompactMultiheadAttention, CompactShiftedWindowAttention, CompactShiftedWindowAttentionV2
-from ebcompile.passes.shrink import compact
+from ebcompile.transforms.shrink import compact
 
 from compact_cases import (
     PROPS,

@@ -19,7 +19,7 @@ from torch import nn
 import ebcompile
 from ebcompile.errors import ConfigError
 from ebcompile.modules import CompactMultiheadAttention, SparseLinear
-from ebcompile.passes.shrink import compact, storage_bytes
+from ebcompile.transforms.shrink import compact, storage_bytes
 
 from compact_cases import (
     PROPS,

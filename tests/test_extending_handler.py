@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ebcompile
-from ebcompile.passes import ophandlers
+from ebcompile.analysis import ophandlers
 
 
 class FlippedHeads(nn.Module):
@@ -52,8 +52,8 @@ def test_the_documented_handler_makes_the_heads_prunable(no_flip_handler):
     assert heads_found(net()) == 0  # flip reads the head features: left whole, plan.skipped says so
 
     # -- the example of docs/extending.md, "Adding an op handler" -------------------------------------------
-    from ebcompile.passes.labels import Labels
-    from ebcompile.passes.ophandlers import handler
+    from ebcompile.analysis.labels import Labels
+    from ebcompile.analysis.ophandlers import handler
 
     @handler("flip")
     def _flip(flow, node):

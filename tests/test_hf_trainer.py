@@ -15,8 +15,8 @@ from transformers import BertForSequenceClassification  # noqa: E402
 
 import ebcompile  # noqa: E402
 from ebcompile.errors import ConfigError  # noqa: E402
-from ebcompile.passes.masks import iter_masks  # noqa: E402
 from ebcompile.prepare import config_of  # noqa: E402
+from ebcompile.transforms.masks import iter_masks  # noqa: E402
 
 from hf_models import (  # noqa: E402
     TOL,

@@ -174,7 +174,7 @@ def test_gates_live_in_the_state_dict_and_fold_at_compact():
     gate_keys = [k for k in state if "_gate." in k]
     assert gate_keys == ["2.weight_gate.0"]  # on the consumer side: the input columns of the linear after the neurons
     with torch.no_grad():
-        for _, _, _, m in ebcompile.passes.masks.iter_masks(model):
+        for _, _, _, m in ebcompile.transforms.masks.iter_masks(model):
             for g in m.gates:
                 g.mul_(torch.linspace(0.5, 1.5, g.numel()))
     want = model(x)

@@ -114,7 +114,7 @@ def test_extra_state_json_cannot_hold_is_refused_and_nothing_written(tmp_path):
 
 
 def test_compact_on_a_sharded_model_says_to_gather_first(monkeypatch):
-    import ebcompile.passes.shrink as shrink
+    import ebcompile.transforms.shrink as shrink
 
     model = ebcompile.prepare(mlp(), (X,), ratio=0.5, structure="structured")
     ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))

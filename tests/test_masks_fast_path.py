@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import ebcompile
-from ebcompile.passes.masks import iter_masks
+from ebcompile.transforms.masks import iter_masks
 
 
 def _mlp() -> nn.Module:
@@ -31,7 +31,7 @@ def test_applied_masks_still_zero_the_weights_in_forward_and_gradient():
     ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
     x = torch.randn(5, 6)
     reference = copy.deepcopy(model)
-    ebcompile.passes.masks.strip_masks(reference, bake=True)
+    ebcompile.transforms.masks.strip_masks(reference, bake=True)
     for name, module, attr, mask in iter_masks(model):
         assert mask.active
         assert not bool(mask.mask.all())

@@ -1,4 +1,4 @@
-"""Mixture-of-experts units (``passes.experts``): whole experts and the neurons inside fused 3-D experts.
+"""Mixture-of-experts units (``analysis.experts``): whole experts and the neurons inside fused 3-D experts.
 
 Tiny random Mixtral (4 experts, top-2, router softmax renormalised over the top-k) and Qwen2-MoE (6 experts, top-2,
 norm_topk_prob False so the softmax over all experts matters, plus a shared expert): hidden 32, 2 layers. Experts use

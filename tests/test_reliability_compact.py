@@ -11,7 +11,7 @@ import torch
 
 import ebcompile
 from ebcompile.errors import CompactionError, EbcompileError, TicketStateError
-from ebcompile.passes.verify import check_same_function
+from ebcompile.transforms.verify import check_same_function
 
 from conftest import image_batch, make_mlp, make_vit, mlp_batch
 

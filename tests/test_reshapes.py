@@ -1,4 +1,4 @@
-"""Hand-written attention whose forward takes its reshape sizes from the residual width (``passes.reshapes``).
+"""Hand-written attention whose forward takes its reshape sizes from the residual width (``transforms.reshapes``).
 
 Each variant is written the way tutorials and research code write it; none reads an attribute that the count
 tables rewrite correctly, so only the traced reshape rewrite makes the compact model run. Checked: compact ==
@@ -158,8 +158,8 @@ def test_holding_units_whole_again_is_no_retry():
     its self-check reports the failure (once a RecursionError in Decision Transformer)."""
     import warnings
 
-    from ebcompile.passes.reshapes import hold_whole
     from ebcompile.plan import GroupSet, Member, Plan
+    from ebcompile.transforms.reshapes import hold_whole
 
     group = GroupSet("head", "attn", 2, (Member("attn.q.weight", 0, 0, 4), Member("attn.o.weight", 1, 0, 4)), module="attn")
     plan = Plan(groups=[group])

@@ -188,7 +188,7 @@ def test_ticket_save_load_round_trip(tmp_path):
 
 
 def test_the_rezero_hook_touches_only_what_the_stepping_optimizer_updates():
-    from ebcompile.passes.masks import iter_masks
+    from ebcompile.transforms.masks import iter_masks
 
     make, batch = TINY["vit"]
     model = ebcompile.prepare(make(), batch(), ratio=0.3, structure="structured")

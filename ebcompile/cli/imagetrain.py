@@ -165,9 +165,9 @@ def _publish(src: Path, dst: Path) -> None:
 def retrain(args: argparse.Namespace) -> int:
     from .. import checkpoint
     from ..controller import EarlyBird
-    from ..passes.shrink import compact
     from ..prepare import prepare
     from ..ticket import apply_ticket
+    from ..transforms.shrink import compact
 
     folder, out = Path(args.search) / "model", Path(args.out)
     if not (folder / SEARCH_STATE).is_file() or not (folder / OPTIMIZER).is_file():

@@ -56,12 +56,12 @@ def run(args: argparse.Namespace) -> int:
     from ..controller import EarlyBird, load_ticket, saved_importance
     from ..errors import CheckpointError
     from ..io import atomic_path
-    from ..passes.masks import is_gate
-    from ..passes.shrink import compact
     from ..prepare import prepare
     from ..pretrained import pretrained_weights
     from ..savedir import atomic_dir
     from ..ticket import apply_ticket
+    from ..transforms.masks import is_gate
+    from ..transforms.shrink import compact
     from . import textclf
 
     search = Path(args.search)

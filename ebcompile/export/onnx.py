@@ -20,7 +20,7 @@ from ..capture import graph_kwargs, inputs_fit, normalize_inputs
 from ..errors import ConfigError, ExportError
 from ..io import atomic_path
 from ..names import split_name
-from ..passes.shrink import plain_model
+from ..transforms.shrink import plain_model
 from .external import INLINE_LIMIT, data_name, has_external, pack, previous_data, publish, weight_bytes
 from .fusion import AttentionFusion
 from .optimize import attention_summary, optimize_file

@@ -5,7 +5,7 @@
 - ``registry``: the ``AttentionFamily`` dispatch for attention modules the graph cannot see into. Importing this
   package registers, in this order (``family_of`` returns the first match): ``torch_mha``
   (``nn.MultiheadAttention``), ``torchvision_swin``, ``hf_gpt2`` and ``hf_separate_qkv`` (Hugging Face);
-- ``hf_moe``: mixture-of-experts layout facts (``passes.experts`` reads them).
+- ``hf_moe``: mixture-of-experts layout facts (``analysis.experts`` reads them).
 """
 
 from __future__ import annotations

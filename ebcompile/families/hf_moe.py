@@ -1,4 +1,4 @@
-"""Mixture-of-experts facts the graph cannot show, as data (``passes.experts`` reads them).
+"""Mixture-of-experts facts the graph cannot show, as data (``analysis.experts`` reads them).
 
 The structure is found without this file: an experts container is a module with 3-D parameters sharing a leading
 dim E, next to a router whose weight is ``[E, hidden]``. What the shapes alone leave open is written here: which

@@ -1,5 +1,5 @@
 """Label handlers for products of two activations: ``matmul``/``bmm``/``addmm`` (eager attention: scores = q @ k^T,
-out = probs @ v) and ``scaled_dot_product_attention`` (``passes.structure``).
+out = probs @ v) and ``scaled_dot_product_attention`` (``analysis.structure``).
 
 A contracted labelled dimension ties each position of one side to the same position of the other (q's head
 channels to k's) and makes the contracted slice one unit; labelled batch dimensions (the head axis) are tied

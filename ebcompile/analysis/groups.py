@@ -146,7 +146,7 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], exa
     from .structure import discover
 
     claimed = claimed_weights(attn)
-    experts, skipped = find_expert_groups(cap.root, masked)  # fused MoE experts (passes.experts)
+    experts, skipped = find_expert_groups(cap.root, masked)  # fused MoE experts (analysis.experts)
     routers = {split_name(g.members[0].tensor)[0] for g in experts if g.kind == "expert"}
     graph = _export_graph(cap, example_inputs)
     if graph is not None:

@@ -1,4 +1,4 @@
-"""Label handler for convolutions (``passes.structure``): a depthwise one keeps its channels apart, so they can be
+"""Label handler for convolutions (``analysis.structure``): a depthwise one keeps its channels apart, so they can be
 units; any other mixes channels and is not followed. Registered into ``ophandlers.HANDLERS`` on import."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Label handler for two-operand ``einsum`` (Funnel, ProphetNet, relative-attention scores): the equation is
 rewritten as the batched product ``ops_attention.product`` follows — batch letters (in both operands and the
 output), the first operand's own letters, the contracted letters, the second operand's own letters — and the
-product's labels are laid back out in the output's letter order (``passes.structure``)."""
+product's labels are laid back out in the output's letter order (``analysis.structure``)."""
 
 from __future__ import annotations
 

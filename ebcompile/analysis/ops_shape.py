@@ -1,5 +1,5 @@
 """Label handlers for ops that move features around without computing: views, permutes, slices, splits,
-concatenation, repeats (``passes.structure``). Registered into ``ophandlers.HANDLERS`` on import."""
+concatenation, repeats (``analysis.structure``). Registered into ``ophandlers.HANDLERS`` on import."""
 
 from __future__ import annotations
 

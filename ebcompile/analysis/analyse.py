@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from .plan import GroupSet, Plan
-from .prepare import build_plan, require_module
+from ..plan import GroupSet, Plan
+from ..prepare import build_plan, require_module
 
 __all__ = ["analyse", "Analysis"]
 

@@ -3,7 +3,7 @@
 Invariant: does not preserve shapes, does preserve the function of the masked model — for every input,
 ``compact(m)(x) == m(x)`` up to float rounding, where ``m`` has a ticket applied. The result is an ordinary
 ``nn.Module`` with no mask left in it, each module in the train/eval mode and each parameter with the
-``requires_grad`` it had (``passes.carry``).
+``requires_grad`` it had (``transforms.carry``).
 
 Structured tickets: the pruned units' slices are cut out of every member tensor of their group (q/k/v rows,
 out-projection columns, relative-position bias columns, logit scales, FFN rows and columns). Head counts are
@@ -11,7 +11,7 @@ rewritten where they live: by the attention family's ``rewrite`` hook where it h
 (``ebcompile.families``: ``nn.MultiheadAttention`` becomes ``CompactMultiheadAttention`` and torchvision
 ``ShiftedWindowAttention``/``V2`` become ``CompactShiftedWindowAttention``/``V2``, whose functional forms take the
 head width from the residual width, wrong once heads are gone); otherwise the attribute table of
-``passes.counts``.
+``transforms.counts``.
 Attention modules that lose no head are left as they are. ``round_to=k`` keeps widths (``heads * head_dim``, FFN neurons) at
 multiples of ``k`` by keeping a few pruned units back: their masked slices are zero in the masked model, so
 the function is unchanged; widths never exceed the original ones. The default rounds to ``ROUND_TO`` (8).
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..adapters import sync_adapter_features
+from ..analysis.experts import remove_expert_neurons, rewrite_expert_counts
 from ..distributed import is_sharded, unwrap
 from ..errors import ConfigError, DistributedError, NoTicketError, NotPreparedError, TicketMismatchError
 from ..families import family_of
@@ -42,7 +43,6 @@ from ..optim_state import retarget_optimizer
 from ..plan import GroupSet, Plan
 from .carry import carry_flags, check_ticket_state, flags_of
 from .counts import SLICED_BUFFERS, rewrite_counts
-from .experts import remove_expert_neurons, rewrite_expert_counts
 from .masks import iter_masks, strip_masks
 from .reshapes import adapt_forwards, hold_whole, is_held_whole
 from .verify import check_same_function
@@ -87,7 +87,7 @@ def fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: di
         elif groups[path].attributes:
             for attr in groups[path].attributes:
                 setattr(mod, attr, heads)
-        else:  # found by the structure analysis: the attribute table of passes.counts
+        else:  # found by the structure analysis: the attribute table of transforms.counts
             rewrite_counts(model, groups[path], heads)
 
 

@@ -31,7 +31,7 @@ from ..plan import GroupSet
 __all__ = ["ConfigView", "WIDTH_ATTRS", "SLICED_BUFFERS", "rewrite_counts"]
 
 SLICED_BUFFERS = "_ebcompile_sliced_buffers"  # non-persistent buffers compact cut (names): ebcompile.save writes them
-WIDTH_ATTRS = "_ebcompile_widths"  # a module's own width attributes passes.reshapes.rewrite_widths set: {attr: value}
+WIDTH_ATTRS = "_ebcompile_widths"  # a module's own width attributes transforms.reshapes.rewrite_widths set: {attr: value}
 
 
 def _scaled(value: int, kept: int, units: int) -> int | None:

@@ -6,7 +6,7 @@ original rows), and the arrays follow the values through views and reshapes (dim
 products; a head split must stay a rectangle of kept heads x kept channels), permutes, splits, chunks and
 slices, matmuls, attention and pointwise ops. Batch and sequence dims carry nothing (``None``). Writes
 ``node.meta["ebcompile.features"]``; ``shape_changes`` reads it and says which size arguments of which shape
-ops must change for the compact weights (``passes.reshapes`` applies them).
+ops must change for the compact weights (``transforms.reshapes`` applies them).
 """
 
 from __future__ import annotations

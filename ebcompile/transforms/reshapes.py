@@ -3,7 +3,7 @@
 Some attention code takes its reshape sizes from the residual width (nanoGPT: ``split(self.n_embd)``,
 ``q.view(B, T, n_head, C // n_head)`` with ``C = x.size(-1)``, ``y.view(B, T, C)``), so no attribute rewrite
 makes its compact form run. ``adapt_forwards`` traces such a module with ``torch.fx.symbolic_trace`` (from the
-masked model, whose sizes are the original ones), lets ``passes.feature_dims`` follow which original feature
+masked model, whose sizes are the original ones), lets ``analysis.feature_dims`` follow which original feature
 indices every tensor dimension carries on the module's example inputs, and replaces the size arguments of the
 shape ops on feature dimensions by the compact sizes. Batch and sequence sizes stay dynamic; ``-1``
 stays ``-1``. ``self.training`` branches are traced once per mode.
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..analysis.feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, kept_part, op_name, output_dims, shape_changes, size_args
 from ..names import split_name
 from ..plan import Plan
 from .counts import WIDTH_ATTRS
-from .feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, kept_part, op_name, output_dims, shape_changes, size_args
 from .verify import _tensors, compute_dtype, evaluating, example_for, relative_error, running_as, tolerance_for
 
 __all__ = ["adapt_forwards", "hold_whole", "install_rewrite", "rewrites_of", "rewrite_widths", "ATTR", "WIDTH_ATTRS"]

@@ -1,6 +1,6 @@
 """Channel labels: which parameter slice every feature of every tensor of a graph comes from.
 
-The data the structure analysis (``passes.structure``) propagates. Every dimension of every parameter that a
+The data the structure analysis (``analysis.structure``) propagates. Every dimension of every parameter that a
 linear op, an embedding or a pointwise op touches gets one *element* per index; ``Labels`` holds, for one
 tensor of the graph, the element each position belongs to (``-1``: none) as a numpy array broadcastable to
 the tensor (size 1 along dimensions the labels do not vary on). ``Elements`` is the union-find over elements

@@ -1,4 +1,4 @@
-"""One small handler per aten op: how channel labels flow through it (for ``passes.structure``).
+"""One small handler per aten op: how channel labels flow through it (for ``analysis.structure``).
 
 A handler gets the ``Flow`` (labels so far, the elements, the node's shapes) and the node; it returns the
 output's ``Labels`` (or a list of them for ops with several outputs, or None: nothing labelled). An op with a

@@ -1,1 +1,0 @@
-"""Compiler passes over a captured graph. Analyses write ``node.meta``; transforms change the model."""
