@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--epochs {args.epochs} is too small. Fix: pass at least 2 (default 40).")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = run_demo(args.out, epochs=args.epochs, ratio=args.ratio, threshold=args.threshold, window=args.window,
-                      deadline=args.deadline, seed=args.seed, progress=not args.no_progress,
+                      deadline=DEADLINE if args.deadline == "auto" else args.deadline, seed=args.seed, progress=not args.no_progress,
                       echo=print if args.no_progress else _write)
     print(format_result(result))
     return 0

@@ -77,7 +77,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def search(args: argparse.Namespace) -> int:
     from .. import checkpoint
-    from ..controller import EarlyBird
+    from ..controller import DEADLINE, EarlyBird
     from ..plots import plot_search
     from ..prepare import check_ratio, prepare
 
@@ -89,6 +89,8 @@ def search(args: argparse.Namespace) -> int:
     args.lr = LR if args.lr is None else args.lr
     args.threshold = THRESHOLD if args.threshold is None else args.threshold
     args.rule = RULE if args.rule is None else args.rule
+    args.every = 50 if args.every is None else args.every
+    args.deadline = DEADLINE if args.deadline == "auto" else args.deadline
     out, settings = Path(args.out), _settings(args)
     recover(out / "model")  # a commit a kill interrupted is rolled back: progress and weights of one save
     progress = _saved_progress(out, settings)  # refused before any training

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..controller import DEADLINE
+from ..controller import DEADLINE, FINETUNE_DEADLINE
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,20 +41,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "model, gate (learnable unit gates with an L1 penalty, in their own AdamW group at --gate-lr) kept "
                         "the most accuracy in docs/early-bird.md but adds parameters; taylor and activation add none")
     p.add_argument("--gate-lr", type=float, default=1e-2, help="--importance gate: the gates' learning rate (default: %(default)s)")
-    p.add_argument("--every", type=int, default=50, help="optimizer steps between checks (default: %(default)s)")
+    p.add_argument("--every", type=int, default=None,
+                   help="optimizer steps between checks (default: text: the training's optimizer steps / 75, the measured "
+                        "fine-tuning recipe of docs/early-bird.md, e.g. every 10 of 750; images: 50)")
     p.add_argument("--warmup", type=int, default=0, help="optimizer steps before the first check")
     p.add_argument("--window", type=int, default=5, help="checks whose distances must all pass (default: %(default)s)")
     p.add_argument("--rule", default=None, choices=["absolute", "relative"],
-                   help="absolute, or relative to the largest distance seen (default: absolute for text, the seed paper's "
-                        "fine-tuning rule; relative for images, trained from scratch, where the seed's absolute 0.1 fires "
-                        "at the first possible check: docs/early-bird.md)")
+                   help="absolute, or relative to the largest distance seen (default: relative: the seed paper's "
+                        "absolute rules fire at the first possible check, docs/early-bird.md)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="(default: 0.01 for text, the seed paper's; 0.3 for images, relative, as measured by "
-                        "bench/reproduce.py: docs/RESULTS.md)")
-    p.add_argument("--deadline", type=deadline_share, default=DEADLINE,
+                   help="(default: 0.3 of the largest distance, relative; measured for fine-tuning in docs/early-bird.md and "
+                        "from scratch by bench/reproduce.py: docs/RESULTS.md)")
+    p.add_argument("--deadline", type=deadline_share, default="auto",
                    help="share of the training budget (--epochs) by which the ticket is drawn at the latest, even if the "
-                        "rule has not fired (default: %(default)s, measured by bench/reproduce.py: docs/RESULTS.md); "
-                        "'none': only the rule decides")
+                        f"rule has not fired (default: text {FINETUNE_DEADLINE}, where fine-tuning's rule fires at 15-20%%: "
+                        f"docs/early-bird.md; images {DEADLINE}, measured from scratch by bench/reproduce.py: "
+                        "docs/RESULTS.md); 'none': only the rule decides")
     p.add_argument("--save-every", type=int, default=200,
                    help="text: optimizer steps between resume points (default: %(default)s); images save one every epoch")
     p.add_argument("--model-kwargs", default=None, help="images: JSON object of arguments for the model builder")
@@ -63,10 +65,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def deadline_share(text: str) -> float | None:
-    """``--deadline``: a share of the budget in (0, 1], or 'none'."""
-    if text.lower() == "none":
-        return None
+def deadline_share(text: str) -> float | str | None:
+    """``--deadline``: a share of the budget in (0, 1], 'none', or 'auto' (the default of the kind of model)."""
+    if text.lower() in ("none", "auto"):
+        return None if text.lower() == "none" else "auto"
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text} is not a share in (0, 1] or 'none'")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -114,15 +115,16 @@ def gated_optimizer(model: Any, importance: str, lr: float | None, gate_lr: floa
 
 
 def search(args: argparse.Namespace) -> int:
-    from ..controller import EarlyBird
+    from ..controller import AUTO_CHECKS, FINETUNE_DEADLINE, EarlyBird
     from ..integrations.hf_trainer import STATE_FILE, EarlyBirdCallback
     from ..plots import plot_search
     from ..prepare import check_ratio, prepare
     from . import textclf
 
     check_ratio(args.ratio)
-    args.threshold = 0.01 if args.threshold is None else args.threshold
-    args.rule = "absolute" if args.rule is None else args.rule
+    args.threshold = 0.3 if args.threshold is None else args.threshold  # the measured fine-tuning recipe
+    args.rule = "relative" if args.rule is None else args.rule
+    args.deadline = FINETUNE_DEADLINE if args.deadline == "auto" else args.deadline
     if args.model_kwargs is not None or args.image_size is not None:
         raise ConfigError("--model-kwargs and --image-size are for image models. Fix: leave them out for a text model, "
                           "or name an image model (torchvision:NAME, timm:NAME, MODULE:FACTORY).")
@@ -133,6 +135,8 @@ def search(args: argparse.Namespace) -> int:
     out, settings = Path(args.out), settings_of(args)
     resume = resume_point(out, settings)  # refused before anything is loaded or trained
     train, val = textclf.load_texts(args.data, args.train_limit)
+    if args.every is None:  # about AUTO_CHECKS checks over the training's optimizer steps
+        args.every = max(1, round(math.ceil(args.epochs * math.ceil(len(train[0]) / args.batch)) / AUTO_CHECKS))
     model, tok = textclf.load_classifier(args.model, num_labels=textclf.label_count(train, val))
     prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=args.ratio, structure=args.structure,
             scope=args.scope, importance=args.importance)

@@ -19,20 +19,15 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..controller import EarlyBird
+from ..controller import AUTO_CHECKS, FINETUNE_DEADLINE, EarlyBird
 from ..errors import ConfigError
 from ..scorers import add_gate_penalty_grad
 from ..ticket import MODES, Ticket, apply_ticket
 
-__all__ = ["EarlyBirdCallback", "PREFIX", "STATE_FILE", "AUTO_CHECKS", "TRAINER_DEADLINE"]
+__all__ = ["EarlyBirdCallback", "PREFIX", "STATE_FILE"]
 
 PREFIX = "eb/"
-# every="auto": about this many checks over the Trainer's max_steps (the measured fine-tuning recipe: a check every 10
-# of 750 steps, docs/early-bird.md), so the window of checks fills long before the deadline
-AUTO_CHECKS = 75
-# the callback's deadline: in fine-tuning the rule fires at 15-20% of a three-epoch budget (docs/early-bird.md), so a
-# 15% deadline would draw most tickets before the rule could; from-scratch runs measured 10-30% as equally good
-TRAINER_DEADLINE = 0.3
+
 STATE_FILE = "earlybird.safetensors"  # the search state, in each Trainer checkpoint folder
 log = logging.getLogger(__name__)
 
@@ -77,7 +72,7 @@ class EarlyBirdCallback(TrainerCallback):
         window: int = 5,
         warmup: int = 0,
         criterion: str = "max",
-        deadline: float | None = TRAINER_DEADLINE,
+        deadline: float | None = FINETUNE_DEADLINE,
         mode: str = "continue",
         apply: bool = True,
         stop: bool = False,
