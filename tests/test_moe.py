@@ -236,3 +236,46 @@ def test_per_expert_routing_bias_buffers_follow_the_experts(tmp_path):
         assert block.e_score_correction_bias.shape == (n,) and block.gate.weight.shape[0] == n
     ebcompile.save(small, tmp_path / "eb")
     torch.testing.assert_close(logits(ebcompile.load(tmp_path / "eb"), x), logits(small, x), **TOL)
+
+
+def test_a_float32_router_with_a_per_expert_bias_in_a_child_module_follows_the_experts():
+    """ERNIE 4.5: the router computes ``F.linear(x.float(), self.weight.float())`` (a linear of its weight all the
+    same) and keeps ``e_score_correction_bias`` [1, E] in a child (``gate.moe_statics``): the experts are found, the
+    bias is cut with them along its expert dim, and the compact model computes what the masked one did."""
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    cfg = Ernie4_5_MoeConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                             intermediate_size=48, moe_intermediate_size=24, vocab_size=100, moe_num_experts=6,
+                             num_experts=6, moe_k=2, num_experts_per_tok=2, moe_layer_start_index=0,
+                             max_position_embeddings=32)
+    model = zoo.seeded(lambda: Ernie4_5_MoeForCausalLM(cfg))
+    model.config._experts_implementation = "batched_mm"
+    with torch.no_grad():
+        for block in moe_blocks(model):
+            block.gate.moe_statics.e_score_correction_bias.copy_(torch.linspace(-0.01, 0.01, 6)[None])
+    x = text_batch()
+    ebcompile.prepare(model, x, structure="structured", ratio=0.4, importance="magnitude")
+    experts = [g for g in model._ebcompile.plan.groups if g.kind == "expert"]
+    assert len(experts) == 2 and all(any(m.tensor.endswith("moe_statics.e_score_correction_bias") and m.dim == 1
+                                         for m in g.members) for g in experts)
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    model.eval()
+    small = ebcompile.compact(model).eval()
+    torch.testing.assert_close(logits(small, x), logits(model, x), **TOL)
+    for block in moe_blocks(small):
+        assert block.gate.moe_statics.e_score_correction_bias.shape == (1, block.gate.weight.shape[0])
+
+
+def test_an_expert_count_read_outside_the_moe_block_keeps_its_experts_whole():
+    """ERNIE-4.5-VL's decoder MLP routes text and vision tokens to two MoE blocks and reshapes their router logits
+    with its own ``num_experts``: cutting experts in one block would break it, so such blocks keep their experts
+    (the reason is in ``plan.skipped``) and their expert neurons are still found."""
+    model = mixtral()
+    model.config._experts_implementation = "batched_mm"
+    model.model.layers[0].num_experts = 4  # an outer module sized by the expert count
+    ebcompile.prepare(model, text_batch(), structure="structured", ratio=0.4, importance="magnitude")
+    plan = model._ebcompile.plan
+    experts = {g.name for g in plan.groups if g.kind == "expert"}
+    assert experts == {"model.layers.1.mlp.experts"}
+    assert "model.layers.0 outside the MoE block reads the expert count" in plan.skipped["model.layers.0.mlp.gate"]
+    assert "model.layers.0.mlp.experts" in {g.name for g in plan.groups if g.kind == "neuron"}

@@ -132,14 +132,18 @@ def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSe
             skipped[rpath] = f"no experts: {path}'s 3-D tensors have no layout ebcompile knows (families/hf_moe.py)"
             continue
         top_k = _top_k(router, model.get_submodule(parent) if parent else model)
-        if layout.experts > top_k:
+        outer = _outer_expert_count(model, parent, layout.experts)
+        if outer is not None:
+            skipped[rpath] = (f"no whole experts: {outer} outside the MoE block reads the expert count (ERNIE-4.5-VL's "
+                              "modality router: its text and vision blocks would have to keep the same experts)")
+        elif layout.experts > top_k:
             members = [Member(f"{rpath}.weight", 0, 0, 1)]
             rbias = router._parameters.get("bias")
             if rbias is not None and f"{rpath}.bias" in masked | {f"{rpath}.bias"}:
                 members.append(Member(f"{rpath}.bias", 0, 0, 1))
-            for owner in dict.fromkeys([rpath, parent]):  # the router's and the MoE block's own per-expert tensors
-                members += [Member(f"{owner}.{n}" if owner else n, 0, 0, 1, masked=False)
-                            for n in _per_expert(model.get_submodule(owner), layout.experts)]
+            for owner in dict.fromkeys([rpath, parent]):  # the router's (and its children's) and the block's own
+                members += [Member(f"{owner}.{n}" if owner else n, d, 0, 1, masked=False)
+                            for n, d in _per_expert(model.get_submodule(owner), layout.experts, recurse=owner == rpath)]
             members += [Member(f"{path}.{n}", 0, 0, 1) for n in (layout.up, layout.down, layout.up_bias, layout.down_bias) if n]
             groups.append(GroupSet("expert", path, layout.experts, tuple(members), module=path, min_units=top_k))
         else:
@@ -150,11 +154,30 @@ def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSe
     return groups, skipped
 
 
-def _per_expert(module: nn.Module, experts: int) -> list[str]:
-    """A router's or MoE block's own 1-D tensors with one entry per expert besides the router's weight and bias
-    (DeepSeek-V3's and MiniMax-M2's ``e_score_correction_bias`` buffers): they follow the experts at compaction."""
-    own = list(module._parameters.items()) + list(module._buffers.items())
-    return [n for n, t in own if n not in ("weight", "bias") and t is not None and t.dim() == 1 and t.shape[0] == experts]
+def _outer_expert_count(model: nn.Module, block: str, experts: int) -> str | None:
+    """The first module between the model and the MoE ``block`` (both excluded) that holds the expert count: a
+    forward there is sized by it (``router_logits.reshape(-1, self.num_experts)`` over several blocks)."""
+    parts = block.split(".") if block else []
+    for i in range(1, len(parts)):
+        path = ".".join(parts[:i])
+        holder = model.get_submodule(path)
+        if any(getattr(holder, attr, None) == experts for attr in hf_moe.EXPERT_COUNTS):
+            return path
+    return None
+
+
+def _per_expert(module: nn.Module, experts: int, recurse: bool = False) -> list[tuple[str, int]]:
+    """(name, dim) of a router's or MoE block's tensors with one entry per expert along one dim, every other dim of
+    size 1, besides the router's weight and bias (DeepSeek-V3's and MiniMax-M2's ``e_score_correction_bias`` [E];
+    ERNIE 4.5's, [1, E] in the router's ``moe_statics`` child, with ``recurse``): they follow the experts at
+    compaction."""
+    tensors = [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]
+    found = []
+    for name, t in tensors:
+        big = [d for d, s in enumerate(t.shape) if s != 1]
+        if name not in ("weight", "bias") and len(big) == 1 and t.shape[big[0]] == experts:
+            found.append((name, big[0]))
+    return found
 
 
 def _neuron_members(path: str, lay: ExpertLayout) -> tuple[Member, ...]:
