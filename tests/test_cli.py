@@ -233,13 +233,13 @@ def test_text_search_defaults_follow_the_measured_fine_tuning_recipe(tiny_classi
     relative 0.3 over a window of 5, the deadline at 30% (docs/early-bird.md), and the ticket drawn by then."""
     from ebcompile.io import load_tensors
 
-    out = tmp_path / "search"  # 12 optimizer steps
-    assert main(["search", str(tiny_classifier), "--out", str(out), *TRAIN, "--epochs", "1"]) == 0
+    out = tmp_path / "search"  # 4 optimizer steps
+    assert main(["search", str(tiny_classifier), "--out", str(out), *TRAIN, "--train-limit", "64", "--epochs", "1"]) == 0
     _, state = load_tensors(out / "earlybird.safetensors", "earlybird", prefix="importance/")
     config = state["config"]
     assert (config["every"], config["rule"], config["threshold"], config["window"], config["deadline"]) == (
         1, "relative", 0.3, 5, 0.3)
-    assert json.loads((out / "search.json").read_text())["found_at"]["tick"] <= 4  # 30% of 12 steps, at the latest
+    assert json.loads((out / "search.json").read_text())["found_at"]["tick"] <= 2  # 30% of 4 steps, at the latest
 
 
 def test_bench_compares_dense_and_compact(tmp_path, capsys):
