@@ -211,6 +211,18 @@ def test_the_default_grouped_mm_kernel_compacts_any_width_and_exports(name, tmp_
     assert small.config._experts_implementation == "grouped_mm"  # only the export's copy was switched
 
 
+def with_routing_bias(build, bias_of) -> torch.nn.Module:
+    """A seeded MoE model on the batched_mm kernel whose per-expert routing bias (``bias_of(block)``) is set to distinct
+    values, so that cutting it with the wrong experts changes the routing."""
+    model = zoo.seeded(build)
+    model.config._experts_implementation = "batched_mm"
+    with torch.no_grad():
+        for block in moe_blocks(model):
+            bias = bias_of(block)
+            bias.copy_(torch.linspace(-0.01, 0.01, bias.numel()).reshape(bias.shape))
+    return model
+
+
 def test_per_expert_routing_bias_buffers_follow_the_experts(tmp_path):
     """MiniMax-M2 keeps ``e_score_correction_bias`` (one entry per expert) on the MoE block: compaction cuts it with
     the experts, so the kept experts keep their own corrections."""
@@ -219,11 +231,7 @@ def test_per_expert_routing_bias_buffers_follow_the_experts(tmp_path):
     cfg = MiniMaxM2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, head_dim=8,
                           intermediate_size=24, vocab_size=100, num_local_experts=6, num_experts_per_tok=2,
                           max_position_embeddings=32)
-    model = zoo.seeded(lambda: MiniMaxM2ForCausalLM(cfg))
-    model.config._experts_implementation = "batched_mm"
-    with torch.no_grad():
-        for block in moe_blocks(model):
-            block.e_score_correction_bias.copy_(torch.linspace(-0.01, 0.01, 6))
+    model = with_routing_bias(lambda: MiniMaxM2ForCausalLM(cfg), lambda block: block.e_score_correction_bias)
     x = text_batch()
     ebcompile.prepare(model, x, structure="structured", ratio=0.4, importance="magnitude")
     ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
@@ -248,11 +256,7 @@ def test_a_float32_router_with_a_per_expert_bias_in_a_child_module_follows_the_e
                              intermediate_size=48, moe_intermediate_size=24, vocab_size=100, moe_num_experts=6,
                              num_experts=6, moe_k=2, num_experts_per_tok=2, moe_layer_start_index=0,
                              max_position_embeddings=32)
-    model = zoo.seeded(lambda: Ernie4_5_MoeForCausalLM(cfg))
-    model.config._experts_implementation = "batched_mm"
-    with torch.no_grad():
-        for block in moe_blocks(model):
-            block.gate.moe_statics.e_score_correction_bias.copy_(torch.linspace(-0.01, 0.01, 6)[None])
+    model = with_routing_bias(lambda: Ernie4_5_MoeForCausalLM(cfg), lambda block: block.gate.moe_statics.e_score_correction_bias)
     x = text_batch()
     ebcompile.prepare(model, x, structure="structured", ratio=0.4, importance="magnitude")
     experts = [g for g in model._ebcompile.plan.groups if g.kind == "expert"]
