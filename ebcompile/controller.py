@@ -24,12 +24,8 @@ __all__ = ["EarlyBird", "RULES", "deadline_step", "load_ticket"]
 
 RULES = ("relative", "absolute")
 DEADLINE = 0.15  # measured (bench/reproduce.py): tickets drawn at 10-30% of the budget retrain alike; later ones cost more
-# fine-tuning (EarlyBirdCallback, the text CLI): the rule fires at 15-20% of a three-epoch budget (docs/early-bird.md),
-# so a 15% deadline would draw most tickets before the rule could
-FINETUNE_DEADLINE = 0.3
-# every="auto": about this many checks over the training's optimizer steps (the measured fine-tuning recipe: a check
-# every 10 of 750 steps), so the window of checks fills long before the deadline
-AUTO_CHECKS = 75
+FINETUNE_DEADLINE = 0.3  # fine-tuning (Trainer callback, text CLI): the rule fires at 15-20% (docs/early-bird.md)
+AUTO_CHECKS = 75  # every="auto": checks over the optimizer steps (the measured recipe: every 10 of 750 steps)
 
 
 class EarlyBird:
