@@ -25,7 +25,6 @@ __all__ = ["EarlyBird", "RULES", "deadline_step", "load_ticket"]
 RULES = ("relative", "absolute")
 DEADLINE = 0.15  # measured (bench/reproduce.py): tickets drawn at 10-30% of the budget retrain alike; later ones cost more
 FINETUNE_DEADLINE = 0.3  # fine-tuning (Trainer callback, text CLI): the rule fires at 15-20% (docs/early-bird.md)
-AUTO_CHECKS = 75  # every="auto": checks over the optimizer steps (the measured recipe: every 10 of 750 steps)
 
 
 class EarlyBird:

@@ -115,8 +115,8 @@ def gated_optimizer(model: Any, importance: str, lr: float | None, gate_lr: floa
 
 
 def search(args: argparse.Namespace) -> int:
-    from ..controller import AUTO_CHECKS, FINETUNE_DEADLINE, EarlyBird
-    from ..integrations.hf_trainer import STATE_FILE, EarlyBirdCallback
+    from ..controller import FINETUNE_DEADLINE, EarlyBird
+    from ..integrations.hf_trainer import AUTO_CHECKS, STATE_FILE, EarlyBirdCallback
     from ..plots import plot_search
     from ..prepare import check_ratio, prepare
     from . import textclf
