@@ -116,7 +116,7 @@ def gated_optimizer(model: Any, importance: str, lr: float | None, gate_lr: floa
 
 def search(args: argparse.Namespace) -> int:
     from ..controller import FINETUNE_DEADLINE, EarlyBird
-    from ..integrations.hf_trainer import AUTO_CHECKS, STATE_FILE, EarlyBirdCallback
+    from ..integrations.hf_trainer import STATE_FILE, EarlyBirdCallback, auto_every
     from ..plots import plot_search
     from ..prepare import check_ratio, prepare
     from . import textclf
@@ -135,8 +135,8 @@ def search(args: argparse.Namespace) -> int:
     out, settings = Path(args.out), settings_of(args)
     resume = resume_point(out, settings)  # refused before anything is loaded or trained
     train, val = textclf.load_texts(args.data, args.train_limit)
-    if args.every is None:  # about AUTO_CHECKS checks over the training's optimizer steps
-        args.every = max(1, round(math.ceil(args.epochs * math.ceil(len(train[0]) / args.batch)) / AUTO_CHECKS))
+    if args.every is None:  # as the callback's every="auto", over the training's optimizer steps
+        args.every = auto_every(math.ceil(args.epochs * math.ceil(len(train[0]) / args.batch)))
     model, tok = textclf.load_classifier(args.model, num_labels=textclf.label_count(train, val))
     prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=args.ratio, structure=args.structure,
             scope=args.scope, importance=args.importance)
