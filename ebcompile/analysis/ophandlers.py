@@ -35,6 +35,28 @@ class Flow:
         # tensors computed from labelled features by ops the analysis does not follow (a convolution's output): their
         # sizes along those features are fixed, so a compact model cannot cut units that meet them position by position
         self.opaque: set[fx.Node] = set()
+        self._from_input: dict[fx.Node, bool] = {}
+
+    def from_input(self, arg: Any) -> bool:
+        """Whether ``arg`` depends on the model's inputs (not only on parameters, buffers and constants)."""
+        if not isinstance(arg, fx.Node):
+            return False
+        stack, order = [arg], []
+        while stack:  # iterative post-order: graphs are deep
+            n = stack.pop()
+            if n in self._from_input:
+                continue
+            pending = [a for a in n.all_input_nodes if a not in self._from_input]
+            if pending:
+                stack.append(n)
+                stack.extend(pending)
+                continue
+            if n.op == "placeholder":
+                self._from_input[n] = n.name not in self.param_of and n.name not in self.buffer_of
+            else:
+                self._from_input[n] = any(self._from_input[a] for a in n.all_input_nodes)
+            order.append(n)
+        return self._from_input[arg]
 
     def lab(self, arg: Any) -> Labels | None:
         return self.labels.get(arg) if isinstance(arg, fx.Node) else None
@@ -136,7 +158,10 @@ def _embedding(flow: Flow, node: fx.Node):
     wname = flow.param_of.get(w.name) if isinstance(w, fx.Node) else None
     if wname is None:
         return None
-    return table_columns(flow, wname, shape(w)[1], node)
+    lab = table_columns(flow, wname, shape(w)[1], node)
+    # rows picked by positions, not by the input's tokens (a sinusoidal or learned position table): constants
+    # per feature like a weight, which multiply every head alike (RoFormer's rotary) without joining them
+    return Labels(lab.ids, True) if not flow.from_input(node.args[1]) else lab
 
 
 def table_columns(flow: Flow, table: str, columns: int, node: fx.Node) -> Labels:
@@ -266,17 +291,31 @@ def reduce_dims(flow: Flow, x: Any, dims: list[int], keepdim: bool, why: str, ou
     return _out(out, lab.param)
 
 
+def schema_arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """The argument called ``name`` in the aten op's schema, wherever it was passed (``linalg_vector_norm`` and
+    ``norm`` take ``ord``/``p`` before ``dim``)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return default
+    for i, a in enumerate(schema.arguments):
+        if a.name == name:
+            return node.args[i] if i < len(node.args) else default
+    return default
+
+
 @handler("mean", "sum", "amax", "amin", "var", "std", "logsumexp", "norm", "linalg_vector_norm", "var_mean", "prod")
 def _reduce(flow: Flow, node: fx.Node):
     x = node.args[0]
     s = shape(x)
     if s is None:
         return None
-    dims = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], (list, tuple, int)) else node.kwargs.get("dim")
+    dims = schema_arg(node, "dim")
     if dims is None or dims == []:
         dims = list(range(len(s)))
     dims = [dims] if isinstance(dims, int) else list(dims)
-    keep = bool(node.args[2]) if len(node.args) > 2 and isinstance(node.args[2], bool) else bool(node.kwargs.get("keepdim", False))
+    keep = bool(schema_arg(node, "keepdim", False))
     out = reduce_dims(flow, x, dims, keep, f"its features are reduced by {node.target._opname} across units")
     return [out, out] if node.target._opname == "var_mean" else out
 

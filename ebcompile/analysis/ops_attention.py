@@ -56,6 +56,11 @@ def product(flow: Flow, a: Labels | None, b: Labels | None, out_shape: tuple[int
         if kept is not None:
             return kept
     # contracted dimension: a[..., m, k] with b[..., k, n]
+    if la is not None and lb is not None and _owns_channels(la, la.ndim - 2, -1) and not _owns_channels(lb, lb.ndim - 1, -2):
+        # each row of a (a head: Bros's "bnid,bijd->bnij") has channels of its own, contracted with data every row
+        # shares: removing a row leaves that data whole, which must not lose any of its channels
+        el.forbid(lb, f"its features are contracted with every head's own channels by {what} (kept whole)")
+        lb = None
     if la is not None and lb is not None:
         shared = _shared_channels(la, lb)
         if shared is not None:  # MLA: a rotary key part shared by every head is kept whole, the rest stays per head
@@ -81,6 +86,13 @@ def product(flow: Flow, a: Labels | None, b: Labels | None, out_shape: tuple[int
         el.attention.update(int(x) for x in left[left >= 0].ravel())
     lb_, rb_ = np.broadcast_arrays(left, right)
     return _out(np.where(lb_ >= 0, lb_, rb_))
+
+
+def _owns_channels(ids: np.ndarray, axis: int, contracted: int) -> bool:
+    """Whether the contracted labels differ from one position of ``axis`` to the next (rows with channels of their
+    own, not the same channels read by every row)."""
+    first = np.take(ids, [0], axis=contracted)
+    return first.shape[axis] > 1 and axis in varying(first)
 
 
 def _rows_own_channels(ids: np.ndarray, other: Any, axis: int) -> bool:

@@ -46,3 +46,43 @@ def _convolution(flow: Flow, node: fx.Node):
     for d in range(2, len(s)):  # output positions differ in number (padding, stride): each channel keeps its labels
         out = np.take(out, [0], axis=d)
     return Labels(out)
+
+
+def _spatial_dims(name: str) -> int | None:
+    """How many trailing dims a per-channel pooling or resampling op works over (``max_pool2d`` -> 2)."""
+    for k in (1, 2, 3):
+        if f"{k}d" in name:
+            return k
+    return None
+
+
+_POOLS = [f"{kind}{k}d{suffix}" for kind in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool",
+                                             "_adaptive_avg_pool", "upsample_nearest", "_upsample_nearest_exact")
+          for k in (1, 2, 3) for suffix in ("", "_with_indices")]
+_POOLS += ["upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d",
+           "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa"]
+
+
+@handler(*_POOLS)
+def _pool(flow: Flow, node: fx.Node):
+    """Pooling and resampling (SAM2's query pooling, Swin-v2's pooler, an FPN's upsampling) work on each channel
+    alone over the trailing spatial dims: channels keep their labels; the positions pooled together must be one
+    unit. Ops returning ``(values, indices)`` label both alike."""
+    x = node.args[0]
+    lab, s, k = flow.lab(x), shape(x), _spatial_dims(node.target._opname)
+    if not isinstance(lab, Labels) or s is None or k is None or len(s) <= k:
+        return None
+    ids = aligned(lab.ids, len(s))
+    spatial = list(range(len(s) - k, len(s)))
+    if any(ids.shape[d] > 1 for d in spatial):
+        for d in spatial:
+            ids = np.moveaxis(ids, d, -1)
+        rows = ids.reshape(-1, int(np.prod(ids.shape[-k:])))
+        for row in rows:
+            flow.el.same_unit.append((row.copy(), "its positions are pooled together"))
+        ids = np.moveaxis(ids, list(range(len(s) - k, len(s))), spatial)
+    for d in spatial:
+        ids = np.take(ids, [0], axis=d)
+    out = Labels(ids, lab.param)
+    values = shape(node)
+    return out if values is not None else [out, out]

@@ -310,7 +310,7 @@ def _stack(flow: Flow, node: fx.Node):
               for lab in labs]
     common = np.broadcast_shapes(*[ids.shape for ids in padded if ids is not None])
     pieces = [np.broadcast_to(ids if ids is not None else -np.ones((1,) * ndim, dtype=np.int64), common) for ids in padded]
-    return _out(np.stack(pieces, axis=dim))
+    return _out(np.stack(pieces, axis=dim), all(lab.param for lab in labs if isinstance(lab, Labels)))
 
 
 @handler("repeat_interleave")

@@ -94,7 +94,10 @@ def propagate(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch
     their own: a handler that knows a buffer follows a unit (a batch norm's running statistics) labels it."""
     flow = Flow(Elements(), param_of, keep_kv)
     flow.buffer_of = dict(buffer_of or {})
+    live = _live(graph)
     for node in graph.nodes:
+        if node.op == "call_function" and node not in live:
+            continue  # computed and dropped (SAM2's unused attention weights): constrains nothing
         if node.op in ("placeholder", "get_attr"):
             name = param_of.get(node.name)
             if name is not None and name in params:
@@ -130,6 +133,23 @@ def propagate(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch
         elif _is_tensor(node) and (from_opaque or any(_reads_values(node, a) for a in inputs)):
             flow.opaque.add(node)  # features mixed into data without labels
     return flow
+
+
+def _live(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose values reach the graph's output, or that write to their inputs (in-place ops, buffer updates)."""
+    live: set[fx.Node] = set()
+    roots = [n for n in graph.nodes if n.op == "output" or _writes(n)]
+    while roots:
+        n = roots.pop()
+        if n not in live:
+            live.add(n)
+            roots.extend(n.all_input_nodes)
+    return live
+
+
+def _writes(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
 
 def _is_tensor(node: fx.Node) -> bool:

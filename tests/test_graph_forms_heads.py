@@ -1,0 +1,138 @@
+"""Attention forms of transformers' model zoo whose heads the analysis used to merge into one unit, each reduced to a
+few lines (before: one "head" unit per layer, nothing to cut; now: every head a unit, compact ≡ masked).
+
+- Swin-v2 / Swin2SR: cosine attention, ``F.normalize(q, dim=-1)`` — ``linalg_vector_norm(x, ord, dim, keepdim)``
+  takes ``ord`` before ``dim``; the analysis read ``ord`` as the dims and reduced over every head.
+- RoFormer: rotary angles from a sinusoidal position *table* (an embedding looked up by ``arange``), split, stacked
+  and ``reshape_as``'d: rows picked by positions are constants per channel, like a weight, shared by every head.
+- SAM2 (Hiera): queries max-pooled over space before attention (pooling works per channel), and attention weights
+  computed next to ``scaled_dot_product_attention`` and never used (dead code must constrain nothing).
+- Bros: ``einsum("bnid,bijd->bnij", q, bbox)`` — each head's channels contracted with position data every head shares.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import ebcompile
+
+DIM, HEADS = 24, 4
+
+
+class Block(nn.Module):
+    """q/k/v/o, an attention given as ``scores``, a GELU FFN; subclasses change how q and k meet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hd = DIM // HEADS
+        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(DIM, 2 * DIM), nn.Linear(2 * DIM, DIM)
+
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, -1, self.hd).transpose(1, 2)
+
+    def attend(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (q @ k.transpose(-2, -1) / self.hd**0.5).softmax(-1) @ v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (self.split(p(x)) for p in (self.q, self.k, self.v))
+        y = self.attend(x, q, k, v)
+        x = x + self.o(y.transpose(1, 2).reshape(b, y.shape[2], -1))
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class CosineAttention(Block):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.rand(HEADS, 1, 1) + 1)
+
+    def attend(self, x, q, k, v):
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * self.logit_scale.exp()
+        return scores.softmax(-1) @ v
+
+
+class TableRotary(Block):
+    def __init__(self) -> None:
+        super().__init__()
+        angles = torch.arange(64)[:, None] / 10 ** (torch.arange(0, self.hd, 2) / self.hd)[None, :]
+        self.positions = nn.Embedding(64, self.hd, _weight=torch.cat([angles.sin(), angles.cos()], -1))
+        self.positions.weight.requires_grad_(False)
+
+    @staticmethod
+    def rotate(t: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        turned = torch.stack([-t[..., 1::2], t[..., ::2]], dim=-1).reshape_as(t)
+        return t * cos + turned * sin
+
+    def attend(self, x, q, k, v):
+        table = self.positions(torch.arange(x.shape[1]))[None, None]
+        sin, cos = table.chunk(2, dim=-1)
+        sin = torch.stack([sin, sin], dim=-1).reshape_as(table)
+        cos = torch.stack([cos, cos], dim=-1).reshape_as(table)
+        return super().attend(x, self.rotate(q, sin, cos), self.rotate(k, sin, cos), v)
+
+
+class PooledQuery(Block):
+    """Queries max-pooled 2 -> 1 over a 1-D grid of positions (channels first), plus unused attention weights."""
+
+    def attend(self, x, q, k, v):
+        unused = (q @ k.transpose(-2, -1)).softmax(-1)  # computed, never read (SAM2)
+        del unused
+        b, h, n, d = q.shape
+        pooled = F.max_pool1d(q.transpose(1, 2).reshape(b, n, h * d).transpose(1, 2), 2)  # [b, h*d, n/2]
+        q = pooled.transpose(1, 2).reshape(b, n // 2, h, d).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v).repeat_interleave(2, dim=2)  # back to n positions
+
+
+class SharedBoxes(Block):
+    """Each head's queries also meet box features every head shares (Bros's ``bnid,bijd->bnij``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.box = nn.Linear(4, self.hd)
+
+    def attend(self, x, q, k, v):
+        n = x.shape[1]
+        boxes = self.box(torch.linspace(0, 1, n * n * 4).view(1, n, n, 4)).expand(x.shape[0], -1, -1, -1)
+        scores = q @ k.transpose(-2, -1) + torch.einsum("bnid,bijd->bnij", q, boxes)
+        return (scores / self.hd**0.5).softmax(-1) @ v
+
+
+def _check(block: type[Block], lengths: tuple[int, int] = (6, 8)) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    model = nn.Sequential(block(), block(), nn.Linear(DIM, 3))
+    inputs = [torch.randn(2, lengths[0], DIM), torch.randn(1, lengths[1], DIM)]
+    ebcompile.prepare(model, inputs[0], ratio=0.5, structure="structured", importance="magnitude",
+                      capture_method="export")
+    heads = [g for g in model._ebcompile.plan.groups if g.kind == "head"]
+    assert [g.units for g in heads] == [HEADS, HEADS], [g.units for g in heads]
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model, 0.5))
+    small = ebcompile.compact(model, round_to=None)
+    model.eval(), small.eval()
+    with torch.no_grad():
+        for x in inputs:
+            torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+    assert sum(small[i].q.out_features for i in range(2)) == DIM  # half the heads of the two layers
+    return model, small
+
+
+def test_cosine_attention_keeps_one_unit_per_head():
+    model, small = _check(CosineAttention)
+    assert [tuple(small[i].logit_scale.shape) for i in range(2)] == [(small[i].q.out_features // 6, 1, 1) for i in range(2)]
+
+
+def test_rotary_from_a_position_table_keeps_one_unit_per_head():
+    model, small = _check(TableRotary)
+    assert small[0].positions.weight.shape == (64, 6)  # the table every head reads stays whole
+
+
+def test_pooled_queries_and_unused_attention_weights_keep_one_unit_per_head():
+    _check(PooledQuery, lengths=(6, 8))
+
+
+def test_heads_contracted_with_shared_position_data_keep_one_unit_per_head():
+    model, small = _check(SharedBoxes)
+    assert small[0].box.out_features == 6
