@@ -291,7 +291,7 @@ def write_plot(run, fires: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ebcompile.io import atomic_path
+    from ebcompile.persist.io import atomic_path
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     im = ax1.imshow(run.matrix, cmap="viridis", origin="lower")

@@ -21,10 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import ebcompile
-from ebcompile.controller import deadline_step
-from ebcompile.importance import compute_masks, hamming
 from ebcompile.prepare import config_of
 from ebcompile.report import count_macs
+from ebcompile.search.controller import deadline_step
+from ebcompile.search.importance import compute_masks, hamming
 
 
 @dataclass(frozen=True)

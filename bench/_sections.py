@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ebcompile.io import atomic_path  # noqa: E402
+from ebcompile.persist.io import atomic_path  # noqa: E402
 
 
 def write_section(doc: str, name: str, block: str) -> Path:

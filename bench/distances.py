@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import ebcompile  # noqa: E402
 from ebcompile.demo import digits_split, small_vit  # noqa: E402
-from ebcompile.importance import compute_masks, hamming  # noqa: E402
+from ebcompile.search.importance import compute_masks, hamming  # noqa: E402
 
 from _sections import publish  # noqa: E402
 

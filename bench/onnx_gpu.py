@@ -35,7 +35,7 @@ import ebcompile  # noqa: E402
 from ebcompile.export.onnx import export_onnx, ort_session  # noqa: E402
 from ebcompile.export.optimize import FUSED_ATTENTION_OPS  # noqa: E402
 from ebcompile.report import count_macs, count_parameters  # noqa: E402
-from ebcompile.ticket import draw_ticket  # noqa: E402
+from ebcompile.search.ticket import draw_ticket  # noqa: E402
 from ebcompile.timing import median_ms  # noqa: E402
 
 from _sections import publish  # noqa: E402

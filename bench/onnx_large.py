@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import ebcompile  # noqa: E402
 from ebcompile.export.onnx import export_onnx  # noqa: E402
 from ebcompile.export.optimize import FUSED_ATTENTION_OPS  # noqa: E402
-from ebcompile.ticket import draw_ticket  # noqa: E402
+from ebcompile.search.ticket import draw_ticket  # noqa: E402
 
 from _sections import publish  # noqa: E402
 

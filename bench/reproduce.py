@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(rows, tasks, total, a, model_seconds, model_dates)
     print(text)
     if out is not None:
-        from ebcompile.io import atomic_path
+        from ebcompile.persist.io import atomic_path
 
         from _sections import kept_sections
 

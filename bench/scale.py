@@ -234,7 +234,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ebcompile.io import atomic_path
+    from ebcompile.persist.io import atomic_path
 
     x = [r["params"] / 1e6 for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))

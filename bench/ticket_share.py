@@ -26,7 +26,7 @@ from _repro_tasks import make_tasks  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import ebcompile  # noqa: E402
-from ebcompile.controller import deadline_step  # noqa: E402
+from ebcompile.search.controller import deadline_step  # noqa: E402
 
 from _sections import publish  # noqa: E402
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import ebcompile  # noqa: E402
 from ebcompile.prepare import tracker_of  # noqa: E402
-from ebcompile.scoring import _TAYLOR  # noqa: E402
+from ebcompile.search.scoring import _TAYLOR  # noqa: E402
 
 from _sections import publish  # noqa: E402
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .controller import DEADLINE, EarlyBird
-from .io import atomic_path, check_writable
+from .persist.io import atomic_path, check_writable
 from .plots import plot_search
 from .prepare import prepare
 from .report import count_macs, count_parameters
-from .ticket import apply_ticket, draw_ticket
+from .search.controller import DEADLINE, EarlyBird
+from .search.ticket import apply_ticket, draw_ticket
 from .transforms.shrink import compact
 
 __all__ = ["DemoResult", "run_demo", "digits_split", "small_vit"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .io import atomic_path
+from .persist.io import atomic_path
 
 __all__ = ["plot_search"]
 

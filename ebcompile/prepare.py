@@ -14,16 +14,16 @@ from torch.nn.utils import parametrize
 from .adapters import adapter_tensors, is_adapter_rank
 from .analysis.groups import find_groups
 from .analysis.linears import find_linears
-from .auto_importance import make_importance
-from .capture import capture, graph_kwargs, normalize_inputs
-from .distributed import is_sharded, unwrap
+from .capture.graph import capture, graph_kwargs, normalize_inputs
 from .errors import ConfigError, InvalidRatioError, NoPrunableLayerError, NotPreparedError
-from .importance import Masks, compute_masks
-from .materialized import require_materialized, require_module
 from .names import split_name
+from .persist.materialized import require_materialized, require_module
 from .plan import Plan
-from .scorers import KINDS, check_kind, check_plan_kind
-from .scoring import Importance, raw_tensor
+from .search.auto_importance import make_importance
+from .search.distributed import is_sharded, unwrap
+from .search.importance import Masks, compute_masks
+from .search.scorers import KINDS, check_kind, check_plan_kind
+from .search.scoring import Importance, raw_tensor
 from .transforms.masks import insert_masks, iter_masks
 
 __all__ = ["prepare", "PrepareConfig", "config_of", "mask_nodes", "MaskNode", "current_masks", "check_ratio", "tracker_of",
@@ -46,7 +46,7 @@ class PrepareConfig:
     example: Any = None  # (args, kwargs) of the example inputs: compact checks its result on them
     ticket: Any = None  # the applied Ticket (set by apply_ticket)
     importance: str = "auto"
-    tracker: Any = None  # the importance kind's scorer (ebcompile.scoring.Importance), with its hooks and statistics
+    tracker: Any = None  # the importance kind's scorer (ebcompile.search.scoring.Importance), with its hooks and statistics
 
 
 @dataclass(frozen=True)

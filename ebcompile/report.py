@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .capture import inputs_fit, normalize_inputs
+from .capture.graph import inputs_fit, normalize_inputs
 from .errors import CheckpointError, ConfigError
-from .model_format import attention_heads
+from .persist.model_format import attention_heads
 from .transforms.verify import evaluating
 
 __all__ = ["count_parameters", "count_macs", "report", "Report"]

@@ -11,7 +11,7 @@
   ``int(2 * ffn_mult * hidden / 3)`` rounded up to a multiple of 256 gives back (``compact(model, round_to=256)``),
   the same bias layout in every layer (Qwen2's q/k/v biases: ``qkv_bias``, which vLLM's DeciLM reads), no sliding
   window. Neither transformers nor vLLM registers a config class for "nemotron-nas", so such a folder carries
-  ``configuration_decilm.py`` (``ebcompile/decilm_config.py``: a Llama config plus ``block_configs``, no model
+  ``configuration_decilm.py`` (``ebcompile/persist/decilm_config.py``: a Llama config plus ``block_configs``, no model
   code) and needs ``trust_remote_code=True`` in vLLM: the one code file ebcompile ever writes.
 
 Invariant: ``load_served(save_for_serving(m, d))`` computes what ``m`` computes (``load_served`` rebuilds the
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config_values import config_value
 from .errors import CheckpointError, ServingFormatError
-from .savedir import atomic_dir
+from .families.config_values import config_value
+from .persist.savedir import atomic_dir
 
 __all__ = ["save_for_serving", "load_served", "serving_layout", "ffn_mult_for", "DECILM_MULTIPLE"]
 
@@ -66,7 +66,7 @@ def ffn_mult_for(width: int, hidden: int) -> float | None:
 
 def _core(model: nn.Module) -> nn.Module:
     """The plain compact model: a prepared one is compacted (``transforms.shrink.plain_model``)."""
-    from .materialized import require_module
+    from .persist.materialized import require_module
     from .transforms.shrink import plain_model
 
     require_module(model, "save_for_serving")
@@ -104,7 +104,7 @@ def serving_layout(model: nn.Module) -> list[Layer]:
 
 def _stock(model: nn.Module, layout: list[Layer]) -> bool:
     """The model's own config describes every layer (rewritten by ``sync_config`` where it can be)."""
-    from .pretrained import sync_config
+    from .persist.pretrained import sync_config
 
     if len(set(layout)) != 1:
         return False
@@ -199,7 +199,7 @@ def save_for_serving(model: nn.Module, directory: str | os.PathLike) -> Path:
             names the fix: ``scope="layer"``, ``exclude=["*.self_attn.*"]``, ``round_to=256``); nothing is written.
         OutputPathError: ``directory`` holds files no ebcompile save wrote.
     """
-    from .materialized import require_materialized
+    from .persist.materialized import require_materialized
 
     net = _core(model)
     require_materialized(net, "save_for_serving")
@@ -212,13 +212,13 @@ def save_for_serving(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = _decilm_config(net, layout)
     from safetensors.torch import save_file
 
-    from .decilm_config import DeciLMConfig
+    from .persist.decilm_config import DeciLMConfig
 
     DeciLMConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type", "auto_map")})  # it parses
     tensors = _tensors(net)
     with atomic_dir(directory, marker=CONFIG) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CODE).write_text((Path(__file__).parent / "decilm_config.py").read_text())
+        (tmp / CODE).write_text((Path(__file__).parent / "persist" / "decilm_config.py").read_text())
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -228,8 +228,8 @@ def load_served(directory: str | os.PathLike) -> nn.Module:
     through ``from_pretrained``; a DeciLM one rebuilt as its source architecture (``config["ebcompile"]``) with each
     layer's projections sized from ``block_configs`` alone (KV heads = heads / n_heads_in_group, FFN width from
     ``ffn_mult`` as DeciLM computes it), then loaded strictly."""
-    from .fsguard import read_json
-    from .hfload import NO_CODE, hf_class, hf_config
+    from .persist.fsguard import read_json
+    from .persist.hfload import NO_CODE, hf_class, hf_config
 
     directory = Path(directory)
     config = read_json(directory / CONFIG)
@@ -245,7 +245,7 @@ def _rebuild_decilm(directory: Path, config: dict[str, Any]) -> nn.Module:
     import transformers
     from safetensors.torch import load_file
 
-    from .fsguard import guard
+    from .persist.fsguard import guard
 
     fix = "Fix: write the folder with ebcompile.save_for_serving."
     source, blocks = config.get("ebcompile", {}).get("source_model_type"), config.get("block_configs")

@@ -27,13 +27,13 @@ from torchvision.models.swin_transformer import (
 )
 
 import ebcompile
-from ebcompile.importance import Masks, expand_units
 from ebcompile.modules import (
     CompactMultiheadAttention,
     CompactShiftedWindowAttention,
     CompactShiftedWindowAttentionV2,
 )
-from ebcompile.ticket import Ticket, signature_of
+from ebcompile.search.importance import Masks, expand_units
+from ebcompile.search.ticket import Ticket, signature_of
 from ebcompile.transforms.masks import WeightMask
 from ebcompile.transforms.shrink import compact
 

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import ebcompile
-from ebcompile.distributed import full_state_dict, load_full_state_dict
-from ebcompile.masks_io import pack_bits
+from ebcompile.persist.masks_io import pack_bits
+from ebcompile.search.distributed import full_state_dict, load_full_state_dict
 
 STEPS, SAMPLES, SEQ, DIM = 14, 8, 5, 32
 SEARCH = dict(every=1, window=3, rule="relative", threshold=0.3, rewind_at=0)
@@ -45,11 +45,11 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(SAMPLES, SEQ, DIM, generator=g), torch.randn(SAMPLES, SEQ, DIM, generator=g)
 
 
-def digest(masks: ebcompile.importance.Masks) -> str:
+def digest(masks: ebcompile.search.importance.Masks) -> str:
     return hashlib.sha256(pack_bits(masks).tobytes()).hexdigest()[:16]
 
 
-def bits(masks: ebcompile.importance.Masks) -> str:
+def bits(masks: ebcompile.search.importance.Masks) -> str:
     return pack_bits(masks).tobytes().hex()
 
 
@@ -67,7 +67,7 @@ def search(mode: str, structure: str, out: Path, kill_at: int | None = None, res
     wrapped = nn.parallel.DistributedDataParallel(model) if mode == "ddp" else model
     if diverge and rank == 1:  # this rank's weights drift from the others' (not through DDP): masks must not be trusted
         with torch.no_grad():
-            ebcompile.importance.raw_tensor(model, "layers.0.linear1.weight")[:8].mul_(0)
+            ebcompile.search.importance.raw_tensor(model, "layers.0.linear1.weight")[:8].mul_(0)
     eb = ebcompile.EarlyBird(wrapped, **SEARCH)
     state_file, weights_file = out / f"{mode}-{structure}-search.safetensors", out / f"{mode}-{structure}-weights.safetensors"
     start = 0

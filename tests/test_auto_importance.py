@@ -9,9 +9,9 @@ from test_importance import batches, dead_neuron_mlp, tiny_bert, train
 from torch import nn
 
 import ebcompile
-from ebcompile.controller import saved_importance
 from ebcompile.prepare import config_of, current_masks, tracker_of
-from ebcompile.scoring import _TAYLOR
+from ebcompile.search.controller import saved_importance
+from ebcompile.search.scoring import _TAYLOR
 
 
 def auto_bert(frozen: bool = False):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ebcompile
-from ebcompile.capture import CAPTURE_PATHS, normalize_inputs
+from ebcompile.capture.graph import CAPTURE_PATHS, normalize_inputs
 
 
 class Block(nn.Module):

@@ -50,7 +50,7 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, words):
 def test_inspect_reads_a_saved_ticket(tmp_path, capsys):
     import ebcompile
     from ebcompile.demo import small_vit
-    from ebcompile.ticket import draw_ticket
+    from ebcompile.search.ticket import draw_ticket
 
     model = ebcompile.prepare(small_vit(), torch.randn(1, 3, 8, 8), ratio=0.5, structure="structured", scope="layer")
     path = tmp_path / "t.safetensors"
@@ -231,7 +231,7 @@ def test_search_draws_the_ticket_by_the_deadline_share_of_the_epochs(tiny_classi
 def test_text_search_defaults_follow_the_measured_fine_tuning_recipe(tiny_classifier, tmp_path):
     """No --every / --rule / --threshold / --deadline: a check every max_steps / 75 optimizer steps (at least 1),
     relative 0.3 over a window of 5, the deadline at 30% (docs/early-bird.md), and the ticket drawn by then."""
-    from ebcompile.io import load_tensors
+    from ebcompile.persist.io import load_tensors
 
     out = tmp_path / "search"  # 4 optimizer steps
     assert main(["search", str(tiny_classifier), "--out", str(out), *TRAIN, "--train-limit", "64", "--epochs", "1"]) == 0

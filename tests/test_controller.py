@@ -187,8 +187,8 @@ def test_saved_found_controller_round_trips(tmp_path):
 
 
 def test_load_ticket_reads_tickets_and_saved_searches(tmp_path):
-    from ebcompile.controller import load_ticket
     from ebcompile.errors import CheckpointError
+    from ebcompile.search.controller import load_ticket
 
     model = prepared("mlp", ratio=0.3)
     eb = ebcompile.EarlyBird(model, window=2)

@@ -21,7 +21,7 @@ from ebcompile.errors import (
     TicketMismatchError,
 )
 from ebcompile.prepare import current_masks
-from ebcompile.ticket import Ticket, signature_of
+from ebcompile.search.ticket import Ticket, signature_of
 
 from conftest import TINY, make_mlp
 

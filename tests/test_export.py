@@ -12,7 +12,7 @@ from torchvision.models import VisionTransformer
 import ebcompile
 from ebcompile.errors import ExportError
 from ebcompile.export import export_onnx
-from ebcompile.ticket import draw_ticket
+from ebcompile.search.ticket import draw_ticket
 
 
 def _ticketed_vit(layers: int, heads: int, head_dim: int, mlp: int, ratio: float, seed: int) -> torch.nn.Module:

@@ -17,7 +17,7 @@ import torch
 from torchvision.models import VisionTransformer
 
 import ebcompile.export.onnx as export_module
-import ebcompile.io as io_module
+import ebcompile.persist.io as io_module
 from ebcompile.errors import ConfigError, ExportError
 from ebcompile.export import export_onnx
 

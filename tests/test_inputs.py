@@ -179,7 +179,7 @@ def test_export_errors_are_typed_and_leave_nothing(case, tmp_path, monkeypatch):
 
 
 def test_ranks_that_disagree_change_nothing_and_sync_false_skips_the_check(monkeypatch):
-    import ebcompile.controller as controller
+    import ebcompile.search.controller as controller
 
     def disagree(what, data, fix):
         raise DistributedError(f"ranks disagree on {what}. {fix}")

@@ -135,7 +135,7 @@ def test_cycle_finder_finds_circles() -> None:
 def test_graph_sees_function_level_imports() -> None:
     graph = import_graph()
     assert "ebcompile.transforms.shrink" in graph["ebcompile"]  # module level: from .transforms.shrink import compact
-    assert "ebcompile.pretrained" in graph["ebcompile.transforms.shrink"]  # inside compact(): from ..pretrained import ...
+    assert "ebcompile.persist.pretrained" in graph["ebcompile.transforms.shrink"]  # inside compact(): from ..pretrained import ...
     assert "ebcompile.export.onnx" in graph["ebcompile.export"]  # a package's __init__
     assert all(t.startswith("ebcompile") for targets in graph.values() for t in targets)
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import ebcompile
-from ebcompile.model_format import attention_heads, head_counts
 from ebcompile.modules import CompactMultiheadAttention
+from ebcompile.persist.model_format import attention_heads, head_counts
 
 
 def _siglip():

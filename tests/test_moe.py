@@ -14,7 +14,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen
 
 import ebcompile
 from ebcompile.errors import ConfigError, TicketMismatchError
-from ebcompile.importance import expand_units
+from ebcompile.search.importance import expand_units
 
 import zoo
 from hf_models import quiet_one_thread  # noqa: F401 - autouse: one thread, transformers quiet

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ebcompile
-from ebcompile.config_values import config_value, per_layer_fields
+from ebcompile.families.config_values import config_value, per_layer_fields
 
 transformers = pytest.importorskip("transformers")
 Gemma4TextConfig = getattr(transformers, "Gemma4TextConfig", None)

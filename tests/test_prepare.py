@@ -10,9 +10,9 @@ from torch import nn
 from torchvision.models import swin_t, vit_b_16
 
 import ebcompile
-from ebcompile.importance import raw_tensor
 from ebcompile.prepare import current_masks
-from ebcompile.ticket import Ticket, signature_of
+from ebcompile.search.importance import raw_tensor
+from ebcompile.search.ticket import Ticket, signature_of
 
 from conftest import TINY, make_mlp
 
@@ -118,7 +118,7 @@ def test_default_structure_is_structured_where_groups_are_found_else_unstructure
 def test_unit_scores_do_not_grow_with_layer_width():
     """Units of layers of different widths whose weights are alike score alike (RMS): a global ranking must not
     prune the narrow layers first only because their units hold fewer weights."""
-    from ebcompile.importance import group_scores
+    from ebcompile.search.importance import group_scores
 
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 6), nn.ReLU(), nn.Linear(6, 2))
     with torch.no_grad():

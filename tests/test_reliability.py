@@ -29,7 +29,7 @@ from ebcompile.errors import (
     OutputPathError,
     TicketMismatchError,
 )
-from ebcompile.io import atomic_path
+from ebcompile.persist.io import atomic_path
 
 from conftest import make_mlp, mlp_batch
 

@@ -14,9 +14,9 @@ import torch
 from safetensors import SafetensorError
 
 import ebcompile
-import ebcompile.io
+import ebcompile.persist.io
 from ebcompile.errors import EbcompileError, OutputPathError
-from ebcompile.savedir import MANIFEST, atomic_dir
+from ebcompile.persist.savedir import MANIFEST, atomic_dir
 
 from conftest import make_mlp, mlp_batch
 
@@ -157,7 +157,7 @@ def test_a_full_disk_during_a_save_is_a_typed_error_and_the_earlier_save_stays(t
         raise SafetensorError(ENOSPC)
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    monkeypatch.setattr(ebcompile.io, "save_file", full)
+    monkeypatch.setattr(ebcompile.persist.io, "save_file", full)
     with pytest.raises(OutputPathError) as info:
         ebcompile.save(other_mlp(), run)
     check(info, "no space left", "free disk space")

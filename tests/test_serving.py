@@ -139,7 +139,7 @@ def test_per_layer_ticket_is_decilm(arch, kind, tmp_path):
 
 def test_decilm_config_file_reads_the_block_configs(tmp_path):
     """The shipped configuration_decilm.py parses the config as vLLM reads it (attribute access per block)."""
-    from ebcompile.decilm_config import DeciLMConfig
+    from ebcompile.persist.decilm_config import DeciLMConfig
 
     save_for_serving(_compact("qwen2", "layers"), tmp_path / "s")
     raw = json.loads((tmp_path / "s" / "config.json").read_text())

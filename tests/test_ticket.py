@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import ebcompile
-from ebcompile.importance import raw_tensor
 from ebcompile.prepare import current_masks
-from ebcompile.ticket import Ticket, signature_of
+from ebcompile.search.importance import raw_tensor
+from ebcompile.search.ticket import Ticket, signature_of
 
 from conftest import TINY
 

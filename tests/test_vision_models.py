@@ -10,7 +10,7 @@ from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
 import ebcompile
-from ebcompile.importance import raw_tensor
+from ebcompile.search.importance import raw_tensor
 
 CASES = {  # vit_b_16's and swin_t's widths, heads and windows, shallower
     "vit_b_16": lambda: VisionTransformer(image_size=224, patch_size=16, num_layers=2, num_heads=12, hidden_dim=768, mlp_dim=3072),

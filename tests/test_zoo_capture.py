@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import PretrainedConfig, PreTrainedModel  # noqa: E402
 
 import ebcompile  # noqa: E402
-from ebcompile.capture import capture, graph_kwargs  # noqa: E402
-from ebcompile.hfload import build_checked  # noqa: E402
+from ebcompile.capture.graph import capture, graph_kwargs  # noqa: E402
+from ebcompile.persist.hfload import build_checked  # noqa: E402
 
 
 class _ConvConfig(PretrainedConfig):

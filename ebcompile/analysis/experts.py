@@ -37,8 +37,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from ..config_values import config_value
 from ..families import hf_moe
+from ..families.config_values import config_value
 from ..names import split_name
 from ..plan import GroupSet, Member, Plan
 

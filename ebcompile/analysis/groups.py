@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..capture_types import Captured
+from ..capture.types import Captured
 from ..families import family_of
 from ..names import split_name
 from ..plan import GroupSet, LinearOp, Member
@@ -165,7 +165,7 @@ def _export_graph(cap: Captured, example_inputs) -> tuple[fx.Graph, dict[str, st
         return cap.graph, cap.param_of, cap.buffer_of
     if example_inputs is None:
         return None
-    from ..capture import CAPTURE_PATHS, normalize_inputs
+    from ..capture.graph import CAPTURE_PATHS, normalize_inputs
 
     args, kwargs = normalize_inputs(example_inputs)
     try:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..capture_types import Captured, clean_stack_path, param_through_casts
+from ..capture.types import Captured, clean_stack_path, param_through_casts
 from ..families import family_of
 from ..families.vocabulary import is_transposed_linear
 from ..names import split_name

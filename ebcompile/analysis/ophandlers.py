@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..capture_types import param_through_casts
+from ..capture.types import param_through_casts
 from .labels import Elements, Labels, aligned, compress, varying
 
 __all__ = ["HANDLERS", "Flow", "aten_name", "handler"]

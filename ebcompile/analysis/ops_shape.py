@@ -175,7 +175,7 @@ def _split(flow: Flow, node: fx.Node):
 
 def _constant(node) -> np.ndarray | None:
     """The value of a small integer constant (``capture.CONSTANT``), through copies of it."""
-    from ..capture import CONSTANT
+    from ..capture.graph import CONSTANT
 
     while isinstance(node, fx.Node):
         if CONSTANT in node.meta:

@@ -22,11 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import checkpoint
-    from ..controller import load_ticket
+    from ..persist import checkpoint
     from ..prepare import prepare
     from ..report import report
-    from ..ticket import apply_ticket
+    from ..search.controller import load_ticket
+    from ..search.ticket import apply_ticket
     from ..transforms.shrink import compact
     from . import imageclf
     from .models import load_with_inputs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..controller import DEADLINE
+from ..search.controller import DEADLINE
 from .search import deadline_share
 
 

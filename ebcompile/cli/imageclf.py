@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..fsguard import read_json
+from ..persist.fsguard import read_json
 
 RECIPE = "imageclf.json"
 FORMAT, VERSION = "ebcompile-imageclf", 1
@@ -314,9 +314,9 @@ def example_inputs(model: nn.Module, recipe: Recipe, batch: int = 1) -> dict[str
 
 def save_model(model: nn.Module, recipe: Recipe, folder: Path, extra: dict[str, Any] | None = None) -> None:
     """``ebcompile.save(model)``, the recipe and ``extra`` files (name -> writer(path)), swapped in as one folder."""
-    from .. import checkpoint
-    from ..checkpoint import META
-    from ..savedir import atomic_dir
+    from ..persist import checkpoint
+    from ..persist.checkpoint import META
+    from ..persist.savedir import atomic_dir
 
     with atomic_dir(folder, marker=META) as tmp:
         checkpoint.save(model, tmp)
@@ -327,7 +327,7 @@ def save_model(model: nn.Module, recipe: Recipe, folder: Path, extra: dict[str, 
 
 def load_saved(folder: str | os.PathLike, factory: str | None = None) -> tuple[nn.Module, Recipe]:
     """The model saved in ``folder`` with its recipe, rebuilt (eval mode); ``factory``: see ``Recipe.build``."""
-    from .. import checkpoint
+    from ..persist import checkpoint
 
     recipe = Recipe.load(folder)
     return checkpoint.load(folder, model=recipe.build(factory)), recipe

@@ -28,10 +28,10 @@ from torch import nn
 
 from ..data import ImageData, load_images
 from ..errors import CheckpointError, ConfigError
-from ..fsguard import read_json
-from ..io import atomic_path
-from ..optim_io import load_optimizer, save_optimizer
-from ..savedir import recover
+from ..persist.fsguard import read_json
+from ..persist.io import atomic_path
+from ..persist.optim_io import load_optimizer, save_optimizer
+from ..persist.savedir import recover
 from .imageclf import (
     Recipe,
     build_model,
@@ -76,10 +76,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 # -- the search --------------------------------------------------------------------------------------------------
 
 def search(args: argparse.Namespace) -> int:
-    from .. import checkpoint
-    from ..controller import DEADLINE, EarlyBird
+    from ..persist import checkpoint
     from ..plots import plot_search
     from ..prepare import check_ratio, prepare
+    from ..search.controller import DEADLINE, EarlyBird
 
     check_ratio(args.ratio)
     if args.importance not in ("auto", "magnitude"):
@@ -165,10 +165,10 @@ def _publish(src: Path, dst: Path) -> None:
 # -- retraining the ticket ---------------------------------------------------------------------------------------
 
 def retrain(args: argparse.Namespace) -> int:
-    from .. import checkpoint
-    from ..controller import EarlyBird
+    from ..persist import checkpoint
     from ..prepare import prepare
-    from ..ticket import apply_ticket
+    from ..search.controller import EarlyBird
+    from ..search.ticket import apply_ticket
     from ..transforms.shrink import compact
 
     folder, out = Path(args.search) / "model", Path(args.out)
@@ -224,7 +224,7 @@ def retrain(args: argparse.Namespace) -> int:
 
 
 def load_ticket_or_fail(folder: Path) -> Any:
-    from ..controller import load_ticket
+    from ..search.controller import load_ticket
 
     try:
         return load_ticket(folder / SEARCH_STATE)

@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..controller import load_ticket
+    from ..search.controller import load_ticket
 
     t = load_ticket(args.path)
     rows = []

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from ..errors import EbcompileError
-from ..io import check_writable
+from ..persist.io import check_writable
 from . import bench, compact, demo, export, inspect, retrain, search, serve
 
 OUTPUTS = {"demo": True, "search": True, "retrain": True, "compact": True, "export": False, "serve-export": True}  # args.out: a directory?

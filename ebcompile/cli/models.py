@@ -10,16 +10,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import META
 from ..errors import CheckpointError, ConfigError, EbcompileError
-from ..fsguard import guard
+from ..persist.checkpoint import META
+from ..persist.fsguard import guard
 
 
 def load_model(source: str, factory: str | None = None) -> nn.Module:
     """An ``ebcompile.save`` directory (an image model's is rebuilt from its ``imageclf.json`` recipe, a
     ``MODULE:FACTORY`` one only by ``factory``), a Hugging Face model folder (``save_pretrained``, a Trainer
     checkpoint) or a hub name, in eval mode. No code the folder names or holds is run."""
-    from .. import checkpoint
+    from ..persist import checkpoint
     from . import imageclf
 
     if imageclf.is_saved(source):
@@ -30,7 +30,7 @@ def load_model(source: str, factory: str | None = None) -> nn.Module:
 
     if looks_local(source, hub_ids=True) and not Path(source).expanduser().exists():
         raise CheckpointError(f"{source}: no such folder. Fix: check the path (a hub name has no ./, ../, / or ~ in front).")
-    from ..hfload import NO_CODE, hf_class, hf_config
+    from ..persist.hfload import NO_CODE, hf_class, hf_config
     from .hub import hub_kwargs
 
     hub = {} if Path(source).expanduser().exists() else hub_kwargs(source)  # offline or unreachable: at once

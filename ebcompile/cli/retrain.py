@@ -52,14 +52,14 @@ def run(args: argparse.Namespace) -> int:
         from .imagetrain import retrain
 
         return retrain(args)
-    from .. import checkpoint
-    from ..controller import EarlyBird, load_ticket, saved_importance
     from ..errors import CheckpointError
-    from ..io import atomic_path
+    from ..persist import checkpoint
+    from ..persist.io import atomic_path
+    from ..persist.pretrained import pretrained_weights
+    from ..persist.savedir import atomic_dir
     from ..prepare import prepare
-    from ..pretrained import pretrained_weights
-    from ..savedir import atomic_dir
-    from ..ticket import apply_ticket
+    from ..search.controller import EarlyBird, load_ticket, saved_importance
+    from ..search.ticket import apply_ticket
     from ..transforms.masks import is_gate
     from ..transforms.shrink import compact
     from . import textclf
@@ -105,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
 def carried_optimizer(model: Any, tok: Any, train: Any, args: argparse.Namespace, search: Path, kind: str) -> Any:
     """The search's AdamW state at its ticket (its newest complete checkpoint), over ``model``'s parameters, its
     learning rate restarted at ``--lr``; None (a fresh optimizer) when the search kept no checkpoint."""
-    from ..fsguard import read_json
-    from ..optim_io import load_optimizer
+    from ..persist.fsguard import read_json
+    from ..persist.optim_io import load_optimizer
     from . import textclf
     from .textsearch import DEFAULTS, PROGRESS, gated_optimizer, ticket_checkpoint
 

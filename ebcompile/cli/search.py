@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..controller import DEADLINE, FINETUNE_DEADLINE
+from ..search.controller import DEADLINE, FINETUNE_DEADLINE
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..io import atomic_path
+from ..persist.io import atomic_path
 
 __all__ = ["refuse_other_settings", "finish"]
 

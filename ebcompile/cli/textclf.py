@@ -102,7 +102,7 @@ def load_classifier(source: str, num_labels: int | None = None) -> tuple[nn.Modu
     ``num_labels=None`` keeps the saved head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..hfload import NO_CODE, read_folder, refuse_custom_code
+    from ..persist.hfload import NO_CODE, read_folder, refuse_custom_code
     from .hub import hub_kwargs
     from .models import quiet_transformers
 
@@ -177,7 +177,7 @@ def accuracy(model: nn.Module, tok: Any, split: Split, max_len: int, batch: int 
 def save_pretrained_atomically(model: nn.Module, tok: Any, folder: Path) -> None:
     """``model`` and ``tok`` in ``folder``, written beside it and committed (``savedir``: no half-written folder,
     and files a save did not write stay)."""
-    from ..savedir import atomic_dir
+    from ..persist.savedir import atomic_dir
 
     with atomic_dir(folder, marker="config.json") as tmp:
         model.save_pretrained(tmp)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
-from ..fsguard import read_json
-from ..io import atomic_path
+from ..persist.fsguard import read_json
+from ..persist.io import atomic_path
 from .search_run import finish, refuse_other_settings
 
 PROGRESS = "progress.json"
@@ -104,7 +104,7 @@ def gated_optimizer(model: Any, importance: str, lr: float | None, gate_lr: floa
         return None
     import torch
 
-    from ..scorers import gate_parameters
+    from ..search.scorers import gate_parameters
     from .textclf import LR
 
     gates = {id(g) for g in gate_parameters(model)}
@@ -115,10 +115,10 @@ def gated_optimizer(model: Any, importance: str, lr: float | None, gate_lr: floa
 
 
 def search(args: argparse.Namespace) -> int:
-    from ..controller import FINETUNE_DEADLINE, EarlyBird
     from ..integrations.hf_trainer import STATE_FILE, EarlyBirdCallback, auto_every
     from ..plots import plot_search
     from ..prepare import check_ratio, prepare
+    from ..search.controller import FINETUNE_DEADLINE, EarlyBird
     from . import textclf
 
     check_ratio(args.ratio)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import graph_kwargs, inputs_fit, normalize_inputs
+from ..capture.graph import graph_kwargs, inputs_fit, normalize_inputs
 from ..errors import ConfigError, ExportError
-from ..io import atomic_path
 from ..names import split_name
+from ..persist.io import atomic_path
 from ..transforms.shrink import plain_model
 from .external import INLINE_LIMIT, data_name, has_external, pack, previous_data, publish, weight_bytes
 from .fusion import AttentionFusion
@@ -212,7 +212,7 @@ def export_onnx(
     """
     import onnx
 
-    from ..materialized import require_materialized, require_module
+    from ..persist.materialized import require_materialized, require_module
 
     require_module(model, "export_onnx")
     require_materialized(model, "export_onnx")

@@ -19,10 +19,10 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..controller import FINETUNE_DEADLINE, EarlyBird
 from ..errors import ConfigError
-from ..scorers import add_gate_penalty_grad
-from ..ticket import MODES, Ticket, apply_ticket
+from ..search.controller import FINETUNE_DEADLINE, EarlyBird
+from ..search.scorers import add_gate_penalty_grad
+from ..search.ticket import MODES, Ticket, apply_ticket
 
 __all__ = ["EarlyBirdCallback", "PREFIX", "STATE_FILE", "AUTO_CHECKS", "auto_every"]
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..fsguard import read_json
-from ..io import atomic_path, load_tensors, save_tensors
-from ..optim_io import load_optimizer, save_optimizer
+from ..persist.fsguard import read_json
+from ..persist.io import atomic_path, load_tensors, save_tensors
+from ..persist.optim_io import load_optimizer, save_optimizer
 
 __all__ = ["OPTIMIZER_FILE", "SafeCheckpoints", "safe_trainer_class"]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config_values import config_value
+from ..families.config_values import config_value
 from ..families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
 from ..names import split_name
 from ..plan import GroupSet

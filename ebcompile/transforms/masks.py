@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..distributed import masked
 from ..names import GATE_SUFFIX, MASK_SUFFIX, split_name
+from ..search.distributed import masked
 
 __all__ = ["WeightMask", "insert_masks", "strip_masks", "iter_masks", "MASK_SUFFIX", "GATE_SUFFIX", "is_gate"]
 

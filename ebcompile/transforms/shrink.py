@@ -32,15 +32,15 @@ from torch import nn
 
 from ..adapters import sync_adapter_features
 from ..analysis.experts import remove_expert_neurons, rewrite_expert_counts
-from ..distributed import is_sharded, unwrap
 from ..errors import ConfigError, DistributedError, NoTicketError, NotPreparedError, TicketMismatchError
 from ..families import family_of
 from ..families.torch_mha import compact_mha
 from ..families.vocabulary import is_transposed_linear
 from ..modules import SparseLinear
 from ..names import set_tensor, split_name, tensor_at
-from ..optim_state import retarget_optimizer
 from ..plan import GroupSet, Plan
+from ..search.distributed import is_sharded, unwrap
+from ..search.optim_state import retarget_optimizer
 from .carry import carry_flags, check_ticket_state, flags_of
 from .counts import SLICED_BUFFERS, rewrite_counts
 from .masks import iter_masks, strip_masks
@@ -261,14 +261,14 @@ def compact(model: nn.Module, round_to: int | str | None = "auto", sparse: bool 
         ConfigError: ``round_to`` with an unstructured ticket, ``sparse=True`` with a structured one, or a
             bad ``round_to``.
     """
-    from ..materialized import require_materialized, require_module
+    from ..persist.materialized import require_materialized, require_module
 
     require_module(model, "compact")
     require_materialized(model, "compact")
     model = unwrap(model)
     if any(is_sharded(p) for p in model.parameters()):
         raise DistributedError("compact needs the whole model, and this one is sharded (FSDP2). Fix: gather it first: "
-                               "state = ebcompile.distributed.full_state_dict(model) on every rank, then on rank 0 "
+                               "state = ebcompile.search.distributed.full_state_dict(model) on every rank, then on rank 0 "
                                "plain = ebcompile.prepare(build_model(), example); plain.load_state_dict(state); "
                                "ebcompile.apply_ticket(plain, ticket); ebcompile.compact(plain) (README: multi-process).")
     _, ticket = _applied_ticket(model)
@@ -312,7 +312,7 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool, check: bool =
             if failed and hold_whole(cfg.plan, failed):  # once more, those modules' units kept whole
                 return _compact(model, round_to, sparse, check)
             check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])
-        from ..pretrained import attach_save_pretrained, sync_config
+        from ..persist.pretrained import attach_save_pretrained, sync_config
 
         sync_config(new)
         attach_save_pretrained(new)

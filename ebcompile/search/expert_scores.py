@@ -8,7 +8,7 @@
   The activations are recomputed in a forward hook on the experts container from its inputs (hidden states, top-k
   expert ids): while statistics are gathered each forward runs the expert up-projections once more.
 
-Invariants as for every kind (``ebcompile.scoring``): hooks only read, stop once a ticket is applied, every score is
+Invariants as for every kind (``ebcompile.search.scoring``): hooks only read, stop once a ticket is applied, every score is
 >= 0, sums are over everything seen since ``prepare`` and summed over DDP ranks before a draw. A layer whose hooks
 saw nothing (or inputs of another form) is scored by magnitude.
 """
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .analysis.experts import dead_experts, expert_layout
-from .names import split_name
-from .plan import GroupSet, Plan
+from ..analysis.experts import dead_experts, expert_layout
+from ..names import split_name
+from ..plan import GroupSet, Plan
 from .scoring import all_reduce_sum, raw_tensor, unit_slice_scores
 
 __all__ = ["ExpertActivation"]

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import merged_shapes, pretrained_core
-from .config_values import config_value
-from .families.vocabulary import CONFIG_FIELDS
-from .names import split_name
-from .transforms.counts import ConfigView
+from ..adapters import merged_shapes, pretrained_core
+from ..families.config_values import config_value
+from ..families.vocabulary import CONFIG_FIELDS
+from ..names import split_name
+from ..transforms.counts import ConfigView
 
 __all__ = ["sync_config", "attach_save_pretrained", "pretrained_weights"]
 
@@ -51,7 +51,7 @@ def sync_config(model: nn.Module) -> bool:
             continue
         width = widths.pop()
         setattr(new, field, width // head_dim if per_head else width)
-    from .analysis.experts import expert_config
+    from ..analysis.experts import expert_config
 
     for field, value in expert_config(model, config).items():  # mixture-of-experts counts and widths
         setattr(new, field, value)
@@ -82,8 +82,8 @@ def attach_save_pretrained(model: nn.Module) -> None:
         return
 
     def save_pretrained(save_directory, *args: Any, **kwargs: Any):
+        from ..transforms.reshapes import rewrites_of
         from .model_format import FORMAT, META, VERSION, count_attributes, head_counts
-        from .transforms.reshapes import rewrites_of
 
         out = original(save_directory, *args, **kwargs)
         meta = {"format": FORMAT, "version": VERSION, "class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -102,7 +102,7 @@ def pretrained_weights(directory: Path) -> dict[str, torch.Tensor] | None:
     """The tensors of a ``save_pretrained`` directory (one file or an index of shards), or None if there are none."""
     from safetensors.torch import load_file
 
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
     from .fsguard import exists, guard, read_json
 
     index = directory / "model.safetensors.index.json"

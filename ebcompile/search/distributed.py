@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import DistributedError
-from .materialized import require_values
+from ..errors import DistributedError
+from ..persist.materialized import require_values
 
 __all__ = ["world", "is_main", "is_sharded", "full_vector", "local_part", "local_tensor", "shard_rows", "mask_", "masked",
            "copy_", "collective_ints", "check_same", "all_finite", "full_state_dict", "load_full_state_dict",
@@ -137,7 +137,7 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     copies its own shard. Keys are the model's ``state_dict`` keys; masks (``*_mask``) are loaded too."""
     from torch.nn.utils import parametrize
 
-    from .names import MASK_SUFFIX, split_name
+    from ..names import MASK_SUFFIX, split_name
 
     if not any(is_sharded(p) for p in model.parameters()):
         model.load_state_dict(state, strict=False)

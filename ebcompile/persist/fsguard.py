@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import CheckpointError, EbcompileError, OutputPathError
+from ..errors import CheckpointError, EbcompileError, OutputPathError
 
 __all__ = ["os_error", "guard", "exists", "read_json", "parse_json", "MAX_JSON_BYTES", "MAX_JSON_DEPTH"]
 

@@ -1,6 +1,6 @@
 """The data-aware importance kinds (``taylor``, ``activation``, ``gate``) and the factory ``prepare`` calls.
 
-The base kind and the shared reductions are in ``ebcompile.scoring``; its docstring says what each kind scores.
+The base kind and the shared reductions are in ``ebcompile.search.scoring``; its docstring says what each kind scores.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analysis.experts import is_expert_group
+from ..analysis.experts import is_expert_group
+from ..errors import ConfigError, ImportanceDataError
+from ..names import split_name
+from ..plan import GroupSet, Member, Plan
+from ..transforms.masks import iter_masks
 from .distributed import full_vector, unwrap
-from .errors import ConfigError, ImportanceDataError
 from .expert_scores import ExpertActivation
-from .names import split_name
-from .plan import GroupSet, Member, Plan
 from .scoring import (
     Importance,
     all_reduce_sum,
@@ -30,7 +31,6 @@ from .scoring import (
     unit_slice_scores,
     unregister_taylor,
 )
-from .transforms.masks import iter_masks
 
 __all__ = ["KINDS", "gate_penalty", "add_gate_penalty_grad", "gate_parameters", "TaylorImportance",
            "ActivationImportance", "GateImportance"]

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import DistributedError
 from .distributed import DTensor, collective_ints, local_tensor, shard_rows, world
-from .errors import DistributedError
 from .scoring import raw_tensor
 
 __all__ = ["unstructured_sharded"]

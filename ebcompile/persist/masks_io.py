@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .importance import Masks
+from ..search.importance import Masks
 
 __all__ = ["TICKET_TAGS", "STATE_TAGS", "masks_to_tensors", "masks_from_tensors", "pack_bits"]
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config_values import config_value
-from .families import family_of
-from .families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
-from .modules import CompactMultiheadAttention, CompactShiftedWindowAttention
-from .transforms.counts import WIDTH_ATTRS, ConfigView
+from ..families import family_of
+from ..families.config_values import config_value
+from ..families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
+from ..modules import CompactMultiheadAttention, CompactShiftedWindowAttention
+from ..transforms.counts import WIDTH_ATTRS, ConfigView
 
 __all__ = ["WEIGHTS", "CONFIG", "META", "FORMAT", "VERSION", "head_counts", "attention_heads", "HeadCount", "count_attributes"]
 
@@ -97,7 +97,7 @@ def _int(obj: object, attr: str) -> int | None:
 def count_attributes(model: nn.Module) -> dict[str, int]:
     """Every head count and width attribute of the table in ``transforms.counts`` (``path.attr`` -> value): what a
     fresh model needs rewritten, besides its tensor shapes, to compute what the compact one does."""
-    from .families.hf_moe import EXPERT_COUNTS, EXPERT_WIDTHS
+    from ..families.hf_moe import EXPERT_COUNTS, EXPERT_WIDTHS
 
     names = set(HEAD_COUNTS + KV_COUNTS + GROUP_COUNTS + WIDTHS + NEURON_WIDTHS + EXPERT_COUNTS + EXPERT_WIDTHS)
     out = {}

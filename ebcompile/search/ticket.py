@@ -12,14 +12,14 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..errors import CheckpointError, ConfigError, TicketMismatchError
+from ..persist.io import load_tensors, save_tensors
+from ..persist.masks_io import masks_from_tensors, masks_to_tensors
+from ..persist.materialized import require_materialized
+from ..prepare import config_of
+from ..transforms.masks import iter_masks
 from .distributed import full_state_dict, is_main, load_full_state_dict, mask_, unwrap
-from .errors import CheckpointError, ConfigError, TicketMismatchError
 from .importance import Masks, raw_tensor
-from .io import load_tensors, save_tensors
-from .masks_io import masks_from_tensors, masks_to_tensors
-from .materialized import require_materialized
-from .prepare import config_of
-from .transforms.masks import iter_masks
 
 __all__ = ["Ticket", "apply_ticket", "snapshot", "MODES"]
 
@@ -83,7 +83,7 @@ def signature_of(model: nn.Module) -> dict[str, list[int]]:
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of the model's weights (no masks), for ``apply_ticket(..., mode="rewind")``. Sharded (FSDP2)
     tensors are gathered whole: call it on every rank."""
-    from .materialized import require_module
+    from ..persist.materialized import require_module
 
     require_module(model, "snapshot")
     state = full_state_dict(unwrap(model))
@@ -209,7 +209,7 @@ def apply_ticket(
 
 def draw_ticket(model: nn.Module, ratio: float | None = None) -> Ticket:
     """The ticket magnitude pruning at ``ratio`` gives right now, without a search (one-shot pruning)."""
-    from .prepare import current_masks
+    from ..prepare import current_masks
 
     model = unwrap(model)
     cfg = config_of(model)

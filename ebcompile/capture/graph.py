@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture_pieces import capture_pieces
-from .capture_types import Captured
-from .errors import CaptureError, EbcompileError, InputMismatchError
-from .transforms.verify import evaluating
+from ..errors import CaptureError, EbcompileError, InputMismatchError
+from ..transforms.verify import evaluating
+from .pieces import capture_pieces
+from .types import Captured
 
 CONSTANT = "ebcompile.constant"  # node.meta: the value of a small lifted integer constant (torch.export)
 
@@ -225,7 +225,7 @@ def capture(model: nn.Module, example_inputs: Any, method: str = "auto") -> Capt
     if not _on_meta(model):  # a meta model's eager forward can fail on .item() where tracing does not (ebcompile.analyse)
         check_inputs(model, args, kwargs)
     if method != "auto" and method not in CAPTURE_PATHS:
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError(f"unknown capture method {method!r}. Fix: use one of 'auto', {', '.join(map(repr, CAPTURE_PATHS))}.")
     paths = list(CAPTURE_PATHS) if method == "auto" else [method]

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture_types import Captured, clean_stack_path
-from .transforms.verify import evaluating
+from ..transforms.verify import evaluating
+from .types import Captured, clean_stack_path
 
 __all__ = ["capture_pieces"]
 

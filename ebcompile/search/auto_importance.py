@@ -21,9 +21,9 @@ import warnings
 import torch
 from torch import nn
 
-from .analysis.experts import install_routing, is_expert_group
-from .errors import ConfigError
-from .plan import GroupSet, Plan
+from ..analysis.experts import install_routing, is_expert_group
+from ..errors import ConfigError
+from ..plan import GroupSet, Plan
 from .scorers import ActivationImportance, GateImportance, TaylorImportance, check_kind, check_plan_kind
 from .scoring import Importance
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .transforms.masks import is_gate
+from ..errors import ConfigError
+from ..transforms.masks import is_gate
 
 Transform = Callable[[nn.Module], nn.Module]
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import CheckpointError, OutputPathError
+from ..errors import CheckpointError, OutputPathError
 from .fsguard import exists, guard, os_error
 from .io import _leftovers, _make_parents, _public_mode, _remove, _remove_created, abandon
 

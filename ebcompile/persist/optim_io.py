@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 from .io import load_tensors, save_tensors
 
 __all__ = ["load_optimizer", "save_optimizer"]

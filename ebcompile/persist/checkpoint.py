@@ -27,19 +27,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, EbcompileError
-from .families import compacted_by, family_of
-from .families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
+from ..errors import CheckpointError, ConfigError, EbcompileError
+from ..families import compacted_by, family_of
+from ..families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
+from ..modules import SparseLinear
+from ..names import set_tensor, split_name, tensor_at
+from ..transforms.counts import SLICED_BUFFERS, WIDTH_ATTRS, ConfigView
+from ..transforms.reshapes import install_rewrite, rewrites_of
+from ..transforms.shrink import fix_attributes, plain_model, removed_indices
 from .fsguard import exists, guard, read_json
 from .hfload import build_checked, header_shapes, hf_class, hf_config, read_folder, saved_hf_class
 from .materialized import require_materialized
 from .model_format import CONFIG, FORMAT, META, VERSION, WEIGHTS, count_attributes, head_counts
-from .modules import SparseLinear
-from .names import set_tensor, split_name, tensor_at
 from .savedir import atomic_dir, read_saved
-from .transforms.counts import SLICED_BUFFERS, WIDTH_ATTRS, ConfigView
-from .transforms.reshapes import install_rewrite, rewrites_of
-from .transforms.shrink import fix_attributes, plain_model, removed_indices
 
 __all__ = ["save", "load", "head_counts", "WEIGHTS", "CONFIG", "META"]
 

@@ -1,6 +1,6 @@
 """The masks that pruning at ratio p would give now, from an importance kind's scores.
 
-Importance (how much a weight or a group matters: ``ebcompile.scoring`` and ``ebcompile.scorers``) is kept apart
+Importance (how much a weight or a group matters: ``ebcompile.search.scoring`` and ``ebcompile.search.scorers``) is kept apart
 from which units the scores remove (here), when masks are drawn (the controller) and how they are applied
 (``ticket``), as in torch.ao.pruning and Torch-Pruning.
 """
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .analysis.experts import unit_rows
+from ..analysis.experts import unit_rows
+from ..plan import GroupSet, Plan
 from .distributed import is_sharded
-from .plan import GroupSet, Plan
 from .scoring import Importance, raw_tensor, unit_slice_scores
 from .sharded_masks import unstructured_sharded
 

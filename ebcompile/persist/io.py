@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, OutputPathError
+from ..errors import CheckpointError, OutputPathError
 from .fsguard import guard, os_error, parse_json
 
 __all__ = ["atomic_path", "check_writable", "save_tensors", "load_tensors"]

@@ -37,10 +37,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ..errors import ConfigError, ImportanceDataError
+from ..names import split_name
+from ..plan import GroupSet, Member, Plan
 from .distributed import full_vector, is_sharded, masked, world
-from .errors import ConfigError, ImportanceDataError
-from .names import split_name
-from .plan import GroupSet, Member, Plan
 
 __all__ = ["Importance", "raw_tensor", "unit_slice_scores", "register_taylor", "unregister_taylor", "all_reduce_sum", "member_key",
            "sharded_product", "in_dims", "check_window"]
@@ -76,7 +76,7 @@ def unit_slice_scores(model: nn.Module, group: GroupSet, element: Callable[[Memb
             continue
         dim, offset = m.dim % t.dim(), m.offset
         if m.batched:  # one expert's slice per run of units (analysis.experts): sum each expert's rows
-            from .analysis.experts import unit_rows
+            from ..analysis.experts import unit_rows
 
             count += m.unit_size * math.prod(n for d, n in enumerate(t.shape) if d not in (0, dim))
             units = torch.cat([r.reshape(r.shape[0], -1).sum(1).reshape(-1, m.unit_size).sum(1) for r, _ in unit_rows(t, m, group)])

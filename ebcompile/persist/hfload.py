@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, EbcompileError
+from ..errors import CheckpointError, EbcompileError
 from .fsguard import exists, guard, read_json
 
 __all__ = ["NO_CODE", "read_folder", "hf_config", "hf_class", "saved_hf_class", "build_checked", "header_shapes"]
@@ -135,7 +135,7 @@ def _disagreement(fresh: nn.Module, shapes: dict[str, list[int]]) -> str | None:
 
 def _compact_names(model: nn.Module) -> dict[str, str]:
     """Dense state_dict name -> the name its compacted module saves it under, from the families' records."""
-    from .families import family_of
+    from ..families import family_of
 
     names: dict[str, str] = {}
     for path, module in model.named_modules():

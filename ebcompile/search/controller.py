@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, ConfigError, NonFiniteWeightsError, TicketMismatchError
+from ..persist.io import load_tensors, save_tensors
+from ..persist.masks_io import STATE_TAGS, masks_from_tensors, masks_to_tensors, pack_bits
+from ..prepare import check_ratio, config_of, mask_shapes, tracker_of
 from .distributed import all_finite, check_same, is_main, unwrap, world
-from .errors import CheckpointError, ConfigError, NonFiniteWeightsError, TicketMismatchError
 from .importance import Masks, compute_masks, hamming, raw_tensor
-from .io import load_tensors, save_tensors
-from .masks_io import STATE_TAGS, masks_from_tensors, masks_to_tensors, pack_bits
-from .prepare import check_ratio, config_of, mask_shapes, tracker_of
 from .ticket import Ticket, signature_of, snapshot, ticket_from
 
 __all__ = ["EarlyBird", "RULES", "deadline_step", "load_ticket"]
