@@ -136,3 +136,25 @@ def test_pooled_queries_and_unused_attention_weights_keep_one_unit_per_head():
 def test_heads_contracted_with_shared_position_data_keep_one_unit_per_head():
     model, small = _check(SharedBoxes)
     assert small[0].box.out_features == 6
+
+
+class UnusedStage(nn.Module):
+    """A backbone stage computed and never read (VitMatte's tester keeps stage 1 only): no units, and a reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.unused, self.out = Block(), Block(), nn.Linear(DIM, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.used(x)
+        self.unused(h)
+        return self.out(h)
+
+
+def test_a_stage_whose_output_is_never_used_has_no_units_and_says_why():
+    torch.manual_seed(0)
+    model = ebcompile.prepare(UnusedStage(), torch.randn(2, 6, DIM), ratio=0.5, structure="structured",
+                              importance="magnitude", capture_method="export")
+    plan = model._ebcompile.plan
+    assert {g.name.split(".")[0] for g in plan.groups} == {"used"}
+    assert plan.skipped["unused.fc1"] == "no heads or neurons: its output never reaches the model's output"

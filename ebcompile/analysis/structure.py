@@ -273,6 +273,11 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
             continue
         groups.append(GroupSet("head" if is_head else "neuron", name, len(units), tuple(members),
                                module=module if is_head else None, per_group=per_group))
+    live = _live(graph)
+    for node in graph.nodes:  # a layer computed and never used (a backbone stage the head does not read)
+        w = param_of.get(node.name)
+        if w in masked and node.users and not any(u in live for u in node.users):
+            skipped.setdefault(split_name(w)[0], "no heads or neurons: its output never reaches the model's output")
     return groups, skipped
 
 
