@@ -63,6 +63,9 @@ class GroupSet:
     attributes: tuple[str, ...] = ()  # e.g. ("num_heads",)
     per_group: int = 0  # grouped-query heads kept per KV head: units come in runs of this many, each run keeps as many
     min_units: int = 1  # the fewest units a draw keeps (a mixture-of-experts layer keeps at least top_k experts)
+    # RMS norms whose statistics span these units (OLMo-2's q_norm): (producer weight, its bias or None, the norm's
+    # weight, the full width); compaction rescales them (``analysis.norm_folds``, ``transforms.norm_scale``)
+    folds: tuple[tuple[str, str | None, str, int], ...] = ()
 
 
 @dataclass
@@ -85,7 +88,8 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
         groups = [
-            GroupSet(**dict(g, members=tuple(Member(**m) for m in g["members"]), attributes=tuple(g.get("attributes", ()))))
+            GroupSet(**dict(g, members=tuple(Member(**m) for m in g["members"]), attributes=tuple(g.get("attributes", ())),
+                            folds=tuple(tuple(f) for f in g.get("folds", ()))))
             for g in data["groups"]
         ]
         return cls([_linear_op(x) for x in data["linears"]], groups, dict(data.get("skipped", {})), data.get("capture", ""))

@@ -36,6 +36,7 @@ class Flow:
         # sizes along those features are fixed, so a compact model cannot cut units that meet them position by position
         self.opaque: set[fx.Node] = set()
         self._from_input: dict[fx.Node, bool] = {}
+        self.rms_candidates: list[tuple[fx.Node, fx.Node, list[int]]] = []  # (mean, its squared input, dims)
 
     def from_input(self, arg: Any) -> bool:
         """Whether ``arg`` depends on the model's inputs (not only on parameters, buffers and constants)."""
@@ -316,6 +317,11 @@ def _reduce(flow: Flow, node: fx.Node):
         dims = list(range(len(s)))
     dims = [dims] if isinstance(dims, int) else list(dims)
     keep = bool(schema_arg(node, "keepdim", False))
+    if node.target._opname == "mean":
+        from .norm_folds import rms_candidate
+
+        if rms_candidate(flow, node, x, dims, keep):
+            return None
     out = reduce_dims(flow, x, dims, keep, f"its features are reduced by {node.target._opname} across units")
     return [out, out] if node.target._opname == "var_mean" else out
 

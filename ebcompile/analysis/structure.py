@@ -16,6 +16,7 @@ an op without a handler (``skipped`` says which). Writes ``node.meta["ebcompile.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections import defaultdict
 
@@ -30,6 +31,7 @@ from . import ops_conv as _ops_conv  # noqa: F401 - registers handlers
 from . import ops_einsum as _ops_einsum  # noqa: F401 - registers handlers
 from . import ops_shape as _ops_shape  # noqa: F401 - registers handlers
 from .labels import Elements, Labels
+from .norm_folds import NormFold, settle_rms_candidates
 from .ophandlers import HANDLERS, Flow, aten_name, pointwise
 
 __all__ = ["discover", "META"]
@@ -135,6 +137,13 @@ def propagate(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch
     return flow
 
 
+def _with_folds(group: GroupSet, folds: list[NormFold]) -> GroupSet:
+    """``group`` with the RMS norms fed by one of its masked producers (each norm's weight follows the units)."""
+    producers = {m.tensor for m in group.members if m.masked and m.dim == 0}
+    mine = tuple((f.producer, f.bias, f.norm_weight, f.width) for f in folds if f.producer in producers)
+    return dataclasses.replace(group, folds=mine) if mine else group
+
+
 def _live(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose values reach the graph's output, or that write to their inputs (in-place ops, buffer updates)."""
     live: set[fx.Node] = set()
@@ -212,6 +221,7 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
              ) -> tuple[list[GroupSet], dict[str, str]]:
     """Head and neuron ``GroupSet``s of ``graph`` over the ``masked`` weights, and why other linears have none."""
     flow = propagate(graph, param_of, params, keep_kv, buffer_of)
+    folds = settle_rms_candidates(flow, params)
     el = flow.el
     el.settle_followers()
     comps: dict[int, list[int]] = defaultdict(list)
@@ -273,6 +283,7 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
             continue
         groups.append(GroupSet("head" if is_head else "neuron", name, len(units), tuple(members),
                                module=module if is_head else None, per_group=per_group))
+    groups = [_with_folds(g, folds) for g in groups]
     live = _live(graph)
     for node in graph.nodes:  # a layer computed and never used (a backbone stage the head does not read)
         w = param_of.get(node.name)

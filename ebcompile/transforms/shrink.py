@@ -44,6 +44,7 @@ from ..search.optim_state import retarget_optimizer
 from .carry import carry_flags, check_ticket_state, flags_of
 from .counts import SLICED_BUFFERS, rewrite_counts
 from .masks import iter_masks, strip_masks
+from .norm_scale import rescale_folded_norms
 from .reshapes import adapt_forwards, hold_whole, is_held_whole
 from .verify import check_same_function
 
@@ -303,6 +304,7 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool, check: bool =
     new.__dict__.pop("_ebcompile", None)
     if structured:
         removed, widths = _remove_units(new, cfg.plan, ticket, round_to)
+        rescale_folded_norms(new, cfg.plan)
         _record_sliced_buffers(new, removed)
         watch = [g.module if g.kind == "head" else split_name(g.name)[0] for g in cfg.plan.groups]
         heads = [g.module for g in cfg.plan.groups if g.kind == "head" and g.module]
