@@ -158,3 +158,42 @@ def test_a_stage_whose_output_is_never_used_has_no_units_and_says_why():
     plan = model._ebcompile.plan
     assert {g.name.split(".")[0] for g in plan.groups} == {"used"}
     assert plan.skipped["unused.fc1"] == "no heads or neurons: its output never reaches the model's output"
+
+
+class GatedByView(nn.Module):
+    """Moshi's gating FFN: ``fc1`` to ``2 F``, ``view(..., 2, -1)``, ``act(h[..., 0, :]) * h[..., 1, :]``, ``fc2``;
+    and a two-head attention whose ``view(b, n, -1, head_dim)`` is a split in two like any other into heads."""
+
+    def __init__(self, dim: int = 16, ffn: int = 12, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.hd, self.kv = dim // 2, kv_heads
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, kv_heads * self.hd), nn.Linear(dim, kv_heads * self.hd)
+        self.fc1, self.fc2, self.out = nn.Linear(dim, 2 * ffn), nn.Linear(ffn, dim), nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, -1, self.hd).transpose(1, 2)
+        k, v = (p(x).view(b, n, -1, self.hd).transpose(1, 2) for p in (self.k, self.v))
+        if self.kv == 1:  # multi-query: both query heads read one KV head
+            k, v = k.expand(b, q.shape[1], n, self.hd), v.expand(b, q.shape[1], n, self.hd)
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+        h = self.fc1(x).view(b, n, 2, -1)
+        return self.out(x + self.fc2(F.silu(h[..., 0, :]) * h[..., 1, :]))
+
+
+def test_a_gated_ffn_split_by_view_keeps_one_unit_per_neuron_and_two_heads_stay_heads():
+    for kv_heads in (2, 1):
+        torch.manual_seed(0)
+        model = GatedByView(kv_heads=kv_heads)
+        inputs = [torch.randn(2, 5, 16), torch.randn(1, 7, 16)]
+        ebcompile.prepare(model, inputs[0], ratio=0.5, structure="structured", importance="magnitude",
+                          capture_method="export")
+        units = {g.kind: g.units for g in model._ebcompile.plan.groups}
+        assert units == {"neuron": 12, "head": 2}, (kv_heads, units)
+        ebcompile.apply_ticket(model, ebcompile.draw_ticket(model, 0.5))
+        small = ebcompile.compact(model, round_to=None).eval()
+        with torch.no_grad():
+            for x in inputs:
+                torch.testing.assert_close(small(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+        assert small.fc1.out_features < 24 and small.fc1.out_features == 2 * small.fc2.in_features

@@ -34,6 +34,8 @@ class Elements:
         self.followers: list[tuple[np.ndarray, np.ndarray, str]] = []
         # (activation elements, the shape of data without labels it meets, why): resolved by ``settle_followers``
         self.fixed_extents: list[tuple[np.ndarray, tuple[int, ...], str]] = []
+        # (labels, outer axis, inner axis) of features split in two (``view(..., 2, -1)``): resolved by ``settle_splits``
+        self.pending_splits: list[tuple[np.ndarray, int, int]] = []
 
     def of(self, tensor: str, dim: int, size: int) -> np.ndarray:
         """The elements of ``tensor`` along ``dim`` (created on first use)."""
@@ -75,6 +77,17 @@ class Elements:
 
     def roots(self, ids: np.ndarray) -> set[int]:
         return {self.find(int(x)) for x in np.unique(ids[ids >= 0])}
+
+    def settle_splits(self) -> None:
+        """Features split in two halves are two heads (each half one unit, as any split into heads) unless the halves
+        were joined position by position outside any attention (a gated FFN, ``act(h[..., 0, :]) * h[..., 1, :]``:
+        then each pair is a neuron of its own)."""
+        attending = {self.find(e) for e in self.attention}
+        for ids, outer, inner in self.pending_splits:
+            first, second = (self.unit_roots(np.take(ids, [i], axis=outer)) for i in (0, 1))
+            # two query heads reading one KV head are joined channel by channel too, through it: still heads
+            if not np.array_equal(first, second) or attending & set(np.unique(first).tolist()):
+                self.union_along(ids, inner)
 
     def settle_followers(self) -> None:
         """Once every unit is known: a parameter index that meets one unit only follows it (a per-head bias added

@@ -52,7 +52,8 @@ def _native_dropout(flow: Flow, node: fx.Node):
 @handler("view", "reshape", "_unsafe_view", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze")
 def _reshape(flow: Flow, node: fx.Node):
     """Element order is kept: reshape the labels with the tensor. A labelled dimension split into several
-    (features -> heads x head_dim) makes each slice along the innermost new one a single unit (a head)."""
+    (features -> heads x head_dim) makes each slice along the innermost new one a single unit (a head); a split in
+    two is settled once the halves' fate is known (``Elements.settle_splits``: Moshi's gated FFN)."""
     lab, src, dst = flow.lab(node.args[0]), shape(node.args[0]), shape(node)
     if not isinstance(lab, Labels) or src is None or dst is None:
         return None
@@ -64,7 +65,10 @@ def _reshape(flow: Flow, node: fx.Node):
     ids = compress(ids)
     vary = varying(ids)
     if len(vary) > len(varying(lab.ids)) and not lab.param:
-        flow.el.union_along(ids, vary[-1])
+        if len(vary) > 1 and ids.shape[vary[-2]] == 2:  # two heads, or the two halves of a gated FFN: decided later
+            flow.el.pending_splits.append((ids, vary[-2], vary[-1]))
+        else:
+            flow.el.union_along(ids, vary[-1])
     return Labels(ids, lab.param)
 
 

@@ -223,6 +223,7 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
     flow = propagate(graph, param_of, params, keep_kv, buffer_of)
     folds = settle_rms_candidates(flow, params)
     el = flow.el
+    el.settle_splits()
     el.settle_followers()
     comps: dict[int, list[int]] = defaultdict(list)
     for e in range(len(el.parent)):
