@@ -21,9 +21,11 @@ from typing import Any
 from torch import fx
 
 from .labels import Labels
-from .ophandlers import Flow, aten_name, reduce_dims, shape
+from .ophandlers import HANDLERS, Flow, aten_name, handler, reduce_dims, schema_arg, shape
 
 __all__ = ["NormFold", "rms_candidate", "settle_rms_candidates"]
+
+_plain_reduction = HANDLERS["mean"]
 
 _PASSTHROUGH = {"to", "_to_copy", "view", "reshape", "_unsafe_view", "clone", "contiguous", "alias", "type_as"}
 _WHY = "its features are normalised by a norm layer across units"
@@ -54,6 +56,16 @@ def rms_candidate(flow: Flow, node: fx.Node, x: Any, dims: list[int], keepdim: b
         return False
     flow.rms_candidates.append((node, y, dims))
     return True
+
+
+@handler("mean")
+def _mean(flow: Flow, node: fx.Node):
+    """A mean of squares over labelled features is an RMS norm's statistic (a candidate); any other mean reduces."""
+    dims = schema_arg(node, "dim")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if dims and rms_candidate(flow, node, node.args[0], dims, bool(schema_arg(node, "keepdim", False))):
+        return None
+    return _plain_reduction(flow, node)
 
 
 def _module(node: fx.Node) -> str | None:

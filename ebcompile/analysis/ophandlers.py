@@ -317,11 +317,6 @@ def _reduce(flow: Flow, node: fx.Node):
         dims = list(range(len(s)))
     dims = [dims] if isinstance(dims, int) else list(dims)
     keep = bool(schema_arg(node, "keepdim", False))
-    if node.target._opname == "mean":
-        from .norm_folds import rms_candidate
-
-        if rms_candidate(flow, node, x, dims, keep):
-            return None
     out = reduce_dims(flow, x, dims, keep, f"its features are reduced by {node.target._opname} across units")
     return [out, out] if node.target._opname == "var_mean" else out
 
