@@ -64,6 +64,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     onnx_both = [r for r in onnx_dense if r["status"] == "pass" or r["stage"] == "save_load"]
     attending = [r for r in dense if r.get("attention")]
     attending_both = [r for r in attending if r in both_exact]
+    one_head = [r for r in attending if r not in both_exact and r.get("max_heads") == 1]
     passed = [r for r in rows if r["status"] == "pass"]
     stops = Counter(r["stage"] for r in onnx_dense if r not in onnx_both)
     failed_export = [r for r in rows if r["status"] == "fail" and r["stage"] == "onnx"]
@@ -76,7 +77,9 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         f"{len(any_exact)} compact exactly whatever they prune."
         + (f" Of the **{len(attending)}** whose dense forward computes attention (scaled dot-product attention, or a "
            f"softmax next to a batched product; the others are CNNs, state-space models, codecs: no heads to find), "
-           f"**{len(attending_both)}** ({100 * len(attending_both) / len(attending):.1f}%) do both."
+           f"**{len(attending_both)}** ({100 * len(attending_both) / len(attending):.1f}%) do both"
+           + (f"; {len(one_head)} of the others have one head per attention module in their tester config (no head "
+              f"to cut: {', '.join(r['family'] for r in one_head)})" if one_head else "") + "."
            if attending else ""),
         f"- Of the **{len(onnx_dense)}** whose dense model exports to ONNX (verified): **{len(onnx_both)}** export the "
         "compact model and verify; the others stop at " + (", ".join(f"{s} ({n})" for s, n in stops.most_common()) or "none")

@@ -96,6 +96,26 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return worst
 
 
+def max_heads(model: torch.nn.Module) -> int | None:
+    """The largest query head count any module of ``model`` holds (``num_heads``, ``num_attention_heads``, ...; a
+    per-layer list counts by its largest entry), or None if no module holds one: a tester config with one head per
+    attention module has no head to cut."""
+    from ebcompile.families.vocabulary import HEAD_COUNTS
+
+    counts = []
+    for module in model.modules():
+        for attr in HEAD_COUNTS:
+            value = module.__dict__.get(attr)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            counts += [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+        config = module.__dict__.get("config")
+        for attr in HEAD_COUNTS:
+            value = getattr(config, attr, None) if config is not None else None
+            values = value if isinstance(value, (list, tuple)) else [value]
+            counts += [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return max(counts) if counts else None
+
+
 def found_units(model: torch.nn.Module) -> tuple[dict[str, int], dict[str, str]]:
     """Units per kind in the prepared plan, and the kind of each group by its mask key ``kind:name`` (``kv``: a head
     group whose units are whole KV groups, i.e. its masked members do not all have the same unit size). Keyed by the
@@ -169,6 +189,7 @@ def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None]
                 continue
             state["model"], row["model_class"] = model, cls.__name__
             row["attention"] = computes_attention(model, loaded.inputs)
+            row["max_heads"] = max_heads(model)
             return
         name, exc = errors[0]
         row["model_class"] = name

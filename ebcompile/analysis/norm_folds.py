@@ -52,7 +52,7 @@ def rms_candidate(flow: Flow, node: fx.Node, x: Any, dims: list[int], keepdim: b
     lab = flow.lab(y)
     if not square or s is None or not isinstance(lab, Labels) or lab.param or [d % len(s) for d in dims] != [len(s) - 1]:
         return False
-    if lab.ids.shape[-1] < 2:
+    if lab.ids.shape[-1] < 2 or any(n > 1 for n in lab.ids.shape[:-1]):  # per-head statistics: not across units
         return False
     flow.rms_candidates.append((node, y, dims))
     return True
