@@ -13,6 +13,7 @@ few lines (before: one "head" unit per layer, nothing to cut; now: every head a 
 from __future__ import annotations
 
 import torch
+from test_graph_forms import _compact_matches
 from torch import nn
 from torch.nn import functional as F
 
@@ -105,16 +106,9 @@ def _check(block: type[Block], lengths: tuple[int, int] = (6, 8)) -> tuple[nn.Mo
     torch.manual_seed(0)
     model = nn.Sequential(block(), block(), nn.Linear(DIM, 3))
     inputs = [torch.randn(2, lengths[0], DIM), torch.randn(1, lengths[1], DIM)]
-    ebcompile.prepare(model, inputs[0], ratio=0.5, structure="structured", importance="magnitude",
-                      capture_method="export")
+    model, small = _compact_matches(model, inputs, "export")
     heads = [g for g in model._ebcompile.plan.groups if g.kind == "head"]
     assert [g.units for g in heads] == [HEADS, HEADS], [g.units for g in heads]
-    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model, 0.5))
-    small = ebcompile.compact(model, round_to=None)
-    model.eval(), small.eval()
-    with torch.no_grad():
-        for x in inputs:
-            torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
     assert sum(small[i].q.out_features for i in range(2)) == DIM  # half the heads of the two layers
     return model, small
 
@@ -185,15 +179,8 @@ class GatedByView(nn.Module):
 def test_a_gated_ffn_split_by_view_keeps_one_unit_per_neuron_and_two_heads_stay_heads():
     for kv_heads in (2, 1):
         torch.manual_seed(0)
-        model = GatedByView(kv_heads=kv_heads)
-        inputs = [torch.randn(2, 5, 16), torch.randn(1, 7, 16)]
-        ebcompile.prepare(model, inputs[0], ratio=0.5, structure="structured", importance="magnitude",
-                          capture_method="export")
+        model, small = _compact_matches(GatedByView(kv_heads=kv_heads), [torch.randn(2, 5, 16), torch.randn(1, 7, 16)],
+                                        "export")
         units = {g.kind: g.units for g in model._ebcompile.plan.groups}
         assert units == {"neuron": 12, "head": 2}, (kv_heads, units)
-        ebcompile.apply_ticket(model, ebcompile.draw_ticket(model, 0.5))
-        small = ebcompile.compact(model, round_to=None).eval()
-        with torch.no_grad():
-            for x in inputs:
-                torch.testing.assert_close(small(x), model.eval()(x), atol=1e-5, rtol=1e-5)
         assert small.fc1.out_features < 24 and small.fc1.out_features == 2 * small.fc2.in_features
