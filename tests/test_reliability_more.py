@@ -188,10 +188,10 @@ def test_every_load_during_repeated_saves_gets_one_whole_save(tmp_path):
     saver = subprocess.Popen([sys.executable, str(script), str(stop), str(folder), str(ready)], stderr=subprocess.PIPE, text=True)
     try:
         start = time.monotonic()
-        while not ready.exists() and saver.poll() is None and time.monotonic() < start + 20:
-            time.sleep(0.02)  # the saver's interpreter and torch import
-        deadline, seen, loads = time.monotonic() + 10, set(), 0
-        while loads < 200 and time.monotonic() < deadline:
+        while not ready.exists() and saver.poll() is None and time.monotonic() < start + 120:
+            time.sleep(0.02)  # the saver's interpreter and torch import (slow on a loaded machine)
+        deadline, seen, loads = time.monotonic() + 30, set(), 0
+        while (loads < 200 or len(seen) < 2) and time.monotonic() < deadline:
             back = ebcompile.load(folder, model=Versioned())
             values = {float(v) for p in back.parameters() for v in p.detach().unique()}
             assert values == {float(back.version)} and 1 <= back.version <= 7, (values, back.version)
