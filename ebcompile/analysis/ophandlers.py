@@ -37,6 +37,7 @@ class Flow:
         self.opaque: set[fx.Node] = set()
         self._from_input: dict[fx.Node, bool] = {}
         self.rms_candidates: list[tuple[fx.Node, fx.Node, list[int]]] = []  # (mean, its squared input, dims)
+        self.live: set[fx.Node] = set()  # nodes whose values reach the output (``structure.propagate``)
 
     def from_input(self, arg: Any) -> bool:
         """Whether ``arg`` depends on the model's inputs (not only on parameters, buffers and constants)."""

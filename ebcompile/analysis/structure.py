@@ -96,7 +96,7 @@ def propagate(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch
     their own: a handler that knows a buffer follows a unit (a batch norm's running statistics) labels it."""
     flow = Flow(Elements(), param_of, keep_kv)
     flow.buffer_of = dict(buffer_of or {})
-    live = _live(graph)
+    flow.live = live = _live(graph)
     for node in graph.nodes:
         if node.op == "call_function" and node not in live:
             continue  # computed and dropped (SAM2's unused attention weights): constrains nothing
@@ -285,7 +285,7 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
         groups.append(GroupSet("head" if is_head else "neuron", name, len(units), tuple(members),
                                module=module if is_head else None, per_group=per_group))
     groups = [_with_folds(g, folds) for g in groups]
-    live = _live(graph)
+    live = flow.live
     for node in graph.nodes:  # a layer computed and never used (a backbone stage the head does not read)
         w = param_of.get(node.name)
         if w in masked and node.users and not any(u in live for u in node.users):
