@@ -21,7 +21,7 @@ from typing import Any
 from torch import fx
 
 from .labels import Labels
-from .ophandlers import HANDLERS, Flow, aten_name, handler, reduce_dims, schema_arg, shape
+from .ophandlers import HANDLERS, Flow, aten_name, handler, module_of, reduce_dims, schema_arg, shape
 
 __all__ = ["NormFold", "rms_candidate", "settle_rms_candidates"]
 
@@ -68,18 +68,13 @@ def _mean(flow: Flow, node: fx.Node):
     return _plain_reduction(flow, node)
 
 
-def _module(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else None
-
-
 def _inside(node: fx.Node, path: str) -> bool:
-    where = _module(node)
+    where = module_of(node)
     return where is not None and (where == path or where.startswith(path + "."))
 
 
 def _fold(flow: Flow, node: fx.Node, y: fx.Node, params: dict[str, Any]) -> NormFold | None:
-    path = _module(node)
+    path = module_of(node)
     if not path:
         return None
     width = shape(y)[-1]

@@ -91,6 +91,12 @@ def aten_name(node: Any) -> str:
     return target._opname if isinstance(target, torch._ops.OpOverload) else ""
 
 
+def module_of(node: fx.Node) -> str | None:
+    """The path of the innermost module whose forward made ``node`` (from the export's ``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
 HANDLERS: dict[str, Callable[[Flow, fx.Node], Any]] = {}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from torch import fx
 
 from .labels import Labels, aligned, varying
-from .ophandlers import Flow, _out, aten_name, handler, linear_source, shape
+from .ophandlers import Flow, _out, aten_name, handler, linear_source, module_of, shape
 
 
 def _aligned(lab: Labels | None, nd: int) -> np.ndarray | None:
@@ -244,11 +244,6 @@ _FILLS = ("zeros", "ones", "full", "empty", "zeros_like", "ones_like", "full_lik
           "new_ones", "new_full", "new_empty")
 
 
-def _module_of(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else None
-
-
 def _unsliceable_bias(flow: Flow, scores: Labels, bias: Any, q: Any, k: Any, attention: fx.Node) -> None:
     """An unlabelled addend to the scores that differs per head (BLOOM's ALiBi, T5's cross-attention bias built
     once from the head count and shared by every layer) cannot be sliced with the heads: keep them whole.
@@ -264,9 +259,9 @@ def _unsliceable_bias(flow: Flow, scores: Labels, bias: Any, q: Any, k: Any, att
         chain.append(node)
         if shape(node) is not None:
             sizes.append((1,) * (nd - len(shape(node))) + tuple(shape(node)))
-    where = _module_of(attention)
+    where = module_of(attention)
     if (aten_name(node) in _FILLS and where is not None
-            and all(_module_of(u) == where for n in chain for u in n.users)):
+            and all(module_of(u) == where for n in chain for u in n.users)):
         return
     if any(all(s[d] > 1 for s in sizes) for d in varying(scores.ids)):
         why = "its heads meet a per-head bias made outside the layer, which the analysis cannot slice (ALiBi, a shared bias)"
