@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import ebcompile
 from ebcompile.prepare import config_of
+from ebcompile.recipes import take_ticket
 from ebcompile.report import count_macs
 from ebcompile.search.controller import deadline_step
 from ebcompile.search.importance import compute_masks, hamming
@@ -263,9 +264,7 @@ def retrain(task: Task, run: DenseRun, snap: Snapshot, structure: str, ratio: fl
     gen = torch.Generator()
     gen.set_state(snap.gen)
     start, cpu = time.perf_counter(), time.process_time()
-    ebcompile.apply_ticket(model, ticket, mode="continue")
-    if structure == "structured":
-        model = ebcompile.compact(model, optimizer=opt).train()
+    model = take_ticket(model, ticket, mode="continue", optimizer=opt)  # structured: the compact model trains
     done = 0
     while done < steps:
         for idx in torch.randperm(len(task.train[1]), generator=gen).split(task.batch):

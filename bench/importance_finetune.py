@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import ebcompile  # noqa: E402
 from ebcompile.data import load_polarity  # noqa: E402
 from ebcompile.prepare import config_of  # noqa: E402
+from ebcompile.recipes import take_ticket  # noqa: E402
 
 from _sections import publish  # noqa: E402
 from minilm_mr import accuracy, batches, model_dir  # noqa: E402
@@ -108,8 +109,7 @@ def run(a) -> dict:
                           search_cpu_seconds=cpu + time.process_time() - start_cpu)
             result["distances"] = [r["distances"] for r in eb.history if r.get("distances")]
             result["chosen"] = config_of(model).importance  # what importance="auto" chose
-            ebcompile.apply_ticket(model, ticket)
-            model = ebcompile.compact(model, optimizer=opt).train()
+            model = take_ticket(model, ticket, optimizer=opt)
             tqdm.write(f"ticket at step {step} of {steps}, by the {ticket.found_at['by']}")
         wall += time.perf_counter() - start
         cpu += time.process_time() - start_cpu

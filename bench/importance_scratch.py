@@ -33,6 +33,7 @@ from _repro_tasks import make_tasks  # noqa: E402
 
 import ebcompile  # noqa: E402
 from ebcompile.prepare import config_of  # noqa: E402
+from ebcompile.recipes import take_ticket  # noqa: E402
 
 from _sections import publish  # noqa: E402
 
@@ -70,8 +71,7 @@ def run(task, kind: str, ratio: float, seed: int) -> dict:
             if searching and eb.step():
                 searching = False
                 result.update(ticket_step=step, by=eb.ticket.found_at["by"], chosen=config_of(model).importance)
-                ebcompile.apply_ticket(model, eb.ticket)
-                model = ebcompile.compact(model, optimizer=opt).train()
+                model = take_ticket(model, eb.ticket, optimizer=opt)
             cpu += time.process_time() - start
     result.update(cpu_seconds=cpu, accuracy=task.accuracy(model), parameters=sum(p.numel() for p in model.parameters()))
     return result

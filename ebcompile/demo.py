@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 from .persist.io import atomic_path, check_writable
 from .plots import plot_search
 from .prepare import prepare
+from .recipes.switch import take_ticket
 from .report import count_macs, count_parameters
 from .search.controller import DEADLINE, EarlyBird
-from .search.ticket import apply_ticket, draw_ticket
-from .transforms.shrink import compact
+from .search.ticket import draw_ticket
 
 __all__ = ["DemoResult", "run_demo", "digits_split", "small_vit"]
 
@@ -142,11 +142,10 @@ def run_demo(
     opt.load_state_dict(opt_state)
     sched.load_state_dict(sched_state)
     gen.set_state(gen_state)
-    apply_ticket(model, eb.ticket, mode="continue")
     start = time.perf_counter()
     # the compacted model itself trains on: smaller layers, so each epoch costs less than a dense one; the SGD
     # momentum is sliced onto it and the schedule goes on where the ticket left it
-    small = compact(model, optimizer=opt).train()
+    small = take_ticket(model, eb.ticket, mode="continue", optimizer=opt)
     for _ in tqdm(range(ticket_epoch, epochs), desc="retrain ticket", disable=not progress, leave=False):
         _epoch(small, opt, xtr, ytr, 64, gen)
         sched.step()

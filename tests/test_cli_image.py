@@ -62,7 +62,7 @@ def _png(data: bytes) -> bool:
 @needs_mnist
 def test_search_retrain_export_a_small_vit_on_mnist(tmp_path, capsys):
     import ebcompile
-    from ebcompile.cli.imageclf import Recipe
+    from ebcompile.recipes.imageclf import Recipe
 
     search, small, onnx_path = tmp_path / "search", tmp_path / "small", tmp_path / "small.onnx"
     data = ["--data", str(MNIST), "--train-limit", "256", "--batch", "32"]
@@ -103,7 +103,7 @@ def test_search_retrain_export_a_small_vit_on_mnist(tmp_path, capsys):
 
 def test_image_folder_and_a_user_factory_search_retrain_export(tmp_path, monkeypatch, capsys):
     import ebcompile
-    from ebcompile.cli.imageclf import Recipe
+    from ebcompile.recipes.imageclf import Recipe
 
     folder = _png_folder(tmp_path / "shapes")
     (tmp_path / "tinynet.py").write_text(FACTORY)

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from test_cli import MR, TRAIN, needs_mr, tiny_classifier  # noqa: F401 - the fixture, imported for its name
 
-from ebcompile.cli import textclf
 from ebcompile.cli.main import main
+from ebcompile.recipes import textclf
 
 pytestmark = needs_mr
 SEARCH = [*TRAIN, "--lr", "1e-3", "--epochs", "1", "--every", "2", "--threshold", "1e-9", "--deadline", "none", "--save-every", "4"]

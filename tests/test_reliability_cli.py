@@ -119,7 +119,7 @@ def test_retrain_into_its_own_search_folder_is_refused_before_anything_is_read(t
     def loaded(*args, **kwargs):
         raise AssertionError("the retrain went on")
 
-    monkeypatch.setattr("ebcompile.cli.textclf.load_texts", loaded)
+    monkeypatch.setattr("ebcompile.recipes.textclf.load_texts", loaded)
     monkeypatch.chdir(search)
     assert main(["retrain", str(search), "--out", out, "--data", "mr"]) == 2
     one_line(capsys.readouterr().err, "--out", "search")

@@ -65,7 +65,7 @@ def custom_code_folder(tmp_path: Path) -> tuple[Path, Path]:
 
 LOADERS = {
     "load": "import ebcompile; ebcompile.load({folder!r})",
-    "classifier": "from ebcompile.cli.textclf import load_classifier; load_classifier({folder!r})",
+    "classifier": "from ebcompile.recipes.textclf import load_classifier; load_classifier({folder!r})",
     "export": "import sys; from ebcompile.cli.main import main; sys.exit(main(['export', {folder!r}, {out!r}]))",
 }
 
@@ -97,7 +97,7 @@ VIT_KW = {"image_size": 16, "patch_size": 8, "num_layers": 1, "num_heads": 2, "h
 
 def image_run(tmp_path: Path, spec: str, kwargs: dict) -> Path:
     """A saved image model folder whose recipe names ``spec`` (written as a tampered file would be)."""
-    from ebcompile.cli.imageclf import Recipe, build_model, save_model
+    from ebcompile.recipes.imageclf import Recipe, build_model, save_model
 
     folder = tmp_path / "run" / "model"
     model = build_model("torchvision:VisionTransformer", VIT_KW, 3)
@@ -128,7 +128,7 @@ def test_a_run_json_naming_a_factory_never_imports_it(tmp_path, monkeypatch, cap
 
 
 def test_an_explicit_factory_builds_the_run_and_recipe_kwargs_may_not_load_files(tmp_path, monkeypatch):
-    from ebcompile.cli.imageclf import Recipe, load_saved
+    from ebcompile.recipes.imageclf import Recipe, load_saved
 
     (tmp_path / "mine.py").write_text("from torchvision.models import VisionTransformer as make\n")
     folder = image_run(tmp_path, "mine:make", VIT_KW)

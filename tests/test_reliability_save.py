@@ -91,8 +91,8 @@ class _Tokenizer:
 def test_the_search_model_folders_keep_a_users_notes(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
-    from ebcompile.cli.imageclf import Recipe, build_model, save_model
-    from ebcompile.cli.textclf import save_pretrained_atomically
+    from ebcompile.recipes.imageclf import Recipe, build_model, save_model
+    from ebcompile.recipes.textclf import save_pretrained_atomically
 
     kw = {"image_size": 16, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
     recipe = Recipe("torchvision:VisionTransformer", kw, 3, 3, [16, 16], ["a", "b", "c"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .imageclf import add_factory_argument
+from .args import add_factory_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,11 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..persist import checkpoint
     from ..prepare import prepare
+    from ..recipes import imageclf
     from ..report import report
     from ..search.controller import load_ticket
     from ..search.ticket import apply_ticket
     from ..transforms.shrink import compact
-    from . import imageclf
     from .models import load_with_inputs
 
     ticket = load_ticket(args.ticket)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .imageclf import add_factory_argument
+from .args import add_factory_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

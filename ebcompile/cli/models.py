@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ def load_model(source: str, factory: str | None = None) -> nn.Module:
     ``MODULE:FACTORY`` one only by ``factory``), a Hugging Face model folder (``save_pretrained``, a Trainer
     checkpoint) or a hub name, in eval mode. No code the folder names or holds is run."""
     from ..persist import checkpoint
-    from . import imageclf
+    from ..recipes import imageclf
 
     if imageclf.is_saved(source):
         return imageclf.load_saved(source, factory)[0]
@@ -30,8 +28,9 @@ def load_model(source: str, factory: str | None = None) -> nn.Module:
 
     if looks_local(source, hub_ids=True) and not Path(source).expanduser().exists():
         raise CheckpointError(f"{source}: no such folder. Fix: check the path (a hub name has no ./, ../, / or ~ in front).")
+    from ..persist import hfload
     from ..persist.hfload import NO_CODE, hf_class, hf_config
-    from .hub import hub_kwargs
+    from ..persist.hub import hub_kwargs
 
     hub = {} if Path(source).expanduser().exists() else hub_kwargs(source)  # offline or unreachable: at once
     try:
@@ -43,7 +42,7 @@ def load_model(source: str, factory: str | None = None) -> nn.Module:
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Fix: pass a folder written by "
                               "ebcompile.save or save_pretrained, or a hub name when online.") from exc
     cls = hf_class(config, f"Fix: save {source} with save_pretrained (it records its class).")
-    with quiet_transformers(), guard(source, "read"):
+    with hfload.quiet_transformers(), guard(source, "read"):
         return cls.from_pretrained(source, **hub, **NO_CODE).eval()
 
 
@@ -51,30 +50,13 @@ def load_with_inputs(source: str, batch: int = 1, seq: int = 16, factory: str | 
                      ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """``load_model(source, factory)`` and a made-up batch for it (``example_inputs``; random pixels for an image
     model)."""
-    from . import imageclf
+    from ..recipes import imageclf
 
     if imageclf.is_saved(source):
         model, recipe = imageclf.load_saved(source, factory)
         return model, imageclf.example_inputs(model, recipe, batch)
     model = load_model(source)
     return model, example_inputs(model, batch, seq)
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers' warnings and progress bars off while loading: a prepared model's ``*_mask`` keys and a
-    new classifier head are expected, and stderr stays for our one-line errors."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def example_inputs(model: nn.Module, batch: int = 1, seq: int = 16) -> dict[str, torch.Tensor]:

@@ -4,8 +4,8 @@ Text: fine-tune a Hugging Face sequence classifier (a model folder or hub name).
 model named ``torchvision:NAME``, ``timm:NAME`` or ``MODULE:FACTORY`` (``--model-kwargs`` JSON, e.g.
 ``torchvision:VisionTransformer --model-kwargs '{"image_size": 28, "patch_size": 7, "num_layers": 2,
 "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}'``) on an IDX folder, an image folder or cifar10; a second
-search into the same ``--out`` resumes the saved one (ebcompile/cli/textsearch.py, ebcompile/cli/imagetrain.py). Pixels are fitted to the
-model: grayscale repeated to 3 channels (or RGB to luma for a 1-channel model), resized (bilinear, antialiased)
+search into the same ``--out`` resumes the saved one (``ebcompile.recipes.search``: recipes/text.py, recipes/image.py).
+Pixels are fitted to the model: grayscale repeated to 3 channels (or RGB to luma for a 1-channel model), resized (bilinear, antialiased)
 to its image size (``--image-size``, else its own ``image_size``/``img_size``, else the data's), scaled to [-1, 1].
 
 Writes to ``--out``: ``model/`` (the early-bird weights: save_pretrained + tokenizer for text; ebcompile.save +
@@ -22,7 +22,7 @@ from ..search.controller import DEADLINE, FINETUNE_DEADLINE
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from .textclf import add_training_arguments
+    from .args import add_training_arguments
 
     p = sub.add_parser("search", help="fine-tune a text classifier until the early-bird ticket appears",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,12 +76,7 @@ def deadline_share(text: str) -> float | str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .imageclf import is_image_model
+    from ..recipes import SearchSettings, search
+    from ..recipes.settings import from_namespace
 
-    if is_image_model(args.model):
-        from .imagetrain import search
-
-        return search(args)
-    from .textsearch import search
-
-    return search(args)
+    return search(from_namespace(SearchSettings, args))

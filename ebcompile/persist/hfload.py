@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ from torch import nn
 from ..errors import CheckpointError, EbcompileError
 from .fsguard import exists, guard, read_json
 
-__all__ = ["NO_CODE", "read_folder", "hf_config", "hf_class", "saved_hf_class", "build_checked", "header_shapes"]
+__all__ = ["NO_CODE", "read_folder", "hf_config", "hf_class", "saved_hf_class", "build_checked", "header_shapes",
+           "quiet_transformers"]
 
 NO_CODE: dict[str, Any] = {"trust_remote_code": False}
 _NO_CODE_FIX = ("Fix: ebcompile never runs code from a model folder or hub repository; pass a model whose config "
@@ -167,3 +170,20 @@ def build_checked(cls: type, config: Any, shapes: dict[str, list[int]], where: s
         raise CheckpointError(f"{where}: config.json disagrees with the saved weights: {why}. Fix: pass the config.json "
                               "saved with these weights (or save the model again).")
     return cls._from_config(config)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off while loading: a prepared model's ``*_mask`` keys and a
+    new classifier head are expected, and stderr stays for our one-line errors."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

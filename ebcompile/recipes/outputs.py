@@ -1,4 +1,4 @@
-"""What the text and image searches (``cli/textsearch.py``, ``cli/imagetrain.py``) share at both ends of a run: the
+"""What the text and image searches (``recipes/text.py``, ``recipes/image.py``) share at both ends of a run: the
 check that a resumed search keeps its saved settings, and the ticket and ``search.json`` a finished one writes.
 
 Invariant: a resume with other settings is refused (``ConfigError``) before anything in ``--out`` changes;
@@ -7,13 +7,13 @@ Invariant: a resume with other settings is refused (``ConfigError``) before anyt
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..persist.io import atomic_path
+from .settings import SearchSettings
 
 __all__ = ["refuse_other_settings", "finish"]
 
@@ -28,7 +28,7 @@ def refuse_other_settings(out: Path, saved: dict[str, Any], settings: dict[str, 
                           "(only --epochs may change), or a new --out.")
 
 
-def finish(args: argparse.Namespace, out: Path, eb: Any, result: dict[str, Any], step: int, longer: str) -> int:
+def finish(args: SearchSettings, out: Path, eb: Any, result: dict[str, Any], step: int, longer: str) -> int:
     """Write the ticket and ``search.json`` of a finished search and say what to do next; 1 when no ticket appeared."""
     if eb.found:
         eb.ticket.save(out / "ticket.safetensors")

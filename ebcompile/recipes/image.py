@@ -1,4 +1,5 @@
-"""``search`` and ``retrain`` on images: a plain PyTorch loop (AdamW) around ``EarlyBird`` and ``compact``.
+"""The image recipe: ``search_image`` and ``retrain_image``, a plain PyTorch loop (AdamW) around ``EarlyBird`` and
+``compact``.
 
 The search trains at a constant learning rate, checks every ``--every`` optimizer steps, and stops at the
 ticket. After every epoch, at the ticket and at the end of the budget it swaps in ``--out/model/`` whole: the
@@ -7,14 +8,14 @@ weights (``ebcompile.save``), the recipe, ``optimizer.safetensors``, ``earlybird
 second ``search`` into the same ``--out`` resumes from it (same settings; only ``--epochs`` may change), and
 batch order and dropout are seeded per step, so a resumed search draws the checks an uninterrupted one draws.
 
-``retrain`` rebuilds that model, applies the ticket and (structured) trains the compact model; with ``--mode
+``retrain_image`` rebuilds that model, applies the ticket and (structured) trains the compact model; with ``--mode
 continue`` the search's optimizer state comes along (``compact(model, optimizer=opt)``), other modes start a
 fresh optimizer. Its learning rate decays linearly to zero over ``--epochs``.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,7 +43,8 @@ from .imageclf import (
     save_model,
     trusted_spec,
 )
-from .search_run import finish, refuse_other_settings
+from .outputs import finish, refuse_other_settings
+from .settings import RetrainSettings, SearchSettings
 
 LR, RULE, THRESHOLD = 1e-3, "relative", 0.3  # image defaults: from-scratch AdamW; the rule measured in docs/RESULTS.md
 PROGRESS, OPTIMIZER, SEARCH_STATE = "progress.json", "optimizer.safetensors", "earlybird.safetensors"
@@ -50,7 +52,7 @@ RESUMABLE = ("model", "model_kwargs", "data", "image_size", "train_limit", "batc
              "scope", "every", "warmup", "window", "rule", "threshold", "deadline")
 
 
-def _data(args: argparse.Namespace) -> ImageData:
+def _data(args: SearchSettings | RetrainSettings) -> ImageData:
     if args.epochs <= 0 or args.batch < 1:
         raise ConfigError("--epochs and --batch must be positive. Fix: e.g. --epochs 10 --batch 32.")
     if args.train_limit is not None and args.train_limit < 2:
@@ -67,21 +69,23 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
+def _settings(args: SearchSettings) -> dict[str, Any]:
     data = str(Path(args.data).expanduser().resolve()) if Path(args.data).expanduser().exists() else args.data
-    values = {**vars(args), "data": data, "model_kwargs": parse_kwargs(args.model_kwargs)}
+    values = {**dataclasses.asdict(args), "data": data, "model_kwargs": parse_kwargs(args.model_kwargs)}
     return {k: values[k] for k in RESUMABLE}
 
 
 # -- the search --------------------------------------------------------------------------------------------------
 
-def search(args: argparse.Namespace) -> int:
+def search_image(args: SearchSettings) -> int:
+    """Run the image search ``args`` describes (resuming the one saved in ``args.out``); 0 when a ticket was found."""
     from ..persist import checkpoint
     from ..plots import plot_search
     from ..prepare import check_ratio, prepare
     from ..search.controller import DEADLINE, EarlyBird
 
     check_ratio(args.ratio)
+    args = dataclasses.replace(args)  # the defaults below are filled in a copy
     if args.importance not in ("auto", "magnitude"):
         raise ConfigError(f"--importance {args.importance} is for text models; the image search ranks by magnitude (measured "
                           "from scratch in docs/RESULTS.md). Fix: leave out --importance, or use ebcompile.prepare(..., "
@@ -164,12 +168,12 @@ def _publish(src: Path, dst: Path) -> None:
 
 # -- retraining the ticket ---------------------------------------------------------------------------------------
 
-def retrain(args: argparse.Namespace) -> int:
+def retrain_image(args: RetrainSettings) -> int:
+    """Retrain the ticket of the image search in ``args.search``, compacted; save it to ``args.out``/model."""
     from ..persist import checkpoint
     from ..prepare import prepare
     from ..search.controller import EarlyBird
-    from ..search.ticket import apply_ticket
-    from ..transforms.shrink import compact
+    from .switch import finished, take_ticket
 
     folder, out = Path(args.search) / "model", Path(args.out)
     if not (folder / SEARCH_STATE).is_file() or not (folder / OPTIMIZER).is_file():
@@ -195,12 +199,9 @@ def retrain(args: argparse.Namespace) -> int:
     carried = args.mode == "continue"
     if carried:
         load_optimizer(opt, model, folder / OPTIMIZER)
-    apply_ticket(model, eb.ticket, mode=args.mode, weights=eb.rewind_weights, seed=args.seed)
-    structured = eb.ticket.structure == "structured"
-    # structured: the compact model trains (cheaper steps), the optimizer moved onto it with its state sliced;
-    # unstructured: the masked model trains (its masks hold the zeros) and is compacted after
-    small = compact(model, optimizer=opt if carried else None) if structured else model
-    if structured and not carried:
+    small = take_ticket(model, eb.ticket, mode=args.mode, weights=eb.rewind_weights, seed=args.seed,
+                        optimizer=opt if carried else None)
+    if small is not model and not carried:  # compacted: a fresh optimizer over its parameters
         opt = torch.optim.AdamW(small.parameters(), lr=args.lr, weight_decay=0.01)
     for group in opt.param_groups:
         group["lr"] = group["initial_lr"] = args.lr
@@ -209,8 +210,7 @@ def retrain(args: argparse.Namespace) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
     _train(small, opt, data, recipe, args, 0, total, per_epoch, desc=f"retrain ({args.mode})", scheduler=sched)
     acc = accuracy(small, data, recipe)
-    if small is model:
-        small = compact(model)
+    small = finished(small, model)
     save_model(small.cpu(), recipe, out / "model")
     params = sum(p.numel() for p in small.parameters())
     with atomic_path(out / "retrain.json") as tmp:
@@ -235,7 +235,7 @@ def load_ticket_or_fail(folder: Path) -> Any:
 
 # -- training ----------------------------------------------------------------------------------------------------
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData, recipe: Recipe, args: argparse.Namespace,
+def _train(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData, recipe: Recipe, args: SearchSettings | RetrainSettings,
            step: int, total: int, per_epoch: int, desc: str, earlybird: Any = None, save: Any = None,
            scheduler: Any = None) -> int:
     """Optimizer steps ``step`` .. ``total``; batch order of epoch e and dropout of step s seeded from ``--seed``.

@@ -1,4 +1,5 @@
-"""``search`` on text: fine-tune a Hugging Face classifier in a ``Trainer`` until the early-bird ticket appears.
+"""The text recipe: fine-tune a Hugging Face classifier in a ``Trainer`` until the early-bird ticket appears
+(``search_text``), then retrain the ticket compacted (``retrain_text``).
 
 Every ``--save-every`` optimizer steps, at the ticket and at the end of the budget the Trainer writes
 ``--out/checkpoint-<step>/`` as safetensors + JSON (``SafeCheckpoints``: weights, optimizer, scheduler, random
@@ -12,7 +13,7 @@ not trained again.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -22,7 +23,8 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError
 from ..persist.fsguard import read_json
 from ..persist.io import atomic_path
-from .search_run import finish, refuse_other_settings
+from .outputs import finish, refuse_other_settings
+from .settings import RetrainSettings, SearchSettings
 
 PROGRESS = "progress.json"
 RESUMABLE = ("model", "data", "train_limit", "batch", "lr", "max_len", "seed", "ratio", "structure", "scope", "every",
@@ -30,8 +32,8 @@ RESUMABLE = ("model", "data", "train_limit", "batch", "lr", "max_len", "seed", "
 DEFAULTS = {"importance": "magnitude", "gate_lr": 1e-2}  # settings a search saved before they existed had these
 
 
-def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    values = dict(vars(args))
+def settings_of(args: SearchSettings) -> dict[str, Any]:
+    values = dataclasses.asdict(args)
     for key in ("model", "data"):  # a local folder by its absolute path, a hub name as given
         local = Path(values[key]).expanduser()
         values[key] = str(local.resolve()) if local.exists() else values[key]
@@ -114,7 +116,8 @@ def gated_optimizer(model: Any, importance: str, lr: float | None, gate_lr: floa
                              lr=LR if lr is None else lr)
 
 
-def search(args: argparse.Namespace) -> int:
+def search_text(args: SearchSettings) -> int:
+    """Run the text search ``args`` describes (resuming the one saved in ``args.out``); 0 when a ticket was found."""
     from ..integrations.hf_trainer import STATE_FILE, EarlyBirdCallback, auto_every
     from ..plots import plot_search
     from ..prepare import check_ratio, prepare
@@ -122,6 +125,7 @@ def search(args: argparse.Namespace) -> int:
     from . import textclf
 
     check_ratio(args.ratio)
+    args = dataclasses.replace(args)  # the defaults below are filled in a copy
     args.threshold = 0.3 if args.threshold is None else args.threshold  # the measured fine-tuning recipe
     args.rule = "relative" if args.rule is None else args.rule
     args.deadline = FINETUNE_DEADLINE if args.deadline == "auto" else args.deadline
@@ -167,3 +171,69 @@ def search(args: argparse.Namespace) -> int:
     if eb.found:
         textclf.save_pretrained_atomically(model, tok, out / "model")
     return finish(args, out, eb, result, step, "Train longer (--epochs; the search resumes where it stopped)")
+
+
+def retrain_text(args: RetrainSettings) -> int:
+    """Retrain the ticket of the text search in ``args.search``, compacted; save it to ``args.out``/model."""
+    from ..persist import checkpoint
+    from ..persist.pretrained import pretrained_weights
+    from ..persist.savedir import atomic_dir
+    from ..prepare import prepare
+    from ..search.controller import EarlyBird, load_ticket, saved_importance
+    from ..transforms.masks import is_gate
+    from . import textclf
+    from .switch import finished, take_ticket
+
+    search = Path(args.search)
+    if not (search / "model").is_dir() or not (search / "earlybird.safetensors").is_file():
+        raise CheckpointError(f"{search} lacks model/ or earlybird.safetensors. Fix: pass the --out folder of a "
+                              "`ebcompile search` that found its ticket.")
+    train, val = textclf.load_texts(args.data, args.train_limit)
+    model, tok = textclf.load_classifier(str(search / "model"))  # the head the search trained
+    dense = sum(p.numel() for p in model.parameters())
+    ticket = load_ticket(search)
+    kind = saved_importance(search / "earlybird.safetensors")
+    prepare(model, textclf.example_batch(tok, train, args.max_len), ratio=ticket.ratio, structure=ticket.structure,
+            scope=ticket.scope, importance=kind)
+    if kind == "gate":  # the gates the search learnt (from_pretrained dropped them): the model computes what it did
+        model.load_state_dict({k: v for k, v in (pretrained_weights(search / "model") or {}).items() if is_gate(k)}, strict=False)
+    eb = EarlyBird(model)  # the saved search: its ticket and the weights before it (for --mode rewind)
+    eb.load(search / "earlybird.safetensors")
+    out = Path(args.out)
+    opt = carried_optimizer(model, tok, train, args, search, kind) if args.mode == "continue" else None
+    small = take_ticket(model, eb.ticket, mode=args.mode, weights=eb.rewind_weights, seed=args.seed, optimizer=opt)
+    textclf.trainer(small, tok, train, args, out, optimizer=opt).train()
+    acc = textclf.accuracy(small, tok, val, args.max_len)
+    small = finished(small, model)
+    with atomic_dir(out / "model", marker=checkpoint.META) as tmp:  # one commit: files a save did not write stay
+        checkpoint.save(small, tmp)
+        tok.save_pretrained(tmp)
+    params, state = sum(p.numel() for p in small.parameters()), "fresh" if opt is None else "carried"
+    with atomic_path(out / "retrain.json") as tmp:
+        tmp.write_text(json.dumps({"search": str(search), "mode": args.mode, "optimizer_state": state, "validation_accuracy": acc,
+                                   "dense_parameters": dense, "parameters": params}, indent=2) + "\n")
+    print(f"retrained the compact ticket ({args.mode}, optimizer state {state}): {dense:,} -> {params:,} parameters, "
+          f"validation accuracy {acc:.2%}")
+    print(f"written to {out / 'model'} (reload: ebcompile.load({str(out / 'model')!r}))")
+    return 0
+
+
+def carried_optimizer(model: Any, tok: Any, train: Any, args: RetrainSettings, search: Path, kind: str) -> Any:
+    """The search's AdamW state at its ticket (its newest complete checkpoint), over ``model``'s parameters, its
+    learning rate restarted at ``args.lr``; None (a fresh optimizer) when the search kept no checkpoint."""
+    from ..persist.optim_io import load_optimizer
+    from . import textclf
+
+    folder = ticket_checkpoint(search)
+    if folder is None:
+        print(f"{search} keeps no checkpoint of the search at its ticket (written before searches kept resume "
+              "points, or removed): the retrain starts a fresh optimizer")
+        return None
+    saved = {**DEFAULTS, **read_json(folder / PROGRESS).get("settings", {})}  # built as the search built it
+    opt = gated_optimizer(model, kind, args.lr, saved["gate_lr"]) or \
+        textclf.trainer(model, tok, train, args, Path(args.out)).create_optimizer()
+    load_optimizer(opt, model, folder / "optimizer.safetensors")
+    lr = textclf.LR if args.lr is None else args.lr
+    for group in opt.param_groups:
+        group["lr"] = group["initial_lr"] = lr
+    return opt

@@ -1,8 +1,7 @@
-"""Text classification for ``ebcompile search`` / ``retrain``: data, model + tokenizer, a Trainer, accuracy."""
+"""Text classification for the search and retrain recipes: data, model + tokenizer, a Trainer, accuracy."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +13,6 @@ from ..errors import CheckpointError, ConfigError
 
 Split = tuple[list[str], list[int]]
 LR = 5e-5  # text default: fine-tuning a pretrained model
-
-
-def add_training_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="text: a folder with rt-polarity.pos/.neg (MR polarity), or a datasets "
-                                                 "hub name with text/label columns such as imdb (needs `pip install datasets`); "
-                                                 "images: an MNIST-style IDX folder, an image folder (one subfolder per "
-                                                 "class) or cifar10 (downloaded when online)")
-    p.add_argument("--epochs", type=float, default=3.0, help="training budget in epochs (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=32, help="per-device batch size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default: {LR} for text, with linear decay; "
-                                                          "1e-3 for images)")
-    p.add_argument("--max-len", type=int, default=128, help="tokens per text (default: %(default)s)")
-    p.add_argument("--train-limit", type=int, default=None, help="use only this many training texts or images")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def load_texts(spec: str, train_limit: int | None = None) -> tuple[Split, Split]:
@@ -102,9 +87,8 @@ def load_classifier(source: str, num_labels: int | None = None) -> tuple[nn.Modu
     ``num_labels=None`` keeps the saved head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..persist.hfload import NO_CODE, read_folder, refuse_custom_code
-    from .hub import hub_kwargs
-    from .models import quiet_transformers
+    from ..persist.hfload import NO_CODE, quiet_transformers, read_folder, refuse_custom_code
+    from ..persist.hub import hub_kwargs
 
     if looks_local(source, hub_ids=True) and not Path(source).expanduser().exists():
         raise CheckpointError(f"{source}: no such folder. Fix: check the path, or pass a hub name when online.")
@@ -145,7 +129,7 @@ def example_batch(tok: Any, split: Split, max_len: int) -> dict[str, torch.Tenso
     return dict(tok(split[0][:2], padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
 
 
-def trainer(model: nn.Module, tok: Any, train: Split, args: argparse.Namespace, out: Path, callbacks: list | None = None,
+def trainer(model: nn.Module, tok: Any, train: Split, args: Any, out: Path, callbacks: list | None = None,
             save_every: int | None = None, optimizer: torch.optim.Optimizer | None = None):
     """A Trainer (AdamW, linear decay; or ``optimizer``'s own settings) whose checkpoints, every ``save_every`` steps
     (None: none), hold no pickle."""

@@ -110,12 +110,6 @@ def trusted_spec(named: str, factory: str | None) -> str:
     return named
 
 
-def add_factory_argument(p: Any) -> None:
-    p.add_argument("--factory", default=None, metavar="MODULE:FACTORY",
-                   help=f"builds an image run's model whose {RECIPE} names MODULE:FACTORY (only code named on the "
-                        "command line is imported)")
-
-
 def _count(n: Any) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n > 0
 
