@@ -90,3 +90,50 @@ def test_pieces_are_found_inside_a_module_list_that_is_never_called() -> None:
     args, kwargs = normalize_inputs(x)
     cap = CAPTURE_PATHS["pieces"](model, args, kwargs)
     assert cap.pieces == ["layers.0", "layers.1"]
+
+
+@torch.fx.wrap
+def _host_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """Host code torch.export cannot trace (numpy); ``symbolic_trace`` keeps it as one opaque call."""
+    return torch.from_numpy(x.detach().numpy().copy()).to(x.dtype)
+
+
+class GatedBlock(nn.Module):
+    """A gated FFN (SwiGLU): each neuron is a gate row, an up row and a down column."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class TracesButDoesNotExport(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.Sequential(Block(), GatedBlock())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(_host_round_trip(self.inp(x))).mean(1))
+
+
+def test_a_model_that_traces_but_does_not_export_is_analysed_by_its_exported_pieces() -> None:
+    """The whole model captures by ``symbolic_trace`` only; its units come from the one structure analysis over the
+    export graphs of its pieces (no second, fx-level search)."""
+    torch.manual_seed(0)
+    model, x = TracesButDoesNotExport().eval(), torch.randn(2, 5, 8)
+    args, kwargs = normalize_inputs(x)
+    with pytest.raises(Exception):  # noqa: B017 - any failure: the whole model must not export
+        CAPTURE_PATHS["export"](model, args, kwargs)
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
+    plan = model._ebcompile.plan
+    assert plan.capture == "symbolic_trace"
+    assert sorted(g.name for g in plan.groups if g.kind == "neuron") == ["blocks.0.fc1", "blocks.1.gate"]
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    assert small.blocks[0].fc1.out_features < 32 and small.blocks[1].up.out_features == small.blocks[1].gate.out_features < 32
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))

@@ -4,6 +4,6 @@
 labels over the aten graph: every linear output feature labelled with its weight row, one handler per op in
 ``ophandlers``, ``ops_shape``, ``ops_attention``, ``ops_einsum``, ``ops_conv``, over the union-find of ``labels``; the
 labels are written to ``node.meta``) → ``groups`` (head, KV-group and neuron ``GroupSet``s, plus the experts of
-``experts``; the fx fc1 → fc2 search when no export graph can be had). ``feature_dims`` follows features through a
+``experts``; a model that exports only in parts is analysed by its largest exportable pieces). ``feature_dims`` follows features through a
 module's traced forward for the size rewrites of ``transforms.reshapes``.
 """
