@@ -123,3 +123,46 @@ def test_a_plain_state_dict_loaded_after_apply_ticket_keeps_the_ticket_and_compa
     small = ebcompile.compact(model)
     with torch.no_grad():
         torch.testing.assert_close(small(mlp_batch()), model(mlp_batch()))
+
+
+class _ActionTime(torch.nn.Module):
+    """A time embedding expanded to the action embedding's shape (``expand_as``, as pi0 does): the export graph's
+    static sizes do not show that one width is read from the other."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.action_in, self.time = torch.nn.Linear(6, d), torch.nn.Linear(1, d)
+        self.mlp_in, self.mlp_out = torch.nn.Linear(2 * d, d), torch.nn.Linear(d, d)
+
+    def forward(self, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.action_in(noise)
+        te = self.time(t)[:, None, :].expand_as(a)
+        return self.mlp_out(torch.nn.functional.silu(self.mlp_in(torch.cat([a, te], dim=2))))
+
+
+class _WithActionTime(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = _ActionTime()
+        self.fc1, self.fc2, self.head = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 2)
+
+    def forward(self, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.embed(noise, t)
+        return self.head(h + self.fc2(torch.nn.functional.gelu(self.fc1(h))))
+
+
+def test_a_module_whose_compact_forward_raises_keeps_its_units_whole_and_the_rest_is_cut(tmp_path):
+    torch.manual_seed(0)
+    model, x = _WithActionTime().eval(), (torch.randn(2, 4, 6), torch.randn(2, 1))
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    with pytest.warns(UserWarning, match="keeps the units .* of embed whole"):
+        small = ebcompile.compact(model, round_to=None).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(*x), model(*x))
+    skipped = model._ebcompile.plan.skipped
+    assert "expanded size" in skipped["embed.action_in"] and "embed.time" in skipped
+    assert small.embed.action_in.out_features == 16 and small.fc1.out_features < 32  # only the failing scope is held
+    ebcompile.save(small, tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(ebcompile.load(tmp_path / "s", model=_WithActionTime()).eval()(*x), small(*x))

@@ -145,7 +145,7 @@ def test_a_width_attribute_is_rewritten_where_the_module_needs_it_and_saved(tmp_
 
 
 def test_heads_no_rewrite_reaches_are_kept_whole(tmp_path):
-    with pytest.warns(UserWarning, match="keeps the heads of 1.block, 2.block whole"):
+    with pytest.warns(UserWarning, match=r"keeps the units \(heads, neurons\) of 1.block, 2.block whole"):
         model, small = compact_and_check(Untraceable, tmp_path)
     skipped = model._ebcompile.plan.skipped
     assert all(skipped[f"{i}.block.{p}"].startswith("kept whole at compact: ") for i in (1, 2) for p in "qkvo")

@@ -298,7 +298,7 @@ def hold_whole(plan: Plan, failed: dict[str, str]) -> list[str]:
         plan.skipped.update(dict.fromkeys(sorted(owners), why))
         held.append(path)
     if held:
-        warnings.warn(f"compact keeps the heads of {', '.join(held)} whole (their forward reads a width it cannot "
+        warnings.warn(f"compact keeps the units (heads, neurons) of {', '.join(held)} whole (their forward reads a width it cannot "
                       "rewrite; plan.skipped says why). Fix, to cut them: register a family (docs/extending.md).",
                       UserWarning, stacklevel=3)
     return held

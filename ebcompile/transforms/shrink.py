@@ -32,7 +32,7 @@ from torch import nn
 
 from ..adapters import sync_adapter_features
 from ..analysis.experts import remove_expert_neurons, rewrite_expert_counts
-from ..errors import ConfigError, DistributedError, NoTicketError, NotPreparedError, TicketMismatchError
+from ..errors import CompactionError, ConfigError, DistributedError, NoTicketError, NotPreparedError, TicketMismatchError
 from ..families import family_of
 from ..families.torch_mha import compact_mha
 from ..families.vocabulary import is_transposed_linear
@@ -313,7 +313,12 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool, check: bool =
             adapt_forwards(model, new, list(dict.fromkeys(heads)), getattr(cfg, "example", None), removed, failed, widths)
             if failed and hold_whole(cfg.plan, failed):  # once more, those modules' units kept whole
                 return _compact(model, round_to, sparse, check)
-            check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])
+            try:
+                check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])
+            except CompactionError as exc:  # a forward raised with units cut: hold the units of the nearest scope whole
+                if _hold_failing_scope(cfg.plan, exc):
+                    return _compact(model, round_to, sparse, check)
+                raise
         from ..persist.pretrained import attach_save_pretrained, sync_config
 
         sync_config(new)
@@ -322,6 +327,19 @@ def _compact(model: nn.Module, round_to: int | None, sparse: bool, check: bool =
         new = _sparsify(new, sorted(ticket.masks.tensors))
     carry_flags(new, flags)
     return new
+
+
+def _hold_failing_scope(plan: Plan, exc: CompactionError) -> bool:
+    """After the compact model raised in module ``exc.module``: hold whole (``reshapes.hold_whole``) the units of that
+    module, else of its nearest enclosing module that has units (the model itself excluded). A forward may size one
+    tensor by another's width (``expand_as``, ``torch.cat`` with a literal), which the export graph's static shapes do
+    not show; kept whole, the model compacts exactly. False when nothing new could be held (the error stands)."""
+    path = getattr(exc, "module", None)
+    while path:
+        if hold_whole(plan, {path: getattr(exc, "cause", str(exc))}):
+            return True
+        path = split_name(path)[0]
+    return False
 
 
 def storage_bytes(model: nn.Module) -> dict[str, int]:

@@ -171,12 +171,14 @@ def check_same_function(masked: nn.Module, compact: nn.Module, example: tuple[tu
         out, out_seen = _run(compact, args, kwargs, modules, entered)
     except Exception as exc:  # noqa: BLE001 - the compact model fails to run: a rewrite is missing
         where = f"{entered[-1]} ({type(compact.get_submodule(entered[-1])).__name__})" if entered else "a module"
-        raise CompactionError(
+        error = CompactionError(
             f"the compact model fails on the example inputs in {where}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300]}. Its forward reads a head count or width that neither the attribute "
             f"rewrites nor the traced reshape rewrite reach. Fix: exclude it from pruning "
             f"(exclude=['{entered[-1] if entered else '<module>'}.*']), or register a family for it (docs/extending.md)."
-        ) from exc
+        )
+        error.module, error.cause = (entered[-1] if entered else None), f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        raise error from exc
     err = relative_error(ref, out)
     dtype = compute_dtype(masked, ref)
     tol = tolerance_for(dtype)
