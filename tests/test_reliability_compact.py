@@ -166,3 +166,23 @@ def test_a_module_whose_compact_forward_raises_keeps_its_units_whole_and_the_res
     ebcompile.save(small, tmp_path / "s")
     with torch.no_grad():
         torch.testing.assert_close(ebcompile.load(tmp_path / "s", model=_WithActionTime()).eval()(*x), small(*x))
+
+
+def test_a_compact_forward_that_raises_outside_the_watched_modules_names_the_innermost_running_one():
+    class Inner(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.view(x.shape[0], 3, -1)  # raises on a width that is not a multiple of 3
+
+    class Outer(torch.nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.lin, self.blk = torch.nn.Linear(4, width), torch.nn.Sequential(Inner())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blk(self.lin(x))
+
+    example = ((torch.randn(2, 4),), {})
+    with pytest.raises(CompactionError) as info:
+        check_same_function(Outer(6), Outer(5), example, modules=["lin"])
+    check(info, "blk.0 (Inner)", "exclude=['blk.0.*']")
+    assert info.value.module == "blk.0" and "RuntimeError" in info.value.cause

@@ -157,6 +157,26 @@ def _same_shapes(a: Any, b: Any) -> bool:
     return True
 
 
+def _raising_module(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """The modules of ``model`` still running when its forward on the example raises, innermost last (no outputs
+    kept); empty when it runs or raises in the model's own forward."""
+    running: list[str] = []
+    handles = []
+    for path, module in model.named_modules():
+        if path:
+            handles.append(module.register_forward_pre_hook(lambda m, a, p=path: running.append(p)))
+            handles.append(module.register_forward_hook(lambda m, a, o, p=path: running.remove(p)))
+    try:
+        with evaluating(model), torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the failure is the point: where it happened is in ``running``
+        return running
+    finally:
+        for h in handles:
+            h.remove()
+    return []
+
+
 def check_same_function(masked: nn.Module, compact: nn.Module, example: tuple[tuple, dict] | None,
                         modules: list[str]) -> float:
     """Max relative error of ``compact`` against ``masked`` on ``example``; ``CompactionError`` above
@@ -170,6 +190,8 @@ def check_same_function(masked: nn.Module, compact: nn.Module, example: tuple[tu
     try:
         out, out_seen = _run(compact, args, kwargs, modules, entered)
     except Exception as exc:  # noqa: BLE001 - the compact model fails to run: a rewrite is missing
+        if not entered:  # it raised outside every watched module: find the innermost module that was running
+            entered = _raising_module(compact, args, kwargs)
         where = f"{entered[-1]} ({type(compact.get_submodule(entered[-1])).__name__})" if entered else "a module"
         error = CompactionError(
             f"the compact model fails on the example inputs in {where}: {type(exc).__name__}: "
