@@ -17,6 +17,7 @@ from ..families import family_of
 from ..names import split_name
 from ..plan import GroupSet
 from .experts import find_expert_groups
+from .experts_list import find_list_expert_groups
 
 __all__ = ["find_groups", "attention_groups"]
 
@@ -45,6 +46,9 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], exa
     graph = _export_graph(cap, example_inputs)
     if graph is None:  # nothing of the model exports: only what registered families and fused experts declare
         return attention_groups(attn, masked) + experts, skipped
+    captured = set(graph[1].values())
+    experts += find_list_expert_groups(cap.root, masked, captured, example_inputs)  # experts as separate modules
+    routers |= {split_name(g.members[0].tensor)[0] for g in experts if g.kind == "expert"}
     params = dict(cap.root.named_parameters(remove_duplicate=False))
     found, why = discover(graph[0], graph[1], params, masked, claimed, keep_kv, graph[2])
     skipped.update({k: v for k, v in why.items() if k not in routers and k not in skipped})

@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import logging
 import operator
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -136,6 +137,22 @@ def _no_op_conversions() -> Iterator[None]:
         nn.Module.to = original
 
 
+class _DropPartialGraphs:
+    """stderr, less the partial graph ``torch.export`` prints whole when it fails (one write of generated code;
+    a failure here is expected and handled: the next capture path is tried)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.dropped = stream, False
+
+    def write(self, text: str) -> int:
+        drop = "def forward(self" in text or (self.dropped and text == "\n")  # print's own newline after it, too
+        self.dropped = "def forward(self" in text
+        return len(text) if drop else self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """``torch.export`` (non-strict); where the forward branches on tensor values (``.item()``, ``.tolist()``,
     ``nonzero``: vision-language models' image grids, MoE routing), once more with real-tensor propagation, which
@@ -147,6 +164,7 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export
     shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")  # prints whole graphs on these errors
     level = shapes_log.level
     shapes_log.setLevel(logging.ERROR)
+    stderr, sys.stderr = sys.stderr, _DropPartialGraphs(sys.stderr)
     try:
         with _no_op_conversions():
             return torch.export.export(model, args, kwargs, strict=False)
@@ -158,6 +176,7 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export
             raise first from None
     finally:
         shapes_log.setLevel(level)
+        sys.stderr = stderr
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:

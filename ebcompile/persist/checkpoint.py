@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.experts_list import drop_unsaved_children
 from ..errors import CheckpointError, ConfigError, EbcompileError
 from ..families import compacted_by, family_of
 from ..families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
@@ -195,6 +196,7 @@ def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
     """Cut ``model``'s heads, then every other tensor, to the recorded counts and shapes (values are garbage
     until the weights are loaded)."""
     _reinstall_rewrites(model, meta.get("reshapes", {}))
+    drop_unsaved_children(model, set(meta["shapes"]))  # experts the compact model dropped
     groups, kept = {}, {}
     for path, count in meta["heads"].items():
         try:

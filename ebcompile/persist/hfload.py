@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.experts_list import drop_unsaved_children
 from ..errors import CheckpointError, EbcompileError
 from .fsguard import exists, guard, read_json
 
@@ -165,6 +166,7 @@ def build_checked(cls: type, config: Any, shapes: dict[str, list[int]], where: s
     except Exception as exc:  # noqa: BLE001 - the config cannot build its own class
         raise CheckpointError(f"{where}: config.json does not build {cls.__name__} ({type(exc).__name__}: "
                               f"{str(exc)[:200]}). Fix: save the model again.") from exc
+    drop_unsaved_children(fresh, set(shapes))  # experts a compact model dropped (checkpoint._shrink drops them too)
     why = _disagreement(fresh, shapes)
     if why is not None:
         raise CheckpointError(f"{where}: config.json disagrees with the saved weights: {why}. Fix: pass the config.json "

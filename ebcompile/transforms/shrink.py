@@ -32,6 +32,7 @@ from torch import nn
 
 from ..adapters import sync_adapter_features
 from ..analysis.experts import remove_expert_neurons, rewrite_expert_counts
+from ..analysis.experts_list import is_expert_list, remove_list_experts
 from ..errors import CompactionError, ConfigError, DistributedError, NoTicketError, NotPreparedError, TicketMismatchError
 from ..families import family_of
 from ..families.torch_mha import compact_mha
@@ -160,6 +161,7 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None
     and kept heads)."""
     removed: dict[tuple[str, int], set[int]] = {}
     kept_heads: dict[str, tuple[int, int]] = {}
+    expert_lists: list[tuple[GroupSet, torch.Tensor]] = []  # experts as separate modules: removed after all slicing
     groups = {(g.module or g.name): g for g in plan.groups if g.kind == "head"}
     for g in plan.groups:
         key = f"{g.kind}:{g.name}"
@@ -178,6 +180,8 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None
             kept_heads[g.module or g.name] = (int(keep.sum()), g.units)
         elif g.kind == "expert":
             rewrite_expert_counts(new, g, int(keep.sum()))
+            if is_expert_list(new.get_submodule(g.module or g.name)):
+                expert_lists.append((g, keep))
         else:
             rewrite_counts(new, g, int(keep.sum()))
     with torch.no_grad():
@@ -187,6 +191,8 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None
             t = tensor_at(new, name)
             keep_idx = torch.tensor([i for i in range(t.shape[dim]) if i not in idx], dtype=torch.long, device=t.device)
             set_tensor(new, name, t.detach().index_select(dim, keep_idx).clone())
+    for g, keep in expert_lists:
+        remove_list_experts(new, g, keep)
     fix_attributes(new, groups, kept_heads)
     widths = {}
     for path, (kept, units) in kept_heads.items():
