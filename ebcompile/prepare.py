@@ -212,6 +212,9 @@ def build_plan(model: nn.Module, example_inputs: Any, structure: str = "auto", s
     for op in plan.linears:  # masked, but in no head or neuron group: say why (structured masks keep it whole)
         if structure == "structured" and op.weight not in grouped and op.name in why:
             plan.skipped.setdefault(op.name, why[op.name])
+    for name, reason in why.items():  # routers (masked or not) of experts that are no units: say why
+        if reason.startswith(("no whole experts", "no experts")):
+            plan.skipped.setdefault(name, reason)
     if structure == "structured":
         if not plan.groups:
             raise NoPrunableLayerError(

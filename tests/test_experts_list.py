@@ -162,3 +162,26 @@ def test_activation_importance_ranks_modulelist_experts_by_their_routing_mass():
     eb.step()
     ticket = ebcompile.draw_ticket(model)
     assert bool(ticket.masks.units["expert:moes.0.experts"][5])
+
+
+def test_experts_indexed_by_position_get_no_expert_units_and_say_why():
+    """NLLB-MoE's experts container looks its experts up by the position a one-hot takes, not by the router's
+    choice: removing one would change what the others compute, so its experts are no units (the reason is in
+    ``plan.skipped``) and their neurons are still cut exactly."""
+    from transformers import NllbMoeConfig, NllbMoeModel
+
+    cfg = NllbMoeConfig(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, num_experts=4,
+                        expert_capacity=100, encoder_sparse_step=1, decoder_sparse_step=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    x = {"input_ids": torch.randint(3, 99, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long),
+         "decoder_input_ids": torch.randint(3, 99, (2, 5))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _ticketed(NllbMoeModel(cfg).eval(), x)
+    plan = model._ebcompile.plan
+    assert not [g for g in plan.groups if g.kind == "expert"]
+    assert "indexes experts by position" in plan.skipped["encoder.layers.0.ffn.router.classifier"]
+    with torch.no_grad():
+        masked = model(**x).last_hidden_state
+        torch.testing.assert_close(ebcompile.compact(model, round_to=None).eval()(**x).last_hidden_state, masked)

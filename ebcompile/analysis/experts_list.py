@@ -14,8 +14,9 @@ Masked semantics: the router's masked logits are -inf (``experts.install_routing
 picked and the kept experts' weights are those the compact router computes. ``compact`` slices the router rows, then
 removes the pruned experts from the container (``remove_list_experts``; numbered keys ``expert_<i>`` renumbered, so
 a forward indexing by the router's choice still finds them) and rewrites the expert counts between the block and its
-router; ``load`` drops the children a save does not hold (``drop_unsaved_children``). Invariant: ``compact(m)(x) ==
-m(x)`` for the masked model ``m`` (``verify`` checks it).
+router; ``save`` records the experts each cut container kept and ``load`` cuts a fresh one alike
+(``keep_experts``). Invariant: ``compact(m)(x) == m(x)`` for the masked model ``m`` (``verify`` checks it); experts
+are units only where a trial on the example inputs shows that removing one computes what never routing to it does.
 """
 
 from __future__ import annotations
@@ -32,24 +33,26 @@ from ..families import hf_moe
 from ..names import split_name
 from ..plan import GroupSet, Member
 
-__all__ = ["find_list_expert_groups", "is_expert_list", "remove_list_experts", "drop_unsaved_children"]
+__all__ = ["find_list_expert_groups", "is_expert_list", "remove_list_experts", "expert_list_sizes", "keep_experts"]
 
 _CHOICE = {"topk", "argmax", "max", "sort", "argsort", "multinomial"}  # aten ops that pick experts from the logits
 _NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)$")
+CUT = "_ebcompile_experts_cut"  # on a container remove_list_experts cut
 
 
 def is_expert_list(module: nn.Module) -> bool:
     return isinstance(module, (nn.ModuleList, nn.ModuleDict))
 
 
-def _children(container: nn.Module) -> list[nn.Module]:
-    return list(container._modules.values())
+def _experts(container: nn.Module) -> list[str]:
+    """The keys of ``container``'s children that hold parameters (a ``Dropout`` beside the experts is none)."""
+    return [k for k, m in container._modules.items() if m is not None and any(True for _ in m.parameters())]
 
 
 def _equal_experts(container: nn.Module) -> int | None:
     """The expert input width when ``container`` holds >= 2 children with the same parameters and a linear."""
-    children = _children(container)
-    if len(children) < 2 or any(c is None for c in children):
+    children = [container._modules[k] for k in _experts(container)]
+    if len(children) < 2:
         return None
     shapes = {tuple((n, tuple(p.shape)) for n, p in c.named_parameters()) for c in children}
     first = next((m for m in children[0].modules() if isinstance(m, nn.Linear)), None)
@@ -103,13 +106,16 @@ def _tag(t: torch.Tensor, tags: set[str]) -> None:
         pass
 
 
-def _choosing(model: nn.Module, routers: list[str], example_inputs) -> set[str]:
-    """The ``routers`` whose output reaches a top-k choice when ``model`` runs once on ``example_inputs``."""
+def _choosing(model: nn.Module, routers: list[str], blocks: list[str], example_inputs
+              ) -> tuple[set[str], dict[str, tuple[tuple, dict]]]:
+    """The ``routers`` whose output reaches a top-k choice when ``model`` runs once on ``example_inputs``, and the
+    inputs of the first call of each of ``blocks``."""
     from ..capture.graph import normalize_inputs
     from ..transforms.verify import evaluating
 
     args, kwargs = normalize_inputs(example_inputs)
-    mode = _FollowRouters()
+    mode, inputs = _FollowRouters(), {}
+
     def tagger(router: str):
         def hook(module: nn.Module, inputs: tuple, out) -> None:  # returns None: the output is left as it is
             for leaf in pytree.tree_leaves(out):
@@ -117,19 +123,72 @@ def _choosing(model: nn.Module, routers: list[str], example_inputs) -> set[str]:
                     _tag(leaf, {router})
         return hook
 
+    def recorder(block: str):
+        def hook(module: nn.Module, a: tuple, kw: dict) -> None:
+            inputs.setdefault(block, (a, kw))
+        return hook
+
     handles = [model.get_submodule(r).register_forward_hook(tagger(r)) for r in routers]
+    handles += [model.get_submodule(b).register_forward_pre_hook(recorder(b), with_kwargs=True) for b in blocks]
     try:
         with evaluating(model), torch.no_grad(), mode:
             model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - the model ran once already (capture); a failure here finds no router
-        return set()
+        return set(), {}
     finally:
         for h in handles:
             h.remove()
-    return mode.choosing
+    return mode.choosing, inputs
 
 
-def find_list_expert_groups(model: nn.Module, masked: set[str], captured: set[str], example_inputs) -> list[GroupSet]:
+def _removal_is_exact(block: nn.Module, container: str, router: str, experts: int, inputs: tuple[tuple, dict]) -> bool:
+    """Whether ``block`` (paths relative to it) computes the same with its first expert routed to -inf and with that
+    expert removed (router row sliced, the rest renumbered): a forward that indexes experts by position rather than
+    by the router's choice (NLLB-MoE's) or is sized by the expert count differs, and gets no expert units."""
+    import copy
+
+    from ..transforms.verify import evaluating, relative_error
+    from .experts import _RouteMask
+
+    args, kwargs = inputs
+    dead = torch.zeros(experts, dtype=torch.bool)
+    dead[0] = True
+    lin = block.get_submodule(router)
+    try:
+        with evaluating(block), torch.no_grad():
+            mode = _RouteMask(lin.weight.shape, dead)
+
+            def enter(module: nn.Module, a: tuple) -> None:
+                mode.__enter__()
+
+            def leave(module: nn.Module, a: tuple, o) -> None:
+                mode.__exit__(None, None, None)
+
+            handles = [lin.register_forward_pre_hook(enter), lin.register_forward_hook(leave, always_call=True)]
+            try:
+                torch.manual_seed(0)
+                masked = block(*args, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            small = copy.deepcopy(block)
+            small_lin = small.get_submodule(router)
+            small_lin.weight = nn.Parameter(small_lin.weight[1:].clone())
+            if getattr(small_lin, "bias", None) is not None:
+                small_lin.bias = nn.Parameter(small_lin.bias[1:].clone())
+            if isinstance(small_lin, nn.Linear):
+                small_lin.out_features = experts - 1
+            remove_list_experts(small, GroupSet("expert", container, experts, (Member(f"{router}.weight", 0, 0, 1),),
+                                                module=container), ~dead)
+            torch.manual_seed(0)
+            out = small(*args, **kwargs)
+        return relative_error(masked, out) <= 1e-4
+    except Exception:  # noqa: BLE001 - the block does not run without its first expert: no expert units
+        return False
+
+
+def find_list_expert_groups(model: nn.Module, masked: set[str], captured: set[str], example_inputs
+                            ) -> tuple[list[GroupSet], dict[str, str]]:
     """One ``expert`` GroupSet per experts container of separate modules next to a router whose output picks experts
     (see the module docstring). ``captured``: the parameters some captured graph reads (a router among them must be
     ``masked``: include=/exclude= and the skip rules decided it)."""
@@ -142,18 +201,25 @@ def find_list_expert_groups(model: nn.Module, masked: set[str], captured: set[st
         width = _equal_experts(container)
         if width is None:
             continue
-        experts, block = len(container), split_name(path)[0]
+        experts, block = len(_experts(container)), split_name(path)[0]
         rpath = _router(model, block, path, experts, width, lambda w: w in masked or w not in captured)
         if rpath is not None:
             candidates.append((path, block, rpath, experts))
+    skipped: dict[str, str] = {}
     if not candidates or example_inputs is None:
-        return []
-    choosing = _choosing(model, sorted({c[2] for c in candidates}), example_inputs)
+        return [], skipped
+    choosing, inputs = _choosing(model, sorted({c[2] for c in candidates}), sorted({c[1] for c in candidates}), example_inputs)
     groups = []
     for path, block, rpath, experts in candidates:
         router = model.get_submodule(rpath)
-        top_k = _top_k(router, model.get_submodule(block) if block else model)
-        if rpath not in choosing or experts <= top_k:
+        # at least two kept: a router picking a second expert among the rest (NLLB-MoE's top-2) needs one to exist
+        top_k = max(_top_k(router, model.get_submodule(block) if block else model), 2)
+        if rpath not in choosing or experts <= top_k or block not in inputs:
+            continue
+        rel = len(block) + 1 if block else 0
+        if not _removal_is_exact(model.get_submodule(block) if block else model, path[rel:], rpath[rel:], experts, inputs[block]):
+            skipped[rpath] = (f"no whole experts: {path} computes otherwise with an expert removed than with it never "
+                              "routed to (its forward indexes experts by position or is sized by their count)")
             continue
         members = [Member(f"{rpath}.weight", 0, 0, 1)]
         if router._parameters.get("bias") is not None:
@@ -162,22 +228,26 @@ def find_list_expert_groups(model: nn.Module, masked: set[str], captured: set[st
             members += [Member(f"{owner}.{n}" if owner else n, d, 0, 1, masked=False)
                         for n, d in _per_expert(model.get_submodule(owner) if owner else model, experts)]
         groups.append(GroupSet("expert", path, experts, tuple(members), module=path, min_units=top_k))
-    return groups
+    return groups, skipped
 
 
 def remove_list_experts(model: nn.Module, group: GroupSet, keep: torch.Tensor) -> None:
     """Drop the pruned experts from ``group``'s container (numbered keys renumbered in order) and set the expert
     counts on the modules from the block down to the router to the number kept."""
     container = model.get_submodule(group.module)
-    items = [(k, m) for (k, m), kept in zip(container._modules.items(), keep.tolist()) if kept]
-    if isinstance(container, nn.ModuleList):
-        container._modules = OrderedDict((str(i), m) for i, (_, m) in enumerate(items))
-    else:
-        numbered = [_NUMBERED.match(k) for k, _ in container._modules.items()]
-        renumber = all(m is not None and int(m["index"]) == i for i, m in enumerate(numbered))
-        container._modules = OrderedDict(
-            (f"{numbered[0]['prefix']}{i}" if renumber else k, m) for i, (k, m) in enumerate(items))
-    experts, kept = group.units, len(items)
+    keys = _experts(container)
+    dropped = {k for k, kept in zip(keys, keep.tolist()) if not kept}
+    items = [(k, m) for k, m in container._modules.items() if k not in dropped]
+    numbered = [_NUMBERED.match(k) for k in keys]
+    renumber = all(m is not None and int(m["index"]) == i and m["prefix"] == numbered[0]["prefix"] for i, m in enumerate(numbered))
+    names, i = {}, 0
+    for k, _ in items:  # kept experts renumbered 0.. in order (a forward indexes them by the router's choice)
+        if k in keys:
+            names[k] = f"{numbered[0]['prefix']}{i}" if renumber else k
+            i += 1
+    container._modules = OrderedDict((names.get(k, k), m) for k, m in items)
+    container.__dict__[CUT] = True
+    experts, kept = group.units, len(keys) - len(dropped)
     router = split_name(group.members[0].tensor)[0]
     block = split_name(group.module)[0]
     holders = {block, group.module, router}
@@ -190,14 +260,22 @@ def remove_list_experts(model: nn.Module, group: GroupSet, keep: torch.Tensor) -
                 setattr(holder, attr, kept)
 
 
-def drop_unsaved_children(model: nn.Module, saved: set[str]) -> None:
-    """Remove the children of every ``nn.ModuleList`` / ``nn.ModuleDict`` that hold parameters none of which is among
-    ``saved`` (state_dict names), when some of their siblings are saved: experts a compact model dropped."""
-    for path, container in list(model.named_modules()):
-        if not is_expert_list(container):
-            continue
-        prefix = f"{path}." if path else ""
-        present = {k: any(f"{prefix}{k}.{n}" in saved for n, _ in m.named_parameters()) for k, m in container._modules.items()
-                   if m is not None and any(True for _ in m.parameters())}
-        if present and any(present.values()) and not all(present.values()):
-            container._modules = OrderedDict((k, m) for k, m in container._modules.items() if present.get(k, True))
+def expert_list_sizes(model: nn.Module) -> dict[str, int]:
+    """Path -> experts kept, for every container ``remove_list_experts`` cut (``save`` records it for ``load``)."""
+    return {path: len(_experts(m)) for path, m in model.named_modules() if m.__dict__.get(CUT)}
+
+
+def keep_experts(model: nn.Module, sizes: dict[str, int]) -> None:
+    """Cut each container of ``sizes`` (a fresh model's, of E experts) to its first ``n`` experts, as the compact
+    model that was saved kept them (renumbered first); ``ValueError`` naming the entry that does not fit."""
+    for path, n in sizes.items():
+        try:
+            container = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"the model has no experts container {path!r}") from None
+        keys = _experts(container) if is_expert_list(container) else []
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= len(keys):
+            raise ValueError(f"{path} holds {len(keys)} experts, not a place for {n!r}")
+        dropped = set(keys[n:])
+        container._modules = OrderedDict((k, m) for k, m in container._modules.items() if k not in dropped)
+        container.__dict__[CUT] = True

@@ -47,7 +47,8 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], exa
     if graph is None:  # nothing of the model exports: only what registered families and fused experts declare
         return attention_groups(attn, masked) + experts, skipped
     captured = set(graph[1].values())
-    experts += find_list_expert_groups(cap.root, masked, captured, example_inputs)  # experts as separate modules
+    listed, why_not = find_list_expert_groups(cap.root, masked, captured, example_inputs)  # experts as separate modules
+    experts, skipped = experts + listed, {**why_not, **skipped}
     routers |= {split_name(g.members[0].tensor)[0] for g in experts if g.kind == "expert"}
     params = dict(cap.root.named_parameters(remove_duplicate=False))
     found, why = discover(graph[0], graph[1], params, masked, claimed, keep_kv, graph[2])

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.experts_list import drop_unsaved_children
+from ..analysis.experts_list import expert_list_sizes, keep_experts
 from ..errors import CheckpointError, ConfigError, EbcompileError
 from ..families import compacted_by, family_of
 from ..families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_WIDTHS, WIDTHS
@@ -128,7 +128,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     meta = {"format": FORMAT, "version": VERSION, "class": f"{type(net).__module__}.{type(net).__qualname__}",
             "transformers": is_hf, "shapes": {k: list(v.shape) for k, v in {**state, **tensors}.items()},
             "heads": head_counts(net), "aliases": aliases, "counts": count_attributes(net),
-            "reshapes": rewrites_of(net), "extra_state": extra, "buffers": list(getattr(net, SLICED_BUFFERS, []))}
+            "reshapes": rewrites_of(net), "extra_state": extra, "buffers": list(getattr(net, SLICED_BUFFERS, [])),
+            "experts": expert_list_sizes(net)}
     from safetensors.torch import save_file
 
     with atomic_dir(directory, marker=META) as tmp:  # a kill at any instant leaves the old or the new save
@@ -167,15 +168,17 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     meta.setdefault("counts", {})
     meta.setdefault("reshapes", {})
     meta.setdefault("buffers", [])
+    meta.setdefault("experts", {})
     if not isinstance(meta["buffers"], list) or not all(isinstance(b, str) for b in meta["buffers"]):
         raise CheckpointError(f"{path} has a malformed 'buffers' entry. Fix: save the model again.")
-    for key, kind in (("shapes", dict), ("heads", dict), ("aliases", dict), ("counts", dict), ("reshapes", dict)):
+    for key, kind in (("shapes", dict), ("heads", dict), ("aliases", dict), ("counts", dict), ("reshapes", dict), ("experts", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{path} lacks a valid {key!r} entry. Fix: save the model again.")
     return meta
 
 
-def _hf_model(directory: Path, shapes: dict[str, list[int]], saved_class: object = None) -> nn.Module:
+def _hf_model(directory: Path, shapes: dict[str, list[int]], saved_class: object = None,
+              experts: dict[str, int] | None = None) -> nn.Module:
     """The model class ``ebcompile.json`` records (else the one ``config.json``'s ``architectures`` names), built
     from that config (no hub access, no code from the folder) once the weights' ``shapes`` are checked to fit it."""
     if not exists(directory / CONFIG):
@@ -189,14 +192,18 @@ def _hf_model(directory: Path, shapes: dict[str, list[int]], saved_class: object
     except Exception as exc:  # noqa: BLE001 - any failure means the config cannot be used
         raise CheckpointError(f"{directory / CONFIG} is not a usable transformers config: {exc}. Fix: save again.") from exc
     cls = cls or hf_class(config, "Fix: pass model= (a freshly built model of that architecture).")
-    return build_checked(cls, config, shapes, directory)
+    return build_checked(cls, config, shapes, directory, experts or {})
 
 
 def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
     """Cut ``model``'s heads, then every other tensor, to the recorded counts and shapes (values are garbage
     until the weights are loaded)."""
     _reinstall_rewrites(model, meta.get("reshapes", {}))
-    drop_unsaved_children(model, set(meta["shapes"]))  # experts the compact model dropped
+    try:
+        keep_experts(model, meta.get("experts", {}))  # the experts each cut container kept
+    except ValueError as exc:
+        raise CheckpointError(f"ebcompile.json's experts do not fit the model: {exc}. Fix: pass a model of the saved "
+                              "architecture, before compaction.") from exc
     groups, kept = {}, {}
     for path, count in meta["heads"].items():
         try:
@@ -259,8 +266,9 @@ def _load_pretrained(directory: Path, model: nn.Module | None) -> nn.Module:
     meta = read_json(directory / META) if exists(directory / META) else {}
     if weights is None:
         raise CheckpointError(f"{directory} has no model.safetensors. Fix: save with save_pretrained(safe_serialization=True).")
-    model = _hf_model(directory, {k: list(v.shape) for k, v in weights.items()}) if model is None else model
-    meta = {"heads": {}, "counts": meta.get("counts", {}) if isinstance(meta, dict) else {},
+    experts = meta.get("experts", {}) if isinstance(meta, dict) and isinstance(meta.get("experts"), dict) else {}
+    model = _hf_model(directory, {k: list(v.shape) for k, v in weights.items()}, None, experts) if model is None else model
+    meta = {"heads": {}, "counts": meta.get("counts", {}) if isinstance(meta, dict) else {}, "experts": experts,
             "reshapes": meta.get("reshapes", {}) if isinstance(meta, dict) else {},
             "shapes": {k: list(v.shape) for k, v in weights.items()}}
     _shrink(model, meta)
@@ -323,7 +331,7 @@ def _read(directory: Path, model: nn.Module | None) -> nn.Module | tuple[nn.Modu
         shapes = header_shapes([directory / WEIGHTS])
         shapes.update({k: shapes[t] for k, t in meta["aliases"].items() if t in shapes})
         shapes = {k: v for k, v in shapes.items() if k not in meta["buffers"]}  # outside the state_dict
-        model = _hf_model(directory, shapes, meta.get("class"))
+        model = _hf_model(directory, shapes, meta.get("class"), meta["experts"])
     elif getattr(model, "_ebcompile", None) is not None:
         raise ConfigError("load needs a plain model; this one was prepared by ebcompile. Fix: pass a freshly built model.")
     else:  # loading into meta tensors would return a model with no values

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.experts_list import drop_unsaved_children
+from ..analysis.experts_list import keep_experts
 from ..errors import CheckpointError, EbcompileError
 from .fsguard import exists, guard, read_json
 
@@ -158,15 +158,21 @@ def input_embeddings(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def build_checked(cls: type, config: Any, shapes: dict[str, list[int]], where: str | os.PathLike) -> nn.Module:
-    """``cls._from_config(config)``, after checking on the meta device that the weights' ``shapes`` fit it."""
+def build_checked(cls: type, config: Any, shapes: dict[str, list[int]], where: str | os.PathLike,
+                  experts: dict[str, int] | None = None) -> nn.Module:
+    """``cls._from_config(config)``, after checking on the meta device that the weights' ``shapes`` fit it (with the
+    ``experts`` a compact model kept per container: ``analysis.experts_list.keep_experts``)."""
     try:
         with torch.device("meta"):
             fresh = cls._from_config(config)
     except Exception as exc:  # noqa: BLE001 - the config cannot build its own class
         raise CheckpointError(f"{where}: config.json does not build {cls.__name__} ({type(exc).__name__}: "
                               f"{str(exc)[:200]}). Fix: save the model again.") from exc
-    drop_unsaved_children(fresh, set(shapes))  # experts a compact model dropped (checkpoint._shrink drops them too)
+    try:
+        keep_experts(fresh, experts or {})  # checkpoint._shrink cuts the real model alike
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: ebcompile.json's experts do not fit config.json ({exc}). Fix: save the model "
+                              "again.") from exc
     why = _disagreement(fresh, shapes)
     if why is not None:
         raise CheckpointError(f"{where}: config.json disagrees with the saved weights: {why}. Fix: pass the config.json "

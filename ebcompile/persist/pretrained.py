@@ -82,13 +82,14 @@ def attach_save_pretrained(model: nn.Module) -> None:
         return
 
     def save_pretrained(save_directory, *args: Any, **kwargs: Any):
+        from ..analysis.experts_list import expert_list_sizes
         from ..transforms.reshapes import rewrites_of
         from .model_format import FORMAT, META, VERSION, count_attributes, head_counts
 
         out = original(save_directory, *args, **kwargs)
         meta = {"format": FORMAT, "version": VERSION, "class": f"{type(model).__module__}.{type(model).__qualname__}",
                 "transformers": True, "pretrained": True, "shapes": {}, "heads": head_counts(model), "aliases": {},
-                "counts": count_attributes(model), "reshapes": rewrites_of(model)}
+                "counts": count_attributes(model), "reshapes": rewrites_of(model), "experts": expert_list_sizes(model)}
         from .io import atomic_path
 
         with atomic_path(Path(save_directory) / META) as tmp:
