@@ -137,3 +137,31 @@ def test_a_model_that_traces_but_does_not_export_is_analysed_by_its_exported_pie
     assert small.blocks[0].fc1.out_features < 32 and small.blocks[1].up.out_features == small.blocks[1].gate.out_features < 32
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x))
+
+
+class AttentionThenNumpy(nn.Module):
+    """A block whose own forward does not export (numpy), holding ``nn.MultiheadAttention`` (one ``nn.Linear`` plus
+    its in-projection weight) and an FFN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.ffn = Block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        scale = float(abs(x.detach().numpy()).mean() > -1)  # always 1.0, decided on the host
+        return self.ffn(x) * scale
+
+
+def test_multihead_attention_inside_an_unexportable_block_is_a_piece_and_its_heads_are_cut() -> None:
+    torch.manual_seed(0)
+    model, x = nn.Sequential(AttentionThenNumpy(), AttentionThenNumpy()).eval(), torch.randn(2, 5, 16)
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
+    plan = model._ebcompile.plan
+    assert "0.attn" in plan.capture and sorted(g.name for g in plan.groups if g.kind == "head") == ["0.attn", "1.attn"]
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    assert small[0].attn.num_heads < 4 or small[1].attn.num_heads < 4
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))

@@ -6,8 +6,8 @@ and module names are the model's own.
 Invariant: every piece's outputs are outputs of the merged graph, so features that leave a piece reach code the
 analysis does not see and are never cut (a unit inside one piece is found as in a whole-model capture); a module
 that no piece covers has no linear found, and a lone linear is never a piece (so a classifier or LM head beside the
-pieces is left alone; no linear inside a piece is taken for the model's output layer). Inputs are recorded on the
-first call of each module.
+pieces is left alone; an ``nn.MultiheadAttention``, one linear plus its own in-projection, is one; no linear inside
+a piece is taken for the model's output layer). Inputs are recorded on the first call of each module.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def capture_pieces(model: nn.Module, args: tuple, kwargs: dict,
     def visit(path: str, module: nn.Module) -> None:
         for name, child in module.named_children():
             full = f"{path}.{name}" if path else name
-            if sum(isinstance(m, nn.Linear) for m in child.modules()) < 2:
+            if sum(isinstance(m, nn.Linear) for m in child.modules()) < 2 and not isinstance(child, nn.MultiheadAttention):
                 continue  # no structure to find: a lone linear stays out (a model's output layer)
             if full not in inputs:  # never called itself: a container (ModuleList of layers) or unused
                 visit(full, child)
