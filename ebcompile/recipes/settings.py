@@ -11,21 +11,15 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-__all__ = ["SearchSettings", "RetrainSettings", "from_namespace"]
+__all__ = ["TrainingSettings", "SearchSettings", "RetrainSettings", "from_namespace"]
 
 S = TypeVar("S", "SearchSettings", "RetrainSettings")
 
 
-@dataclass
-class SearchSettings:
-    """Train ``model`` on ``data`` until the early-bird ticket appears; write it and the early-bird model to ``out``.
+@dataclass(kw_only=True)
+class TrainingSettings:
+    """What every recipe trains with: the output folder, the data, the budget and the optimizer's basics."""
 
-    ``model``: a Hugging Face folder or hub name (text: fine-tuned in a ``Trainer``), or ``torchvision:NAME``,
-    ``timm:NAME``, ``MODULE:FACTORY`` (images: trained from scratch in a PyTorch loop). ``None`` for ``lr``,
-    ``every``, ``rule``, ``threshold`` and ``"auto"`` for ``deadline`` and ``importance`` pick the measured
-    default of the kind of model (docs/early-bird.md, docs/RESULTS.md)."""
-
-    model: str
     out: str
     data: str
     epochs: float = 3.0
@@ -34,6 +28,18 @@ class SearchSettings:
     max_len: int = 128
     train_limit: int | None = None
     seed: int = 0
+
+
+@dataclass(kw_only=True)
+class SearchSettings(TrainingSettings):
+    """Train ``model`` on ``data`` until the early-bird ticket appears; write it and the early-bird model to ``out``.
+
+    ``model``: a Hugging Face folder or hub name (text: fine-tuned in a ``Trainer``), or ``torchvision:NAME``,
+    ``timm:NAME``, ``MODULE:FACTORY`` (images: trained from scratch in a PyTorch loop). ``None`` for ``lr``,
+    ``every``, ``rule``, ``threshold`` and ``"auto"`` for ``deadline`` and ``importance`` pick the measured
+    default of the kind of model (docs/early-bird.md, docs/RESULTS.md)."""
+
+    model: str
     ratio: float = 0.3
     structure: str = "structured"
     scope: str = "global"
@@ -50,8 +56,8 @@ class SearchSettings:
     image_size: str | None = None
 
 
-@dataclass
-class RetrainSettings:
+@dataclass(kw_only=True)
+class RetrainSettings(TrainingSettings):
     """Retrain the ticket a search wrote to ``search`` (its ``out``), compacted, and save it to ``out``.
 
     ``mode``: the weights the ticket retrains from (``continue``: the early-bird ones with their optimizer state,
@@ -59,15 +65,7 @@ class RetrainSettings:
     an image model whose saved recipe names one (only code the caller names is imported)."""
 
     search: str
-    out: str
-    data: str
     mode: str = "continue"
-    epochs: float = 3.0
-    batch: int = 32
-    lr: float | None = None
-    max_len: int = 128
-    train_limit: int | None = None
-    seed: int = 0
     factory: str | None = None
 
 
