@@ -165,3 +165,27 @@ def test_multihead_attention_inside_an_unexportable_block_is_a_piece_and_its_hea
     assert small[0].attn.num_heads < 4 or small[1].attn.num_heads < 4
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x))
+
+
+def test_a_decoder_whose_moe_does_not_export_is_captured_by_pieces_without_its_kv_cache() -> None:
+    """DBRX: its experts loop over data-dependent token sets (no whole-model export), and a plain forward hands every
+    layer a ``DynamicCache``, which export takes as no input: pieces are recorded with ``use_cache=False``, so the
+    attention layers export and their heads are cut."""
+    from transformers import DbrxConfig, DbrxModel
+
+    cfg = DbrxConfig(vocab_size=99, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
+                     attn_config={"kv_n_heads": 2, "clip_qkv": 8, "rope_theta": 10000},
+                     ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2, "moe_jitter_eps": 0,
+                                 "moe_loss_weight": 0.05, "moe_normalize_expert_weights": 1.0})
+    torch.manual_seed(0)
+    model = DbrxModel(cfg).eval()
+    x = {"input_ids": torch.randint(0, 99, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
+    plan = model._ebcompile.plan
+    assert plan.capture == "export of pieces: blocks.0.norm_attn_norm, blocks.1.norm_attn_norm"
+    assert [g.kind for g in plan.groups] == ["head", "head"]
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    assert small.blocks[0].norm_attn_norm.attn.Wqkv.out_features < 64
+    with torch.no_grad():
+        torch.testing.assert_close(small(**x).last_hidden_state, model(**x).last_hidden_state)

@@ -230,7 +230,8 @@ def inline_grad_blocks(gm: fx.GraphModule) -> None:
 CAPTURE_PATHS: dict[str, Callable[[nn.Module, tuple, dict], Captured]] = {
     "symbolic_trace": _symbolic_trace,
     "export": _export,
-    "pieces": lambda model, args, kwargs: capture_pieces(model, args, kwargs, _export),  # the largest exportable parts
+    # the largest exportable parts, recorded without a KV cache (a cache object is no input export takes)
+    "pieces": lambda model, args, kwargs: capture_pieces(model, args, graph_kwargs(model, kwargs), _export),
 }
 
 
