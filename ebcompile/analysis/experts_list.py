@@ -75,11 +75,24 @@ def _router(model: nn.Module, block: str, container: str, experts: int, width: i
 
 class _FollowRouters(TorchFunctionMode):
     """Tags every tensor computed from a router's output with that router; records the routers whose values reach a
-    top-k choice."""
+    top-k choice. ``untag`` removes every tag it set (none stays on a buffer an in-place op touched)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.choosing: set[str] = set()
+        self.tagged: list[torch.Tensor] = []
+
+    def tag(self, t: torch.Tensor, tags: set[str]) -> None:
+        try:
+            setattr(t, TAG, getattr(t, TAG, set()) | tags)
+            self.tagged.append(t)
+        except (AttributeError, RuntimeError):  # a tensor that takes no attributes: not followed further
+            pass
+
+    def untag(self) -> None:
+        for t in self.tagged:
+            t.__dict__.pop(TAG, None)
+        self.tagged = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -92,18 +105,11 @@ class _FollowRouters(TorchFunctionMode):
                 self.choosing |= tags
             for leaf in pytree.tree_leaves(out):
                 if isinstance(leaf, torch.Tensor):
-                    _tag(leaf, tags)
+                    self.tag(leaf, tags)
         return out
 
 
 TAG = "_ebcompile_router"
-
-
-def _tag(t: torch.Tensor, tags: set[str]) -> None:
-    try:
-        setattr(t, TAG, getattr(t, TAG, set()) | tags)
-    except (AttributeError, RuntimeError):  # a tensor that takes no attributes: not followed further
-        pass
 
 
 def _choosing(model: nn.Module, routers: list[str], blocks: list[str], example_inputs
@@ -120,7 +126,7 @@ def _choosing(model: nn.Module, routers: list[str], blocks: list[str], example_i
         def hook(module: nn.Module, inputs: tuple, out) -> None:  # returns None: the output is left as it is
             for leaf in pytree.tree_leaves(out):
                 if isinstance(leaf, torch.Tensor):
-                    _tag(leaf, {router})
+                    mode.tag(leaf, {router})
         return hook
 
     def recorder(block: str):
@@ -138,6 +144,7 @@ def _choosing(model: nn.Module, routers: list[str], blocks: list[str], example_i
     finally:
         for h in handles:
             h.remove()
+        mode.untag()
     return mode.choosing, inputs
 
 
