@@ -99,3 +99,33 @@ def test_compact_swin_and_mlp_onnx_match_pytorch(tmp_path_factory, kind, heads, 
     ebcompile.apply_ticket(model, draw_ticket(model))
     report = export_onnx(model, tmp_path_factory.mktemp("onnx") / f"{kind}.onnx", x)
     assert report.max_abs_error is not None and report.providers == ["CPUExecutionProvider"]
+
+
+class _RMSBlock(torch.nn.Module):
+    """``nn.RMSNorm`` (``aten::rms_norm``, which torch's ONNX exporter has no symbolic for) before a gated FFN."""
+
+    def __init__(self, d: int = 16, affine: bool = True, eps: float | None = None) -> None:
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(d, eps=eps, elementwise_affine=affine)
+        self.fc1, self.fc2 = torch.nn.Linear(d, 32), torch.nn.Linear(32, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.nn.functional.silu(self.fc1(self.norm(x))))
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize("affine, eps", [(True, None), (False, 1e-5)])
+def test_rms_norm_exports_and_verifies_dense_and_compact(tmp_path, opset, affine, eps):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_RMSBlock(affine=affine, eps=eps), _RMSBlock(affine=affine, eps=eps)).eval()
+    if affine:
+        with torch.no_grad():
+            for block in model:
+                block.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 16)
+    report = ebcompile.export_onnx(model, tmp_path / "dense.onnx", x, opset=opset)
+    assert report.max_abs_error is not None and report.max_abs_error < 1e-4
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    report = ebcompile.export_onnx(model, tmp_path / "compact.onnx", x, opset=opset)  # compacted first
+    assert report.max_abs_error is not None and report.max_abs_error < 1e-4

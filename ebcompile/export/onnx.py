@@ -26,6 +26,7 @@ from .fusion import AttentionFusion
 from .optimize import attention_summary, optimize_file
 from .ort_check import run_onnxruntime
 from .ort_child import session
+from .symbolics import register as register_symbolics
 
 __all__ = ["export_onnx", "ExportReport", "ort_session", "plain_model"]
 
@@ -266,6 +267,7 @@ def export_onnx(
     try:
         with atomic_path(path) as tmp:
             try:
+                register_symbolics(opset)  # aten ops the exporter lacks (rms_norm)
                 fusion = AttentionFusion(traced) if fused_attention else nullcontext()
                 with warnings.catch_warnings(), _fused(fused_attention), fusion:
                     warnings.simplefilter("ignore")
