@@ -129,3 +129,28 @@ def test_rms_norm_exports_and_verifies_dense_and_compact(tmp_path, opset, affine
     ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
     report = ebcompile.export_onnx(model, tmp_path / "compact.onnx", x, opset=opset)  # compacted first
     assert report.max_abs_error is not None and report.max_abs_error < 1e-4
+
+
+def test_a_file_the_torchscript_exporter_gets_wrong_is_written_by_the_dynamo_exporter(tmp_path):
+    """Cohere's three q/k/v views share the constant -1 with a later reshape in the TorchScript trace, and torch's
+    TorchScript exporter writes one of them as a fixed 2: onnxruntime cannot run the file. ``export_onnx`` then
+    exports with torch.onnx's dynamo exporter, verifies that file and says so in ``notes``; its batch and sequence
+    axes stay dynamic."""
+    import numpy as np
+    from transformers import AutoConfig, AutoModel
+
+    from ebcompile.export.onnx import ort_session
+
+    cfg = AutoConfig.for_model("cohere", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=37, max_position_embeddings=64, eos_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(cfg).eval()
+    x = {"input_ids": torch.randint(0, 99, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    report = ebcompile.export_onnx(model, tmp_path / "cohere.onnx", x)
+    assert report.max_abs_error is not None and report.max_abs_error < 1e-4
+    assert any("dynamo exporter" in n for n in report.notes), report.notes
+    other = {"input_ids": torch.randint(0, 99, (3, 5)), "attention_mask": torch.ones(3, 5, dtype=torch.long)}
+    sess = ort_session(tmp_path / "cohere.onnx")
+    got = sess.run(None, {i.name: other[i.name].numpy() for i in sess.get_inputs()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(**other).last_hidden_state.numpy(), rtol=1e-4, atol=1e-4)

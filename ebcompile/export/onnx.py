@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
 import os
 import warnings
 from contextlib import nullcontext
@@ -264,59 +265,96 @@ def export_onnx(
     notes: list[str] = [n for n in (mask_note, experts_note) if n]
     path = Path(path)
     moved: Path | None = None  # the data file, once beside path: removed again if the export then fails
-    try:
-        with atomic_path(path) as tmp:
-            try:
-                register_symbolics(opset)  # aten ops the exporter lacks (rms_norm)
-                fusion = AttentionFusion(traced) if fused_attention else nullcontext()
-                with warnings.catch_warnings(), _fused(fused_attention), fusion:
-                    warnings.simplefilter("ignore")
-                    torch.onnx.export(traced, traced_args, str(tmp), input_names=input_names, output_names=output_names,
-                                      dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
-                onnx.checker.check_model(str(tmp))
-            except Exception as exc:  # noqa: BLE001
-                fix = ("pass attention_mask in example_inputs (without it Hugging Face models build their mask with ops "
-                       "ONNX lacks)" if isinstance(net, KeywordCall) and "attention_mask" not in net.names
-                       and "attention_mask" in _parameters(net.net) else
-                       "export a compact model with fixed-shape inputs, or report the failing op")
-                raise ExportError(f"torch.onnx.export / onnx.checker failed for {type(net).__name__}: "
-                                  f"{type(exc).__name__}: {str(exc)[:300]}. Fix: {fix}.") from exc
-            notes += fusion.notes if fused_attention else []
-            optimized = optimize_file(tmp, family_net, fp16, notes) if optimize else False
-            if optimize and fp16 and not optimized:  # the fp32 trace was to be converted by the optimizer
-                raise ExportError(f"onnxruntime's optimizer failed ({notes[-1] if notes else 'no reason given'}), and an fp16 "
-                                  "export with optimize=True is converted to fp16 by it. Fix: export with optimize=False "
-                                  "(fp16 traced directly), or in fp32.")
-            data = _external(tmp, path, external_data, weights, notes, check=not optimized)
-            try:
-                graph = onnx.load(str(tmp), load_external_data=False).graph
-            except Exception as exc:  # noqa: BLE001 - a file the optimizer broke
-                raise ExportError(f"the exported file cannot be read back ({type(exc).__name__}: {str(exc)[:150]}). "
-                                  "Fix: export with optimize=False, or report the model.") from exc
-            summary = attention_summary(graph)
-            notes += [summary] if summary else []
-            counts: dict[str, int] = {}
-            for node in graph.node:
-                counts[node.op_type] = counts.get(node.op_type, 0) + 1
-            leftover = [i.name for i in graph.initializer if any(s in i.name for s in MASK_OPS)]
-            if leftover:
-                raise ExportError(f"mask tensors left in the exported graph ({leftover[:3]}). Fix: compact the model first.")
-            providers, err = _verify(tmp, input_names, args, output_names, reference, rtol, atol) if verify else ([], None)
-            files = [tmp] + ([tmp.parent / data] if data else [])
-            size = sum(f.stat().st_size for f in files)
-            old = previous_data(path)  # the data file of the export replaced, removed once the new one is in place
-            if data:
-                publish(tmp.parent / data, path.parent / data)
-                moved = path.parent / data
-    except BaseException:
-        if moved is not None:
-            moved.unlink(missing_ok=True)
-        raise
+    # torch's TorchScript exporter first (attention fusion and onnxruntime's optimizer read its graphs); where its file
+    # fails to export, load or verify, the dynamo exporter's (torch.export based) when nothing asked for those
+    exporters = ["torchscript"] + ([] if (optimize or fused_attention) else ["dynamo"])
+    first: ExportError | None = None
+    base_notes = len(notes)
+    for exporter in exporters:
+        try:
+            with atomic_path(path) as tmp:
+                try:
+                    fusion = AttentionFusion(traced) if fused_attention else nullcontext()
+                    _write(exporter, traced, traced_args, tmp, input_names, output_names, axes, opset, fused_attention, fusion)
+                    onnx.checker.check_model(str(tmp))
+                except Exception as exc:  # noqa: BLE001
+                    fix = ("pass attention_mask in example_inputs (without it Hugging Face models build their mask with ops "
+                           "ONNX lacks)" if isinstance(net, KeywordCall) and "attention_mask" not in net.names
+                           and "attention_mask" in _parameters(net.net) else
+                           "export a compact model with fixed-shape inputs, or report the failing op")
+                    raise ExportError(f"torch.onnx.export / onnx.checker failed for {type(net).__name__}: "
+                                      f"{type(exc).__name__}: {str(exc)[:300]}. Fix: {fix}.") from exc
+                notes += fusion.notes if fused_attention else []
+                optimized = optimize_file(tmp, family_net, fp16, notes) if optimize else False
+                if optimize and fp16 and not optimized:  # the fp32 trace was to be converted by the optimizer
+                    raise ExportError(f"onnxruntime's optimizer failed ({notes[-1] if notes else 'no reason given'}), and an fp16 "
+                                      "export with optimize=True is converted to fp16 by it. Fix: export with optimize=False "
+                                      "(fp16 traced directly), or in fp32.")
+                data = _external(tmp, path, external_data, weights, notes, check=not optimized)
+                try:
+                    graph = onnx.load(str(tmp), load_external_data=False).graph
+                except Exception as exc:  # noqa: BLE001 - a file the optimizer broke
+                    raise ExportError(f"the exported file cannot be read back ({type(exc).__name__}: {str(exc)[:150]}). "
+                                      "Fix: export with optimize=False, or report the model.") from exc
+                summary = attention_summary(graph)
+                notes += [summary] if summary else []
+                counts: dict[str, int] = {}
+                for node in graph.node:
+                    counts[node.op_type] = counts.get(node.op_type, 0) + 1
+                leftover = [i.name for i in graph.initializer if any(s in i.name for s in MASK_OPS)]
+                if leftover:
+                    raise ExportError(f"mask tensors left in the exported graph ({leftover[:3]}). Fix: compact the model first.")
+                providers, err = _verify(tmp, input_names, args, output_names, reference, rtol, atol) if verify else ([], None)
+                files = [tmp] + ([tmp.parent / data] if data else [])
+                size = sum(f.stat().st_size for f in files)
+                old = previous_data(path)  # the data file of the export replaced, removed once the new one is in place
+                if data:
+                    publish(tmp.parent / data, path.parent / data)
+                    moved = path.parent / data
+        except ExportError as exc:
+            if moved is not None:
+                moved.unlink(missing_ok=True)
+            if exporter == exporters[-1]:
+                if first is None:
+                    raise
+                raise ExportError(f"{first} (the dynamo exporter failed too: {str(exc)[:200]})") from first
+            first, moved, notes = exc, None, notes[:base_notes]  # the next exporter starts afresh
+            continue
+        except BaseException:
+            if moved is not None:
+                moved.unlink(missing_ok=True)
+            raise
+        if first is not None:
+            notes.append(f"exported by torch.onnx's dynamo exporter (opset {max(opset, DYNAMO_MIN_OPSET)}): the TorchScript "
+                         f"exporter's file failed ({str(first)[:160]})")
+        break
     if old is not None and old != moved:
         with contextlib.suppress(OSError):
             old.unlink()
     return ExportReport(str(path), size, providers, err, (rtol, atol), optimized, counts, notes, external_data=bool(data),
                         files=[str(path)] + ([str(moved)] if moved else []))
+
+
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes opset 18 and later
+
+
+def _write(exporter: str, net: nn.Module, args: tuple, tmp: Path, input_names: list[str], output_names: list[str],
+           axes: Any, opset: int, fused_attention: bool, fusion: Any) -> None:
+    """``net`` on ``args`` to ONNX at ``tmp`` with torch's TorchScript exporter or its dynamo (torch.export) one."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the dynamo exporter's progress lines
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":  # one spec per positional input: the axes named dynamic, the rest as traced
+            shapes = None if not axes else tuple({d: torch.export.Dim.DYNAMIC for d in axes.get(n, {})} for n in input_names)
+            params = list(inspect.signature(net.forward).parameters.values())
+            if shapes is not None and params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+                shapes = (shapes,)  # forward(*args): one input, the tuple
+            torch.onnx.export(net, args, str(tmp), input_names=input_names, output_names=output_names, dynamic_shapes=shapes,
+                              opset_version=max(opset, DYNAMO_MIN_OPSET), dynamo=True, external_data=False)
+            return
+        register_symbolics(opset)  # aten ops the TorchScript exporter lacks (rms_norm)
+        with _fused(fused_attention), fusion:
+            torch.onnx.export(net, args, str(tmp), input_names=input_names, output_names=output_names,
+                              dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
 
 
 def _external(tmp: Path, path: Path, wanted: bool | None, weights: int, notes: list[str], check: bool) -> str | None:
