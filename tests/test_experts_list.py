@@ -185,3 +185,66 @@ def test_experts_indexed_by_position_get_no_expert_units_and_say_why():
     with torch.no_grad():
         masked = model(**x).last_hidden_state
         torch.testing.assert_close(ebcompile.compact(model, round_to=None).eval()(**x).last_hidden_state, masked)
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, d: int = 24, h: int = 40) -> None:
+        super().__init__()
+        self.w1, self.w3, self.w2 = (nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False),
+                                     nn.Linear(h, d, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class _NamedMoE(nn.Module):
+    """Top-1 by ``torch.max``, experts in a ModuleDict under names (no numbers), looked up in order, a shared expert."""
+
+    def __init__(self, d: int = 24) -> None:
+        super().__init__()
+        self.router = nn.Linear(d, 5)
+        self.experts = nn.ModuleDict({name: _SwiGLU(d) for name in "abcde"})
+        self.shared = _SwiGLU(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)
+        top, idx = torch.max(self.router(flat), dim=-1)
+        out, experts = torch.zeros_like(flat), list(self.experts.values())
+        for e in idx.unique().tolist():
+            sel = idx == e
+            out[sel] = experts[e](flat[sel]) * torch.sigmoid(top[sel, None])
+        return (out + self.shared(flat)).reshape(b, s, d)
+
+
+class _NamedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 24)
+        self.layers = nn.ModuleList([_NamedMoE(), _NamedMoE()])
+        self.out = nn.Linear(24, 40)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.out(x)
+
+
+def test_named_experts_keep_their_names_and_reload(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (3, 11))
+    model = _ticketed(_NamedLM().eval(), ids)
+    assert sorted(g.name for g in model._ebcompile.plan.groups if g.kind == "expert") == ["layers.0.experts", "layers.1.experts"]
+    with torch.no_grad():
+        masked = model(ids)
+    small = ebcompile.compact(model, round_to=None).eval()
+    kept = [list(layer.experts) for layer in small.layers]
+    assert all(set(k) < set("abcde") and len(k) >= 2 for k in kept)  # names kept, in order
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids), masked, rtol=1e-5, atol=1e-5)
+    ebcompile.save(small, tmp_path / "s")
+    back = ebcompile.load(tmp_path / "s", model=_NamedLM()).eval()
+    assert [list(layer.experts) for layer in back.layers] == kept
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), small(ids))

@@ -267,22 +267,23 @@ def remove_list_experts(model: nn.Module, group: GroupSet, keep: torch.Tensor) -
                 setattr(holder, attr, kept)
 
 
-def expert_list_sizes(model: nn.Module) -> dict[str, int]:
-    """Path -> experts kept, for every container ``remove_list_experts`` cut (``save`` records it for ``load``)."""
-    return {path: len(_experts(m)) for path, m in model.named_modules() if m.__dict__.get(CUT)}
+def expert_list_sizes(model: nn.Module) -> dict[str, list[str]]:
+    """Path -> the keys of the experts kept, for every container ``remove_list_experts`` cut (``save`` records it for
+    ``load``)."""
+    return {path: _experts(m) for path, m in model.named_modules() if m.__dict__.get(CUT)}
 
 
-def keep_experts(model: nn.Module, sizes: dict[str, int]) -> None:
-    """Cut each container of ``sizes`` (a fresh model's, of E experts) to its first ``n`` experts, as the compact
-    model that was saved kept them (renumbered first); ``ValueError`` naming the entry that does not fit."""
-    for path, n in sizes.items():
+def keep_experts(model: nn.Module, kept: dict[str, list[str]]) -> None:
+    """Cut each container of ``kept`` (a fresh model's, of E experts) to the experts under those keys, as the compact
+    model that was saved kept them; ``ValueError`` naming the entry that does not fit."""
+    for path, keys in kept.items():
         try:
             container = model.get_submodule(path)
         except AttributeError:
             raise ValueError(f"the model has no experts container {path!r}") from None
-        keys = _experts(container) if is_expert_list(container) else []
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= len(keys):
-            raise ValueError(f"{path} holds {len(keys)} experts, not a place for {n!r}")
-        dropped = set(keys[n:])
+        have = _experts(container) if is_expert_list(container) else []
+        if not isinstance(keys, list) or not keys or any(k not in have for k in keys):
+            raise ValueError(f"{path} holds the experts {have[:4]}..., not {str(keys)[:80]}")
+        dropped = set(have) - set(keys)
         container._modules = OrderedDict((k, m) for k, m in container._modules.items() if k not in dropped)
         container.__dict__[CUT] = True

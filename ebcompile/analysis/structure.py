@@ -17,6 +17,7 @@ an op without a handler (``skipped`` says which). Writes ``node.meta["ebcompile.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 from collections import defaultdict
 
@@ -220,7 +221,13 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
              claimed: set[str], keep_kv: bool = False, buffer_of: dict[str, str] | None = None
              ) -> tuple[list[GroupSet], dict[str, str]]:
     """Head and neuron ``GroupSet``s of ``graph`` over the ``masked`` weights, and why other linears have none."""
-    flow = propagate(graph, param_of, params, keep_kv, buffer_of)
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")  # a size decided by real-tensor propagation
+    level = shapes_log.level  # warns each time it is read (propagate_real_tensors evaluate_expr): it is expected here
+    shapes_log.setLevel(logging.ERROR)
+    try:
+        flow = propagate(graph, param_of, params, keep_kv, buffer_of)
+    finally:
+        shapes_log.setLevel(level)
     folds = settle_rms_candidates(flow, params)
     el = flow.el
     el.settle_splits()

@@ -178,7 +178,7 @@ def _read_meta(directory: Path) -> dict[str, Any]:
 
 
 def _hf_model(directory: Path, shapes: dict[str, list[int]], saved_class: object = None,
-              experts: dict[str, int] | None = None) -> nn.Module:
+              experts: dict[str, list[str]] | None = None) -> nn.Module:
     """The model class ``ebcompile.json`` records (else the one ``config.json``'s ``architectures`` names), built
     from that config (no hub access, no code from the folder) once the weights' ``shapes`` are checked to fit it."""
     if not exists(directory / CONFIG):

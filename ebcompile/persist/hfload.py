@@ -159,7 +159,7 @@ def input_embeddings(model: nn.Module) -> nn.Module | None:
 
 
 def build_checked(cls: type, config: Any, shapes: dict[str, list[int]], where: str | os.PathLike,
-                  experts: dict[str, int] | None = None) -> nn.Module:
+                  experts: dict[str, list[str]] | None = None) -> nn.Module:
     """``cls._from_config(config)``, after checking on the meta device that the weights' ``shapes`` fit it (with the
     ``experts`` a compact model kept per container: ``analysis.experts_list.keep_experts``)."""
     try:
