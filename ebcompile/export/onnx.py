@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import io
 import os
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +20,12 @@ from ..errors import ConfigError, ExportError
 from ..names import split_name
 from ..persist.io import atomic_path
 from ..transforms.shrink import plain_model
+from .exporters import DYNAMO_MIN_OPSET, write
 from .external import INLINE_LIMIT, data_name, has_external, pack, previous_data, publish, weight_bytes
 from .fusion import AttentionFusion
 from .optimize import attention_summary, optimize_file
 from .ort_check import run_onnxruntime
 from .ort_child import session
-from .symbolics import register as register_symbolics
 
 __all__ = ["export_onnx", "ExportReport", "ort_session", "plain_model"]
 
@@ -275,7 +273,7 @@ def export_onnx(
             with atomic_path(path) as tmp:
                 try:
                     fusion = AttentionFusion(traced) if fused_attention else nullcontext()
-                    _write(exporter, traced, traced_args, tmp, input_names, output_names, axes, opset, fused_attention, fusion)
+                    write(exporter, traced, traced_args, tmp, input_names, output_names, axes, opset, _fused(fused_attention), fusion)
                     onnx.checker.check_model(str(tmp))
                 except Exception as exc:  # noqa: BLE001
                     fix = ("pass attention_mask in example_inputs (without it Hugging Face models build their mask with ops "
@@ -333,28 +331,6 @@ def export_onnx(
             old.unlink()
     return ExportReport(str(path), size, providers, err, (rtol, atol), optimized, counts, notes, external_data=bool(data),
                         files=[str(path)] + ([str(moved)] if moved else []))
-
-
-DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes opset 18 and later
-
-
-def _write(exporter: str, net: nn.Module, args: tuple, tmp: Path, input_names: list[str], output_names: list[str],
-           axes: Any, opset: int, fused_attention: bool, fusion: Any) -> None:
-    """``net`` on ``args`` to ONNX at ``tmp`` with torch's TorchScript exporter or its dynamo (torch.export) one."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the dynamo exporter's progress lines
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":  # one spec per positional input: the axes named dynamic, the rest as traced
-            shapes = None if not axes else tuple({d: torch.export.Dim.DYNAMIC for d in axes.get(n, {})} for n in input_names)
-            params = list(inspect.signature(net.forward).parameters.values())
-            if shapes is not None and params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
-                shapes = (shapes,)  # forward(*args): one input, the tuple
-            torch.onnx.export(net, args, str(tmp), input_names=input_names, output_names=output_names, dynamic_shapes=shapes,
-                              opset_version=max(opset, DYNAMO_MIN_OPSET), dynamo=True, external_data=False)
-            return
-        register_symbolics(opset)  # aten ops the TorchScript exporter lacks (rms_norm)
-        with _fused(fused_attention), fusion:
-            torch.onnx.export(net, args, str(tmp), input_names=input_names, output_names=output_names,
-                              dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
 
 
 def _external(tmp: Path, path: Path, wanted: bool | None, weights: int, notes: list[str], check: bool) -> str | None:

@@ -1,0 +1,45 @@
+"""The two ways ``export_onnx`` writes a file: torch's TorchScript exporter (attention fusion and onnxruntime's
+optimizer read its graphs), and its dynamo exporter (torch.export based), tried where the first one's file fails.
+
+Invariant: each writes ``net`` on ``args`` to one ONNX file with the named inputs and outputs and the dynamic axes
+asked for; neither verifies (``export_onnx`` does, the same way for both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .symbolics import register as register_symbolics
+
+__all__ = ["write", "DYNAMO_MIN_OPSET"]
+
+
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes opset 18 and later
+
+
+def write(exporter: str, net: nn.Module, args: tuple, tmp: Path, input_names: list[str], output_names: list[str],
+          axes: Any, opset: int, patches: Any, fusion: Any) -> None:
+    """``net`` on ``args`` to ONNX at ``tmp`` with torch's TorchScript exporter (inside ``patches`` and ``fusion``,
+    context managers of ``export_onnx``) or its dynamo (torch.export based) one."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the dynamo exporter's progress lines
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":  # one spec per positional input: the axes named dynamic, the rest as traced
+            shapes = None if not axes else tuple({d: torch.export.Dim.DYNAMIC for d in axes.get(n, {})} for n in input_names)
+            params = list(inspect.signature(net.forward).parameters.values())
+            if shapes is not None and params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+                shapes = (shapes,)  # forward(*args): one input, the tuple
+            torch.onnx.export(net, args, str(tmp), input_names=input_names, output_names=output_names, dynamic_shapes=shapes,
+                              opset_version=max(opset, DYNAMO_MIN_OPSET), dynamo=True, external_data=False)
+            return
+        register_symbolics(opset)  # aten ops the TorchScript exporter lacks (rms_norm)
+        with patches, fusion:
+            torch.onnx.export(net, args, str(tmp), input_names=input_names, output_names=output_names,
+                              dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
