@@ -45,11 +45,13 @@ class MoE(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self) -> None:
+    """Token embedding, two residual MoE layers (``moe``: their class), an output layer."""
+
+    def __init__(self, moe: type[nn.Module] = MoE, vocab: int = 50, d: int = 16) -> None:
         super().__init__()
-        self.emb = nn.Embedding(50, 16)
-        self.moes = nn.ModuleList([MoE(), MoE()])
-        self.head = nn.Linear(16, 50)
+        self.emb = nn.Embedding(vocab, d)
+        self.moes = nn.ModuleList([moe(d), moe(d)])
+        self.head = nn.Linear(d, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.emb(ids)
@@ -217,34 +219,20 @@ class _NamedMoE(nn.Module):
         return (out + self.shared(flat)).reshape(b, s, d)
 
 
-class _NamedLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(40, 24)
-        self.layers = nn.ModuleList([_NamedMoE(), _NamedMoE()])
-        self.out = nn.Linear(24, 40)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.emb(ids)
-        for layer in self.layers:
-            x = x + layer(x)
-        return self.out(x)
-
-
 def test_named_experts_keep_their_names_and_reload(tmp_path):
     torch.manual_seed(0)
     ids = torch.randint(0, 40, (3, 11))
-    model = _ticketed(_NamedLM().eval(), ids)
-    assert sorted(g.name for g in model._ebcompile.plan.groups if g.kind == "expert") == ["layers.0.experts", "layers.1.experts"]
+    model = _ticketed(Net(_NamedMoE, 40, 24).eval(), ids)
+    assert sorted(g.name for g in model._ebcompile.plan.groups if g.kind == "expert") == ["moes.0.experts", "moes.1.experts"]
     with torch.no_grad():
         masked = model(ids)
     small = ebcompile.compact(model, round_to=None).eval()
-    kept = [list(layer.experts) for layer in small.layers]
+    kept = [list(layer.experts) for layer in small.moes]
     assert all(set(k) < set("abcde") and len(k) >= 2 for k in kept)  # names kept, in order
     with torch.no_grad():
         torch.testing.assert_close(small(ids), masked, rtol=1e-5, atol=1e-5)
     ebcompile.save(small, tmp_path / "s")
-    back = ebcompile.load(tmp_path / "s", model=_NamedLM()).eval()
-    assert [list(layer.experts) for layer in back.layers] == kept
+    back = ebcompile.load(tmp_path / "s", model=Net(_NamedMoE, 40, 24)).eval()
+    assert [list(layer.experts) for layer in back.moes] == kept
     with torch.no_grad():
         torch.testing.assert_close(back(ids), small(ids))

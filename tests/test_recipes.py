@@ -108,3 +108,14 @@ def test_take_ticket_trains_what_the_masked_model_computes(structure):
     final = finished(small, model)
     with torch.no_grad():
         torch.testing.assert_close(final.eval()(x), masked, rtol=1e-5, atol=1e-5)
+
+
+def test_python_callers_get_the_command_lines_output_checks(tmp_path):
+    from ebcompile.errors import OutputPathError
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    with pytest.raises(OutputPathError, match="search folder"):
+        recipes.retrain(RetrainSettings(search=str(tmp_path / "run"), out=str(tmp_path / "run" / "model" / "x"), data="d"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ebcompile.errors.EbcompileError, match="Fix:"):
+        recipes.search(SearchSettings(model="m", out=str(tmp_path / "file"), data="d"))

@@ -13,7 +13,6 @@ its learning rate restarted at ``--lr``; other modes start a fresh optimizer. An
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,15 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Refuse an ``--out`` that is the search folder or inside its ``model/`` (checked before anything is read or
-    written): the retrain would write its checkpoints among the search's and replace the model it reads."""
-    from ..errors import OutputPathError
+    """Refuse an ``--out`` that is the search folder or inside its ``model/`` before anything is read or written."""
+    from ..recipes import check_retrain_out
 
-    search, out = Path(args.search).expanduser().resolve(), Path(args.out).expanduser().resolve()
-    if out == search or out.is_relative_to(search / "model"):
-        raise OutputPathError(f"--out {args.out} is the search folder {args.search}{'' if out == search else ' (its model/)'}: "
-                              "the retrain would write over the search it reads. Fix: pass another folder, e.g. "
-                              f"--out {search.with_name(search.name + '-retrained')}.")
+    check_retrain_out(args.search, args.out)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,12 +18,15 @@ from pathlib import Path
 from .settings import RetrainSettings, SearchSettings
 from .switch import finished, take_ticket
 
-__all__ = ["SearchSettings", "RetrainSettings", "search", "retrain", "take_ticket", "finished"]
+__all__ = ["SearchSettings", "RetrainSettings", "search", "retrain", "take_ticket", "finished", "check_retrain_out"]
 
 
 def search(settings: SearchSettings) -> int:
     """Train until the early-bird ticket appears; write it, the early-bird model and the search to ``settings.out``."""
+    from ..persist.io import check_writable
     from .imageclf import is_image_model
+
+    check_writable(settings.out, directory=True)  # before any training, not after
 
     if is_image_model(settings.model):
         from .image import search_image
@@ -36,7 +39,11 @@ def search(settings: SearchSettings) -> int:
 
 def retrain(settings: RetrainSettings) -> int:
     """Retrain the ticket the search in ``settings.search`` found, compacted; save it to ``settings.out``/model."""
+    from ..persist.io import check_writable
     from .imageclf import is_saved
+
+    check_retrain_out(settings.search, settings.out)
+    check_writable(settings.out, directory=True)
 
     if is_saved(Path(settings.search) / "model"):
         from .image import retrain_image
@@ -45,3 +52,15 @@ def retrain(settings: RetrainSettings) -> int:
     from .text import retrain_text
 
     return retrain_text(settings)
+
+
+def check_retrain_out(search: str, out: str) -> None:
+    """``OutputPathError`` for an ``out`` that is the search folder or inside its ``model/``: the retrain would write
+    its checkpoints among the search's and replace the model it reads."""
+    from ..errors import OutputPathError
+
+    folder, target = Path(search).expanduser().resolve(), Path(out).expanduser().resolve()
+    if target == folder or target.is_relative_to(folder / "model"):
+        raise OutputPathError(f"--out {out} is the search folder {search}{'' if target == folder else ' (its model/)'}: "
+                              "the retrain would write over the search it reads. Fix: pass another folder, e.g. "
+                              f"--out {folder.with_name(folder.name + '-retrained')}.")
