@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import os
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,26 @@ def write(exporter: str, net: nn.Module, args: tuple, tmp: Path, input_names: li
                               opset_version=max(opset, DYNAMO_MIN_OPSET), dynamo=True, external_data=False)
             return
         register_symbolics(opset)  # aten ops the TorchScript exporter lacks (rms_norm)
-        with patches, fusion:
+        with patches, fusion, _no_native_stdout():
             torch.onnx.export(net, args, str(tmp), input_names=input_names, output_names=output_names,
                               dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+@contextlib.contextmanager
+def _no_native_stdout() -> Iterator[None]:
+    """File descriptor 1 on /dev/null: the TorchScript exporter's native log prints its whole IR graph there when an
+    export fails (its log switch tests a function object, so it is always on), though the failure is handled."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 to redirect
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)

@@ -302,8 +302,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
                                   "Fix: pass a model of the saved architecture, or save the model again.")
         set_tensor(model, name, value.to(buffers[name].device))
     floats = {v.dtype for v in weights.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    if len(floats) == 1:
-        model.to(floats.pop())
+    if len(floats) == 1:  # the saved dtype; floating tensors only (Module.to would drop a complex buffer's imaginary part)
+        dtype = floats.pop()
+        model._apply(lambda x: x.to(dtype) if x.is_floating_point() else x)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
