@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,8 +86,12 @@ def test_meta_style_llama_compacts_reloads_and_exports(tmp_path):
     ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
     with torch.no_grad():
         masked = model(ids)
-    small = ebcompile.compact(model, round_to=None).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing held whole: n_heads / n_kv are rewritten with the cut
+        small = ebcompile.compact(model, round_to=None).eval()
     assert all(layer.feed_forward.w1.out_features < 64 for layer in small.layers)
+    assert [(a.n_heads, a.n_kv, a.wq.out_features, a.wk.out_features) for a in (la.attention for la in small.layers)] \
+        == [(2, 1, 16, 8)] * 2
     with torch.no_grad():
         torch.testing.assert_close(small(ids), masked, rtol=1e-5, atol=1e-5)
     ebcompile.save(small, tmp_path / "s")
