@@ -154,3 +154,16 @@ def test_a_file_the_torchscript_exporter_gets_wrong_is_written_by_the_dynamo_exp
     got = sess.run(None, {i.name: other[i.name].numpy() for i in sess.get_inputs()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(**other).last_hidden_state.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_an_onnxruntime_failure_is_reported_by_its_node_and_cause():
+    from ebcompile.export.onnx import _ort_reason
+
+    raw = ("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape node. Name:'/net/a/"
+           "Reshape_2' Status Message: /onnxruntime_src/onnxruntime/core/providers/cpu/tensor/reshape_helper.h:91 "
+           "onnxruntime::ReshapeHelper::ReshapeHelper(const onnxruntime::TensorShape&, onnxruntime::TensorShapeVector&, "
+           "bool) input_shape_size == requested_shape_size was false. The input tensor cannot be reshaped to the "
+           "requested shape. Input shape:{2,7,32}, requested shape:{2,7,2,8}")
+    reason = _ort_reason(raw)
+    assert "Reshape_2" in reason and "Input shape:{2,7,32}, requested shape:{2,7,2,8}" in reason and len(reason) < 300
+    assert _ort_reason("a short error") == "a short error"

@@ -354,6 +354,16 @@ def _external(tmp: Path, path: Path, wanted: bool | None, weights: int, notes: l
     return name
 
 
+def _ort_reason(text: str) -> str:
+    """onnxruntime's error, short: the failing node and the end of its status message, where the cause is (a reshape's
+    input and requested shapes), not the source path in front of it."""
+    head, _, status = text.partition("Status Message:")
+    if not status:
+        return text[:200]
+    node = head.split("Non-zero status code returned while running")[-1].strip()[:120]
+    return f"{node} {status.strip().split(' was false. ')[-1][-200:]}"
+
+
 def _verify(tmp: Path, input_names: list[str], args: tuple, output_names: list[str], reference: list[torch.Tensor],
             rtol: float, atol: float) -> tuple[list[str], float]:
     """Run ``tmp`` in onnxruntime on ``args`` and hold it to ``reference``: (providers, max |diff|)."""
@@ -363,7 +373,7 @@ def _verify(tmp: Path, input_names: list[str], args: tuple, output_names: list[s
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime refuses the graph or one of its kernels fails
-        raise ExportError(f"onnxruntime cannot run the exported file ({type(exc).__name__}: {str(exc)[:200]}). Fix: "
+        raise ExportError(f"onnxruntime cannot run the exported file ({type(exc).__name__}: {_ort_reason(str(exc))}). Fix: "
                           "export with optimize=False (or fused_attention=False), or dtype='fp32'.") from exc
     err = 0.0
     for name, want, have in zip(output_names, reference, got):
