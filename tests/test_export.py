@@ -167,3 +167,17 @@ def test_an_onnxruntime_failure_is_reported_by_its_node_and_cause():
     reason = _ort_reason(raw)
     assert "Reshape_2" in reason and "Input shape:{2,7,32}, requested shape:{2,7,2,8}" in reason and len(reason) < 300
     assert _ort_reason("a short error") == "a short error"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_a_bfloat16_model_exports_in_the_dtype_asked(tmp_path, dtype):
+    """onnxruntime's CPU kernels have no bfloat16 Mul: a bf16 model is exported from a float32 copy (``dtype='fp32'``,
+    said in ``notes``) or converted to fp16 (``dtype='fp16'``); the caller's model stays bf16."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_RMSBlock(), _RMSBlock()).eval().to(torch.bfloat16)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    report = ebcompile.export_onnx(model, tmp_path / "m.onnx", x, dtype=dtype)
+    assert report.max_abs_error is not None and any("bfloat16 weights exported as float32" in n for n in report.notes)
+    elem = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.elem_type
+    assert elem == (onnx.TensorProto.FLOAT if dtype == "fp32" else onnx.TensorProto.FLOAT16)
+    assert next(p for p in model.parameters()).dtype == torch.bfloat16

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from ..capture.graph import graph_kwargs, inputs_fit, normalize_inputs
@@ -103,13 +104,14 @@ def _fused(enabled: bool):
         mha.FUSED_EXPORT = old
 
 
-def _shared_copy(net: nn.Module, half: bool = False) -> nn.Module:
-    """A copy of ``net``'s modules holding ``net``'s own tensors (``half``: fp16 copies of its floating ones), so
-    the export can swap modules and set eval mode without changing the caller's model or copying its weights."""
+def _shared_copy(net: nn.Module, half: bool = False, upcast: bool = False) -> nn.Module:
+    """A copy of ``net``'s modules holding ``net``'s own tensors (``half``: fp16 copies of its floating ones;
+    ``upcast``: fp32 copies of its bf16/fp16 ones), so the export can swap modules and set eval mode without changing
+    the caller's model or copying its weights."""
     memo: dict[int, Any] = {}
     for t in [*net.parameters(), *net.buffers()]:
-        if half and t.is_floating_point():
-            new = t.detach().half()
+        if (half or (upcast and t.dtype in (torch.float16, torch.bfloat16))) and t.is_floating_point():
+            new = t.detach().half() if half else t.detach().float()
             memo[id(t)] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
         else:
             memo[id(t)] = t
@@ -226,7 +228,9 @@ def export_onnx(
     if external_data is not None and not isinstance(external_data, bool):
         raise ConfigError(f"external_data={external_data!r} is not True, False or None. Fix: pass a bool, or None "
                           "(external data when the weights pass 2 GB).")
-    net = _shared_copy(plain_model(model))
+    plain = plain_model(model)
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in plain.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    net = _shared_copy(plain, upcast=bool(low))  # dtype="fp32" exports in float32 (onnxruntime's CPU kernels lack bf16)
     experts_note = _exportable_experts(net)
     weights = weight_bytes(net, fp16)
     if external_data is False and weights > INLINE_LIMIT:
@@ -239,6 +243,9 @@ def export_onnx(
     if fused_attention:
         _to_compact_attention(net)
     args, kwargs = normalize_inputs(example_inputs)
+    if low:  # the model's half-precision weights and inputs, as float32
+        args, kwargs = pytree.tree_map(lambda a: a.float() if torch.is_tensor(a) and a.is_floating_point() else a, (args, kwargs))
+        experts_note = "; ".join(n for n in (experts_note, f"the model's {'/'.join(low)} weights exported as float32") if n)
     args, kwargs, mask_note = _with_attention_mask(net, args, kwargs)
     if kwargs:  # keyword inputs (Hugging Face models): ONNX inputs in input_names order, passed back by name
         input_names = input_names or [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
