@@ -217,9 +217,11 @@ def build_plan(model: nn.Module, example_inputs: Any, structure: str = "auto", s
             plan.skipped.setdefault(name, reason)
     if structure == "structured":
         if not plan.groups:
+            reasons = "; ".join(f"{n}: {r}" for n, r in list(why.items())[:3])
             raise NoPrunableLayerError(
                 f"no attention head or FFN neuron group among the masked linears of {type(model).__name__} "
-                f"({found}). Fix: use structure='unstructured', or include both linears of an FFN block."
+                f"({found}){f' ({reasons})' if reasons else ''}. Fix: use structure='unstructured', or include both "
+                "linears of an FFN block."
             )
         # group slices (biases included) plus every other masked linear, which keeps an all-ones mask
         tensors = sorted({m.tensor for g in plan.groups for m in g.members if m.masked} | masked_weights)

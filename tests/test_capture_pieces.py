@@ -189,3 +189,116 @@ def test_a_decoder_whose_moe_does_not_export_is_captured_by_pieces_without_its_k
     assert small.blocks[0].norm_attn_norm.attn.Wqkv.out_features < 64
     with torch.no_grad():
         torch.testing.assert_close(small(**x).last_hidden_state, model(**x).last_hidden_state)
+
+
+class AttentionReturningWeights(nn.Module):
+    """Attention that returns ``(output, probabilities)``, as every Hugging Face attention layer does."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        probs = (q @ k.transpose(-1, -2) / 2).softmax(-1)
+        return self.o((probs @ v).transpose(1, 2).reshape(b, s, -1)), probs
+
+
+class LayerDroppingWeights(nn.Module):
+    def __init__(self, keep_weights: bool) -> None:
+        super().__init__()
+        self.attn, self.ffn, self.keep_weights = AttentionReturningWeights(), Block(), keep_weights
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, probs = self.attn(x)
+        scale = float(abs(x.detach().numpy()).mean() > -1)  # host code: the layer itself does not export
+        return self.ffn(x + out) * scale, (probs.mean() if self.keep_weights else None)
+
+
+class Summed(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, extra = self[0](x)
+        return out if extra is None else out + extra
+
+
+@pytest.mark.parametrize("keep_weights", [False, True])
+def test_a_piece_output_nothing_reads_constrains_nothing(keep_weights: bool) -> None:
+    """The attention weights a layer drops leave the piece but reach nothing: its heads are cut. When the caller
+    does read them (here a mean of every head's probabilities), the heads stay whole."""
+    torch.manual_seed(0)
+    model, x = Summed(LayerDroppingWeights(keep_weights)).eval(), torch.randn(2, 5, 16)
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
+    plan = model._ebcompile.plan
+    assert "0.attn" in plan.capture
+    heads = [g.name for g in plan.groups if g.kind == "head"]
+    assert heads == ([] if keep_weights else ["0.attn"])
+    if not keep_weights:
+        ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+        small = ebcompile.compact(model, round_to=None).eval()
+        assert small[0].attn.q.out_features < 16
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), model(x))
+
+
+class LoopedExperts(nn.Module):
+    """Fused 3-D experts run by a Python loop over the experts the tokens were routed to (no export)."""
+
+    def __init__(self, experts: int = 4, dim: int = 16, width: int = 8) -> None:
+        super().__init__()
+        self.num_experts = experts
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * width, dim) * 0.2)
+        self.down_proj = nn.Parameter(torch.randn(experts, dim, width) * 0.2)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in index.unique().tolist():
+            tok, slot = torch.where(index == e)
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            out.index_add_(0, tok, F.linear(F.silu(gate) * up, self.down_proj[e]) * weight[tok, slot, None])
+        return out
+
+
+class Router(nn.Module):
+    """A router holding its weight directly (no ``nn.Linear``), as GPT-OSS-style models do."""
+
+    def __init__(self, experts: int = 4, dim: int = 16, top_k: int = 2) -> None:
+        super().__init__()
+        self.top_k, self.weight = top_k, nn.Parameter(torch.randn(experts, dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top, index = F.linear(x, self.weight).topk(self.top_k, dim=-1)
+        return top.softmax(-1), index
+
+
+class LoopedMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router, self.experts = Router(), LoopedExperts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weight, index = self.router(flat)
+        return x + self.experts(flat, index, weight).reshape(x.shape)
+
+
+def test_the_router_of_experts_whose_loop_does_not_export_is_a_piece_and_experts_are_cut(tmp_path) -> None:
+    """The experts' loop over routed token sets does not export and no ``nn.Linear`` is in the layer; the router
+    alone is a piece, so whole experts and the neurons inside them are found, cut and compacted exactly."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(LoopedMoE(), LoopedMoE()).eval(), torch.randn(2, 6, 16)
+    ebcompile.prepare(model, x, ratio=0.4, structure="structured", importance="magnitude")
+    plan = model._ebcompile.plan
+    assert plan.capture == "export of pieces: 0.router, 1.router"
+    assert sorted(g.kind for g in plan.groups) == ["expert", "expert", "neuron", "neuron"]
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    assert sum(b.experts.gate_up_proj.shape[0] for b in small) < 8
+    assert all(b.router.weight.shape[0] == b.experts.gate_up_proj.shape[0] == b.experts.num_experts for b in small)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+    ebcompile.save(small, tmp_path / "s")
+    back = ebcompile.load(tmp_path / "s", model=nn.Sequential(LoopedMoE(), LoopedMoE()))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x))

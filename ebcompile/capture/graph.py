@@ -185,6 +185,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     inline_grad_blocks(ep.graph_module)
     cap = Captured(graph=ep.graph_module.graph, method="export", root=model)
     sig = ep.graph_signature
+    cap.user_outputs = [i for i, spec in enumerate(sig.output_specs) if spec.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
     constants = getattr(sig, "inputs_to_lifted_tensor_constants", {})
     for node in ep.graph_module.graph.nodes:
         if node.op == "placeholder" and node.name in sig.inputs_to_parameters:

@@ -3,20 +3,26 @@ image and text tokens, a Python loop over a tensor's values), each largest submo
 the inputs it received in one eager run, and the pieces' graphs are merged into one graph whose parameter, buffer
 and module names are the model's own.
 
-Invariant: every piece's outputs are outputs of the merged graph, so features that leave a piece reach code the
-analysis does not see and are never cut (a unit inside one piece is found as in a whole-model capture); a module
-that no piece covers has no linear found, and a lone linear is never a piece (so a classifier or LM head beside the
-pieces is left alone; an ``nn.MultiheadAttention``, one linear plus its own in-projection, is one; no linear inside
-a piece is taken for the model's output layer). Inputs are recorded on the first call of each module.
+Invariant: every piece output the rest of the model reads (or returns) is an output of the merged graph, so features
+that leave a piece reach code the analysis does not see and are never cut (a unit inside one piece is found as in a
+whole-model capture); an output nothing reads in the eager run (an attention layer's weights, which its decoder
+layer drops) is left out, so it constrains nothing. A module that no piece covers has no linear found, and a lone
+linear is never a piece (a classifier or LM head beside the pieces is left alone), except the router of fused 3-D
+experts beside it (their loop may not export, the router does; its rows are the experts' units); an
+``nn.MultiheadAttention``, one linear plus its own in-projection, is one; no linear inside a piece is taken for the
+model's output layer. Inputs are recorded on the first call of each module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from ..transforms.verify import evaluating
 from .types import Captured, clean_stack_path
@@ -24,41 +30,86 @@ from .types import Captured, clean_stack_path
 __all__ = ["capture_pieces"]
 
 
-def record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tuple[tuple, dict]]:
-    """module path -> the (args, kwargs) of its first call while ``model`` runs once on the example inputs."""
-    seen: dict[str, tuple[tuple, dict]] = {}
+@dataclass
+class Recorded:
+    """One eager run of the model: each module's first call and which of its output tensors anything read."""
+
+    inputs: dict[str, tuple[tuple, dict]] = field(default_factory=dict)  # module path -> (args, kwargs)
+    outputs: dict[str, list[Any]] = field(default_factory=dict)  # module path -> its output's pytree leaves (held)
+    watched: dict[int, list[tuple[str, int]]] = field(default_factory=dict)  # id of a held output -> its positions
+    read: set[tuple[str, int]] = field(default_factory=set)  # (path, leaf) some torch function took, or returned
+
+    def saw(self, values: Any) -> None:
+        for t in pytree.tree_leaves(values):
+            if isinstance(t, torch.Tensor):
+                self.read.update(self.watched.get(id(t), ()))
+
+    def unread(self, path: str) -> set[int]:
+        """Positions of ``path``'s output leaves that are tensors nothing read."""
+        leaves = self.outputs.get(path, ())
+        return {i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and (path, i) not in self.read}
+
+
+class _Reads(TorchFunctionMode):
+    def __init__(self, rec: Recorded) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.rec.saw((args, kwargs))
+        return func(*args, **kwargs)
+
+
+def record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> Recorded:
+    """Each submodule's first call while ``model`` runs once on the example inputs, and its output tensors read
+    afterwards (outputs are held from the call on, so an id stands for one tensor while it is watched)."""
+    rec = Recorded()
     handles = []
     for path, module in model.named_modules():
         if path:
-            def hook(_m: nn.Module, a: tuple, kw: dict, path: str = path) -> None:
-                seen.setdefault(path, (a, kw))
+            def pre(_m: nn.Module, a: tuple, kw: dict, path: str = path) -> None:
+                rec.inputs.setdefault(path, (a, kw))
 
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            def post(_m: nn.Module, _a: tuple, _kw: dict, out: Any, path: str = path) -> None:
+                if path not in rec.outputs:
+                    rec.outputs[path] = leaves = pytree.tree_leaves(out)
+                    for i, t in enumerate(leaves):
+                        if isinstance(t, torch.Tensor):
+                            rec.watched.setdefault(id(t), []).append((path, i))
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
     try:
-        with evaluating(model), torch.no_grad():
-            model(*args, **kwargs)
+        with evaluating(model), torch.no_grad(), _Reads(rec):
+            out = model(*args, **kwargs)
+        rec.saw(out)
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return rec
 
 
 def capture_pieces(model: nn.Module, args: tuple, kwargs: dict,
                    export: Callable[[nn.Module, tuple, dict], Captured]) -> Captured:
     """The largest submodules of ``model`` that ``export`` captures, merged; ``ValueError`` when none does."""
-    inputs = record_inputs(model, args, kwargs)
+    rec = record_inputs(model, args, kwargs)
+    inputs = rec.inputs
     pieces: list[tuple[str, Captured]] = []
 
     def visit(path: str, module: nn.Module) -> None:
         for name, child in module.named_children():
             full = f"{path}.{name}" if path else name
-            if sum(isinstance(m, nn.Linear) for m in child.modules()) < 2 and not isinstance(child, nn.MultiheadAttention):
+            if (sum(isinstance(m, nn.Linear) for m in child.modules()) < 2 and not isinstance(child, nn.MultiheadAttention)
+                    and not _routes_fused_experts(module, child) and not _holds_router(child)):
                 continue  # no structure to find: a lone linear stays out (a model's output layer)
             if full not in inputs:  # never called itself: a container (ModuleList of layers) or unused
                 visit(full, child)
                 continue
             try:
-                pieces.append((full, export(child, *inputs[full])))
+                piece = export(child, *inputs[full])
+                _drop_unread_outputs(piece, rec.unread(full), len(rec.outputs.get(full, ())))
+                pieces.append((full, piece))
             except Exception:  # noqa: BLE001 - this module does not export: try its children
                 visit(full, child)
 
@@ -66,6 +117,33 @@ def capture_pieces(model: nn.Module, args: tuple, kwargs: dict,
     if not pieces:
         raise ValueError("no submodule with a linear layer exports on its own")
     return merge(model, pieces)
+
+
+def _routes_fused_experts(parent: nn.Module, child: nn.Module) -> bool:
+    """``child`` holds a 2-D weight ``[E, H]`` and a sibling holds 3-D expert tensors ``[E, ...]``: the router of
+    a mixture-of-experts layer whose experts loop does not export (the router alone does, and its rows are units)."""
+    rows = {p.shape[0] for p in child.parameters(recurse=False) if p.dim() == 2}
+    for sibling in parent.children():
+        leading = [p.shape[0] for p in sibling.parameters(recurse=False) if p.dim() == 3]
+        if sibling is not child and len(leading) >= 2 and len(set(leading)) == 1 and leading[0] in rows:
+            return True
+    return False
+
+
+def _holds_router(module: nn.Module) -> bool:
+    return any(_routes_fused_experts(parent, child) for parent in module.modules() for child in parent.children())
+
+
+def _drop_unread_outputs(piece: Captured, unread: set[int], leaves: int) -> None:
+    """Remove the graph outputs at ``unread`` user-output positions; nothing when the graph's user outputs do not
+    line up one to one with the eager output's leaves."""
+    out = next((n for n in piece.graph.nodes if n.op == "output"), None)
+    positions = piece.user_outputs
+    if not unread or out is None or positions is None or len(positions) != leaves:
+        return
+    drop = {positions[i] for i in unread}
+    values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    out.args = (tuple(v for i, v in enumerate(values) if i not in drop),)
 
 
 def merge(model: nn.Module, pieces: list[tuple[str, Captured]]) -> Captured:

@@ -21,6 +21,7 @@ class Captured:
     module_of: dict[str, str] = field(default_factory=dict)  # call_module node name -> module path
     buffer_of: dict[str, str] = field(default_factory=dict)  # node name -> qualified buffer name (export only)
     pieces: list[str] = field(default_factory=list)  # capture by pieces: the submodules captured (else empty)
+    user_outputs: list[int] | None = None  # export: positions of the graph's outputs that are the module's own
 
     def param(self, node: Any) -> str | None:
         """The qualified parameter name a node stands for, if it is a parameter."""
