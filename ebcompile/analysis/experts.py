@@ -6,13 +6,14 @@ tensor feeds the experts' hidden units and which reads them, the gate/up layout 
 (``families.hf_moe``), overridden by the module's own layout flags.
 
 Units:
-- an ``expert`` GroupSet: expert e = router row e (+ bias) + ``up[e]`` + ``down[e]`` (+ their biases). A draw
+- an ``expert`` GroupSet: expert e = router row e (+ bias) + ``up[e]`` + ``down[e]`` (+ ``gate[e]`` where the gate
+  is a tensor of its own, + their biases). A draw
   keeps at least top_k experts per layer (``GroupSet.min_units``: the top_k best scored are never dropped), so
   top_k never changes; ``compact`` of a ticket that keeps fewer raises ``TicketMismatchError``.
 - a ``neuron`` GroupSet with ``batched`` members: E*I units in runs of I (``per_group``); neuron j of expert e is
-  its gate and up rows j and I+j and its down column j. Units are ranked within each expert and every expert of a
-  layer keeps the same number (one fused tensor has one width), as grouped-query heads are
-  (``importance._per_group_keep``); ``round_to`` rounds that per-expert width.
+  its gate and up rows j and I+j (row j of a separate gate and of the up tensor) and its down column j. Units are
+  ranked within each expert and every expert of a layer keeps the same number (one fused tensor has one width), as
+  grouped-query heads are (``importance._per_group_keep``); ``round_to`` rounds that per-expert width.
 
 Masked semantics (``install_routing``): a masked expert is never routed to. A zero router row is not enough
 (logit 0 can still win top-k, and the softmax denominator would still count it), so while the router module runs
@@ -59,6 +60,8 @@ class ExpertLayout:
     concatenated: bool
     experts: int
     width: int  # hidden units per expert (I)
+    gate: str | None = None  # a separate gate tensor shaped like ``up`` (then ``up`` holds the up half only)
+    gate_bias: str | None = None
 
     @property
     def up_dim(self) -> int:  # the neuron dim of the up tensor
@@ -68,6 +71,10 @@ class ExpertLayout:
     def down_dim(self) -> int:
         return 1 if self.transposed else 2
 
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias) if n)
+
 
 def expert_layout(module: nn.Module, hidden: int) -> ExpertLayout | None:
     """The layout of ``module`` if it is an experts container reading and writing width ``hidden``."""
@@ -76,22 +83,26 @@ def expert_layout(module: nn.Module, hidden: int) -> ExpertLayout | None:
     down = next((n for n in hf_moe.DOWN_TENSORS if n in params and params[n].dim() == 3), None)
     if up is None or down is None:
         return None
+    gate = next((n for n in hf_moe.GATE_TENSORS if n != up and n in params and params[n].shape == params[up].shape), None)
     flags = {k: bool(getattr(module, k, d)) for k, d in hf_moe.LAYOUT_FLAGS.items()}
-    transposed = flags["is_transposed"]
-    gated = bool(getattr(module, "has_gate", up in hf_moe.GATED_UP))
+    gated = gate is not None or bool(getattr(module, "has_gate", up in hf_moe.GATED_UP))
+    orientations = [flags["is_transposed"]] if hasattr(module, "is_transposed") else [False, True]
     u, d = params[up].shape, params[down].shape
-    u_out, u_in = (u[2], u[1]) if transposed else (u[1], u[2])
-    d_out, d_in = (d[2], d[1]) if transposed else (d[1], d[2])
-    if u[0] != d[0] or u_in != hidden or d_out != hidden or u_out != (2 if gated else 1) * d_in:
+    for transposed in orientations:
+        u_out, u_in = (u[2], u[1]) if transposed else (u[1], u[2])
+        d_out, d_in = (d[2], d[1]) if transposed else (d[1], d[2])
+        if u[0] == d[0] and u_in == hidden and d_out == hidden and u_out == (2 if gated and not gate else 1) * d_in:
+            break
+    else:
         return None
     experts, width = int(u[0]), int(d_in)
 
-    def bias(name: str, size: int) -> str | None:
-        b = params.get(name + hf_moe.BIAS_SUFFIX)
+    def bias(name: str | None, size: int) -> str | None:
+        b = params.get(name + hf_moe.BIAS_SUFFIX) if name else None
         return name + hf_moe.BIAS_SUFFIX if b is not None and tuple(b.shape) == (experts, size) else None
 
     return ExpertLayout(up, down, bias(up, int(u_out)), bias(down, hidden), transposed, gated, flags["is_concatenated"],
-                        experts, width)
+                        experts, width, gate, bias(gate, int(u_out)))
 
 
 def _router(model: nn.Module, parent: str, path: str, experts: int, masked: set[str]) -> tuple[str, nn.Module] | None:
@@ -144,7 +155,7 @@ def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSe
             for owner in dict.fromkeys([rpath, parent]):  # the router's (and its children's) and the block's own
                 members += [Member(f"{owner}.{n}" if owner else n, d, 0, 1, masked=False)
                             for n, d in _per_expert(model.get_submodule(owner), layout.experts, recurse=owner == rpath)]
-            members += [Member(f"{path}.{n}", 0, 0, 1) for n in (layout.up, layout.down, layout.up_bias, layout.down_bias) if n]
+            members += [Member(f"{path}.{n}", 0, 0, 1) for n in layout.tensors]
             groups.append(GroupSet("expert", path, layout.experts, tuple(members), module=path, min_units=top_k))
         else:
             skipped[rpath] = f"no whole experts: top_k={top_k} of {layout.experts} experts are read for every token"
@@ -182,11 +193,15 @@ def _per_expert(module: nn.Module, experts: int, recurse: bool = False) -> list[
 
 def _neuron_members(path: str, lay: ExpertLayout) -> tuple[Member, ...]:
     def halves(tensor: str, dim: int) -> list[Member]:
+        if lay.gate:  # the gate is a tensor of its own: this one holds the up rows alone
+            return [Member(tensor, dim, 0, 1, batched=True)]
         if lay.gated and lay.concatenated:  # gate rows 0..I-1, up rows I..2I-1
             return [Member(tensor, dim, 0, 1, batched=True), Member(tensor, dim, lay.width, 1, batched=True)]
         return [Member(tensor, dim, 0, 2 if lay.gated else 1, batched=True)]  # interleaved gate/up pairs, or up alone
 
-    members = halves(f"{path}.{lay.up}", lay.up_dim)
+    members = [Member(f"{path}.{lay.gate}", lay.up_dim, 0, 1, batched=True)] if lay.gate else []
+    members += [Member(f"{path}.{lay.gate_bias}", 1, 0, 1, batched=True)] if lay.gate_bias else []
+    members += halves(f"{path}.{lay.up}", lay.up_dim)
     if lay.up_bias:
         members += halves(f"{path}.{lay.up_bias}", 1)
     members.append(Member(f"{path}.{lay.down}", lay.down_dim, 0, 1, batched=True))
@@ -313,9 +328,12 @@ def rewrite_expert_counts(model: nn.Module, group: GroupSet, kept: int) -> None:
                                       "the router reads for every token (top_k). Fix: draw the ticket with "
                                       "ebcompile.draw_ticket, which keeps at least top_k experts per layer.")
         router = model.get_submodule(split_name(group.members[0].tensor)[0])
-        for holder in (module, router):
+        parent = split_name(group.module or group.name)[0]
+        block = model.get_submodule(parent) if parent else model
+        for holder in (module, router, block):  # the block's own count only where it is the experts' count
             for attr in hf_moe.EXPERT_COUNTS:
-                if isinstance(holder.__dict__.get(attr), int):
+                value = holder.__dict__.get(attr)
+                if isinstance(value, int) and (holder is not block or value == group.units):
                     setattr(holder, attr, kept)
     else:
         for attr in hf_moe.EXPERT_WIDTHS:
@@ -331,7 +349,7 @@ def expert_config(model: nn.Module, config: object) -> dict[str, int]:
         params = dict(module.named_parameters(recurse=False))
         down = next((n for n in hf_moe.DOWN_TENSORS if n in params and params[n].dim() == 3), None)
         if down is not None:
-            lay = expert_layout(module, int(params[down].shape[1 if not getattr(module, "is_transposed", False) else 2]))
+            lay = expert_layout(module, int(params[down].shape[1])) or expert_layout(module, int(params[down].shape[2]))
             if lay is not None:
                 counts.add(lay.experts)
                 widths.add(lay.width)

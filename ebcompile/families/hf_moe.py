@@ -11,15 +11,19 @@ experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek, ...), which also carry 
 
 from __future__ import annotations
 
-__all__ = ["UP_TENSORS", "DOWN_TENSORS", "BIAS_SUFFIX", "LAYOUT_FLAGS", "GATED_UP", "EXPERT_COUNTS", "EXPERT_WIDTHS",
+__all__ = ["UP_TENSORS", "DOWN_TENSORS", "GATE_TENSORS", "BIAS_SUFFIX", "LAYOUT_FLAGS", "GATED_UP", "EXPERT_COUNTS", "EXPERT_WIDTHS",
            "TOP_K", "CONFIG_EXPERT_COUNTS", "CONFIG_EXPERT_WIDTHS", "SHARED_EXPERT"]
 
 # the fused tensor that makes the experts' hidden units ([E, k*I, H]) and the one that reads them ([E, H, I])
-UP_TENSORS = ("gate_up_proj", "up_proj", "w13", "fc1")
+UP_TENSORS = ("gate_up_proj", "up_proj", "w13", "w3", "fc1", "w1")
 DOWN_TENSORS = ("down_proj", "w2", "fc2")
+# a separate gate tensor shaped like the up one (Mixtral's reference code, gpt-fast, torchtitan: w1 gate, w3 up, w2
+# down): the first of these beside the up tensor (never the up tensor itself) makes the experts gated
+GATE_TENSORS = ("gate_proj", "w1")
 BIAS_SUFFIX = "_bias"  # gate_up_proj_bias [E, k*I], down_proj_bias [E, H]
 GATED_UP = ("gate_up_proj", "w13")  # these hold gate and up halves unless the module's has_gate says otherwise
-# module attribute -> default when the module lacks it
+# module attribute -> default when the module lacks it (a module without ``is_transposed`` whose tensors only fit the
+# transposed [E, H, I] / [E, I, H] layout is read as transposed)
 LAYOUT_FLAGS = {"is_transposed": False, "is_concatenated": True}
 
 # module attributes (experts container and router) holding the expert count, and the experts' width

@@ -85,6 +85,8 @@ class ExpertActivation:
             if lay is None or not isinstance(index, torch.Tensor) or index.dim() != 2 or index.shape[0] != x.shape[0]:
                 return
             up, bias = getattr(module, lay.up), getattr(module, lay.up_bias) if lay.up_bias else None
+            gate = getattr(module, lay.gate) if lay.gate else None
+            act = getattr(module, "act_fn", F.silu)
             sumsq = torch.zeros(lay.experts, lay.width)
             routed = torch.zeros(lay.experts)
             with torch.no_grad():
@@ -96,8 +98,13 @@ class ExpertActivation:
                     h = x.detach()[rows] @ (w if lay.transposed else w.T)
                     if bias is not None:
                         h = h + bias[e].detach()
-                    h = module._apply_gate(h) if lay.gated and hasattr(module, "_apply_gate") else (
-                        module.act_fn(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1] if lay.gated else module.act_fn(h))
+                    if gate is not None:  # a gate tensor of its own
+                        g = x.detach()[rows] @ (gate[e].detach() if lay.transposed else gate[e].detach().T)
+                        h = act(g + getattr(module, lay.gate_bias)[e].detach() if lay.gate_bias else g) * h
+                    elif lay.gated and hasattr(module, "_apply_gate"):
+                        h = module._apply_gate(h)
+                    else:
+                        h = act(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1] if lay.gated else act(h)
                     sumsq[e] = h.float().pow(2).sum(0).cpu()
                     routed[e] = float(h.shape[0])
             self._add(f"sumsq/{path}", sumsq)

@@ -1,0 +1,86 @@
+"""Hand-written mixture-of-experts layers with fused 3-D experts and a separate gate tensor, as Mixtral's reference
+code, gpt-fast and torchtitan write them (``w1`` gate, ``w3`` up, ``w2`` down), stored ``[E, out, in]`` (gpt-fast)
+or transposed ``[E, in, out]`` (torchtitan, read with ``x @ w``; no ``is_transposed`` flag to say so): whole experts
+and the neurons inside them are found from the shapes, cut, compacted exactly, saved and exported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ebcompile
+
+
+class Experts(nn.Module):
+    def __init__(self, experts: int, dim: int, width: int, transposed: bool) -> None:
+        super().__init__()
+        self.transposed = transposed
+        up, down = ((experts, dim, width), (experts, width, dim)) if transposed else ((experts, width, dim), (experts, dim, width))
+        self.w1, self.w3 = nn.Parameter(torch.randn(up) * 0.3), nn.Parameter(torch.randn(up) * 0.3)
+        self.w2 = nn.Parameter(torch.randn(down) * 0.3)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        w1, w3, w2 = self.w1[index], self.w3[index], self.w2[index]  # [T, A, ...]: gpt-fast's gather of the routed experts
+        if self.transposed:
+            h = F.silu(torch.einsum("ti,taio->tao", x, w1)) * torch.einsum("ti,taio->tao", x, w3)
+            return torch.einsum("tao,taoi->tai", h, w2)
+        h = F.silu(torch.einsum("ti,taoi->tao", x, w1)) * torch.einsum("ti,taoi->tao", x, w3)
+        return torch.einsum("tao,taio->tai", h, w2)
+
+
+class MoE(nn.Module):
+    def __init__(self, transposed: bool, experts: int = 6, dim: int = 16, width: int = 12, top_k: int = 2) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = experts, top_k
+        self.gate = nn.Linear(dim, experts, bias=False)
+        self.cond_ffn = Experts(experts, dim, width, transposed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weight, index = F.softmax(self.gate(flat), dim=-1).topk(self.top_k, dim=-1)
+        out = torch.einsum("tai,ta->ti", self.cond_ffn(flat, index), weight / weight.sum(-1, keepdim=True))
+        return x + out.reshape(x.shape)
+
+
+def model(transposed: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), MoE(transposed), MoE(transposed), nn.Linear(16, 4)).eval()
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["gpt-fast", "torchtitan"])
+def test_separate_gate_experts_are_cut_compacted_saved_and_exported(transposed: bool, tmp_path) -> None:
+    m, x = model(transposed), torch.randn(2, 5, 16)
+    ebcompile.prepare(m, x, ratio=0.4, structure="structured", importance="magnitude")
+    groups = {(g.kind, g.name): g for g in m._ebcompile.plan.groups}
+    assert {("expert", "1.cond_ffn"), ("neuron", "1.cond_ffn"), ("expert", "2.cond_ffn")} <= set(groups)
+    neuron = groups[("neuron", "1.cond_ffn")]
+    assert [mm.tensor.rsplit(".", 1)[1] for mm in neuron.members] == ["w1", "w3", "w2"]
+    assert neuron.units == 6 * 12 and neuron.per_group == 12
+    ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
+    small = ebcompile.compact(m, round_to=None).eval()
+    experts = [small[i].cond_ffn.w1.shape[0] for i in (1, 2)]
+    assert min(experts) >= 2 and sum(experts) < 12
+    for i in (1, 2):
+        block = small[i]
+        assert block.gate.out_features == block.num_experts == block.cond_ffn.w2.shape[0] == block.cond_ffn.w3.shape[0]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x))
+    ebcompile.save(small, tmp_path / "s")
+    back = ebcompile.load(tmp_path / "s", model=model(transposed))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x))
+    report = ebcompile.export_onnx(small, tmp_path / "s.onnx", x)
+    assert report.max_abs_error is not None and report.max_abs_error < 1e-4
+
+
+def test_activation_importance_reads_the_separate_gate() -> None:
+    m, x = model(False), torch.randn(2, 5, 16)
+    ebcompile.prepare(m, x, ratio=0.4, structure="structured", importance="activation")
+    with torch.no_grad():
+        m(x)
+    ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
+    small = ebcompile.compact(m, round_to=None).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x))
