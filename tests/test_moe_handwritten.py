@@ -84,3 +84,33 @@ def test_activation_importance_reads_the_separate_gate() -> None:
     small = ebcompile.compact(m, round_to=None).eval()
     with torch.no_grad():
         torch.testing.assert_close(small(x), m(x))
+
+
+class OddlyNamed(nn.Module):
+    """torchtitan-style experts under names no list knows: their roles are read from the shapes alone."""
+
+    def __init__(self, experts: int = 6, dim: int = 16, width: int = 12) -> None:
+        super().__init__()
+        self.gate_w = nn.Parameter(torch.randn(experts, dim, width) * 0.3)
+        self.in_w = nn.Parameter(torch.randn(experts, dim, width) * 0.3)
+        self.out_w = nn.Parameter(torch.randn(experts, width, dim) * 0.3)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        g, u, d = self.gate_w[index], self.in_w[index], self.out_w[index]
+        h = F.silu(torch.einsum("ti,taio->tao", x, g)) * torch.einsum("ti,taio->tao", x, u)
+        return torch.einsum("tao,taoi->tai", h, d)
+
+
+def test_experts_under_unknown_names_are_read_from_their_shapes() -> None:
+    torch.manual_seed(0)
+    m, x = model(True), torch.randn(2, 5, 16)
+    for i in (1, 2):
+        m[i].cond_ffn = OddlyNamed()
+    ebcompile.prepare(m, x, ratio=0.4, structure="structured", importance="magnitude")
+    kinds = sorted(g.kind for g in m._ebcompile.plan.groups if g.name.endswith("cond_ffn"))
+    assert kinds == ["expert", "expert", "neuron", "neuron"]
+    ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
+    small = ebcompile.compact(m, round_to=None).eval()
+    assert sum(small[i].cond_ffn.gate_w.shape[0] for i in (1, 2)) < 12
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x))

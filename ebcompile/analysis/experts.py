@@ -82,7 +82,7 @@ def expert_layout(module: nn.Module, hidden: int) -> ExpertLayout | None:
     up = next((n for n in hf_moe.UP_TENSORS if n in params and params[n].dim() == 3), None)
     down = next((n for n in hf_moe.DOWN_TENSORS if n in params and params[n].dim() == 3), None)
     if up is None or down is None:
-        return None
+        return _layout_by_shapes(module, params, hidden)
     gate = next((n for n in hf_moe.GATE_TENSORS if n != up and n in params and params[n].shape == params[up].shape), None)
     flags = {k: bool(getattr(module, k, d)) for k, d in hf_moe.LAYOUT_FLAGS.items()}
     gated = gate is not None or bool(getattr(module, "has_gate", up in hf_moe.GATED_UP))
@@ -103,6 +103,37 @@ def expert_layout(module: nn.Module, hidden: int) -> ExpertLayout | None:
 
     return ExpertLayout(up, down, bias(up, int(u_out)), bias(down, hidden), transposed, gated, flags["is_concatenated"],
                         experts, width, gate, bias(gate, int(u_out)))
+
+
+def _layout_by_shapes(module: nn.Module, params: dict[str, torch.Tensor], hidden: int) -> ExpertLayout | None:
+    """Names no list knows: the roles the 3-D tensors' shapes allow, when exactly one reading fits — two or three
+    of them (gate, up, down in declaration order), the down one writing ``hidden`` and the others reading it, the
+    experts' width differing from ``hidden`` (a square one is ambiguous)."""
+    cubes = [n for n, p in params.items() if p.dim() == 3]
+    if len(cubes) not in (2, 3) or hasattr(module, "is_transposed"):
+        return None
+    fits = []
+    for down in cubes:
+        ups = [n for n in cubes if n != down]
+        if len(ups) == 2 and params[ups[0]].shape != params[ups[1]].shape:
+            continue
+        gate = ups[0] if len(ups) == 2 else None
+        for transposed in (False, True):
+            for fused_gate in ((False,) if gate else (False, True)):  # [E, 2I, H]: gate and up halves in one
+                layout = expert_layout(_Named(module, ups[-1], down, transposed, fused_gate), hidden)
+                if layout is not None and layout.width != hidden:
+                    fits.append(ExpertLayout(ups[-1], down, None, None, transposed, fused_gate or gate is not None,
+                                             True, layout.experts, layout.width, gate))
+    return fits[0] if len(fits) == 1 else None
+
+
+class _Named(nn.Module):
+    """A view of an experts container under the names and orientation ``expert_layout`` reads."""
+
+    def __init__(self, module: nn.Module, up: str, down: str, transposed: bool, gated: bool) -> None:
+        super().__init__()
+        self.up_proj, self.down_proj = getattr(module, up), getattr(module, down)
+        self.is_transposed, self.has_gate = transposed, gated
 
 
 def _router(model: nn.Module, parent: str, path: str, experts: int, masked: set[str]) -> tuple[str, nn.Module] | None:

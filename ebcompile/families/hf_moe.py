@@ -6,7 +6,8 @@ fused tensor feeds the experts' hidden units and which reads them, whether the f
 halves (and in which order), whether the tensors are stored transposed, and where expert counts and widths live
 (module attributes, config fields). The defaults match ``transformers`` 5.x ``@use_experts_implementation``
 experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek, ...), which also carry the layout flags
-(``has_gate``, ``is_transposed``, ``is_concatenated``, ``has_bias``) as attributes, read first.
+(``has_gate``, ``is_transposed``, ``is_concatenated``, ``has_bias``) as attributes, read first. Tensors under
+names no list here knows are read from their shapes alone when exactly one reading fits (``analysis.experts``).
 """
 
 from __future__ import annotations
