@@ -51,6 +51,19 @@ class Member:
 
 
 @dataclass(frozen=True)
+class HeadInput:
+    """A per-head tensor the attention module receives from outside (BLOOM's ALiBi): ``heads[p]`` is the head of
+    position ``p`` along ``dim`` (from the end), repeating (a batch folded in front); compaction slices argument
+    ``arg`` ("arg:<i>" or "kwarg:<name>") of the module's forward to the kept heads (``transforms.head_inputs``)."""
+
+    node: str
+    shape: tuple[int, ...]
+    dim: int
+    heads: tuple[int, ...]
+    arg: str = ""
+
+
+@dataclass(frozen=True)
 class GroupSet:
     """``units`` coupled structures of one kind in one layer: the heads of one attention op, or the
     neurons of one FFN (fc1 row + bias + fc2 column)."""
@@ -66,6 +79,7 @@ class GroupSet:
     # RMS norms whose statistics span these units (OLMo-2's q_norm): (producer weight, its bias or None, the norm's
     # weight, the full width); compaction rescales them (``analysis.norm_folds``, ``transforms.norm_scale``)
     folds: tuple[tuple[str, str | None, str, int], ...] = ()
+    head_inputs: tuple[HeadInput, ...] = ()  # per-head tensors from outside the module (analysis.head_inputs)
 
 
 @dataclass
@@ -80,7 +94,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "linears": [asdict(x) for x in self.linears],
-            "groups": [dict(asdict(g), members=[asdict(m) for m in g.members]) for g in self.groups],
+            "groups": [dict(asdict(g), members=[asdict(m) for m in g.members], head_inputs=[asdict(h) for h in g.head_inputs])
+                       for g in self.groups],
             "skipped": dict(self.skipped),
             "capture": self.capture,
         }
@@ -89,7 +104,9 @@ class Plan:
     def from_dict(cls, data: dict) -> Plan:
         groups = [
             GroupSet(**dict(g, members=tuple(Member(**m) for m in g["members"]), attributes=tuple(g.get("attributes", ())),
-                            folds=tuple(tuple(f) for f in g.get("folds", ()))))
+                            folds=tuple(tuple(f) for f in g.get("folds", ())),
+                            head_inputs=tuple(HeadInput(**dict(h, shape=tuple(h["shape"]), heads=tuple(h["heads"])))
+                                              for h in g.get("head_inputs", ()))))
             for g in data["groups"]
         ]
         return cls([_linear_op(x) for x in data["linears"]], groups, dict(data.get("skipped", {})), data.get("capture", ""))

@@ -1,4 +1,4 @@
-"""Encoder-decoder models (T5, BART) and a per-head bias the analysis cannot slice (BLOOM's ALiBi): the default
+"""Encoder-decoder models (T5, BART) and a per-head bias made outside the layers (BLOOM's ALiBi): the default
 ``prepare`` -> ticket -> ``compact`` computes what the masked model does, and the compact model exports to ONNX
 verified in onnxruntime with a decoder sequence shorter than the encoder's."""
 
@@ -53,14 +53,13 @@ def test_encoder_decoder_compacts_exactly_and_exports_verified(build, tmp_path):
     assert (tmp_path / "small.onnx").stat().st_size > 0
 
 
-def test_a_per_head_bias_built_outside_the_layers_keeps_the_heads():
-    """BLOOM adds ALiBi slopes made from the head count once for all layers: heads are refused (and said why),
-    FFN neurons are pruned, and the compact model is exact."""
+def test_a_per_head_bias_built_outside_the_layers_is_sliced_with_the_heads():
+    """BLOOM adds ALiBi slopes made from the head count once for all layers: each compact layer slices them to its
+    kept heads where they enter it (``analysis.head_inputs``), and the compact model is exact."""
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     masked, small = _compact(_bloom, {"input_ids": ids})
     plan = masked._ebcompile.plan
-    assert {g.kind for g in plan.groups} == {"neuron"}
-    assert "per-head bias" in plan.skipped["transformer.h.0.self_attention.query_key_value"]
+    assert {g.kind for g in plan.groups} == {"head", "neuron"}
     assert small.transformer.h[0].mlp.dense_h_to_4h.out_features < 128
 
 

@@ -52,8 +52,22 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], exa
     routers |= {split_name(g.members[0].tensor)[0] for g in experts if g.kind == "expert"}
     params = dict(cap.root.named_parameters(remove_duplicate=False))
     found, why = discover(graph[0], graph[1], params, masked, claimed, keep_kv, graph[2])
+    if any(g.head_inputs for g in found):
+        found, unbound = _bind(cap.root, found, example_inputs)
+        why.update(unbound)
     skipped.update({k: v for k, v in why.items() if k not in routers and k not in skipped})
     return attention_groups(attn, masked) + found + experts, skipped
+
+
+def _bind(model: nn.Module, groups: list[GroupSet], example_inputs) -> tuple[list[GroupSet], dict[str, str]]:
+    """The forward argument of each per-head input (``analysis.head_inputs``), from one eager run."""
+    from ..capture.graph import graph_kwargs, normalize_inputs
+    from ..transforms.verify import evaluating
+    from .head_inputs import bind_arguments
+
+    args, kwargs = normalize_inputs(example_inputs)
+    with evaluating(model):
+        return bind_arguments(model, groups, args, graph_kwargs(model, kwargs))
 
 
 def _export_graph(cap: Captured, example_inputs) -> tuple[fx.Graph, dict[str, str], dict[str, str]] | None:

@@ -38,6 +38,7 @@ class Flow:
         self._from_input: dict[fx.Node, bool] = {}
         self.rms_candidates: list[tuple[fx.Node, fx.Node, list[int]]] = []  # (mean, its squared input, dims)
         self.live: set[fx.Node] = set()  # nodes whose values reach the output (``structure.propagate``)
+        self.head_inputs: list[Any] = []  # per-head tensors from outside an attention module (``analysis.head_inputs``)
 
     def from_input(self, arg: Any) -> bool:
         """Whether ``arg`` depends on the model's inputs (not only on parameters, buffers and constants)."""
@@ -183,7 +184,7 @@ _ALIASES = {"multiply": "mul", "subtract": "sub", "divide": "div", "true_divide"
 _ZERO_PRESERVING = {"mul", "div", "where", "masked_fill", "_to_copy", "to", "clone", "type_as"}
 
 
-def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None):
+def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None, scores_bias: Callable | None = None):
     """Labels of several operands meet position by position: activations are tied together; a parameter vector
     follows the units when each of its entries meets one unit (a bias), and is shared otherwise (a norm weight
     over head_dim); an unlabelled activation that varies along a labelled dimension is data of its own, which
@@ -229,6 +230,8 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None):
             continue
         leaks = any(s[d] > 1 for d in vary)
         numerator = node.args and a is node.args[0]
+        if leaks and scores_bias is not None and scores_bias(flow, primary, a, node):
+            continue  # a per-head bias from outside the attention module (MPT's ALiBi): sliced where it enters
         if leaks and not (zero_preserving and not (name == "div" and numerator)):
             flow.el.forbid(primary, f"its features are mixed with other data by {name} (a residual connection)")
         elif leaks and a in flow.opaque:  # zeros stay zeros, so masking is exact; a compact model must cut that data too

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from torch import fx
 
+from .head_inputs import WHY, record_bias
 from .labels import Labels, aligned, varying
 from .ophandlers import Flow, _out, aten_name, handler, linear_source, module_of, shape
 
@@ -264,7 +265,9 @@ def _unsliceable_bias(flow: Flow, scores: Labels, bias: Any, q: Any, k: Any, att
             and all(module_of(u) == where for n in chain for u in n.users)):
         return
     if any(all(s[d] > 1 for s in sizes) for d in varying(scores.ids)):
-        why = "its heads meet a per-head bias made outside the layer, which the analysis cannot slice (ALiBi, a shared bias)"
+        if record_bias(flow, scores.ids, bias, attention):
+            return  # sliced where it enters the attention module (analysis.head_inputs)
+        why = WHY
         flow.forbid(q, why)
         flow.forbid(k, why)
 

@@ -31,6 +31,7 @@ from . import ops_attention as _ops_attention  # noqa: F401 - registers handlers
 from . import ops_conv as _ops_conv  # noqa: F401 - registers handlers
 from . import ops_einsum as _ops_einsum  # noqa: F401 - registers handlers
 from . import ops_shape as _ops_shape  # noqa: F401 - registers handlers
+from .head_inputs import resolve
 from .labels import Elements, Labels
 from .norm_folds import NormFold, settle_rms_candidates
 from .ophandlers import HANDLERS, Flow, aten_name, pointwise
@@ -269,6 +270,7 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
             continue
         by_shape[tuple(sorted(slices))].append((root, dict(slices)))
     groups: list[GroupSet] = []
+    unit_of: dict[int, tuple[int, int]] = {}  # a unit's root element -> (its group, its index there)
     names: set[str] = set()
     order = {name: i for i, name in enumerate(dict.fromkeys(param_of.get(n.name) for n in graph.nodes if n.op in ("placeholder", "get_attr")))}
     for key, units in sorted(by_shape.items(), key=lambda kv: min(order.get(t, 1 << 30) for t, _ in kv[0])):
@@ -289,9 +291,12 @@ def discover(graph: fx.Graph, param_of: dict[str, str], params: dict[str, torch.
         if per_group < 0:
             skipped.setdefault(producer, "its query heads are not ordered by KV head")
             continue
+        for u, (root, _) in enumerate(units):
+            unit_of[root] = (len(groups), u)
         groups.append(GroupSet("head" if is_head else "neuron", name, len(units), tuple(members),
                                module=module if is_head else None, per_group=per_group))
-    groups = [_with_folds(g, folds) for g in groups]
+    groups, unsliced = resolve(flow, [_with_folds(g, folds) for g in groups], unit_of)
+    skipped.update({k: v for k, v in unsliced.items() if k not in skipped})
     live = flow.live
     for node in graph.nodes:  # a layer computed and never used (a backbone stage the head does not read)
         w = param_of.get(node.name)

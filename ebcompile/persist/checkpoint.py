@@ -34,6 +34,8 @@ from ..families.vocabulary import GROUP_COUNTS, HEAD_COUNTS, KV_COUNTS, NEURON_W
 from ..modules import SparseLinear
 from ..names import set_tensor, split_name, tensor_at
 from ..transforms.counts import SLICED_BUFFERS, WIDTH_ATTRS, ConfigView
+from ..transforms.head_inputs import head_input_slices
+from ..transforms.head_inputs import install as install_head_inputs
 from ..transforms.reshapes import install_rewrite, rewrites_of
 from ..transforms.shrink import fix_attributes, plain_model, removed_indices
 from .fsguard import exists, guard, read_json
@@ -129,7 +131,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
             "transformers": is_hf, "shapes": {k: list(v.shape) for k, v in {**state, **tensors}.items()},
             "heads": head_counts(net), "aliases": aliases, "counts": count_attributes(net),
             "reshapes": rewrites_of(net), "extra_state": extra, "buffers": list(getattr(net, SLICED_BUFFERS, [])),
-            "experts": expert_list_sizes(net)}
+            "experts": expert_list_sizes(net), "head_inputs": head_input_slices(net)}
     from safetensors.torch import save_file
 
     with atomic_dir(directory, marker=META) as tmp:  # a kill at any instant leaves the old or the new save
@@ -169,9 +171,11 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     meta.setdefault("reshapes", {})
     meta.setdefault("buffers", [])
     meta.setdefault("experts", {})
+    meta.setdefault("head_inputs", {})
     if not isinstance(meta["buffers"], list) or not all(isinstance(b, str) for b in meta["buffers"]):
         raise CheckpointError(f"{path} has a malformed 'buffers' entry. Fix: save the model again.")
-    for key, kind in (("shapes", dict), ("heads", dict), ("aliases", dict), ("counts", dict), ("reshapes", dict), ("experts", dict)):
+    for key, kind in (("shapes", dict), ("heads", dict), ("aliases", dict), ("counts", dict), ("reshapes", dict), ("experts", dict),
+                      ("head_inputs", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{path} lacks a valid {key!r} entry. Fix: save the model again.")
     return meta
@@ -243,6 +247,29 @@ def _shrink(model: nn.Module, meta: dict[str, Any]) -> None:
         set_tensor(model, name, piece.clone())
     fix_attributes(model, {}, {})  # nn.Linear / Conv1D feature counts follow the new shapes
     _set_counts(model, meta.get("counts", {}))
+    _reinstall_head_inputs(model, meta.get("head_inputs", {}))
+
+
+def _reinstall_head_inputs(model: nn.Module, slices: Any) -> None:
+    """Per-head inputs compact sliced (``transforms.head_inputs``): the same slices on the rebuilt modules."""
+    def valid(s: Any) -> bool:
+        kind, _, key = s.get("arg", "").partition(":") if isinstance(s, dict) and isinstance(s.get("arg"), str) else ("", "", "")
+        period, keep = s.get("period"), s.get("keep") if isinstance(s, dict) else None
+        return (kind == "kwarg" and bool(key) or kind == "arg" and key.isdigit()) and isinstance(s.get("dim"), int) \
+            and isinstance(period, int) and period > 0 and isinstance(keep, list) and bool(keep) \
+            and all(isinstance(k, int) and 0 <= k < period for k in keep)
+
+    if not isinstance(slices, dict):
+        raise CheckpointError("ebcompile.json's 'head_inputs' is malformed. Fix: save the model again.")
+    for path, entries in slices.items():
+        if not isinstance(entries, list) or not all(valid(s) for s in entries):
+            raise CheckpointError(f"ebcompile.json's head_inputs for {path!r} are malformed. Fix: save the model again.")
+        try:
+            module = model.get_submodule(path)
+        except AttributeError as exc:
+            raise CheckpointError(f"the checkpoint slices the per-head inputs of {path!r}, which the model lacks. Fix: pass "
+                                  "a model of the saved architecture.") from exc
+        install_head_inputs(module, entries)
 
 
 def _reinstall_rewrites(model: nn.Module, rewrites: dict[str, Any]) -> None:
@@ -270,6 +297,7 @@ def _load_pretrained(directory: Path, model: nn.Module | None) -> nn.Module:
     model = _hf_model(directory, {k: list(v.shape) for k, v in weights.items()}, None, experts) if model is None else model
     meta = {"heads": {}, "counts": meta.get("counts", {}) if isinstance(meta, dict) else {}, "experts": experts,
             "reshapes": meta.get("reshapes", {}) if isinstance(meta, dict) else {},
+            "head_inputs": meta.get("head_inputs", {}) if isinstance(meta, dict) else {},
             "shapes": {k: list(v.shape) for k, v in weights.items()}}
     _shrink(model, meta)
     missing, unexpected = model.load_state_dict(weights, strict=False)

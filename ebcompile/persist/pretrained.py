@@ -37,10 +37,12 @@ def _widths(model: nn.Module, names: tuple[str, ...]) -> set[int]:
 def sync_config(model: nn.Module) -> bool:
     """Rewrite ``model.config`` to the compact sizes when one config can describe them; True if it did. For a PEFT
     model, the config of the model it wraps, judged by the shapes the adapters merge into."""
+    from ..transforms.head_inputs import head_input_slices
+
     model = pretrained_core(model)
     config = getattr(model, "config", None)
-    if config is None or not hasattr(type(model), "_from_config"):
-        return False
+    if config is None or not hasattr(type(model), "_from_config") or head_input_slices(model):
+        return False  # per-head inputs sliced per layer (ALiBi): no stock class does that
     new = copy.deepcopy(config)
     head_dim = config_value(config, "head_dim")
     for field, (names, per_head) in CONFIG_FIELDS.items():
@@ -83,13 +85,15 @@ def attach_save_pretrained(model: nn.Module) -> None:
 
     def save_pretrained(save_directory, *args: Any, **kwargs: Any):
         from ..analysis.experts_list import expert_list_sizes
+        from ..transforms.head_inputs import head_input_slices
         from ..transforms.reshapes import rewrites_of
         from .model_format import FORMAT, META, VERSION, count_attributes, head_counts
 
         out = original(save_directory, *args, **kwargs)
         meta = {"format": FORMAT, "version": VERSION, "class": f"{type(model).__module__}.{type(model).__qualname__}",
                 "transformers": True, "pretrained": True, "shapes": {}, "heads": head_counts(model), "aliases": {},
-                "counts": count_attributes(model), "reshapes": rewrites_of(model), "experts": expert_list_sizes(model)}
+                "counts": count_attributes(model), "reshapes": rewrites_of(model), "experts": expert_list_sizes(model),
+                "head_inputs": head_input_slices(model)}
         from .io import atomic_path
 
         with atomic_path(Path(save_directory) / META) as tmp:

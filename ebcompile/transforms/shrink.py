@@ -44,6 +44,8 @@ from ..search.distributed import is_sharded, unwrap
 from ..search.optim_state import retarget_optimizer
 from .carry import carry_flags, check_ticket_state, flags_of
 from .counts import SLICED_BUFFERS, rewrite_counts
+from .head_inputs import install as install_head_inputs
+from .head_inputs import slices_for
 from .masks import iter_masks, strip_masks
 from .norm_scale import rescale_folded_norms
 from .reshapes import adapt_forwards, hold_whole, is_held_whole
@@ -178,6 +180,8 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None
             removed.setdefault(k, set()).update(idx)
         if g.kind == "head":
             kept_heads[g.module or g.name] = (int(keep.sum()), g.units)
+            if g.head_inputs:  # per-head tensors from outside (ALiBi): sliced where they enter
+                install_head_inputs(new.get_submodule(g.module or g.name), slices_for(g, keep))
         elif g.kind == "expert":
             rewrite_expert_counts(new, g, int(keep.sum()))
             if is_expert_list(new.get_submodule(g.module or g.name)):
