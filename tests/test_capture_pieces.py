@@ -3,6 +3,8 @@ vision-language model's merge of image and text tokens) is analysed through its 
 each with the inputs it got in one eager run; units inside a piece are found and cut, nothing crosses a piece."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,6 +242,29 @@ def test_a_piece_output_nothing_reads_constrains_nothing(keep_weights: bool) -> 
         assert small[0].attn.q.out_features < 16
         with torch.no_grad():
             torch.testing.assert_close(small(x), model(x))
+
+
+@dataclasses.dataclass
+class PlainOutput:  # no pytree node: the capture looks into its fields
+    hidden: torch.Tensor
+    probs: torch.Tensor
+
+
+class ReturnsWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = LayerDroppingWeights(keep_weights=False)
+
+    def forward(self, x: torch.Tensor) -> PlainOutput:
+        out, probs = self.layer.attn(x)
+        scale = float(abs(x.detach().numpy()).mean() > -1)
+        return PlainOutput(self.layer.ffn(x + out) * scale, probs)
+
+
+def test_piece_outputs_the_model_returns_in_a_plain_dataclass_are_read() -> None:
+    model, x = ReturnsWeights().eval(), torch.randn(2, 5, 16)
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
+    assert not [g for g in model._ebcompile.plan.groups if g.kind == "head"]  # the user gets every head's weights
 
 
 class LoopedExperts(nn.Module):

@@ -117,10 +117,14 @@ def resolve(flow: Flow, groups: list[GroupSet], unit_of: dict[int, tuple[int, in
 
 
 def _period(heads: list[int], units: int) -> int | None:
-    """The length of the repeating run of head indices (each head once per run), or None."""
-    if len(heads) % units or sorted(heads[:units]) != list(range(units)):
-        return None
-    return units if all(h == heads[i % units] for i, h in enumerate(heads)) else None
+    """The length of the shortest repeating run of unit indices holding every unit equally often (a KV group's
+    query heads are one unit), or None."""
+    for period in range(units, len(heads) + 1, units):
+        run = heads[:period]
+        if len(heads) % period == 0 and sorted(run) == sorted(list(range(units)) * (period // units)) \
+                and all(h == run[i % period] for i, h in enumerate(heads)):
+            return period
+    return None
 
 
 def bind_arguments(model: nn.Module, groups: list[GroupSet], args: tuple, kwargs: dict

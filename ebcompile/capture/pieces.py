@@ -39,10 +39,14 @@ class Recorded:
     watched: dict[int, list[tuple[str, int]]] = field(default_factory=dict)  # id of a held output -> its positions
     read: set[tuple[str, int]] = field(default_factory=set)  # (path, leaf) some torch function took, or returned
 
-    def saw(self, values: Any) -> None:
+    def saw(self, values: Any, depth: int = 2) -> None:
+        """Mark the watched tensors in ``values``, looking ``depth`` levels into objects pytree does not know (a
+        model output that is a plain dataclass)."""
         for t in pytree.tree_leaves(values):
             if isinstance(t, torch.Tensor):
                 self.read.update(self.watched.get(id(t), ()))
+            elif depth > 0 and hasattr(t, "__dict__") and not isinstance(t, (type, nn.Module)):
+                self.saw(list(vars(t).values()), depth - 1)
 
     def unread(self, path: str) -> set[int]:
         """Positions of ``path``'s output leaves that are tensors nothing read."""
@@ -57,7 +61,7 @@ class _Reads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.rec.saw((args, kwargs))
+        self.rec.saw((args, kwargs), depth=0)
         return func(*args, **kwargs)
 
 
