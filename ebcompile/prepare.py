@@ -75,6 +75,19 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     return value
 
 
+def _router_left_out(group: Any, include: Sequence[str] | None, exclude: Sequence[str] | None, plan: Plan) -> bool:
+    """An expert group whose router include=/exclude= leave out (a router no captured graph reads is no linear of the
+    plan, so the linear rules never saw it); said in ``plan.skipped``."""
+    if group.kind != "expert":
+        return False
+    router = split_name(group.members[0].tensor)[0]
+    why = ("not matched by include" if include and not _matches(router, include) else
+           "matched by exclude" if _matches(router, exclude) else None)
+    if why is not None:
+        plan.skipped.setdefault(router, f"{why}: its experts are kept")
+    return why is not None
+
+
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
@@ -204,7 +217,7 @@ def build_plan(model: nn.Module, example_inputs: Any, structure: str = "auto", s
     masked_weights = {op.weight for op in plan.linears}
     followers = {w for w, base in adapters.items() if f"{base}.weight" in masked_weights}  # adapters of masked layers
     groups, why = find_groups(cap, attn, masked_weights | followers, example_inputs, keep_kv=kv_heads == "keep")
-    plan.groups = [g for g in groups if not is_adapter_rank(g, adapters)]
+    plan.groups = [g for g in groups if not is_adapter_rank(g, adapters) and not _router_left_out(g, include, exclude, plan)]
     grouped = {m.tensor for g in plan.groups for m in g.members}
     if structure == "auto":
         structure = "structured" if plan.groups else "unstructured"

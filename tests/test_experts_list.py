@@ -236,3 +236,16 @@ def test_named_experts_keep_their_names_and_reload(tmp_path):
     assert [list(layer.experts) for layer in back.moes] == kept
     with torch.no_grad():
         torch.testing.assert_close(back(ids), small(ids))
+
+
+def test_exclude_of_a_router_no_graph_reads_keeps_its_experts():
+    """The routers here are in no captured graph (the routing loop does not export), so no linear rule sees them:
+    ``exclude=`` still keeps their experts whole, and says so; the experts' own neurons are still cut."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 9))
+    model = Net().eval()
+    ebcompile.prepare(model, ids, ratio=0.4, structure="structured", importance="magnitude", exclude="moes.0.gate")
+    plan = model._ebcompile.plan
+    assert [g.name for g in plan.groups if g.kind == "expert"] == ["moes.1.experts"]
+    assert "matched by exclude" in plan.skipped["moes.0.gate"]
+    assert any(g.kind == "neuron" and g.name.startswith("moes.0.experts") for g in plan.groups)
