@@ -122,3 +122,16 @@ def test_malformed_head_input_slices_in_a_checkpoint_are_refused(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="head_inputs"):
         ebcompile.load(tmp_path / "s", model=_bloom())
+
+
+def test_a_compact_alibi_model_generates_the_masked_models_tokens():
+    """With a KV cache the ALiBi tensor spans the whole cache length: each step's is sliced alike."""
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=4))
+    x = _batch(2, 7)
+    ebcompile.prepare(model.eval(), x, ratio=0.5, structure="structured", importance="magnitude")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    with torch.no_grad():
+        want = model.generate(**x, max_new_tokens=6, do_sample=False)
+        got = ebcompile.compact(model).eval().generate(**x, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
