@@ -172,7 +172,7 @@ def test_multihead_attention_inside_an_unexportable_block_is_a_piece_and_its_hea
 def test_a_decoder_whose_moe_does_not_export_is_captured_by_pieces_without_its_kv_cache() -> None:
     """DBRX: its experts loop over data-dependent token sets (no whole-model export), and a plain forward hands every
     layer a ``DynamicCache``, which export takes as no input: pieces are recorded with ``use_cache=False``, so the
-    attention layers export and their heads are cut."""
+    attention layers export and their heads are cut (its experts: tests/test_moe_handwritten.py)."""
     from transformers import DbrxConfig, DbrxModel
 
     cfg = DbrxConfig(vocab_size=99, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
@@ -184,8 +184,9 @@ def test_a_decoder_whose_moe_does_not_export_is_captured_by_pieces_without_its_k
     x = {"input_ids": torch.randint(0, 99, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
     ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
     plan = model._ebcompile.plan
-    assert plan.capture == "export of pieces: blocks.0.norm_attn_norm, blocks.1.norm_attn_norm"
-    assert [g.kind for g in plan.groups] == ["head", "head"]
+    assert plan.capture == ("export of pieces: blocks.0.norm_attn_norm, blocks.0.ffn.router, blocks.1.norm_attn_norm, "
+                            "blocks.1.ffn.router")  # the routers of its flat experts are pieces too
+    assert [g.kind for g in plan.groups if g.kind == "head"] == ["head", "head"]
     ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
     small = ebcompile.compact(model, round_to=None).eval()
     assert small.blocks[0].norm_attn_norm.attn.Wqkv.out_features < 64

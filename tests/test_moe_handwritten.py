@@ -114,3 +114,87 @@ def test_experts_under_unknown_names_are_read_from_their_shapes() -> None:
     assert sum(small[i].cond_ffn.gate_w.shape[0] for i in (1, 2)) < 12
     with torch.no_grad():
         torch.testing.assert_close(small(x), m(x))
+
+
+class FlatExperts(nn.Module):
+    """MegaBlocks-style experts: each tensor stored flat ``[E * I, H]`` and viewed per expert in a routing loop."""
+
+    def __init__(self, experts: int = 4, dim: int = 16, width: int = 8) -> None:
+        super().__init__()
+        self.num_experts, self.ffn_hidden_size, self.dim = experts, width, dim
+        self.w1, self.v1, self.w2 = (nn.Parameter(torch.randn(experts * width, dim) * 0.3) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        view = (-1, self.ffn_hidden_size, self.dim)
+        for e in index.unique().tolist():
+            tok, slot = torch.where(index == e)
+            w1, v1, w2 = self.w1.view(view)[e], self.v1.view(view)[e], self.w2.view(view)[e]
+            h = F.silu(x[tok] @ w1.T) * (x[tok] @ v1.T)
+            out.index_add_(0, tok, (h @ w2) * weight[tok, slot, None])
+        return out
+
+
+class FlatMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.top_k = 2
+        self.router = nn.Sequential(nn.Linear(16, 4, bias=False))  # nested, as DBRX's router.layer
+        self.experts = nn.Module()
+        self.experts.mlp = FlatExperts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weight, index = self.router(flat).softmax(-1).topk(self.top_k, dim=-1)
+        return x + self.experts.mlp(flat, index, weight).reshape(x.shape)
+
+
+def test_flat_experts_are_cut_per_expert_and_reload(tmp_path) -> None:
+    """Each flat tensor holds neuron j of expert e in row e*I + j: whole experts and equal neuron counts per expert
+    are cut, the per-expert width and count attributes follow, compact is exact at any rounding, and it reloads."""
+    torch.manual_seed(0)
+    m, x = nn.Sequential(FlatMoE(), FlatMoE()).eval(), torch.randn(2, 6, 16)
+    ebcompile.prepare(m, x, ratio=0.5, structure="structured", importance="magnitude")
+    kinds = {(g.kind, g.name): g for g in m._ebcompile.plan.groups}
+    assert set(kinds) == {(k, f"{i}.experts.mlp") for k in ("expert", "neuron") for i in (0, 1)}
+    assert kinds[("neuron", "0.experts.mlp")].per_group == 8 and kinds[("expert", "0.experts.mlp")].min_units == 2
+    ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
+    for round_to in (None, 4):
+        small = ebcompile.compact(m, round_to=round_to).eval()
+        for block in small:
+            mlp = block.experts.mlp
+            assert mlp.w1.shape == mlp.v1.shape == mlp.w2.shape == (mlp.num_experts * mlp.ffn_hidden_size, 16)
+            assert block.router[0].out_features == mlp.num_experts >= 2
+        assert sum(b.experts.mlp.w1.shape[0] for b in small) < 64
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), m(x))
+    ebcompile.save(small, tmp_path / "s")
+    back = ebcompile.load(tmp_path / "s", model=nn.Sequential(FlatMoE(), FlatMoE()))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x))
+
+
+def test_dbrx_experts_and_their_neurons_are_cut_and_reload_from_the_config(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DbrxConfig(vocab_size=99, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
+                                  attn_config={"kv_n_heads": 2, "clip_qkv": 8, "rope_theta": 10000},
+                                  ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2,
+                                              "moe_jitter_eps": 0, "moe_loss_weight": 0.05,
+                                              "moe_normalize_expert_weights": 1.0})
+    torch.manual_seed(0)
+    model = transformers.DbrxModel(cfg).eval()
+    x = {"input_ids": torch.randint(0, 99, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
+    assert {g.kind for g in model._ebcompile.plan.groups} == {"head", "expert", "neuron"}
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    experts = small.blocks[0].ffn.experts
+    assert experts.num_experts == experts.mlp.moe_num_experts < 4 or experts.ffn_hidden_size == experts.mlp.ffn_hidden_size < 16
+    with torch.no_grad():
+        torch.testing.assert_close(small(**x).last_hidden_state, model(**x).last_hidden_state)
+    ebcompile.save(small, tmp_path / "s")
+    back = ebcompile.load(tmp_path / "s")  # rebuilt from config.json, cut to the saved counts
+    with torch.no_grad():
+        torch.testing.assert_close(back(**x).last_hidden_state, small(**x).last_hidden_state)
+    report = ebcompile.export_onnx(small, tmp_path / "s.onnx", x)
+    assert report.max_abs_error is not None and report.max_abs_error < 1e-4

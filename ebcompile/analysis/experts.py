@@ -39,12 +39,11 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from ..families import hf_moe
-from ..families.config_values import config_value
 from ..names import split_name
 from ..plan import GroupSet, Member, Plan
 
 __all__ = ["find_expert_groups", "install_routing", "unit_rows", "is_expert_group", "expert_layout", "ExpertLayout",
-           "remove_expert_neurons", "rewrite_expert_counts", "expert_config", "dead_experts"]
+           "remove_expert_neurons", "rewrite_expert_counts", "dead_experts"]
 
 
 @dataclass(frozen=True)
@@ -367,31 +366,10 @@ def rewrite_expert_counts(model: nn.Module, group: GroupSet, kept: int) -> None:
                 if isinstance(value, int) and (holder is not block or value == group.units):
                     setattr(holder, attr, kept)
     else:
-        for attr in hf_moe.EXPERT_WIDTHS:
-            if isinstance(module.__dict__.get(attr), int):
-                setattr(module, attr, kept // max(group.units // group.per_group, 1))
-
-
-def expert_config(model: nn.Module, config: object) -> dict[str, int]:
-    """Config fields (expert count, per-expert width, shared-expert width) that describe every experts container
-    of ``model`` when they all agree; fields they disagree on are left out."""
-    counts, widths, shared = set(), set(), set()
-    for module in model.modules():
-        params = dict(module.named_parameters(recurse=False))
-        down = next((n for n in hf_moe.DOWN_TENSORS if n in params and params[n].dim() == 3), None)
-        if down is not None:
-            lay = expert_layout(module, int(params[down].shape[1])) or expert_layout(module, int(params[down].shape[2]))
-            if lay is not None:
-                counts.add(lay.experts)
-                widths.add(lay.width)
-        child = module._modules.get(hf_moe.SHARED_EXPERT[0])
-        if child is not None:
-            shared |= {m.out_features for n, m in child.named_modules() if isinstance(m, nn.Linear)
-                       and split_name(n)[1] in ("up_proj", "gate_proj")}
-    out: dict[str, int] = {}
-    for fields, values in ((hf_moe.CONFIG_EXPERT_COUNTS, counts), (hf_moe.CONFIG_EXPERT_WIDTHS, widths),
-                           ((hf_moe.SHARED_EXPERT[1],), shared)):
-        field = next((f for f in fields if isinstance(config_value(config, f), int)), None)
-        if field is not None and len(values) == 1:
-            out[field] = values.pop()
-    return out
+        parent = split_name(group.module or group.name)[0]
+        block = model.get_submodule(parent) if parent else model
+        for holder in (module, block):  # the block's own width only where it is the experts' width (DBRX's)
+            for attr in hf_moe.EXPERT_WIDTHS:
+                value = holder.__dict__.get(attr)
+                if isinstance(value, int) and (holder is module or value == group.per_group):
+                    setattr(holder, attr, kept // max(group.units // group.per_group, 1))

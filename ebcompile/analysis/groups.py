@@ -17,6 +17,7 @@ from ..families import family_of
 from ..names import split_name
 from ..plan import GroupSet
 from .experts import find_expert_groups
+from .experts_flat import find_flat_expert_groups
 from .experts_list import find_list_expert_groups
 
 __all__ = ["find_groups", "attention_groups"]
@@ -48,7 +49,8 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], exa
         return attention_groups(attn, masked) + experts, skipped
     captured = set(graph[1].values())
     listed, why_not = find_list_expert_groups(cap.root, masked, captured, example_inputs)  # experts as separate modules
-    experts, skipped = experts + listed, {**why_not, **skipped}
+    flat, _ = find_flat_expert_groups(cap.root, masked, captured, example_inputs)  # experts stored [E * I, H]
+    experts, skipped = experts + listed + flat, {**why_not, **skipped}
     routers |= {split_name(g.members[0].tensor)[0] for g in experts if g.kind == "expert"}
     params = dict(cap.root.named_parameters(remove_duplicate=False))
     found, why = discover(graph[0], graph[1], params, masked, claimed, keep_kv, graph[2])

@@ -124,13 +124,25 @@ def capture_pieces(model: nn.Module, args: tuple, kwargs: dict,
 
 
 def _routes_fused_experts(parent: nn.Module, child: nn.Module) -> bool:
-    """``child`` holds a 2-D weight ``[E, H]`` and a sibling holds 3-D expert tensors ``[E, ...]``: the router of
-    a mixture-of-experts layer whose experts loop does not export (the router alone does, and its rows are units)."""
-    rows = {p.shape[0] for p in child.parameters(recurse=False) if p.dim() == 2}
+    """``child`` holds a 2-D weight ``[E, H]`` (itself or in its one linear) and a sibling holds fused expert tensors:
+    3-D ``[E, ...]``, or flat ``[E * I, H]`` (MegaBlocks, DBRX) outside any linear — the router of a
+    mixture-of-experts layer whose experts loop does not export (the router alone does, and its rows are units)."""
+    rows = {p.shape[0] for p in child.parameters() if p.dim() == 2}
+    if not rows or sum(isinstance(m, nn.Linear) for m in child.modules()) > 1:
+        return False
     for sibling in parent.children():
-        leading = [p.shape[0] for p in sibling.parameters(recurse=False) if p.dim() == 3]
-        if sibling is not child and len(leading) >= 2 and len(set(leading)) == 1 and leading[0] in rows:
-            return True
+        if sibling is child:
+            continue
+        for module in sibling.modules():
+            if isinstance(module, nn.Linear):
+                continue
+            own = [p.shape for p in module.parameters(recurse=False)]
+            cubes = {s[0] for s in own if len(s) == 3}
+            if len([s for s in own if len(s) == 3]) >= 2 and len(cubes) == 1 and cubes & rows:
+                return True
+            flat = [s for s in own if len(s) == 2]
+            if len(flat) >= 2 and len(set(flat)) == 1 and any(flat[0][0] % e == 0 and flat[0][0] // e >= 2 for e in rows):
+                return True
     return False
 
 

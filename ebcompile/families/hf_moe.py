@@ -28,8 +28,8 @@ GATED_UP = ("gate_up_proj", "w13")  # these hold gate and up halves unless the m
 LAYOUT_FLAGS = {"is_transposed": False, "is_concatenated": True}
 
 # module attributes (experts container and router) holding the expert count, and the experts' width
-EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
-EXPERT_WIDTHS = ("intermediate_dim", "moe_intermediate_size", "expert_dim")
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+EXPERT_WIDTHS = ("intermediate_dim", "moe_intermediate_size", "expert_dim", "ffn_hidden_size")
 TOP_K = ("top_k", "num_experts_per_tok")
 
 # config fields: the expert count and the per-expert width (the first one the config has)

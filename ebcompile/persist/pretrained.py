@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..adapters import merged_shapes, pretrained_core
+from ..analysis.experts import expert_layout
+from ..families import hf_moe
 from ..families.config_values import config_value
 from ..families.vocabulary import CONFIG_FIELDS
 from ..names import split_name
@@ -53,8 +55,6 @@ def sync_config(model: nn.Module) -> bool:
             continue
         width = widths.pop()
         setattr(new, field, width // head_dim if per_head else width)
-    from ..analysis.experts import expert_config
-
     for field, value in expert_config(model, config).items():  # mixture-of-experts counts and widths
         setattr(new, field, value)
     if new.to_dict() == config.to_dict():
@@ -127,3 +127,28 @@ def pretrained_weights(directory: Path) -> dict[str, torch.Tensor] | None:
         with guard(directory / name, "read"):
             weights.update(load_file(str(directory / name)))
     return weights
+
+
+def expert_config(model: nn.Module, config: object) -> dict[str, int]:
+    """Config fields (expert count, per-expert width, shared-expert width) that describe every experts container
+    of ``model`` when they all agree; fields they disagree on are left out."""
+    counts, widths, shared = set(), set(), set()
+    for module in model.modules():
+        params = dict(module.named_parameters(recurse=False))
+        down = next((n for n in hf_moe.DOWN_TENSORS if n in params and params[n].dim() == 3), None)
+        if down is not None:
+            lay = expert_layout(module, int(params[down].shape[1])) or expert_layout(module, int(params[down].shape[2]))
+            if lay is not None:
+                counts.add(lay.experts)
+                widths.add(lay.width)
+        child = module._modules.get(hf_moe.SHARED_EXPERT[0])
+        if child is not None:
+            shared |= {m.out_features for n, m in child.named_modules() if isinstance(m, nn.Linear)
+                       and split_name(n)[1] in ("up_proj", "gate_proj")}
+    out: dict[str, int] = {}
+    for fields, values in ((hf_moe.CONFIG_EXPERT_COUNTS, counts), (hf_moe.CONFIG_EXPERT_WIDTHS, widths),
+                           ((hf_moe.SHARED_EXPERT[1],), shared)):
+        field = next((f for f in fields if isinstance(config_value(config, f), int)), None)
+        if field is not None and len(values) == 1:
+            out[field] = values.pop()
+    return out

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..adapters import sync_adapter_features
 from ..analysis.experts import remove_expert_neurons, rewrite_expert_counts
+from ..analysis.experts_flat import rounded_runs
 from ..analysis.experts_list import is_expert_list, remove_list_experts
 from ..errors import CompactionError, ConfigError, DistributedError, NoTicketError, NotPreparedError, TicketMismatchError
 from ..families import family_of
@@ -173,7 +174,10 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None
         if any(m.batched for m in g.members):  # neurons inside fused experts: cut per expert, before experts go
             rewrite_expert_counts(new, g, int(remove_expert_neurons(new, g, keep, round_to).sum()))
             continue
-        keep = _rounded_keep(g, keep, None if g.kind == "expert" else round_to)  # expert counts are never rounded
+        if g.kind == "neuron" and g.per_group:  # flat experts' neurons: every expert keeps as many
+            keep = rounded_runs(keep, g.per_group, round_to)
+        else:
+            keep = _rounded_keep(g, keep, None if g.kind == "expert" else round_to)  # expert counts are never rounded
         if any(is_held_whole(plan, split_name(m.tensor)[0]) for m in g.members if m.masked):
             keep = torch.ones_like(keep)  # held whole (reshapes.hold_whole): its forward cannot take fewer units
         for k, idx in removed_indices(g, keep).items():
@@ -182,7 +186,7 @@ def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None
             kept_heads[g.module or g.name] = (int(keep.sum()), g.units)
             if g.head_inputs:  # per-head tensors from outside (ALiBi): sliced where they enter
                 install_head_inputs(new.get_submodule(g.module or g.name), slices_for(g, keep))
-        elif g.kind == "expert":
+        elif g.kind == "expert" or g.per_group:  # whole experts, or flat experts' neurons (a per-expert width)
             rewrite_expert_counts(new, g, int(keep.sum()))
             if is_expert_list(new.get_submodule(g.module or g.name)):
                 expert_lists.append((g, keep))
