@@ -7,7 +7,8 @@ zero. But a compact model cannot cut ``C``'s channel without cutting the convolu
 analysis must not offer those units (before, it did, and the compact model failed: ``28 vs 27``). Checked: such a
 projection gets no units, the rest of the model still does, and compact ≡ masked at two lengths. LFM2's own
 convolution is depthwise (``groups=dim``): each channel is filtered on its own, so it is followed — the channels
-are units, the filters and bias are cut with them (``test_a_depthwise_convolution_keeps_its_channels_as_units``).
+are units, the filters and bias are cut with them (``test_a_depthwise_convolution_keeps_its_channels_as_units``); a
+grouped one keeps each group's channels together (``test_a_grouped_convolution_cuts_whole_groups``).
 
 Also here: linears whose weights are tied across two module objects (Zamba's shared transformer block). The masks
 went on one holder only, so the other computed with the unmasked weights and compaction broke the tie (a 64-wide
@@ -87,6 +88,30 @@ def test_a_depthwise_convolution_keeps_its_channels_as_units():
             y = torch.randn(3, t, 16, generator=torch.Generator().manual_seed(t))
             torch.testing.assert_close(small(y), model(y), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(back(y), small(y), rtol=1e-6, atol=1e-7)
+
+
+def test_a_grouped_convolution_cuts_whole_groups(tmp_path):
+    """groups=4 over 16 channels: each group's 4 channels are one unit (ZAYA convolves each head's q|k channels
+    as one group); compact removes whole groups, keeps the per-group width and lowers the group count."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16)
+    model = ebcompile.prepare(Net(groups=4).eval(), x, ratio=0.5, structure="structured", scope="layer")
+    group = next(g for g in model._ebcompile.plan.groups if any(m.tensor == "mix.in_proj.weight" for m in g.members))
+    assert group.units == 4 and "mix.conv.weight" in {m.tensor for m in group.members}
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model, 0.5))
+    small = ebcompile.compact(model, round_to=None).eval()
+    conv = small.mix.conv
+    assert (conv.groups, conv.in_channels, conv.out_channels, tuple(conv.weight.shape)) == (2, 8, 8, (8, 4, 3))
+    ebcompile.save(small, tmp_path / "s")
+    back = ebcompile.load(tmp_path / "s", model=Net(groups=4))
+    assert back.mix.conv.groups == 2
+    with torch.no_grad():
+        for t in (7, 11):
+            y = torch.randn(3, t, 16, generator=torch.Generator().manual_seed(t))
+            torch.testing.assert_close(small(y), model(y), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(back(y), small(y), rtol=1e-6, atol=1e-7)
+    report = ebcompile.export_onnx(small, tmp_path / "s.onnx", x)
+    assert report.max_abs_error is not None and report.max_abs_error < 1e-4
 
 
 class TiedBlocks(nn.Module):

@@ -74,8 +74,10 @@ def fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: di
             module.out_features, module.in_features = module.weight.shape
         elif is_transposed_linear(module):
             module.nx, module.nf = module.weight.shape  # HF Conv1D: weight [in, out], forward reads nf
-        elif isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.in_channels == module.out_channels:
-            module.groups = module.in_channels = module.out_channels = module.weight.shape[0]  # depthwise: its channels cut
+        elif isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not module.transposed:
+            per_group = module.out_channels // module.groups  # depthwise or grouped: whole groups cut
+            module.groups, module.out_channels = module.weight.shape[0] // per_group, module.weight.shape[0]
+            module.in_channels = module.groups * module.weight.shape[1]
     sync_adapter_features(model)
     for path, (heads, units) in kept_heads.items():
         if heads == units:  # nothing removed: the original module still computes the right thing
