@@ -12,6 +12,8 @@ from torch import nn
 
 import ebcompile
 
+from checks import assert_reloads
+
 
 class Experts(nn.Module):
     def __init__(self, experts: int, dim: int, width: int, transposed: bool) -> None:
@@ -67,10 +69,7 @@ def test_separate_gate_experts_are_cut_compacted_saved_and_exported(transposed: 
         assert block.gate.out_features == block.num_experts == block.cond_ffn.w2.shape[0] == block.cond_ffn.w3.shape[0]
     with torch.no_grad():
         torch.testing.assert_close(small(x), m(x))
-    ebcompile.save(small, tmp_path / "s")
-    back = ebcompile.load(tmp_path / "s", model=model(transposed))
-    with torch.no_grad():
-        torch.testing.assert_close(back(x), small(x))
+    assert_reloads(small, model(transposed), x, tmp_path / "s")
     report = ebcompile.export_onnx(small, tmp_path / "s.onnx", x)
     assert report.max_abs_error is not None and report.max_abs_error < 1e-4
 
@@ -168,10 +167,7 @@ def test_flat_experts_are_cut_per_expert_and_reload(tmp_path) -> None:
         assert sum(b.experts.mlp.w1.shape[0] for b in small) < 64
         with torch.no_grad():
             torch.testing.assert_close(small(x), m(x))
-    ebcompile.save(small, tmp_path / "s")
-    back = ebcompile.load(tmp_path / "s", model=nn.Sequential(FlatMoE(), FlatMoE()))
-    with torch.no_grad():
-        torch.testing.assert_close(back(x), small(x))
+    assert_reloads(small, nn.Sequential(FlatMoE(), FlatMoE()), x, tmp_path / "s")
 
 
 def test_dbrx_experts_and_their_neurons_are_cut_and_reload_from_the_config(tmp_path) -> None:

@@ -7,8 +7,8 @@ zero. But a compact model cannot cut ``C``'s channel without cutting the convolu
 analysis must not offer those units (before, it did, and the compact model failed: ``28 vs 27``). Checked: such a
 projection gets no units, the rest of the model still does, and compact ≡ masked at two lengths. LFM2's own
 convolution is depthwise (``groups=dim``): each channel is filtered on its own, so it is followed — the channels
-are units, the filters and bias are cut with them (``test_a_depthwise_convolution_keeps_its_channels_as_units``); a
-grouped one keeps each group's channels together (``test_a_grouped_convolution_cuts_whole_groups``).
+are units, the filters and bias are cut with them ; a grouped one
+keeps each group's channels together (``test_depthwise_and_grouped_convolutions_keep_their_groups_as_units``).
 
 Also here: linears whose weights are tied across two module objects (Zamba's shared transformer block). The masks
 went on one holder only, so the other computed with the unmasked weights and compaction broke the tie (a 64-wide
@@ -17,8 +17,7 @@ input met a 45-wide linear); such linears are now kept whole, with the reason in
 
 from __future__ import annotations
 
-import tempfile
-
+import pytest
 import torch
 from torch import nn
 
@@ -66,45 +65,26 @@ def test_units_meeting_unfollowed_data_are_not_offered_and_compact_is_exact():
             torch.testing.assert_close(small(y), model(y), rtol=1e-5, atol=1e-6)
 
 
-def test_a_depthwise_convolution_keeps_its_channels_as_units():
+@pytest.mark.parametrize("groups, units, kept", [(16, 16, (8, 8, 8, (8, 1, 3))), (4, 4, (2, 8, 8, (8, 4, 3)))],
+                         ids=["depthwise", "grouped"])
+def test_depthwise_and_grouped_convolutions_keep_their_groups_as_units(groups, units, kept, tmp_path):
+    """Depthwise: one channel of B, C and x and its filter per unit. groups=4 over 16 channels: each group's 4
+    channels are one unit (ZAYA convolves each head's q|k channels as one group); compact removes whole groups,
+    keeps the per-group width and lowers the group count (also when loaded)."""
     torch.manual_seed(0)
     x = torch.randn(2, 7, 16)
-    model = ebcompile.prepare(Net(groups=16).eval(), x, ratio=0.5, structure="structured", scope="layer")
-    plan = model._ebcompile.plan
-    group = next(g for g in plan.groups if any(m.tensor == "mix.in_proj.weight" for m in g.members))
-    assert {"mix.conv.weight", "mix.conv.bias", "mix.out_proj.weight"} <= {m.tensor for m in group.members}
-    assert group.units == 16  # one channel of B, C and x and its filter per unit
-    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model, 0.5))
-    small = ebcompile.compact(model, round_to=None).eval()
-    conv = small.mix.conv
-    assert conv.in_channels == conv.out_channels == conv.groups == conv.weight.shape[0] == 8
-    assert small.mix.in_proj.out_features == 24
-    with tempfile.TemporaryDirectory() as d:
-        ebcompile.save(small, d)
-        back = ebcompile.load(d, model=Net(groups=16))
-    assert back.mix.conv.groups == 8
-    with torch.no_grad():
-        for t in (7, 11):
-            y = torch.randn(3, t, 16, generator=torch.Generator().manual_seed(t))
-            torch.testing.assert_close(small(y), model(y), rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(back(y), small(y), rtol=1e-6, atol=1e-7)
-
-
-def test_a_grouped_convolution_cuts_whole_groups(tmp_path):
-    """groups=4 over 16 channels: each group's 4 channels are one unit (ZAYA convolves each head's q|k channels
-    as one group); compact removes whole groups, keeps the per-group width and lowers the group count."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 7, 16)
-    model = ebcompile.prepare(Net(groups=4).eval(), x, ratio=0.5, structure="structured", scope="layer")
+    model = ebcompile.prepare(Net(groups=groups).eval(), x, ratio=0.5, structure="structured", scope="layer")
     group = next(g for g in model._ebcompile.plan.groups if any(m.tensor == "mix.in_proj.weight" for m in g.members))
-    assert group.units == 4 and "mix.conv.weight" in {m.tensor for m in group.members}
+    assert {"mix.conv.weight", "mix.conv.bias", "mix.out_proj.weight"} <= {m.tensor for m in group.members}
+    assert group.units == units
     ebcompile.apply_ticket(model, ebcompile.draw_ticket(model, 0.5))
     small = ebcompile.compact(model, round_to=None).eval()
     conv = small.mix.conv
-    assert (conv.groups, conv.in_channels, conv.out_channels, tuple(conv.weight.shape)) == (2, 8, 8, (8, 4, 3))
+    assert (conv.groups, conv.in_channels, conv.out_channels, tuple(conv.weight.shape)) == kept
+    assert small.mix.in_proj.out_features == 24
     ebcompile.save(small, tmp_path / "s")
-    back = ebcompile.load(tmp_path / "s", model=Net(groups=4))
-    assert back.mix.conv.groups == 2
+    back = ebcompile.load(tmp_path / "s", model=Net(groups=groups))
+    assert back.mix.conv.groups == kept[0]
     with torch.no_grad():
         for t in (7, 11):
             y = torch.randn(3, t, 16, generator=torch.Generator().manual_seed(t))
