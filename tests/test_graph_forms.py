@@ -236,3 +236,38 @@ def test_a_forward_that_casts_a_submodule_to_its_own_dtype_exports():
     torch.manual_seed(0)
     model, small = _compact_matches(CastsItsRouter(), [torch.randn(2, 5, 16), torch.randn(1, 3, 16)], "export")
     assert model._ebcompile.plan.capture.startswith("export") and small.fc1.out_features == 32
+
+
+class SinkAttention(nn.Module):
+    """An attention sink per head (GPT-OSS, Flint): a learned logit concatenated to each head's scores, softmaxed
+    with them and dropped — Flint's form, without GPT-OSS's max subtraction that happened to tie sink and head."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.sinks = nn.Parameter(torch.randn(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) * 0.5
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = F.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+        return x + self.o((probs @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class SinkNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.attn = nn.Embedding(50, 16), SinkAttention()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.emb(ids))
+
+
+def test_an_attention_sink_concatenated_to_the_scores_follows_its_head():
+    model, small = _compact_matches(SinkNet(), [torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (1, 9))], "export")
+    heads = _groups(model, "head")
+    assert len(heads) == 1 and "attn.sinks" in {m.tensor for m in heads[0].members}
+    assert small.attn.sinks.numel() == small.attn.num_heads == small.attn.q.out_features // 4 < 4

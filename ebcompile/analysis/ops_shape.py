@@ -296,6 +296,11 @@ def _cat(flow: Flow, node: fx.Node):
         full = list(dst)
         full[dim] = s[dim]
         pieces.append(np.broadcast_to(ids, full))
+    acts = [p for p, t in zip(pieces, tensors) if isinstance(flow.lab(t), Labels) and not flow.lab(t).param]
+    for p, t in zip(pieces, tensors):  # a per-unit parameter beside the units' activations (a head's attention sink
+        if acts and isinstance(flow.lab(t), Labels) and flow.lab(t).param:  # logit): it follows the unit it meets
+            flow.el.followers.append((np.take(acts[0], [0], axis=dim), np.take(p, [0], axis=dim),
+                                      "its features are concatenated with a parameter shared across units"))
     return _out(np.concatenate(pieces, axis=dim), all(lab.param for lab in labs))  # a cat of parameters is one
 
 
