@@ -61,7 +61,7 @@ def record_bias(flow: Flow, scores: np.ndarray, bias: Any, attention: fx.Node) -
     if s is None or len(s) > nd:
         return False
     ids = aligned(np.asarray(scores), nd)
-    dims = [d for d in varying(ids) if s[d - nd + len(s)] > 1] if len(s) else []
+    dims = [d for d in varying(ids) if d - nd + len(s) >= 0 and s[d - nd + len(s)] > 1]  # aligned from the right
     if len(dims) != 1 or s[dims[0] - nd + len(s)] != ids.shape[dims[0]]:
         return False
     d = dims[0]
