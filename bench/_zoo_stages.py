@@ -80,6 +80,21 @@ def computes_attention(model: torch.nn.Module, inputs: dict[str, Any]) -> bool:
     return sdpa or (bool({"softmax", "_softmax", "_safe_softmax"} & seen.names) and bool({"bmm", "baddbmm"} & seen.names))
 
 
+def fill_zero_weights(model: torch.nn.Module) -> int:
+    """Give every all-zero weight matrix small random values, as any training step would; returns how many.
+
+    Some families initialise a router or a gate to zero (AFMoE's router): every expert then ties, and ``topk`` breaks
+    ties over four columns differently than over the three a compact router keeps, so masked and compact differ for a
+    reason no trained model has."""
+    filled = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and p.is_floating_point() and p.numel() > 1 and not p.any():
+                p.normal_(0.0, 0.02)
+                filled += 1
+    return filled
+
+
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """Largest |a - b| beyond tolerance scale; raises AssertionError when the outputs do not match at all."""
     if len(a) != len(b):
@@ -183,6 +198,7 @@ def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None]
             try:
                 torch.manual_seed(0)
                 model = cls(loaded.config).eval()
+                row["zero_weights"] = fill_zero_weights(model)
                 state["dense_out"] = run_model(model, loaded.inputs)
             except Exception as exc:  # noqa: BLE001 - try the next class
                 errors.append((cls.__name__, exc))

@@ -194,3 +194,54 @@ def test_dbrx_experts_and_their_neurons_are_cut_and_reload_from_the_config(tmp_p
         torch.testing.assert_close(back(**x).last_hidden_state, small(**x).last_hidden_state)
     report = ebcompile.export_onnx(small, tmp_path / "s.onnx", x)
     assert report.max_abs_error is not None and report.max_abs_error < 1e-4
+
+
+class Router(nn.Module):
+    """A router module around its linear (AFMoE's ``router.gate``, Hunyuan's ``gate.wg``), with the top-k on it."""
+
+    def __init__(self, dim: int, experts: int, top_k: int) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = experts, top_k
+        self.proj = nn.Linear(dim, experts, bias=False)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(self.proj(x))
+        index = (scores + bias).topk(self.top_k, dim=-1).indices
+        weight = scores.gather(1, index)
+        return weight / weight.sum(-1, keepdim=True), index
+
+
+class WrappedRouterMoE(nn.Module):
+    def __init__(self, experts: int = 6, dim: int = 16, width: int = 12) -> None:
+        super().__init__()
+        self.router = Router(dim, experts, top_k=2)
+        self.expert_bias = nn.Parameter(torch.randn(experts) * 0.1)
+        # a shared expert whose hidden width equals the expert count: its up linear is [E, H] too, and no router
+        self.shared = nn.Sequential(nn.Linear(dim, experts), nn.GELU(), nn.Linear(experts, dim))
+        self.experts = Experts(experts, dim, width, transposed=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weight, index = self.router(flat, self.expert_bias)
+        out = torch.einsum("tai,ta->ti", self.experts(flat, index), weight)
+        return x + out.reshape(x.shape) + self.shared(x)
+
+
+def test_a_router_linear_inside_a_router_module_is_found_and_cut_with_its_experts(tmp_path) -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), WrappedRouterMoE(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 5, 16)
+    ebcompile.prepare(m, x, ratio=0.5, structure="structured", importance="magnitude")
+    expert = next(g for g in m._ebcompile.plan.groups if g.kind == "expert")
+    names = [mm.tensor for mm in expert.members]
+    assert names[0] == "1.router.proj.weight" and "1.expert_bias" in names and expert.min_units == 2
+    ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
+    small = ebcompile.compact(m, round_to=None).eval()
+    block = small[1]
+    kept = block.experts.w1.shape[0]
+    assert 2 <= kept < 6
+    assert block.router.proj.out_features == block.router.num_experts == block.expert_bias.shape[0] == kept
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x))
+    torch.manual_seed(0)
+    assert_reloads(small, nn.Sequential(nn.Linear(16, 16), WrappedRouterMoE(), nn.Linear(16, 4)).eval(), x, tmp_path / "s")

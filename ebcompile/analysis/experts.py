@@ -41,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 from ..families import hf_moe
 from ..names import split_name
 from ..plan import GroupSet, Member, Plan
+from .routers import modules_near, outer_expert_count, per_expert, router_chain, top_k_of
 
 __all__ = ["find_expert_groups", "install_routing", "unit_rows", "is_expert_group", "expert_layout", "ExpertLayout",
            "remove_expert_neurons", "rewrite_expert_counts", "dead_experts"]
@@ -136,22 +137,15 @@ class _Named(nn.Module):
 
 
 def _router(model: nn.Module, parent: str, path: str, experts: int, masked: set[str]) -> tuple[str, nn.Module] | None:
-    owner = model.get_submodule(parent) if parent else model
-    for name, child in owner.named_children():
-        full = f"{parent}.{name}" if parent else name
-        w = child._parameters.get("weight") if full != path else None
-        if w is not None and w.dim() == 2 and w.shape[0] == experts and f"{full}.weight" in masked:
+    """The ``[experts, H]`` masked weight beside the experts: a sibling's own, or the one matrix a sibling holds."""
+    for full, child in modules_near(model, parent, path):
+        w = child._parameters.get("weight")
+        if w is None or w.dim() != 2 or w.shape[0] != experts or f"{full}.weight" not in masked:
+            continue
+        holders = [model.get_submodule(p) for p in router_chain(parent, full)[1:]]
+        if all(sum(p.dim() >= 2 for p in h.parameters()) == 1 for h in holders):  # not one of a shared MLP's linears
             return full, child
     return None
-
-
-def _top_k(router: nn.Module, block: nn.Module) -> int:
-    for holder in (router, block, getattr(block, "config", None), getattr(router, "config", None)):
-        for attr in hf_moe.TOP_K:
-            value = getattr(holder, attr, None) if holder is not None else None
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return 1
 
 
 def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSet], dict[str, str]]:
@@ -172,8 +166,8 @@ def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSe
         if layout is None:
             skipped[rpath] = f"no experts: {path}'s 3-D tensors have no layout ebcompile knows (families/hf_moe.py)"
             continue
-        top_k = _top_k(router, model.get_submodule(parent) if parent else model)
-        outer = _outer_expert_count(model, parent, layout.experts)
+        top_k = top_k_of(model, parent, rpath)
+        outer = outer_expert_count(model, parent, layout.experts)
         if outer is not None:
             skipped[rpath] = (f"no whole experts: {outer} outside the MoE block reads the expert count (ERNIE-4.5-VL's "
                               "modality router: its text and vision blocks would have to keep the same experts)")
@@ -182,9 +176,9 @@ def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSe
             rbias = router._parameters.get("bias")
             if rbias is not None and f"{rpath}.bias" in masked | {f"{rpath}.bias"}:
                 members.append(Member(f"{rpath}.bias", 0, 0, 1))
-            for owner in dict.fromkeys([rpath, parent]):  # the router's (and its children's) and the block's own
+            for owner in dict.fromkeys([*router_chain(parent, rpath), parent]):  # the router's (and its children's), its holders', the block's
                 members += [Member(f"{owner}.{n}" if owner else n, d, 0, 1, masked=False)
-                            for n, d in _per_expert(model.get_submodule(owner), layout.experts, recurse=owner == rpath)]
+                            for n, d in per_expert(model.get_submodule(owner), layout.experts, recurse=owner == rpath)]
             members += [Member(f"{path}.{n}", 0, 0, 1) for n in layout.tensors]
             groups.append(GroupSet("expert", path, layout.experts, tuple(members), module=path, min_units=top_k))
         else:
@@ -193,32 +187,6 @@ def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSe
             groups.append(GroupSet("neuron", path, layout.experts * layout.width, _neuron_members(path, layout),
                                    per_group=layout.width))
     return groups, skipped
-
-
-def _outer_expert_count(model: nn.Module, block: str, experts: int) -> str | None:
-    """The first module between the model and the MoE ``block`` (both excluded) that holds the expert count: a
-    forward there is sized by it (``router_logits.reshape(-1, self.num_experts)`` over several blocks)."""
-    parts = block.split(".") if block else []
-    for i in range(1, len(parts)):
-        path = ".".join(parts[:i])
-        holder = model.get_submodule(path)
-        if any(getattr(holder, attr, None) == experts for attr in hf_moe.EXPERT_COUNTS):
-            return path
-    return None
-
-
-def _per_expert(module: nn.Module, experts: int, recurse: bool = False) -> list[tuple[str, int]]:
-    """(name, dim) of a router's or MoE block's tensors with one entry per expert along one dim, every other dim of
-    size 1, besides the router's weight and bias (DeepSeek-V3's and MiniMax-M2's ``e_score_correction_bias`` [E];
-    ERNIE 4.5's, [1, E] in the router's ``moe_statics`` child, with ``recurse``): they follow the experts at
-    compaction."""
-    tensors = [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]
-    found = []
-    for name, t in tensors:
-        big = [d for d, s in enumerate(t.shape) if s != 1]
-        if name not in ("weight", "bias") and len(big) == 1 and t.shape[big[0]] == experts:
-            found.append((name, big[0]))
-    return found
 
 
 def _neuron_members(path: str, lay: ExpertLayout) -> tuple[Member, ...]:
@@ -357,10 +325,10 @@ def rewrite_expert_counts(model: nn.Module, group: GroupSet, kept: int) -> None:
             raise TicketMismatchError(f"the ticket keeps {kept} experts of {group.name}, fewer than the {group.min_units} "
                                       "the router reads for every token (top_k). Fix: draw the ticket with "
                                       "ebcompile.draw_ticket, which keeps at least top_k experts per layer.")
-        router = model.get_submodule(split_name(group.members[0].tensor)[0])
         parent = split_name(group.module or group.name)[0]
         block = model.get_submodule(parent) if parent else model
-        for holder in (module, router, block):  # the block's own count only where it is the experts' count
+        routers = [model.get_submodule(p) for p in router_chain(parent, split_name(group.members[0].tensor)[0])]
+        for holder in (module, *routers, block):  # the block's own count only where it is the experts' count
             for attr in hf_moe.EXPERT_COUNTS:
                 value = holder.__dict__.get(attr)
                 if isinstance(value, int) and (holder is not block or value == group.units):

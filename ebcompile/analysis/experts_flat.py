@@ -26,6 +26,7 @@ from torch import nn
 
 from ..names import split_name
 from ..plan import GroupSet, Member
+from .routers import modules_near, top_k_of
 
 __all__ = ["find_flat_expert_groups", "rounded_runs"]
 
@@ -47,11 +48,7 @@ def _router(model: nn.Module, path: str, rows: int, width: int, allowed) -> tupl
     container's parent or grandparent (at most two levels down, outside the container)."""
     parent = split_name(path)[0]
     for block in dict.fromkeys([parent, split_name(parent)[0] if parent else ""]):
-        owner = model.get_submodule(block) if block else model
-        for name, module in owner.named_modules():
-            full = f"{block}.{name}" if block and name else (name or block)
-            if not name or name.count(".") > 1 or full == path or full.startswith(path + ".") or path.startswith(full + "."):
-                continue
+        for full, module in modules_near(model, block, path):
             w = module._parameters.get("weight")
             if w is None or w.dim() != 2 or w.shape[1] != width or not 2 <= w.shape[0] < rows or rows % w.shape[0]:
                 continue
@@ -64,7 +61,6 @@ def find_flat_expert_groups(model: nn.Module, masked: set[str], captured: set[st
                             ) -> tuple[list[GroupSet], dict[str, str]]:
     """The expert and expert-neuron GroupSets of every flat experts container next to a router whose output picks
     experts (see the module docstring)."""
-    from .experts import _top_k
     from .experts_list import _choosing
 
     candidates = []
@@ -84,7 +80,7 @@ def find_flat_expert_groups(model: nn.Module, masked: set[str], captured: set[st
         if rpath not in choosing:
             continue
         router, width = model.get_submodule(rpath), rows // experts
-        top_k = _top_k(router, model.get_submodule(block) if block else model)
+        top_k = top_k_of(model, block, rpath)
         if experts > top_k:
             members = [Member(f"{rpath}.weight", 0, 0, 1)]
             if router._parameters.get("bias") is not None:

@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from ..families import hf_moe
 from ..names import split_name
 from ..plan import GroupSet, Member
+from .routers import modules_near, per_expert, top_k_of
 
 __all__ = ["find_list_expert_groups", "is_expert_list", "remove_list_experts", "expert_list_sizes", "keep_experts"]
 
@@ -62,11 +63,7 @@ def _equal_experts(container: nn.Module) -> int | None:
 def _router(model: nn.Module, block: str, container: str, experts: int, width: int, allowed) -> str | None:
     """The module under ``block`` (at most two levels down, outside ``container``) with an ``allowed``
     ``[experts, width]`` weight."""
-    owner = model.get_submodule(block) if block else model
-    for name, module in owner.named_modules():
-        full = f"{block}.{name}" if block and name else (name or block)
-        if not name or name.count(".") > 1 or full == container or full.startswith(container + "."):
-            continue
+    for full, module in modules_near(model, block, container):
         w = module._parameters.get("weight")
         if w is not None and tuple(w.shape) == (experts, width) and allowed(f"{full}.weight"):
             return full
@@ -199,7 +196,6 @@ def find_list_expert_groups(model: nn.Module, masked: set[str], captured: set[st
     """One ``expert`` GroupSet per experts container of separate modules next to a router whose output picks experts
     (see the module docstring). ``captured``: the parameters some captured graph reads (a router among them must be
     ``masked``: include=/exclude= and the skip rules decided it)."""
-    from .experts import _per_expert, _top_k
 
     candidates = []
     for path, container in model.named_modules():
@@ -220,7 +216,7 @@ def find_list_expert_groups(model: nn.Module, masked: set[str], captured: set[st
     for path, block, rpath, experts in candidates:
         router = model.get_submodule(rpath)
         # at least two kept: a router picking a second expert among the rest (NLLB-MoE's top-2) needs one to exist
-        top_k = max(_top_k(router, model.get_submodule(block) if block else model), 2)
+        top_k = max(top_k_of(model, block, rpath), 2)
         if rpath not in choosing or experts <= top_k or block not in inputs:
             continue
         rel = len(block) + 1 if block else 0
@@ -233,7 +229,7 @@ def find_list_expert_groups(model: nn.Module, masked: set[str], captured: set[st
             members.append(Member(f"{rpath}.bias", 0, 0, 1))
         for owner in dict.fromkeys([split_name(rpath)[0], block]):  # per-expert tensors of the router's owner, the block
             members += [Member(f"{owner}.{n}" if owner else n, d, 0, 1, masked=False)
-                        for n, d in _per_expert(model.get_submodule(owner) if owner else model, experts)]
+                        for n, d in per_expert(model.get_submodule(owner) if owner else model, experts)]
         groups.append(GroupSet("expert", path, experts, tuple(members), module=path, min_units=top_k))
     return groups, skipped
 
