@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .adapters import adapter_tensors, is_adapter_rank
-from .analysis.groups import find_groups
-from .analysis.linears import find_linears
-from .capture.graph import capture, graph_kwargs, normalize_inputs
-from .errors import ConfigError, InvalidRatioError, NoPrunableLayerError, NotPreparedError
-from .names import split_name
+from .analysis.build import ANALYSE, Options, build_plan
+from .capture.graph import graph_kwargs, normalize_inputs
+from .errors import ConfigError, InvalidRatioError, NotPreparedError
 from .persist.materialized import require_materialized, require_module
+from .pipeline import Pass, Pipeline, State
 from .plan import Plan
 from .search.auto_importance import make_importance
 from .search.distributed import is_sharded, unwrap
 from .search.importance import Masks, compute_masks
-from .search.scorers import KINDS, check_kind, check_plan_kind
+from .search.scorers import check_plan_kind
 from .search.scoring import Importance, raw_tensor
 from .transforms.masks import insert_masks, iter_masks
 
 __all__ = ["prepare", "PrepareConfig", "config_of", "mask_nodes", "MaskNode", "current_masks", "check_ratio", "tracker_of",
-           "mask_shapes", "build_plan"]
-
-STRUCTURES = ("unstructured", "structured")
-SCOPES = ("global", "layer")
-KV_HEADS = ("prune", "keep")
+           "mask_shapes", "build_plan", "PREPARE", "ANALYSE", "Options"]
 
 
 @dataclass
@@ -67,41 +59,6 @@ def check_ratio(ratio: float) -> float:
             f"ratio={ratio!r} is outside (0, 1). Fix: pass the fraction of units to prune, e.g. ratio=0.3."
         )
     return float(ratio)
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}. Fix: pick one of them.")
-    return value
-
-
-def _router_left_out(group: Any, include: Sequence[str] | None, exclude: Sequence[str] | None, plan: Plan) -> bool:
-    """An expert group whose router include=/exclude= leave out (a router no captured graph reads is no linear of the
-    plan, so the linear rules never saw it); said in ``plan.skipped``."""
-    if group.kind != "expert":
-        return False
-    router = split_name(group.members[0].tensor)[0]
-    why = ("not matched by include" if include and not _matches(router, include) else
-           "matched by exclude" if _matches(router, exclude) else None)
-    if why is not None:
-        plan.skipped.setdefault(router, f"{why}: its experts are kept")
-    return why is not None
-
-
-def _matches(name: str, patterns: Sequence[str] | None) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
-
-
-def _patterns(name: str, value: Any) -> list[str] | None:
-    """include/exclude: None, one fnmatch pattern, or a list of them."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple, set)) and all(isinstance(p, str) for p in value):
-        return list(value)
-    raise ConfigError(f"{name}={value!r} must be a pattern or a list of patterns over linear names. "
-                      f'Fix: e.g. {name}=["encoder.*.mlp.*"].')
 
 
 def prepare(
@@ -146,126 +103,56 @@ def prepare(
     The returned model trains exactly like the original while its masks are all ones (no multiply is
     even done); ``EarlyBird`` draws masks and ``apply_ticket`` freezes them.
     """
-    require_module(model, "prepare")
-    require_materialized(model, "prepare")
-    if any(is_sharded(p) for p in model.parameters()) or unwrap(model) is not model:
-        raise ConfigError(f"prepare got a model already wrapped for several processes ({type(model).__name__}, or sharded "
-                          "parameters). Fix: call ebcompile.prepare on the plain model first, then wrap it in "
-                          "DistributedDataParallel or fully_shard it.")
-    ratio = check_ratio(ratio)
-    plan, structure, scope, tensors = build_plan(model, example_inputs, structure, scope, include, exclude,
-                                                 prune_output_layer, capture_method, kv_heads, importance)
-    check_plan_kind(importance, plan, structure)
-    insert_masks(model, tensors)
-    args, kwargs = normalize_inputs(example_inputs)
-    example = (_detached(args), graph_kwargs(model, _detached(kwargs)))
-    model._ebcompile = PrepareConfig(plan, ratio, structure, scope, kv_heads, example, importance=importance)
-    model._ebcompile.tracker = make_importance(importance, model, plan, structure)
+    options = Options(structure, scope, include, exclude, prune_output_layer, capture_method, kv_heads, importance)
+    PREPARE.run(model=model, example_inputs=example_inputs, options=options, ratio=ratio)
     return model
 
 
-def build_plan(model: nn.Module, example_inputs: Any, structure: str = "auto", scope: str | None = None,
-               include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, prune_output_layer: bool = False,
-               capture_method: str = "auto", kv_heads: str = "prune", importance: str = "auto",
-               ) -> tuple[Plan, str, str, list[str]]:
-    """``prepare``'s checks of its arguments and its analysis, changing nothing (the model may be on the meta device):
-    the plan, the structure and scope chosen, and the tensors that would get masks."""
-    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
-    if not isinstance(prune_output_layer, bool):
-        raise ConfigError(f"prune_output_layer={prune_output_layer!r} must be True or False. Fix: e.g. prune_output_layer=True.")
-    _check_choice("structure", structure, STRUCTURES + ("auto",))
-    scope = _check_choice("scope", scope or "global", SCOPES)
-    _check_choice("kv_heads", kv_heads, KV_HEADS)
-    if structure != "auto":
-        check_kind(importance, structure)
-    elif importance not in KINDS:
-        check_kind(importance, "structured")
-    if getattr(model, "_ebcompile", None) is not None:
-        raise ConfigError("this model is already prepared. Fix: call prepare once, on the plain model.")
-    cap = capture(model, example_inputs, capture_method)
-    linears, attn = find_linears(cap)
-    plan = Plan(capture=f"export of pieces: {', '.join(cap.pieces)}" if cap.pieces else cap.method)
-    adapters, tied = adapter_tensors(model), _tied_across_modules(model, [op.weight for op in linears])
-    for op in linears:
-        if op.weight in adapters:
-            plan.skipped[op.name] = (f"an adapter of {adapters[op.weight]}: with structured masks its rows / columns follow that "
-                                     "layer's heads and neurons; it is never masked on its own")
-        elif op.kind == "output" and not prune_output_layer:
-            plan.skipped[op.name] = "feeds the model output (pass prune_output_layer=True to mask it)"
-        elif include and not _matches(op.name, include):
-            plan.skipped[op.name] = "not matched by include"
-        elif _matches(op.name, exclude):
-            plan.skipped[op.name] = "matched by exclude"
-        elif op.weight in tied:
-            plan.skipped[op.name] = (f"its weight is also the weight of {tied[op.weight]} (tied across modules, as Zamba's "
-                                     "shared transformer block): cut in one, the tie would break; it is kept whole")
-        elif _recomputed(model, op.weight):
-            plan.skipped[op.name] = ("its weight is recomputed at every forward (a hook, e.g. nn.utils.weight_norm): a mask "
-                                     "on it would be overwritten; remove the hook to prune it")
-        else:
-            plan.linears.append(op)
-    for name, module in model.named_modules():  # linears the graph shows only through their parametrization
-        if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight") and name not in plan.skipped:
-            plan.skipped[name] = ("its weight is parametrized (e.g. parametrizations.weight_norm); ebcompile masks stored "
-                                  "weights: remove the parametrization to prune it")
-    found = ", ".join(op.name for op in linears) or "none"
-    if not plan.linears:
-        raise NoPrunableLayerError(
-            f"no prunable linear layer in {type(model).__name__} (linear layers found: {found}). "
-            "Fix: loosen include=/exclude=, or pass prune_output_layer=True if the only linear is the output layer."
-        )
-    masked_weights = {op.weight for op in plan.linears}
-    followers = {w for w, base in adapters.items() if f"{base}.weight" in masked_weights}  # adapters of masked layers
-    groups, why = find_groups(cap, attn, masked_weights | followers, example_inputs, keep_kv=kv_heads == "keep")
-    plan.groups = [g for g in groups if not is_adapter_rank(g, adapters) and not _router_left_out(g, include, exclude, plan)]
-    grouped = {m.tensor for g in plan.groups for m in g.members}
-    if structure == "auto":
-        structure = "structured" if plan.groups else "unstructured"
-        check_kind(importance, structure)
-    for op in plan.linears:  # masked, but in no head or neuron group: say why (structured masks keep it whole)
-        if structure == "structured" and op.weight not in grouped and op.name in why:
-            plan.skipped.setdefault(op.name, why[op.name])
-    for name, reason in why.items():  # routers (masked or not) of experts that are no units: say why
-        if reason.startswith(("no whole experts", "no experts")):
-            plan.skipped.setdefault(name, reason)
-    if structure == "structured":
-        if not plan.groups:
-            reasons = "; ".join(f"{n}: {r}" for n, r in list(why.items())[:3])
-            raise NoPrunableLayerError(
-                f"no attention head or FFN neuron group among the masked linears of {type(model).__name__} "
-                f"({found}){f' ({reasons})' if reasons else ''}. Fix: use structure='unstructured', or include both "
-                "linears of an FFN block."
-            )
-        # group slices (biases included) plus every other masked linear, which keeps an all-ones mask
-        tensors = sorted({m.tensor for g in plan.groups for m in g.members if m.masked} | masked_weights)
-    else:
-        tensors = [op.weight for op in plan.linears]
-    return plan, structure, scope, tensors
+# -- the passes of prepare, in order ------------------------------------------------------------------------------
+
+def _check_model(s: State) -> None:
+    """Guards: a plain, materialized, unwrapped module, a valid ratio; the example inputs as ``(args, kwargs)``."""
+    require_module(s.model, "prepare")
+    require_materialized(s.model, "prepare")
+    if any(is_sharded(p) for p in s.model.parameters()) or unwrap(s.model) is not s.model:
+        raise ConfigError(f"prepare got a model already wrapped for several processes ({type(s.model).__name__}, or sharded "
+                          "parameters). Fix: call ebcompile.prepare on the plain model first, then wrap it in "
+                          "DistributedDataParallel or fully_shard it.")
+    s.ratio = check_ratio(s.ratio)
+    args, kwargs = normalize_inputs(s.example_inputs)
+    s.example = (_detached(args), graph_kwargs(s.model, _detached(kwargs)))
 
 
-def _tied_across_modules(model: nn.Module, weights: list[str]) -> dict[str, str]:
-    """Each of ``weights`` whose parameter another module also holds (weights tied between two module objects;
-    one module reused in several places holds it once) -> that other module's path."""
-    holders: dict[int, list[str]] = {}
-    for path, module in model.named_modules():
-        for value in module._parameters.values():
-            if value is not None:
-                holders.setdefault(id(value), []).append(path)
-    out = {}
-    for weight in weights:
-        owner, attr = split_name(weight)
-        value = model.get_submodule(owner)._parameters.get(attr)
-        others = [p for p in holders.get(id(value), []) if p != owner] if value is not None else []
-        if others:
-            out[weight] = others[0]
-    return out
+def _check_importance(s: State) -> None:
+    check_plan_kind(s.options.importance, s.plan, s.structure)
 
 
-def _recomputed(model: nn.Module, weight: str) -> bool:
-    """True when ``weight`` is not a stored parameter but a tensor a hook recomputes (old-style weight_norm)."""
-    owner, attr = split_name(weight)
-    module = model.get_submodule(owner)
-    return attr not in module._parameters and not parametrize.is_parametrized(module, attr)
+def _insert_masks(s: State) -> None:
+    insert_masks(s.model, s.tensors)
+
+
+def _attach_config(s: State) -> None:
+    s.model._ebcompile = PrepareConfig(s.plan, s.ratio, s.structure, s.scope, s.options.kv_heads, s.example,
+                                       importance=s.options.importance)
+
+
+def _track_importance(s: State) -> None:
+    s.model._ebcompile.tracker = s.tracker = make_importance(s.options.importance, s.model, s.plan, s.structure)
+
+
+PREPARE = Pipeline("prepare", ("model", "example_inputs", "options", "ratio"), [
+    Pass("check_model", _check_model, ("model", "example_inputs", "ratio"), ("ratio", "example"),
+         doc="a plain, materialized, unwrapped module and a ratio in (0, 1); the example as (args, kwargs)"),
+    *ANALYSE.passes,
+    Pass("check_importance", _check_importance, ("plan", "structure", "options"),
+         doc="the importance kind can rank this plan (e.g. taylor needs trainable masked weights)"),
+    Pass("insert_masks", _insert_masks, ("model", "tensors"), (), preserves=True,
+         doc="a mask parametrization on every tensor, all ones: the model computes what it did"),
+    Pass("attach_config", _attach_config, ("model", "plan", "ratio", "structure", "scope", "example"), (),
+         preserves=True, doc="model._ebcompile: the plan, the choices and the example inputs compact checks on"),
+    Pass("track_importance", _track_importance, ("model", "plan", "structure"), ("tracker",), preserves=True,
+         doc="the importance kind's scorer, with its read-only hooks"),
+])
 
 
 def _detached(x: Any) -> Any:

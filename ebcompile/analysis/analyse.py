@@ -15,8 +15,9 @@ from typing import Any
 
 from torch import nn
 
+from ..persist.materialized import require_module
 from ..plan import GroupSet, Plan
-from ..prepare import build_plan, require_module
+from .build import build_plan
 
 __all__ = ["analyse", "Analysis"]
 

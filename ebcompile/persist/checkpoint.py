@@ -36,8 +36,9 @@ from ..names import set_tensor, split_name, tensor_at
 from ..transforms.counts import SLICED_BUFFERS, WIDTH_ATTRS, ConfigView
 from ..transforms.head_inputs import head_input_slices
 from ..transforms.head_inputs import install as install_head_inputs
+from ..transforms.remove_units import fix_attributes, removed_indices
 from ..transforms.reshapes import install_rewrite, rewrites_of
-from ..transforms.shrink import fix_attributes, plain_model, removed_indices
+from ..transforms.shrink import plain_model
 from .fsguard import exists, guard, read_json
 from .hfload import build_checked, header_shapes, hf_class, hf_config, read_folder, saved_hf_class
 from .materialized import require_materialized

@@ -5,16 +5,12 @@ Invariant: does not preserve shapes, does preserve the function of the masked mo
 ``nn.Module`` with no mask left in it, each module in the train/eval mode and each parameter with the
 ``requires_grad`` it had (``transforms.carry``).
 
-Structured tickets: the pruned units' slices are cut out of every member tensor of their group (q/k/v rows,
-out-projection columns, relative-position bias columns, logit scales, FFN rows and columns). Head counts are
-rewritten where they live: by the attention family's ``rewrite`` hook where it has one
-(``ebcompile.families``: ``nn.MultiheadAttention`` becomes ``CompactMultiheadAttention`` and torchvision
-``ShiftedWindowAttention``/``V2`` become ``CompactShiftedWindowAttention``/``V2``, whose functional forms take the
-head width from the residual width, wrong once heads are gone); otherwise the attribute table of
-``transforms.counts``.
-Attention modules that lose no head are left as they are. ``round_to=k`` keeps widths (``heads * head_dim``, FFN neurons) at
-multiples of ``k`` by keeping a few pruned units back: their masked slices are zero in the masked model, so
-the function is unchanged; widths never exceed the original ones. The default rounds to ``ROUND_TO`` (8).
+Structured tickets: ``COMPACT``, a declared pipeline (``ebcompile.pipeline``): check_options → copy_baked (a copy
+with the masks multiplied in and removed) → remove_units (``transforms.remove_units``: slices, head/expert counts,
+``round_to``) → adapt_forwards (``transforms.reshapes``: forwards that size tensors by the old widths) → check_function
+(``transforms.verify`` on the example inputs; a module whose forward cannot take fewer units is held whole and the
+pipeline runs again) → sync_config → carry_flags. Attention modules that lose no head are left as they are;
+``round_to=k`` keeps widths at multiples of ``k`` (default ``ROUND_TO``, 8) by keeping a few all-zero pruned units.
 
 Unstructured tickets: ``sparse=False`` leaves dense weights with the pruned entries zero; ``sparse=True``
 replaces each masked ``nn.Linear`` by a ``SparseLinear`` holding its weight in CSR form (an
@@ -25,82 +21,26 @@ they are ``nn.Linear`` modules). ``storage_bytes`` reports what that saves.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
 
-from ..adapters import sync_adapter_features
-from ..analysis.experts import remove_expert_neurons, rewrite_expert_counts
-from ..analysis.experts_flat import rounded_runs
-from ..analysis.experts_list import is_expert_list, remove_list_experts
-from ..errors import CompactionError, ConfigError, DistributedError, NoTicketError, NotPreparedError, TicketMismatchError
-from ..families import family_of
+from ..errors import CompactionError, ConfigError, DistributedError, NoTicketError, NotPreparedError
 from ..families.torch_mha import compact_mha
-from ..families.vocabulary import is_transposed_linear
 from ..modules import SparseLinear
-from ..names import set_tensor, split_name, tensor_at
-from ..plan import GroupSet, Plan
+from ..names import split_name
+from ..pipeline import Pass, Pipeline, Retry, State
+from ..plan import Plan
 from ..search.distributed import is_sharded, unwrap
 from ..search.optim_state import retarget_optimizer
 from .carry import carry_flags, check_ticket_state, flags_of
-from .counts import SLICED_BUFFERS, rewrite_counts
-from .head_inputs import install as install_head_inputs
-from .head_inputs import slices_for
 from .masks import iter_masks, strip_masks
 from .norm_scale import rescale_folded_norms
-from .reshapes import adapt_forwards, hold_whole, is_held_whole
+from .remove_units import record_sliced_buffers, remove_units
+from .reshapes import adapt_forwards, hold_whole
 from .verify import check_same_function
 
-__all__ = ["compact", "storage_bytes", "removed_indices", "set_tensor", "fix_attributes", "plain_model"]
-
-
-def removed_indices(group: GroupSet, keep: torch.Tensor) -> dict[tuple[str, int], set[int]]:
-    """(tensor, dim) -> the indices the pruned units of ``group`` own there."""
-    pruned = [int(u) for u in (~keep).nonzero().flatten()]
-    out: dict[tuple[str, int], set[int]] = {}
-    for m in group.members:
-        idx = out.setdefault((m.tensor, m.dim), set())
-        for u in pruned:
-            start = m.offset + u * m.unit_size
-            idx.update(range(start, start + m.unit_size))
-    return out
-
-
-def fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: dict[str, tuple[int, int]]) -> None:
-    """Make feature counts and head counts agree with the sliced tensors (rewrites or replaces modules)."""
-    for _path, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear):
-            module.out_features, module.in_features = module.weight.shape
-        elif is_transposed_linear(module):
-            module.nx, module.nf = module.weight.shape  # HF Conv1D: weight [in, out], forward reads nf
-        elif isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not module.transposed:
-            per_group = module.out_channels // module.groups  # depthwise or grouped: whole groups cut
-            module.groups, module.out_channels = module.weight.shape[0] // per_group, module.weight.shape[0]
-            module.in_channels = module.groups * module.weight.shape[1]
-    sync_adapter_features(model)
-    for path, (heads, units) in kept_heads.items():
-        if heads == units:  # nothing removed: the original module still computes the right thing
-            continue
-        mod = model.get_submodule(path)
-        family = family_of(mod)
-        if family is not None and family.rewrite is not None:  # the family knows its module best
-            try:
-                replacement = family.rewrite(mod, heads)
-            except ConfigError as exc:
-                raise ConfigError(str(exc).replace("<path>", path)) from exc
-            if replacement is not None:
-                _replace(model, path, replacement)
-        elif groups[path].attributes:
-            for attr in groups[path].attributes:
-                setattr(mod, attr, heads)
-        else:  # found by the structure analysis: the attribute table of transforms.counts
-            rewrite_counts(model, groups[path], heads)
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    owner, name = split_name(path)
-    setattr(model.get_submodule(owner) if owner else model, name, new)
+__all__ = ["compact", "storage_bytes", "plain_model", "COMPACT"]
 
 
 def _applied_ticket(model: nn.Module):
@@ -141,84 +81,9 @@ def _check_round_to(round_to: int | str | None, structured: bool) -> int | None:
     return None if round_to == 1 else round_to
 
 
-def _rounded_keep(group: GroupSet, keep: torch.Tensor, round_to: int | None) -> torch.Tensor:
-    """``keep`` with the first pruned units taken back so that the kept width is a multiple of ``round_to``
-    (capped at the full width), and never fewer than one unit (an empty head set cannot be expressed)."""
-    keep = keep.clone()
-    if not keep.any():
-        keep[0] = True
-    if round_to is None or keep.all():
-        return keep
-    width = max((m.unit_size for m in group.members if m.masked), default=1)  # head_dim, or 1 for a neuron
-    step = round_to // math.gcd(width, round_to)  # units per multiple of round_to
-    kept = int(keep.sum())
-    target = min(-(-kept // step) * step, group.units)
-    extra = target - kept
-    if extra > 0:  # pruned units are all zero in the masked model: any of them preserves the function
-        keep[(~keep).nonzero().flatten()[:extra]] = True
-    return keep
-
-
-def _remove_units(new: nn.Module, plan: Plan, ticket, round_to: int | None
-                  ) -> tuple[dict[tuple[str, int], set[int]], dict[str, tuple[int, int]]]:
-    """Slice every group's removed units out of ``new``'s tensors: the indices removed per (tensor, dim), and the
-    sizes of each attention module whose heads were cut (path -> original and compact heads x head width, original
-    and kept heads)."""
-    removed: dict[tuple[str, int], set[int]] = {}
-    kept_heads: dict[str, tuple[int, int]] = {}
-    expert_lists: list[tuple[GroupSet, torch.Tensor]] = []  # experts as separate modules: removed after all slicing
-    groups = {(g.module or g.name): g for g in plan.groups if g.kind == "head"}
-    for g in plan.groups:
-        key = f"{g.kind}:{g.name}"
-        if key not in ticket.masks.units:
-            raise TicketMismatchError(f"the applied ticket has no unit mask for {key}. Fix: apply a ticket drawn from this model.")
-        keep = ticket.masks.units[key].bool().cpu().flatten()
-        if any(m.batched for m in g.members):  # neurons inside fused experts: cut per expert, before experts go
-            rewrite_expert_counts(new, g, int(remove_expert_neurons(new, g, keep, round_to).sum()))
-            continue
-        if g.kind == "neuron" and g.per_group:  # flat experts' neurons: every expert keeps as many
-            keep = rounded_runs(keep, g.per_group, round_to)
-        else:
-            keep = _rounded_keep(g, keep, None if g.kind == "expert" else round_to)  # expert counts are never rounded
-        if any(is_held_whole(plan, split_name(m.tensor)[0]) for m in g.members if m.masked):
-            keep = torch.ones_like(keep)  # held whole (reshapes.hold_whole): its forward cannot take fewer units
-        for k, idx in removed_indices(g, keep).items():
-            removed.setdefault(k, set()).update(idx)
-        if g.kind == "head":
-            kept_heads[g.module or g.name] = (int(keep.sum()), g.units)
-            if g.head_inputs:  # per-head tensors from outside (ALiBi): sliced where they enter
-                install_head_inputs(new.get_submodule(g.module or g.name), slices_for(g, keep))
-        elif g.kind == "expert" or g.per_group:  # whole experts, or flat experts' neurons (a per-expert width)
-            rewrite_expert_counts(new, g, int(keep.sum()))
-            if is_expert_list(new.get_submodule(g.module or g.name)):
-                expert_lists.append((g, keep))
-        else:
-            rewrite_counts(new, g, int(keep.sum()))
-    with torch.no_grad():
-        for (name, dim), idx in removed.items():
-            if not idx:
-                continue
-            t = tensor_at(new, name)
-            keep_idx = torch.tensor([i for i in range(t.shape[dim]) if i not in idx], dtype=torch.long, device=t.device)
-            set_tensor(new, name, t.detach().index_select(dim, keep_idx).clone())
-    for g, keep in expert_lists:
-        remove_list_experts(new, g, keep)
-    fix_attributes(new, groups, kept_heads)
-    widths = {}
-    for path, (kept, units) in kept_heads.items():
-        width = max((m.unit_size for m in groups[path].members if m.masked), default=0)
-        if kept < units and width:
-            widths[path] = (units * width, kept * width, units, kept)
-    return removed, widths
-
-
-def _record_sliced_buffers(new: nn.Module, removed: dict) -> None:
-    """Buffers outside the state_dict (``persistent=False``: timm EVA's zero k bias) that lost units: a fresh model's
-    copy would not fit the compact one, so ``save`` stores them and ``load`` sets them."""
-    hidden = {f"{p}.{b}" if p else b for p, m in new.named_modules() for b in m._non_persistent_buffers_set}
-    sliced = sorted({name for (name, _), idx in removed.items() if idx and name in hidden})
-    if sliced:
-        new.__dict__[SLICED_BUFFERS] = sliced
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    owner, name = split_name(path)
+    setattr(model.get_submodule(owner) if owner else model, name, new)
 
 
 def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
@@ -303,46 +168,97 @@ def compact(model: nn.Module, round_to: int | str | None = "auto", sparse: bool 
 
 
 def _compact(model: nn.Module, round_to: int | None, sparse: bool, check: bool = True) -> nn.Module:
-    """The compact copy of ``model``; ``check=False`` leaves out the forward rewrites and the check on the example
-    inputs (a shadow pass: only which slices each parameter keeps matters)."""
+    """The compact copy of ``model`` (the ``COMPACT`` pipeline); ``check=False`` leaves out the forward rewrites and
+    the check on the example inputs (a shadow pass: only which slices each parameter keeps matters)."""
     cfg, ticket = _applied_ticket(model)
-    structured = ticket.structure == "structured"
-    round_to = _check_round_to(round_to, structured)
-    if structured and sparse:
+    return COMPACT.run(model=model, cfg=cfg, ticket=ticket, round_to=round_to, sparse=sparse, check_function=check).new
+
+
+# -- the passes of compact, in order ------------------------------------------------------------------------------
+
+def _check_options(s: State) -> None:
+    s.example = getattr(s.cfg, "example", None)  # (args, kwargs), for run(check=True)
+    s.structured = s.ticket.structure == "structured"
+    s.round_to = _check_round_to(s.round_to, s.structured)
+    if s.structured and s.sparse:
         raise ConfigError("sparse=True stores unstructured tickets; a structured ticket's compact weights are dense. "
                           "Fix: call compact(model) without sparse=True.")
-    if not structured and round_to is not None:
+    if not s.structured and s.round_to is not None:
         raise ConfigError("round_to rounds the head/neuron widths of a structured ticket; this ticket is unstructured. "
                           "Fix: drop round_to (or use sparse=True to store the pruned weights sparse).")
-    flags = flags_of(model)
-    new = copy.deepcopy(model)
-    strip_masks(new, bake=True)
-    new.__dict__.pop("_ebcompile", None)
-    if structured:
-        removed, widths = _remove_units(new, cfg.plan, ticket, round_to)
-        rescale_folded_norms(new, cfg.plan)
-        _record_sliced_buffers(new, removed)
-        watch = [g.module if g.kind == "head" else split_name(g.name)[0] for g in cfg.plan.groups]
-        heads = [g.module for g in cfg.plan.groups if g.kind == "head" and g.module]
-        if check:
-            failed: dict[str, str] = {}
-            adapt_forwards(model, new, list(dict.fromkeys(heads)), getattr(cfg, "example", None), removed, failed, widths)
-            if failed and hold_whole(cfg.plan, failed):  # once more, those modules' units kept whole
-                return _compact(model, round_to, sparse, check)
-            try:
-                check_same_function(model, new, getattr(cfg, "example", None), [w for w in dict.fromkeys(watch) if w])
-            except CompactionError as exc:  # a forward raised with units cut: hold the units of the nearest scope whole
-                if _hold_failing_scope(cfg.plan, exc):
-                    return _compact(model, round_to, sparse, check)
-                raise
-        from ..persist.pretrained import attach_save_pretrained, sync_config
 
-        sync_config(new)
-        attach_save_pretrained(new)
-    elif sparse:
-        new = _sparsify(new, sorted(ticket.masks.tensors))
-    carry_flags(new, flags)
-    return new
+
+def _copy_baked(s: State) -> None:
+    s.flags = flags_of(s.model)
+    s.new = copy.deepcopy(s.model)
+    strip_masks(s.new, bake=True)
+    s.new.__dict__.pop("_ebcompile", None)
+
+
+def _remove_units(s: State) -> None:
+    s.removed, s.widths = remove_units(s.new, s.cfg.plan, s.ticket, s.round_to)
+    rescale_folded_norms(s.new, s.cfg.plan)
+    record_sliced_buffers(s.new, s.removed)
+
+
+def _adapt_forwards(s: State) -> None:
+    failed: dict[str, str] = {}
+    heads = [g.module for g in s.cfg.plan.groups if g.kind == "head" and g.module]
+    adapt_forwards(s.model, s.new, list(dict.fromkeys(heads)), getattr(s.cfg, "example", None), s.removed, failed, s.widths)
+    if failed and hold_whole(s.cfg.plan, failed):  # once more, those modules' units kept whole
+        raise Retry
+
+
+def _check_function(s: State) -> None:
+    watch = [g.module if g.kind == "head" else split_name(g.name)[0] for g in s.cfg.plan.groups]
+    try:
+        check_same_function(s.model, s.new, getattr(s.cfg, "example", None), [w for w in dict.fromkeys(watch) if w])
+    except CompactionError as exc:  # a forward raised with units cut: hold the units of the nearest scope whole
+        if _hold_failing_scope(s.cfg.plan, exc):
+            raise Retry from exc
+        raise
+
+
+def _sync_config(s: State) -> None:
+    from ..persist.pretrained import attach_save_pretrained, sync_config
+
+    sync_config(s.new)
+    attach_save_pretrained(s.new)
+
+
+def _sparse(s: State) -> None:
+    s.new = _sparsify(s.new, sorted(s.ticket.masks.tensors))
+
+
+def _carry_flags(s: State) -> None:
+    carry_flags(s.new, s.flags)
+
+
+def _structured(s: State) -> bool:
+    return s.structured
+
+
+COMPACT = Pipeline("compact", ("model", "cfg", "ticket", "round_to", "sparse", "check_function"), [
+    Pass("check_options", _check_options, ("cfg", "ticket", "round_to", "sparse"), ("structured", "round_to", "example"),
+         doc="round_to for structured tickets, sparse for unstructured ones"),
+    Pass("copy_baked", _copy_baked, ("model",), ("new", "flags"), preserves=True,
+         doc="a deep copy with the masks multiplied into the weights and removed: computes what the masked model does"),
+    Pass("remove_units", _remove_units, ("new", "cfg", "ticket", "round_to"), ("removed", "widths"), preserves=False,
+         when=_structured, doc="structured tickets: slice the pruned units out, rewrite head/expert counts, rescale folded norms"),
+    Pass("adapt_forwards", _adapt_forwards, ("model", "new", "cfg", "removed", "widths"), (), preserves=False,
+         when=lambda s: s.structured and s.check_function,
+         doc=("structured tickets: rewrite forwards that size tensors by the old widths; a module that cannot take "
+             "fewer units is held whole and the pipeline reruns")),
+    Pass("check_function", _check_function, ("model", "new", "cfg"), (), when=lambda s: s.structured and s.check_function,
+         doc=("structured tickets: the compact model computes what the masked one does on the example inputs (else "
+             "the failing scope is held whole and the pipeline reruns)")),
+    Pass("sync_config", _sync_config, ("new",), (), preserves=True, when=_structured,
+         doc="structured tickets: the config's head counts and widths; save_pretrained"),
+    Pass("sparsify", _sparse, ("new", "ticket"), (), preserves=True, when=lambda s: not s.structured and s.sparse,
+         doc="unstructured tickets with sparse=True: masked linears stored as CSR (SparseLinear)"),
+    Pass("carry_flags", _carry_flags, ("new", "flags"), (), preserves=True,
+         doc="each module's train/eval mode and each parameter's requires_grad as they were"),
+], model="new", example="example", retries=None)
 
 
 def _hold_failing_scope(plan: Plan, exc: CompactionError) -> bool:
