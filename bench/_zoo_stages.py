@@ -155,6 +155,24 @@ def cut_units(ticket: Any, kind_of: dict[str, str]) -> dict[str, int]:
     return cut
 
 
+def held_whole(model: torch.nn.Module, ticket: Any, kind_of: dict[str, str]) -> tuple[list[str], dict[str, int]]:
+    """The modules ``compact`` kept whole (their forward could not take fewer units: the ticket's cuts there stay as
+    zeros), and the units compact really removed: the ticket's cuts less those of the groups it held whole."""
+    from ebcompile.names import split_name
+    from ebcompile.transforms.reshapes import is_held_whole
+
+    plan = model._ebcompile.plan
+    held = sorted(path for path, why in plan.skipped.items() if is_held_whole(plan, path))
+    kept = {f"{g.kind}:{g.name}" for g in plan.groups
+            if any(is_held_whole(plan, split_name(m.tensor)[0]) for m in g.members if m.masked)}
+    removed = {key: keep for key, keep in ticket.masks.units.items() if key not in kept}
+    cut = dict.fromkeys(KINDS, 0)
+    for key, keep in removed.items():
+        kind = kind_of.get(key, ticket.masks.kind_of(key))
+        cut[kind] = cut.get(kind, 0) + int((~keep).sum())
+    return held, cut
+
+
 def new_row(family: str) -> dict[str, Any]:
     return {"family": family, "status": "fail", "stage": "load", "reason": "", "where": "", "model_class": "",
             "dense_onnx": "", "found": {}, "cut": {}, "max_diff": None, "stubs": [], "seconds": 0.0, "stage_seconds": {}}
@@ -221,13 +239,14 @@ def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None]
         row["found"], state["kind_of"] = found_units(state["model"])
 
     def ticket() -> None:
-        t = ebcompile.draw_ticket(state["model"], RATIO)
+        t = state["ticket"] = ebcompile.draw_ticket(state["model"], RATIO)
         row["cut"] = cut_units(t, state["kind_of"])
         ebcompile.apply_ticket(state["model"], t)
         state["masked_out"] = run_model(state["model"], state["loaded"].inputs)
 
     def compact() -> None:
         state["small"] = ebcompile.compact(state["model"], round_to=None)
+        row["held"], row["cut"] = held_whole(state["model"], state["ticket"], state["kind_of"])
 
     def equal() -> None:
         state["small"].eval()

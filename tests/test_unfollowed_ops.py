@@ -166,3 +166,37 @@ def test_a_mask_shaped_like_the_scores_does_not_stop_heads():
     assert small.attn.q.out_features < 16
     with torch.no_grad():
         torch.testing.assert_close(small(x, pad), model(x, pad), rtol=1e-5, atol=1e-6)
+
+
+class Scan(nn.Module):
+    """A running sum over time between two linears (a Mamba-2 chunk's ``cumsum``), or over the features."""
+
+    def __init__(self, dim: int = 16, width: int = 24, over_features: bool = False) -> None:
+        super().__init__()
+        self.up, self.down, self.over_features = nn.Linear(dim, width), nn.Linear(width, dim), over_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        h = h.cumsum(dim=-1) if self.over_features else h.cumsum(dim=1) / torch.arange(1, x.shape[1] + 1).view(1, -1, 1)
+        return x + self.down(h)
+
+
+@pytest.mark.parametrize("over_features", [False, True], ids=["over-time", "over-features"])
+def test_a_scan_over_time_passes_units_through_and_one_over_features_joins_them(over_features):
+    torch.manual_seed(0)
+    m = nn.Sequential(Scan(over_features=over_features), nn.Linear(16, 2)).eval()
+    x = torch.randn(2, 7, 16)
+    if over_features:  # every position of the scan reads all features before it: no unit can go alone
+        with pytest.raises(ebcompile.errors.NoPrunableLayerError, match="0.up: no heads or neurons: .* by cumsum"):
+            ebcompile.prepare(m, x, ratio=0.3, structure="structured", importance="magnitude")
+        return
+    ebcompile.prepare(m, x, ratio=0.3, structure="structured", importance="magnitude")
+    groups = [g for g in m._ebcompile.plan.groups if g.kind == "neuron"]
+    assert [g.units for g in groups] == [24]
+    ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
+    small = ebcompile.compact(m, round_to=None)
+    assert small[0].up.out_features < 24
+    with torch.no_grad():
+        for t in (7, 3):
+            x = torch.randn(2, t, 16)
+            torch.testing.assert_close(small(x), m(x))

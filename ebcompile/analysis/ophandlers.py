@@ -342,12 +342,14 @@ def _max_min(flow: Flow, node: fx.Node):
     return [out, out] if overload.endswith("dim") else out
 
 
-@handler("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
+@handler("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax", "cumsum", "cumprod", "logcumsumexp")
 def _softmax(flow: Flow, node: fx.Node):
+    """Every output position reads all positions along ``dim`` (a softmax, or a scan: a Mamba-2 chunk's cumsum over
+    time): those must be one unit; the labels stay where they were."""
     lab = flow.lab(node.args[0])
     if not isinstance(lab, Labels):
         return None
-    reduce_dims(flow, node.args[0], [node.args[1]], True, "its features are normalised by softmax across units")
+    reduce_dims(flow, node.args[0], [node.args[1]], True, f"its features are combined by {node.target._opname} across units")
     return lab
 
 
