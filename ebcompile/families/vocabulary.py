@@ -15,10 +15,13 @@ __all__ = ["HEAD_COUNTS", "KV_COUNTS", "GROUP_COUNTS", "WIDTHS", "NEURON_WIDTHS"
 
 # module (or config) attributes holding the query head count, the key/value head count, query heads per KV head
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "nhead", "num_q_heads", "heads", "n_local_heads")
-KV_COUNTS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "num_kv", "kv_heads", "n_kv", "n_local_kv_heads")
+KV_COUNTS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "num_kv", "kv_heads", "n_kv", "n_local_kv_heads",
+             "n_groups")  # n_groups: a Mamba-2 mixer's B/C groups, shared by its heads as K/V by query heads
 GROUP_COUNTS = ("num_key_value_groups", "n_rep", "num_queries_per_kv", "kv_groups")
-# attention widths (heads x head_dim) and FFN widths a forward reads
-WIDTHS = ("all_head_size", "inner_dim", "attn_dim", "split_size", "hidden_size_per_partition", "qkv_dim")
+# attention widths (heads x head_dim; a Mamba-2 mixer's heads x head_dim and its convolution's channels) and FFN
+# widths a forward reads
+WIDTHS = ("all_head_size", "inner_dim", "attn_dim", "split_size", "hidden_size_per_partition", "qkv_dim", "intermediate_size",
+          "conv_dim")
 NEURON_WIDTHS = ("intermediate_size", "ffn_dim", "d_ff", "dim_feedforward", "hidden_features", "mlp_dim")
 
 # Hugging Face config field -> (names of the linears whose output width gives it, divided by the config's head_dim?)

@@ -1,0 +1,45 @@
+"""Mamba-2 mixers (and the Mamba layers of hybrids: Bamba, Falcon-H1, Nemotron-H, Granite 4, Zamba2): the SSM heads
+are found by the structure analysis (a head's x/z rows, dt, A, D, its conv1d channels, its slice of the gated norm and
+of out_proj; heads sharing B/C groups go together, as query heads with their K/V head), cut, and the mixer's counts
+rewritten (``num_heads``, ``n_groups``, ``intermediate_size``, ``conv_dim``): compact ≡ masked, also token by token
+through the SSM cache, and save / load rebuilds it. The chunked scan's ``cumsum`` over time is followed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ebcompile
+
+transformers = pytest.importorskip("transformers")
+
+
+def _mamba2(groups: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.Mamba2Config(vocab_size=100, hidden_size=32, num_heads=8, head_dim=8, n_groups=groups,
+                                       state_size=4, expand=2, num_hidden_layers=2, chunk_size=8, conv_kernel=4)
+    return transformers.Mamba2ForCausalLM(config).eval()
+
+
+def test_mamba2_heads_are_cut_with_their_groups_and_generate_as_the_masked_model(tmp_path) -> None:
+    m, ids = _mamba2(), torch.randint(0, 100, (2, 12))
+    ebcompile.prepare(m, {"input_ids": ids}, ratio=0.4, structure="structured", importance="magnitude")
+    groups = [g for g in m._ebcompile.plan.groups if g.module and g.module.endswith("mixer")]
+    assert len(groups) == 2 and all(g.units == 4 for g in groups)  # 8 heads in 4 B/C groups per layer
+    ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
+    small = ebcompile.compact(m, round_to=None)
+    assert not [k for k, v in m._ebcompile.plan.skipped.items() if v.startswith("kept whole")]
+    mixers = [layer.mixer for layer in small.backbone.layers]
+    assert sum(x.num_heads for x in mixers) < 16
+    for x in mixers:
+        assert x.n_groups * 2 == x.num_heads and x.intermediate_size == x.num_heads * 8 == x.out_proj.in_features
+        assert x.conv_dim == x.conv1d.out_channels == x.intermediate_size + 2 * x.n_groups * 4
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).logits, m(input_ids=ids).logits)
+        prompt = ids[:1, :5]
+        assert torch.equal(small.generate(prompt, max_new_tokens=6, do_sample=False),
+                           m.generate(prompt, max_new_tokens=6, do_sample=False))
+    ebcompile.save(small, tmp_path / "s")
+    back = ebcompile.load(tmp_path / "s")  # rebuilt from config.json, cut to the saved counts
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, small(input_ids=ids).logits)
