@@ -73,7 +73,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         f"{', '.join(r['family'] for r in skips) or 'none'}).",
         f"- Of the **{len(dense)}** whose dense model builds and runs: **{len(found_heads)}** have heads, KV groups or "
         f"experts found, **{len(heads)}** prune some at p = 0.3 (one global magnitude ranking over heads and neurons), "
-        f"**{len(neurons)}** prune FFN neurons, **{len(both_exact)}** do both and compact exactly (compact ≡ masked); "
+        f"**{len(neurons)}** prune FFN neurons, **{len(both_exact)}** do both and compact exactly (compact ≡ masked; "
+        f"counted by what compact removed, {sum(bool(r.get('held')) for r in dense)} hold some module whole); "
         f"{len(any_exact)} compact exactly whatever they prune."
         + (f" Of the **{len(attending)}** whose dense forward computes attention (scaled dot-product attention, or a "
            f"softmax next to a batched product; the others are CNNs, state-space models, codecs: no heads to find), "
@@ -120,9 +121,19 @@ def markdown(rows: list[dict[str, Any]], source: str, command: str) -> str:
                 "| families | stage: reason | which |", "|---|---|---|"]
         for text, fams in causes(rows, key):
             out.append(f"| {len(fams)} | {_cell(text)} | {', '.join(fams[:12])}{' …' if len(fams) > 12 else ''} |")
+    held = [r for r in rows if r.get("held")]
+    if held:
+        out += ["", "## Modules compact held whole", "",
+                "Their forward failed with units cut (a width no attribute rewrite or traced reshape rewrite reaches, "
+                "e.g. BART-style attention's `reshape(bsz, tgt_len, self.embed_dim)` where the module does not trace); "
+                "compact kept their units (zeros where the ticket cut) and cut the rest.", "",
+                "| family | linears held | first |", "|---|---|---|"]
+        out += [f"| {r['family']} | {len(r['held'])} | `{r['held'][0]}` |" for r in held]
     out += ["", "## Per family", "",
             "Units: `head` attention heads, `kv` whole KV groups (grouped-query attention), `expert` MoE experts, "
-            "`neuron` FFN neurons. *Stage* is the first stage that failed.", "",
+            "`neuron` FFN neurons (a Mamba-2 mixer's SSM heads sharing B/C groups count as `kv`). *Cut* counts the "
+            "units `compact` removed: a module whose forward cannot take fewer units is held whole and its ticket "
+            "cuts stay as zeros, counted in neither column. *Stage* is the first stage that failed.", "",
             "| family | status | stage | class | found | cut | dense ONNX | s | reason |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,4 +1,8 @@
-"""``prepare``: capture, analyse, insert masks. The user's module is returned, masked in place."""
+"""``prepare``: capture, analyse, insert masks. The user's module is returned, masked in place.
+
+``PREPARE`` is the declared pipeline (``ebcompile.pipeline``): check_model, then the analysis passes of
+``analysis.build.ANALYSE`` (which change nothing), then check_importance → insert_masks → attach_config →
+track_importance, the transforms, each preserving the computation (all-ones masks, read-only hooks)."""
 
 from __future__ import annotations
 

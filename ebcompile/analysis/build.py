@@ -1,8 +1,8 @@
 """``ANALYSE``: the analysis passes of ``prepare``, which change nothing (the model may be on the meta device).
 
 check_options → capture → find_linears → select_linears → find_groups → choose_structure, each a ``Pass`` of
-``ebcompile.pipeline`` naming what it requires and ensures; ``build_plan`` runs them and ``prepare`` runs them
-first (``prepare.PREPARE``). The result: the ``Plan`` (linears, groups, and why each left-out linear is left out),
+``ebcompile.pipeline`` naming what it requires and ensures; ``build_plan`` runs them, and ``prepare`` runs them
+after its guards (``prepare.PREPARE``). The result: the ``Plan`` (linears, groups, and why each left-out linear is left out),
 the structure and scope chosen, and the tensors that get masks.
 """
 
