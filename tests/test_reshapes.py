@@ -168,3 +168,26 @@ def test_holding_units_whole_again_is_no_retry():
         assert hold_whole(plan, {"attn": "RuntimeError: shape"}) == ["attn"]
         assert set(plan.skipped) == {"attn.q", "attn.o"}
         assert hold_whole(plan, {"attn": "RuntimeError: shape"}) == []
+
+
+def test_a_width_attribute_is_rewritten_where_the_module_also_returns_per_head_probabilities(tmp_path):
+    """XGLM's attention reshapes its output with ``self.embed_dim`` (heads x head_dim here), does not trace, and returns
+    its attention probabilities beside the output: the compact module returns fewer heads there, which must not stop
+    the width rewrite (before, every cut layer was held whole)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.XGLMConfig(vocab_size=99, d_model=32, num_layers=2, attention_heads=4, ffn_dim=37)
+    model = transformers.XGLMModel(config).eval()
+    ids = torch.randint(0, 99, (2, 7))
+    ebcompile.prepare(model, {"input_ids": ids}, ratio=0.4, structure="structured", importance="magnitude")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None)
+    assert not [k for k, v in model._ebcompile.plan.skipped.items() if v.startswith("kept whole")]
+    heads = [layer.self_attn.num_heads for layer in small.layers]
+    assert sum(heads) < 8 and [layer.self_attn.embed_dim for layer in small.layers] == [h * 8 for h in heads]
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+    ebcompile.save(small, tmp_path / "s")
+    back = ebcompile.load(tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).last_hidden_state, small(input_ids=ids).last_hidden_state)
