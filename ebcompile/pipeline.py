@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -65,7 +65,6 @@ class Pipeline:
     model: str = "model"  # the fact holding the model ``check=True`` runs around preserving passes
     example: str = "example"  # the fact holding its example inputs: ``(args, kwargs)``
     retries: int | None = 8  # None: as often as a pass asks (each retry must change a setting, as hold_whole does)
-    _names: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         known = set(self.inputs)
@@ -75,9 +74,9 @@ class Pipeline:
                 raise PassContractError(f"pipeline {self.name!r}: pass {p.name!r} requires {missing}, which neither the "
                                         "pipeline's inputs nor an earlier pass ensure")
             known.update(p.ensures)
-        self._names = [p.name for p in self.passes]
-        if len(set(self._names)) != len(self._names):
-            raise PassContractError(f"pipeline {self.name!r} names a pass twice: {self._names}")
+        names = [p.name for p in self.passes]
+        if len(set(names)) != len(names):
+            raise PassContractError(f"pipeline {self.name!r} names a pass twice: {names}")
 
     def __add__(self, passes: Sequence[Pass]) -> Pipeline:
         return Pipeline(self.name, self.inputs, [*self.passes, *passes], self.model, self.example, self.retries)
