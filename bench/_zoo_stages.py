@@ -147,9 +147,12 @@ def found_units(model: torch.nn.Module) -> tuple[dict[str, int], dict[str, str]]
     return found, kind_of
 
 
-def cut_units(ticket: Any, kind_of: dict[str, str]) -> dict[str, int]:
+def cut_units(ticket: Any, kind_of: dict[str, str], held: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Units the ticket cuts per kind, leaving out the groups (mask keys) in ``held``."""
     cut = dict.fromkeys(KINDS, 0)
     for key, keep in ticket.masks.units.items():
+        if key in held:
+            continue
         kind = kind_of.get(key, ticket.masks.kind_of(key))
         cut[kind] = cut.get(kind, 0) + int((~keep).sum())
     return cut
@@ -163,14 +166,9 @@ def held_whole(model: torch.nn.Module, ticket: Any, kind_of: dict[str, str]) -> 
 
     plan = model._ebcompile.plan
     held = sorted(path for path, why in plan.skipped.items() if is_held_whole(plan, path))
-    kept = {f"{g.kind}:{g.name}" for g in plan.groups
-            if any(is_held_whole(plan, split_name(m.tensor)[0]) for m in g.members if m.masked)}
-    removed = {key: keep for key, keep in ticket.masks.units.items() if key not in kept}
-    cut = dict.fromkeys(KINDS, 0)
-    for key, keep in removed.items():
-        kind = kind_of.get(key, ticket.masks.kind_of(key))
-        cut[kind] = cut.get(kind, 0) + int((~keep).sum())
-    return held, cut
+    kept = frozenset(f"{g.kind}:{g.name}" for g in plan.groups
+                     if any(is_held_whole(plan, split_name(m.tensor)[0]) for m in g.members if m.masked))
+    return held, cut_units(ticket, kind_of, kept)
 
 
 def new_row(family: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from .head_inputs import install as install_head_inputs
 from .head_inputs import slices_for
 from .reshapes import is_held_whole
 
-__all__ = ["remove_units", "removed_indices", "fix_attributes", "record_sliced_buffers"]
+__all__ = ["remove_units", "removed_indices", "fix_attributes", "record_sliced_buffers", "replace_module"]
 
 
 def removed_indices(group: GroupSet, keep: torch.Tensor) -> dict[tuple[str, int], set[int]]:
@@ -71,7 +71,7 @@ def fix_attributes(model: nn.Module, groups: dict[str, GroupSet], kept_heads: di
             except ConfigError as exc:
                 raise ConfigError(str(exc).replace("<path>", path)) from exc
             if replacement is not None:
-                _swap(model, path, replacement)
+                replace_module(model, path, replacement)
         elif groups[path].attributes:
             for attr in groups[path].attributes:
                 setattr(mod, attr, heads)
@@ -159,6 +159,7 @@ def record_sliced_buffers(new: nn.Module, removed: dict) -> None:
         new.__dict__[SLICED_BUFFERS] = sliced
 
 
-def _swap(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path`` in ``model``."""
     owner, name = split_name(path)
     setattr(model.get_submodule(owner) if owner else model, name, new)

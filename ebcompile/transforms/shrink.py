@@ -36,7 +36,7 @@ from ..search.optim_state import retarget_optimizer
 from .carry import carry_flags, check_ticket_state, flags_of
 from .masks import iter_masks, strip_masks
 from .norm_scale import rescale_folded_norms
-from .remove_units import record_sliced_buffers, remove_units
+from .remove_units import record_sliced_buffers, remove_units, replace_module
 from .reshapes import adapt_forwards, hold_whole
 from .verify import check_same_function
 
@@ -81,11 +81,6 @@ def _check_round_to(round_to: int | str | None, structured: bool) -> int | None:
     return None if round_to == 1 else round_to
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    owner, name = split_name(path)
-    setattr(model.get_submodule(owner) if owner else model, name, new)
-
-
 def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
     """Every masked ``nn.Linear`` weight of ``new`` as a ``SparseLinear``; returns the (maybe new) root."""
     targets = set(tensors)
@@ -97,7 +92,7 @@ def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
         if not targets & set(names):
             continue
         if mod._qkv_same_embed_dim and mod.bias_k is None and not mod.add_zero_attn:
-            _replace(new, path, compact_mha(mod, mod.num_heads))
+            replace_module(new, path, compact_mha(mod, mod.num_heads))
             targets = {names.get(t, t) for t in targets}
         else:  # left dense: nn.MultiheadAttention's fused path needs strided weights
             keep_dense.add(f"{path}.out_proj")
@@ -108,7 +103,7 @@ def _sparsify(new: nn.Module, tensors: list[str]) -> nn.Module:
         if attr != "weight" or type(mod) not in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear) or owner in keep_dense:
             continue  # e.g. Hugging Face Conv1D: left dense (pruned entries zero)
         if owner:
-            _replace(new, owner, SparseLinear.from_linear(mod))
+            replace_module(new, owner, SparseLinear.from_linear(mod))
         else:
             new = SparseLinear.from_linear(mod)
     return new
