@@ -309,7 +309,7 @@ def test_a_registered_family_makes_opaque_attention_prunable(tmp_path):
 
 class UntraceableAttention(nn.Module):
     """Reads the residual width and its head count (``nh``, in no attribute table) at run time, behind a branch
-    on a tensor shape that ``symbolic_trace`` cannot follow: no rewrite reaches it."""
+    on a tensor shape, and merges the heads by the width as a Python int: no rewrite reaches it."""
 
     def __init__(self, dim: int = zoo.HIDDEN, heads: int = zoo.HEADS) -> None:
         super().__init__()
@@ -322,7 +322,7 @@ class UntraceableAttention(nn.Module):
         if q.shape[-1] % self.nh:
             raise ValueError("width not divisible by the head count")
         q, k, v = (t.view(B, T, self.nh, -1).transpose(1, 2) for t in (q, k, v))
-        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, int(C)))
 
 
 def test_compact_holds_whole_what_it_cannot_rewrite_naming_the_module():

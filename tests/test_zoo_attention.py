@@ -60,10 +60,10 @@ class WidthAttribute(nn.Module):
 
 
 class Untraceable(WidthAttribute):
-    """As WidthAttribute, but the merged width is the input's: nothing rewrites it."""
+    """As WidthAttribute, but the merged width is the input's, read as a Python int: nothing rewrites it."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.o(self.heads(h).reshape(h.shape))
+        return self.o(self.heads(h).reshape(*h.shape[:-1], int(h.shape[-1])))
 
 
 class WeightNormConv(nn.Module):

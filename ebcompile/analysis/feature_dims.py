@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-__all__ = ["FollowFeatures", "Irregular", "shape_changes", "op_name", "size_args", "META", "output_dims", "kept_part"]
+__all__ = ["FollowFeatures", "Irregular", "Outer", "shape_changes", "op_name", "size_args", "META", "output_dims", "kept_part"]
 
 META = "ebcompile.features"
 
@@ -67,15 +67,56 @@ def _reshape(dims: Dims, old: tuple[int, ...], new: tuple[int, ...]) -> Dims:
                 b *= new[j]
         i, j = i + 1, j + 1
         masks = [dims[k] for k in gi]
-        if all(m is None for m in masks) or any(m is None for m in masks):
-            continue  # not (only) features: a batch or sequence dimension stays dynamic
-        full = functools.reduce(np.logical_and.outer, masks).reshape([new[k] for k in gj])
-        parts = [full.any(axis=tuple(x for x in range(len(gj)) if x != p)) for p in range(len(gj))]
-        if not np.array_equal(full, functools.reduce(np.logical_and.outer, parts)):
-            raise Irregular(f"view to {new}")
-        for k, m in zip(gj, parts):
+        if all(m is None for m in masks):
+            continue  # a batch or sequence dimension stays dynamic
+        for k, m in zip(gj, _regroup(masks, [new[k] for k in gj])):
             out[k] = m
     return tuple(out)
+
+
+class Outer:
+    """A dimension that is a dynamic size (batch, sequence) times features, the features inner: ``reshape(B * H,
+    T, D)`` of ``[B, H, T, D]`` (attention with the heads folded into the batch). ``mask``: the kept features."""
+
+    __slots__ = ("mask",)
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask
+
+
+def _regroup(masks: list[Any], sizes: list[int]) -> list[Any]:
+    """The masks of the new dims (``sizes``) of one view group whose old dims carry ``masks``: dynamic dims
+    (``None``, an ``Outer``'s dynamic part) first, then features; the features go to the innermost new dims whose
+    sizes they fill, a new dim that mixes both becomes an ``Outer``. Irregular when the kept features are no rectangle."""
+    lead = 0
+    while lead < len(masks) and masks[lead] is None:
+        lead += 1
+    feats = [m.mask if isinstance(m, Outer) else m for m in masks[lead:]]
+    dynamic = lead > 0 or isinstance(masks[lead], Outer)
+    if any(m is None or isinstance(m, Outer) for m in masks[lead + 1:]):
+        return [None] * len(sizes)  # features then a dynamic dim: not followed, the size stays as it is
+    full = functools.reduce(np.logical_and.outer, feats)
+    total, inner, k = full.size, 1, len(sizes)
+    if dynamic:  # the innermost new dims the features fill; the one they fill in part mixes them with the dynamic size
+        while k > 0 and inner * sizes[k - 1] <= total and total % (inner * sizes[k - 1]) == 0:
+            inner *= sizes[k - 1]
+            k -= 1
+        if inner == total and k == 0 and sizes[0] != total:
+            raise Irregular("a view of a dynamic size by features")
+        shape = ([total // inner] if inner < total else []) + sizes[k:]
+        if inner < total and k == 0:
+            raise Irregular(f"a view to {sizes} that splits a dynamic size")
+    else:
+        shape = sizes
+    full = full.reshape(shape)
+    parts = [full.any(axis=tuple(x for x in range(len(shape)) if x != p)) for p in range(len(shape))]
+    if not np.array_equal(full, functools.reduce(np.logical_and.outer, parts)):
+        raise Irregular(f"view to {sizes}")
+    if not dynamic:
+        return parts
+    if inner < total:  # new dim k - 1 holds the dynamic size times the outer part of the features
+        return [None] * (k - 1) + [Outer(parts[0])] + parts[1:]
+    return [None] * k + parts
 
 
 def _entries(index: tuple, ndim: int) -> list[tuple[Any, int | None]]:
@@ -199,7 +240,7 @@ class FollowFeatures(fx.Interpreter):
         for k in range(out.dim()):
             back = out.dim() - k
             masks = [d[-back] for v, d in ins if d is not None and v.dim() >= back and d[-back] is not None
-                     and len(d[-back]) == out.shape[k]]
+                     and v.shape[-back] == out.shape[k]]
             dims.append(masks[0] if masks else None)
         return tuple(dims)
 
@@ -240,7 +281,7 @@ def output_dims(follow: FollowFeatures) -> list[Any]:
 def kept_part(t: torch.Tensor, dims: Any) -> torch.Tensor:
     """``t`` (of the original sizes) restricted to the kept features of each of its feature dims."""
     for k, m in enumerate(dims or ()):
-        if m is not None and k < t.dim() and len(m) == t.shape[k] and not m.all():
+        if isinstance(m, np.ndarray) and k < t.dim() and len(m) == t.shape[k] and not m.all():
             t = t.index_select(k, torch.from_numpy(np.flatnonzero(m)).to(t.device))
     return t
 
@@ -263,8 +304,7 @@ def shape_changes(follow: FollowFeatures) -> dict[str, dict[str, Any]]:
                 sizes = list(follow.values[sizes[0]])  # one computed shape (``x.size()[:-2] + (self.embed_dim,)``)
             if len(sizes) != out.dim():
                 continue
-            new = [int(m.sum()) if m is not None and not (isinstance(s, int) and s == -1) else None
-                   for m, s in zip(dims, sizes)]
+            new = [_new_size(m, s) for m, s in zip(dims, sizes)]
             if any(v is not None and (not isinstance(s, int) or v != s) for v, s in zip(new, sizes)):
                 changes[n.name] = {"sizes": new}
         elif op in SPLITS - {"unbind", "tensor_split"} and isinstance(dims, list):
@@ -293,6 +333,19 @@ def shape_changes(follow: FollowFeatures) -> dict[str, dict[str, Any]]:
             if new_index:
                 changes[n.name] = {"slices": new_index}
     return changes
+
+
+def _new_size(m: Any, s: Any) -> int | list[int] | None:
+    """A view's new size argument for a dim carrying ``m``: the kept count, ``None`` (unchanged: dynamic, or
+    ``-1``), or for an ``Outer`` dim ``[kept, total]`` (the size argument, computed at run time, scaled by that)."""
+    if m is None or (isinstance(s, int) and s == -1):
+        return None
+    if isinstance(m, Outer):
+        kept, total = int(m.mask.sum()), len(m.mask)
+        if kept == total:
+            return None
+        return s * kept // total if isinstance(s, int) else [kept, total]
+    return int(m.sum())
 
 
 def _split_dim(n: fx.Node, follow: FollowFeatures) -> int:

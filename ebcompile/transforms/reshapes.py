@@ -6,7 +6,11 @@ makes its compact form run. ``adapt_forwards`` traces such a module with ``torch
 masked model, whose sizes are the original ones), lets ``analysis.feature_dims`` follow which original feature
 indices every tensor dimension carries on the module's example inputs, and replaces the size arguments of the
 shape ops on feature dimensions by the compact sizes. Batch and sequence sizes stay dynamic; ``-1``
-stays ``-1``. ``self.training`` branches are traced once per mode.
+stays ``-1``; a size that folds heads into the batch (``bsz * self.num_heads``) is scaled at run time.
+``self.training`` branches are traced once per mode. A forward ``symbolic_trace`` cannot take (shape guards that
+raise, ``torch.finfo`` of a traced dtype, a decorator's ``*args, **kwargs``) is traced on its example call by
+``trace_values`` (its decisions recorded, replayed at load, and asserted at run time). The compact module is
+checked on the inputs it gets in the compact model (a cut before it, e.g. of an encoder's projection, is seen).
 
 Invariant: a rewritten forward is installed only when the module's compact output equals its masked output on
 the example inputs (outputs with a head dimension, such as attention probabilities: on the kept heads);
@@ -20,6 +24,7 @@ freshly built model, without storing or running code from the checkpoint.
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 import types
 import warnings
@@ -33,7 +38,8 @@ from ..analysis.feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, ke
 from ..names import split_name
 from ..plan import Plan
 from .counts import WIDTH_ATTRS
-from .verify import _tensors, compute_dtype, evaluating, example_for, relative_error, running_as, tolerance_for
+from .trace_values import FIXED, call_as_traced, failed_guard, padding_of, replay, trace_with_values
+from .verify import _tensors, compute_dtype, evaluating, example_for, inputs_in, relative_error, running_as, tolerance_for
 
 __all__ = ["adapt_forwards", "hold_whole", "install_rewrite", "rewrites_of", "rewrite_widths", "ATTR", "WIDTH_ATTRS"]
 
@@ -51,7 +57,8 @@ def _apply(graph: fx.Graph, changes: dict[str, dict[str, Any]]) -> None:
             sizes, packed = size_args(n)
             if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and len(change["sizes"]) != 1:
                 sizes, packed = _unpacked(graph, n, sizes[0], len(change["sizes"])), True
-            new = [s if v is None else int(v) for s, v in zip(sizes, change["sizes"])]
+            new = [s if v is None else _scaled(graph, n, s, v) if isinstance(v, list) else int(v)
+                   for s, v in zip(sizes, change["sizes"])]
             n.args = (n.args[0], tuple(new)) if packed else (n.args[0], *new)
         elif "split" in change:
             dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
@@ -67,6 +74,13 @@ def _apply(graph: fx.Graph, changes: dict[str, dict[str, Any]]) -> None:
                 index[int(k)] = slice(int(start), int(stop), None)
             n.args = (n.args[0], tuple(index) if isinstance(n.args[1], tuple) else index[0])
     graph.lint()
+
+
+def _scaled(graph: fx.Graph, n: fx.Node, size: Any, scale: list[int]) -> fx.Node:
+    """``size * kept // total`` as graph nodes before ``n``: a size computed at run time (batch x heads) whose
+    feature part shrinks from ``total`` to ``kept``."""
+    with graph.inserting_before(n):
+        return graph.call_function(operator.floordiv, (graph.call_function(operator.mul, (size, int(scale[0]))), int(scale[1])))
 
 
 def _unpacked(graph: fx.Graph, n: fx.Node, shape: fx.Node, ndim: int) -> list[fx.Node]:
@@ -95,6 +109,8 @@ def _inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
             values.append(pos.pop(0))
         elif name in kwargs:
             values.append(kwargs[name])
+        elif name.rpartition("_")[0] in kwargs and n.meta.get(FIXED):  # fx renames an argument traced as a constant
+            values.append(kwargs[name.rpartition("_")[0]])
         elif n.args:
             values.append(n.args[0])
         else:
@@ -120,10 +136,16 @@ def _plain_weights(gm: fx.GraphModule) -> None:
 
 def install_rewrite(original: nn.Module, target: nn.Module, changes: dict[str, dict[str, dict[str, Any]]]) -> None:
     """Trace ``original`` (of the original sizes) per mode, apply ``changes`` and make the result ``target``'s
-    forward (``target`` may be ``original`` itself, shrunk after this call)."""
-    forwards = {}
+    forward (``target`` may be ``original`` itself, shrunk after this call). A ``"trace"`` entry (a forward that
+    branches on traced values) is replayed with ``trace_values.replay``; the forward then checks that each call
+    passes the non-tensor arguments it was traced with."""
+    forwards, record = {}, changes.get("trace")
     for mode in ("eval", "train"):
-        gm = _trace(original, mode == "train")
+        if record is None:
+            gm = _trace(original, mode == "train")
+        else:
+            with running_as(original, mode == "train"):
+                gm = replay(original, {"concrete": record["concrete"], "decisions": record["decisions"][mode]})
         _plain_weights(gm)
         _apply(gm.graph, changes.get(mode, {}))
         gm.recompile()
@@ -131,9 +153,12 @@ def install_rewrite(original: nn.Module, target: nn.Module, changes: dict[str, d
             if n.op == "get_attr" and not _has(target, str(n.target)):
                 target.__dict__[str(n.target)] = getattr(gm, str(n.target))
         forwards[mode] = type(gm).forward
+    call = (lambda f, module, args, kwargs: f(module, *args, **kwargs)) if record is None else \
+        functools.partial(call_as_traced, inspect.signature(inspect.unwrap(type(original).forward)), record["concrete"],
+                          changes.get("padding"))
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return forwards["train" if self.training else "eval"](self, *args, **kwargs)
+        return call(forwards["train" if self.training else "eval"], self, args, kwargs)
 
     target.forward = types.MethodType(forward, target)  # rebinds to the copy under copy.deepcopy
     target.__dict__[ATTR] = changes
@@ -152,11 +177,20 @@ def rewrites_of(model: nn.Module) -> dict[str, Any]:
     return {path: m.__dict__[ATTR] for path, m in model.named_modules() if ATTR in m.__dict__}
 
 
-def _plan(original: nn.Module, rows: dict[str, np.ndarray], args: tuple, kwargs: dict) -> tuple[dict[str, Any], list]:
-    """The changes per mode, and the feature dims of each output tensor (eval mode)."""
-    changes, dims = {}, []
+def _plan(original: nn.Module, rows: dict[str, np.ndarray], args: tuple, kwargs: dict,
+          values: bool = False) -> tuple[dict[str, Any], list]:
+    """The changes per mode, and the feature dims of each output tensor (eval mode). ``values``: trace with the
+    example call's values (``trace_values``; recorded under ``"trace"``) instead of plain ``symbolic_trace``."""
+    changes: dict[str, Any] = {}
+    dims: list = []
     for mode in ("eval", "train"):
-        gm = _trace(original, mode == "train")
+        with running_as(original, mode == "train"):
+            if values:
+                gm, record = trace_with_values(original, args, kwargs)
+                trace = changes.setdefault("trace", {"concrete": record["concrete"], "decisions": {}})
+                trace["decisions"][mode] = record["decisions"]
+            else:
+                gm = fx.symbolic_trace(original)
         follow = FollowFeatures(gm, rows)
         with running_as(original, mode == "train"), torch.no_grad():  # no running statistics or RNG state changed
             follow.run(*_inputs(gm, args, kwargs))
@@ -251,13 +285,14 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
     compact.eval()
     for path, (args, kwargs, ref) in seen.items():
         target = compact.get_submodule(path)
-        out = _call(target, args, kwargs)
+        call = inputs_in(compact, path, example) or (args, kwargs)  # inputs cut before the module are cut here too
+        out = _call(target, *call)
         if not isinstance(out, Exception) and relative_error(ref, out) <= tol:
             continue
         if path in (widths or {}):
             w0, w1, h0, h1 = widths[path]
             changed = rewrite_widths(target, (w0, w1), (h0, h1))
-            out = _call(target, args, kwargs) if changed else out
+            out = _call(target, *call) if changed else out
             if changed and not isinstance(out, Exception) and _same_but_heads(ref, out, (h0, h1)) <= tol:
                 continue
             _undo_widths(changed)
@@ -267,25 +302,66 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
             if dim == 0 and attr == "weight" and owner.startswith(path + ".") and idx:
                 size = masked.get_submodule(owner).weight.shape[0]
                 rows[owner[len(path) + 1:]] = ~np.isin(np.arange(size), sorted(idx))
+        original = masked.get_submodule(path)
+        if _rewrite(original, target, rows, (args, kwargs), call, ref, tol, False):
+            done.append(path)
+            continue
+        cut = {}
+        for (name, dim), idx in removed.items():
+            if name.startswith(path + ".") and idx:
+                cut.setdefault(name[len(path) + 1:], {})[dim] = sorted(idx)
         try:
-            changes, dims = _plan(masked.get_submodule(path), rows, args, kwargs)
-            install_rewrite(masked.get_submodule(path), target, changes)
-            refs = _tensors(ref)
-            if len(dims) == len(refs):  # per-head outputs (attention probabilities): the kept heads only
-                ref = [kept_part(t, d) for t, d in zip(refs, dims)]
-        except Exception:  # noqa: BLE001 - untraceable or irregular: left for check_same_function to name
-            target.__dict__.pop("forward", None)
-            target.__dict__.pop(ATTR, None)
-        else:
-            out = _call(target, args, kwargs)
-            if not isinstance(out, Exception) and relative_error(ref, out) <= tol:
-                done.append(path)
-                continue
-            target.__dict__.pop("forward", None)
-            target.__dict__.pop(ATTR, None)
-        if failed is not None and isinstance(out := _call(target, args, kwargs), Exception):
+            padding = padding_of(original, target, cut)
+        except (AttributeError, KeyError, IndexError):  # a cut tensor the module does not hold by that name
+            padding = None
+        if _rewrite(original, target, rows, (args, kwargs), call, ref, tol, True, padding):
+            done.append(path)
+            continue
+        if failed is not None and isinstance(out := _call(target, *call), Exception):
             failed[path] = f"{type(out).__name__}: {str(out).splitlines()[0][:200] if str(out) else ''}"
     return done
+
+
+def _rewrite(original: nn.Module, target: nn.Module, rows: dict[str, np.ndarray], example: tuple[tuple, dict],
+             call: tuple[tuple, dict], ref: Any, tol: float, values: bool, padding: dict | None = None) -> bool:
+    """Trace ``original`` on ``example`` (its inputs in the masked model), follow and install a rewritten forward on
+    ``target``; kept only if ``target`` on ``call`` (its inputs in the compact model) computes ``ref`` (outputs
+    with a head dimension compared on the kept heads)."""
+    try:
+        changes, dims = _plan(original, rows, *example, values)
+        if padding is not None:
+            changes["padding"] = padding
+        install_rewrite(original, target, changes)
+        if values:
+            _unguard_stale(original, target, changes, call)
+        refs = _tensors(ref)
+        if len(dims) == len(refs):  # per-head outputs (attention probabilities): the kept heads only
+            ref = [kept_part(t, d) for t, d in zip(refs, dims)]
+        out = _call(target, *call)
+        if not isinstance(out, Exception) and relative_error(ref, out) <= tol:
+            return True
+    except Exception:  # noqa: BLE001 - untraceable or irregular: left for check_same_function to name
+        pass
+    target.__dict__.pop("forward", None)
+    target.__dict__.pop(ATTR, None)
+    return False
+
+
+def _unguard_stale(original: nn.Module, target: nn.Module, changes: dict[str, Any], call: tuple[tuple, dict]) -> None:
+    """Drop the guard of each traced decision that fails on the example itself once the sizes are rewritten: its
+    condition compares against a size the rewrite changed (``attn_weights.size() != (bsz * self.num_heads, ...)``),
+    so it no longer tells a different branch from the one traced. Every other decision stays asserted."""
+    for _ in range(sum(len(d) for d in changes["trace"]["decisions"].values())):
+        for mode in ("eval", "train"):
+            with running_as(target, mode == "train"):
+                out = _call(target, *call)
+            k = failed_guard(out) if isinstance(out, Exception) else None
+            if k is not None:
+                changes["trace"]["decisions"][mode][k][2] = False
+                install_rewrite(original, target, changes)
+                break
+        else:
+            return
 
 
 HELD_WHOLE = "kept whole at compact"  # how hold_whole's plan.skipped reasons begin (compact reads it back)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import CompactionError
 
-__all__ = ["check_same_function", "relative_error", "TOLERANCE", "tolerance_for", "compute_dtype", "example_for", "evaluating"]
+__all__ = ["check_same_function", "relative_error", "TOLERANCE", "tolerance_for", "compute_dtype", "example_for", "evaluating", "inputs_in"]
 
 TOLERANCE = 1e-3  # max |compact - masked| / max(|masked|, 1e-2); float32 rounding is ~1e-6, a wrong head ~1
 EPS_FACTOR = 8  # low precision: a smaller matmul's other summation order is a few eps (bf16 one-ulp weights: ~1 eps)
@@ -221,3 +221,30 @@ def check_same_function(masked: nn.Module, compact: nn.Module, example: tuple[tu
         f"{head}: its forward reads a head count or width that the attribute rewrites do not cover. Fix: exclude it "
         f"from pruning (exclude=['{culprit or '<module>'}.*']), or register a family for it (docs/extending.md)."
     )
+
+
+class _Reached(Exception):
+    """Raised by a pre-hook to stop a forward once a module's inputs are recorded."""
+
+
+def inputs_in(model: nn.Module, path: str, example: tuple[tuple, dict]) -> tuple[tuple, dict] | None:
+    """The inputs ``path`` gets in ``model`` on ``example``, before its own pre-hooks (``None`` when the model fails
+    before reaching it)."""
+    got: list[tuple[tuple, dict]] = []
+
+    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        got.append((args, kwargs))
+        raise _Reached
+
+    args, kwargs = example_for(model, example)
+    handle = model.get_submodule(path).register_forward_pre_hook(stop, with_kwargs=True, prepend=True)  # as called
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except _Reached:
+        pass
+    except Exception:  # noqa: BLE001 - an earlier module still fails: its masked inputs are used instead
+        return None
+    finally:
+        handle.remove()
+    return got[0] if got else None
