@@ -119,8 +119,10 @@ def test_old_style_attention_compacts_by_a_value_trace_and_reloads(tmp_path):
     with torch.no_grad():
         for shape in [(2, 7, 5), (3, 4, 9), (1, 11, 2)]:  # other batch, target and source lengths than traced
             assert rel_err(small(*inputs(*shape, seed=1)), model(*inputs(*shape, seed=1))) <= TOL
-    ebcompile.save(small, tmp_path)
-    loaded = ebcompile.load(tmp_path, model=Net().eval())
+    report = ebcompile.export_onnx(small, tmp_path / "onnx" / "small.onnx", inputs(3, 4, 9))  # the asserted graph exports
+    assert report.max_abs_error is not None and report.max_abs_error < 1e-4
+    ebcompile.save(small, tmp_path / "saved")
+    loaded = ebcompile.load(tmp_path / "saved", model=Net().eval())
     with torch.no_grad():
         assert rel_err(loaded(*inputs(4, 6, 3, seed=2)), small(*inputs(4, 6, 3, seed=2))) <= TOL
         h, mask = torch.randn(2, 5, 32), torch.rand(2, 1, 5, 5) > 0.7
@@ -198,3 +200,47 @@ def test_heads_folded_into_the_batch_are_followed():
     assert isinstance(folded[0], Outer) and folded[0].mask.tolist() == heads.tolist() and folded[1:] == (None, None)
     unfolded = _reshape(folded, (12, 5, 6), (3, 4, 5, 6))
     assert unfolded[0] is None and unfolded[1].tolist() == heads.tolist()
+
+
+class InterleavedRotary(nn.Module):
+    """Rotates pairs of features over the flat heads x head_dim width (``t[..., ::2]``, ``t[..., 1::2]``) before
+    the heads are split, and merges them back by the input's width."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+
+        def rotate(y: torch.Tensor) -> torch.Tensor:
+            return torch.stack([-y[..., 1::2], y[..., ::2]], -1).flatten(-2)
+
+        q, k, v = rotate(self.q(x)), rotate(self.k(x)), self.v(x)
+        q, k, v = (y.view(b, t, self.num_heads, -1).transpose(1, 2) for y in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(b, t, c))
+
+
+def test_strided_slices_over_the_heads_width_take_the_same_stride_of_the_kept_heads(tmp_path):
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.attn, self.out = nn.Linear(12, 32), InterleavedRotary(), nn.Linear(32, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            return self.out(h + self.attn(h))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 12)
+    model = ebcompile.prepare(Residual().eval(), x, ratio=0.5, structure="structured", scope="layer")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    changes = small.attn.__dict__["_ebcompile_reshapes"]["eval"]
+    assert small.attn.q.out_features == 16
+    assert any(len(b) == 3 for c in changes.values() for b in c.get("slices", {}).values())  # strided: [start, stop, step]
+    with torch.no_grad():
+        y = torch.randn(3, 5, 12)
+        assert rel_err(small(y), model(y)) <= TOL

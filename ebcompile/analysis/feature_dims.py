@@ -228,6 +228,12 @@ class FollowFeatures(fx.Interpreter):
         if op in ("matmul", "bmm") and src is not None:
             other = self._arg(args[1]) or (None,) * out.dim()
             return (*src[:-2], src[-2], other[-1])
+        if op == "stack" and isinstance(args[0], (tuple, list)):  # a new dim of static size: every position kept
+            ins = [self._arg(a) for a in args[0]]
+            if ins and all(d is not None and _same_dims(d, ins[0]) for d in ins):
+                dim = self.concrete(n.kwargs).get("dim", args[1] if len(args) > 1 else 0) % out.dim()
+                return (*ins[0][:dim], np.ones(out.shape[dim], dtype=bool), *ins[0][dim:])
+            return (None,) * out.dim()
         if op == "scaled_dot_product_attention" and src is not None:
             v = self._arg(args[2]) or (None,) * out.dim()
             return (*src[:-1], v[-1])
@@ -243,6 +249,11 @@ class FollowFeatures(fx.Interpreter):
                      and v.shape[-back] == out.shape[k]]
             dims.append(masks[0] if masks else None)
         return tuple(dims)
+
+
+def _same_dims(a: Dims, b: Dims) -> bool:
+    return len(a) == len(b) and all((x is None and y is None) or (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)
+                                    and np.array_equal(x, y)) for x, y in zip(a, b))
 
 
 def _weight_owner(w: Any) -> str | None:
@@ -325,8 +336,9 @@ def shape_changes(follow: FollowFeatures) -> dict[str, dict[str, Any]]:
                     start, stop, step = x.indices(len(src[dim]))
                     if step != 1 and bool(np.all(src[dim])):  # every feature kept (a head's width): unchanged
                         continue
-                    if step != 1:
-                        raise Irregular("strided slice of a pruned dimension")
+                    if step != 1:  # (rotary's x[..., ::2] over heads x head_dim): the same stride over the kept features
+                        new_index[str(k)] = _strided(src[dim], start, stop, step)
+                        continue
                     bounds = [int(src[dim][:start].sum()), int(src[dim][:stop].sum())]
                     if bounds != [start, stop]:
                         new_index[str(k)] = bounds
@@ -346,6 +358,14 @@ def _new_size(m: Any, s: Any) -> int | list[int] | None:
             return None
         return s * kept // total if isinstance(s, int) else [kept, total]
     return int(m.sum())
+
+
+def _strided(kept: np.ndarray, start: int, stop: int, step: int) -> list[int]:
+    """Bounds of the slice of the kept features that takes what ``start:stop:step`` took of the original ones."""
+    picked = np.flatnonzero(np.isin(np.flatnonzero(kept), np.arange(start, stop, step)))
+    if step < 1 or not len(picked) or not np.array_equal(picked, np.arange(picked[0], picked[-1] + 1, step)):
+        raise Irregular("strided slice of a pruned dimension")
+    return [int(picked[0]), int(picked[-1]) + 1, step]
 
 
 def _split_dim(n: fx.Node, follow: FollowFeatures) -> int:

@@ -3,15 +3,15 @@
 ``torch.fx.symbolic_trace`` refuses Python control flow on a traced value: the shape guards of Hugging Face's
 older attention modules (``if attn_weights.size() != (bsz * self.num_heads, tgt_len, src_len): raise ...``; TrOCR,
 FSMT, LED, ProphetNet, Table Transformer and others) stop it, and an optional argument traced as a placeholder takes
-the wrong ``is not None`` branch. ``ValueTracer`` traces one module on its example call: every argument that is
-not a tensor (``None``, a flag, a number) is fixed to its example value, every op also runs on the example values,
-and each decision Python needs (``bool``, ``len``, iteration of a traced value) is taken from them and
-*recorded*. The graph asserts each decision at run time (``torch._assert``), so a call that would have branched
+the wrong ``is not None`` branch. ``ValueTracer`` traces one module on its example call: every ``None``, flag or
+string argument is fixed to its example value (tensors and numbers stay inputs), every op also runs on the example
+values, and each decision Python needs (``bool``, ``len``, iteration, the keys of ``**kwargs``) is taken from them
+and *recorded*. The graph asserts each decision at run time (``torch._assert``), so a call that would have branched
 differently raises instead of computing something else. Tracing again from the record (``replay``) needs no
 inputs: that is how ``install_rewrite`` and ``load`` rebuild the same graph from the module's own code and the
-JSON record, without running or storing code from a checkpoint.
+JSON record, without running or storing code from a checkpoint. A call with other fixed arguments than traced (a
+KV cache in generation) runs the module's own code with its cut tensors zero-padded back (``run_padded``).
 """
-
 from __future__ import annotations
 
 import functools
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 __all__ = ["ValueTracer", "trace_with_values", "replay", "call_as_traced", "FIXED", "padding_of", "run_padded", "failed_guard",
            "GUARD", "concrete_arguments", "TraceRecord"]
@@ -30,7 +31,7 @@ __all__ = ["ValueTracer", "trace_with_values", "replay", "call_as_traced", "FIXE
 TraceRecord = dict[str, Any]  # {"concrete": {arg: value}, "decisions": [[kind, value, guarded], ...]}
 _WARNED = "_ebcompile_padded_warned"
 FIXED = "ebcompile.fixed"  # node.meta of a placeholder fx renamed ``<arg>_1``: an argument traced as a constant
-GUARD = "ebcompile decision"  # how a failed guard's message begins (``unguard`` reads the index back)
+GUARD = "ebcompile decision"  # how a failed guard's message begins (``failed_guard`` reads the index back)
 _SCALARS = (type(None), bool, int, float, str)  # what a record can hold
 _FIXED_TYPES = (type(None), bool, str)  # arguments traced as constants (numbers stay inputs: an image's height)
 _MISSING = object()
@@ -268,16 +269,15 @@ def run_padded(module: nn.Module, fallback: dict[str, Any], args: tuple, kwargs:
         holder = module.get_submodule(owner)
         saved.append((holder, attr, holder.__dict__[attr]))
         holder.__dict__[attr] = value
-    forward = module.__dict__.pop("forward")
     if not module.__dict__.get(_WARNED):
         module.__dict__[_WARNED] = True
         warnings.warn(f"{type(module).__name__} was called unlike the example its compact forward was traced on (a KV "
                       "cache, another flag): it runs its own code at the original width for such calls (the same outputs, "
                       "not faster)", UserWarning, stacklevel=4)
-    try:
-        return torch.func.functional_call(module, params, args, kwargs)
+    try:  # the class's forward itself: the module's hooks already ran for this call
+        with _reparametrize_module(module, params):
+            return type(module).forward(module, *args, **kwargs)
     finally:
-        module.forward = forward
         for holder, attr, value in saved:
             holder.__dict__[attr] = value
 
