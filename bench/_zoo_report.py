@@ -125,8 +125,8 @@ def markdown(rows: list[dict[str, Any]], source: str, command: str) -> str:
     if held:
         out += ["", "## Modules compact held whole", "",
                 "Their forward failed with units cut (a width no attribute rewrite or traced reshape rewrite reaches, "
-                "e.g. BART-style attention's `reshape(bsz, tgt_len, self.embed_dim)` where the module does not trace); "
-                "compact kept their units (zeros where the ticket cut) and cut the rest.", "",
+                "e.g. a cache object in the example call that a trace cannot record, or features the rewrite cannot "
+                "place); compact kept their units (zeros where the ticket cut) and cut the rest.", "",
                 "| family | linears held | first |", "|---|---|---|"]
         out += [f"| {r['family']} | {len(r['held'])} | `{r['held'][0]}` |" for r in held]
     out += ["", "## Per family", "",

@@ -245,6 +245,10 @@ def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None]
     def compact() -> None:
         state["small"] = ebcompile.compact(state["model"], round_to=None)
         row["held"], row["cut"] = held_whole(state["model"], state["ticket"], state["kind_of"])
+        from ebcompile.transforms.reshapes import rewrites_of
+        rewrites = rewrites_of(state["small"])  # forwards compact rewrote: by a plain trace, or on the example's values
+        row["rewritten"] = {"plain": sum("trace" not in r for r in rewrites.values()),
+                            "values": sum("trace" in r for r in rewrites.values())}
 
     def equal() -> None:
         state["small"].eval()

@@ -244,3 +244,31 @@ def test_strided_slices_over_the_heads_width_take_the_same_stride_of_the_kept_he
     with torch.no_grad():
         y = torch.randn(3, 5, 12)
         assert rel_err(small(y), model(y)) <= TOL
+
+
+def test_an_example_batch_of_one_still_folds_the_heads_with_the_batch():
+    """With a batch of one, ``bsz * num_heads`` equals the head count: the size is scaled at run time, not fixed."""
+    model = ebcompile.prepare(Net().eval(), inputs(1, 7, 5), ratio=0.5, structure="structured", scope="layer")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    assert small.layers[0].self_attn.num_heads == 2
+    with torch.no_grad():
+        for shape in [(1, 7, 5), (2, 7, 5), (3, 4, 9)]:
+            assert rel_err(small(*inputs(*shape, seed=3)), model(*inputs(*shape, seed=3))) <= TOL
+
+
+def test_calls_the_trace_cannot_take_run_the_modules_own_code():
+    """A keyword the decorator renames, a tensor argument left out: the module's own (decorated) code runs, padded."""
+    model = ebcompile.prepare(Net().eval(), inputs(2, 7, 5), ratio=0.5, structure="structured", scope="layer")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    h = torch.randn(2, 3, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for attn, masked in [(small.layers[0].self_attn, model.layers[0].self_attn)]:
+            ours, theirs = [], []
+            for step in range(2):  # ``past_key_value`` is renamed to ``cache`` by the decorator only
+                torch.testing.assert_close(attn(h, past_key_value=ours)[0], masked(h, past_key_value=theirs)[0])
+            assert len(ours) == 2 and ours[0].shape[2] == 6
+        cross, masked = small.layers[0].cross_attn, model.layers[0].cross_attn  # traced with key_value_states
+        torch.testing.assert_close(cross(h)[0], masked(h)[0])  # called without it: self-attention

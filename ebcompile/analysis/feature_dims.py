@@ -103,6 +103,8 @@ def _regroup(masks: list[Any], sizes: list[int]) -> list[Any]:
             k -= 1
         if inner == total and k == 0 and sizes[0] != total:
             raise Irregular("a view of a dynamic size by features")
+        if inner < total and k > 0 and sizes[k - 1] % (total // inner):
+            raise Irregular(f"a view to {sizes} that splits features from a dynamic size")
         shape = ([total // inner] if inner < total else []) + sizes[k:]
         if inner < total and k == 0:
             raise Irregular(f"a view to {sizes} that splits a dynamic size")
@@ -163,6 +165,11 @@ class FollowFeatures(fx.Interpreter):
         self.rows = rows  # submodule path -> kept output rows
         self.dims: dict[fx.Node, Any] = {}
         self.values: dict[fx.Node, Any] = {}
+
+    def placeholder(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if str(target).startswith("**"):  # the forward's ``**kwargs``: the dict ``reshapes._inputs`` passes last
+            return next(self.args_iter, {})
+        return super().placeholder(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -348,16 +355,17 @@ def shape_changes(follow: FollowFeatures) -> dict[str, dict[str, Any]]:
 
 
 def _new_size(m: Any, s: Any) -> int | list[int] | None:
-    """A view's new size argument for a dim carrying ``m``: the kept count, ``None`` (unchanged: dynamic, or
-    ``-1``), or for an ``Outer`` dim ``[kept, total]`` (the size argument, computed at run time, scaled by that)."""
+    """A view's new size argument for a dim carrying ``m``: ``None`` (unchanged: dynamic, or ``-1``), the kept count
+    for a literal size, or ``[kept, total]`` for a size computed at run time (scaled by that there: it may hold a
+    dynamic factor the example does not show, e.g. a batch of one folded with the heads)."""
     if m is None or (isinstance(s, int) and s == -1):
         return None
-    if isinstance(m, Outer):
-        kept, total = int(m.mask.sum()), len(m.mask)
-        if kept == total:
-            return None
-        return s * kept // total if isinstance(s, int) else [kept, total]
-    return int(m.sum())
+    mask = m.mask if isinstance(m, Outer) else m
+    kept, total = int(mask.sum()), len(mask)
+    if isinstance(s, int):
+        return s * kept // total if isinstance(m, Outer) else kept
+    # a size computed at run time (``bsz * self.num_heads``; with a batch of one in the example it equals the heads)
+    return None if kept == total else [kept, total]
 
 
 def _strided(kept: np.ndarray, start: int, stop: int, step: int) -> list[int]:

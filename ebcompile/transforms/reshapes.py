@@ -38,8 +38,9 @@ from ..analysis.feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, ke
 from ..names import split_name
 from ..plan import Plan
 from .counts import WIDTH_ATTRS
-from .trace_values import FIXED, call_as_traced, failed_guard, padding_of, replay, trace_with_values
+from .trace_values import FIXED, PADDED_WARNED, call_as_traced, failed_guard, padding_of, replay, run_padded, trace_with_values
 from .verify import _tensors, compute_dtype, evaluating, example_for, inputs_in, relative_error, running_as, tolerance_for
+from .width_attrs import rewrite_widths, same_but_heads, undo_widths
 
 __all__ = ["adapt_forwards", "hold_whole", "install_rewrite", "rewrites_of", "rewrite_widths", "ATTR", "WIDTH_ATTRS"]
 
@@ -95,12 +96,14 @@ def _trace(module: nn.Module, training: bool) -> fx.GraphModule:
 
 
 def _inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
-    values, pos = [], list(args)
+    values, pos, used = [], list(args), set()
     for n in gm.graph.nodes:
         if n.op != "placeholder":
             continue
         name = str(n.target).lstrip("*")
-        if str(n.target).startswith("**"):  # ``**kwargs``: symbolic_trace cannot unpack it, the graph never reads it
+        used |= {name, name.rpartition("_")[0] if n.meta.get(FIXED) else name}
+        if str(n.target).startswith("**"):  # ``**kwargs``: what no named argument took (``FollowFeatures.placeholder``)
+            values.append({k: v for k, v in kwargs.items() if k not in used})
             continue
         if str(n.target).startswith("*"):  # ``*args``: the interpreter gives it every remaining positional value
             values.extend(pos)
@@ -154,7 +157,7 @@ def install_rewrite(original: nn.Module, target: nn.Module, changes: dict[str, d
                 target.__dict__[str(n.target)] = getattr(gm, str(n.target))
         forwards[mode] = type(gm).forward
     call = (lambda f, module, args, kwargs: f(module, *args, **kwargs)) if record is None else \
-        functools.partial(call_as_traced, inspect.signature(inspect.unwrap(type(original).forward)), record["concrete"],
+        functools.partial(call_as_traced, inspect.signature(inspect.unwrap(type(original).forward)), record,
                           changes.get("padding"))
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -187,7 +190,7 @@ def _plan(original: nn.Module, rows: dict[str, np.ndarray], args: tuple, kwargs:
         with running_as(original, mode == "train"):
             if values:
                 gm, record = trace_with_values(original, args, kwargs)
-                trace = changes.setdefault("trace", {"concrete": record["concrete"], "decisions": {}})
+                trace = changes.setdefault("trace", {"concrete": record["concrete"], "extra": record["extra"], "decisions": {}})
                 trace["decisions"][mode] = record["decisions"]
             else:
                 gm = fx.symbolic_trace(original)
@@ -205,55 +208,6 @@ def _call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
             return module(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a compact module that cannot run is what this pass repairs
             return exc
-
-
-def rewrite_widths(module: nn.Module, width: tuple[int, int], heads: tuple[int, int]) -> list[tuple[nn.Module, str, Any]]:
-    """In ``module`` and its submodules (linears aside): set every plain ``int`` attribute equal to the heads' original
-    width (``width``: original, compact; heads x head_dim) to the compact one, and in every tuple of ints (a shape kept
-    as an attribute, timm's ``bias_shape``) the original head count (``heads``: original, kept) to the kept one.
-    Each change is recorded in its module's ``__dict__[WIDTH_ATTRS]`` (saved with the counts, set again at load).
-    For sizes kept under names the count table cannot claim in general (GPTBigCode's ``embed_dim``, read to split its
-    fused q/k/v, is the residual width in most modules), so it is tried only where the compact module fails without
-    it, and kept only when the module then computes what the masked one did. Returns (module, attr, old value)."""
-    changed = []
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            continue
-        for a, v in list(sub.__dict__.items()):
-            if a.startswith("_"):
-                continue
-            if type(v) is int and v == width[0]:
-                new: Any = width[1]
-            elif isinstance(v, tuple) and v and all(type(x) is int for x in v) and heads[0] in v:
-                new = tuple(heads[1] if x == heads[0] else x for x in v)
-            else:
-                continue
-            setattr(sub, a, new)
-            sub.__dict__.setdefault(WIDTH_ATTRS, {})[a] = new
-            changed.append((sub, a, v))
-    return changed
-
-
-def _same_but_heads(ref: Any, out: Any, heads: tuple[int, int]) -> float:
-    """``relative_error`` of the outputs, where a per-head output (attention probabilities returned beside the
-    attention output: ``h0`` heads in the masked module, ``h1`` in the compact one) is left out; the first output,
-    the one the model goes on with, must match. ``compact``'s whole-model check still runs after."""
-    xs, ys = _tensors(ref), _tensors(out)
-    if not xs or len(xs) != len(ys) or xs[0].shape != ys[0].shape:
-        return float("inf")
-    pairs = []
-    for x, y in zip(xs, ys):
-        if x.shape == y.shape:
-            pairs.append((x, y))
-        elif x.dim() != y.dim() or [(a, b) for a, b in zip(x.shape, y.shape) if a != b] != [heads]:
-            return float("inf")
-    return relative_error([x for x, _ in pairs], [y for _, y in pairs])
-
-
-def _undo_widths(changed: list[tuple[nn.Module, str, Any]]) -> None:
-    for sub, a, old in changed:
-        setattr(sub, a, old)
-        sub.__dict__.get(WIDTH_ATTRS, {}).pop(a, None)
 
 
 def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], example: tuple[tuple, dict] | None,
@@ -287,7 +241,7 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
         target = compact.get_submodule(path)
         out = _call(target, args, kwargs)
         heads = (widths or {}).get(path, (0, 0, 0, 0))[2:]
-        if not isinstance(out, Exception) and (relative_error(ref, out) <= tol or _same_but_heads(ref, out, heads) <= tol):
+        if not isinstance(out, Exception) and (relative_error(ref, out) <= tol or same_but_heads(ref, out, heads) <= tol):
             continue  # (its attention probabilities, if returned, have fewer heads: the model check judges them)
         call = inputs_in(compact, path, example) or (args, kwargs)  # inputs cut before the module are cut here too
         out = _call(target, *call) if call[0] is not args else out
@@ -297,9 +251,9 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
             w0, w1, h0, h1 = widths[path]
             changed = rewrite_widths(target, (w0, w1), (h0, h1))
             out = _call(target, *call) if changed else out
-            if changed and not isinstance(out, Exception) and _same_but_heads(ref, out, (h0, h1)) <= tol:
+            if changed and not isinstance(out, Exception) and same_but_heads(ref, out, (h0, h1)) <= tol:
                 continue
-            _undo_widths(changed)
+            undo_widths(changed)
         rows = {}
         for (name, dim), idx in removed.items():
             owner, attr = split_name(name)
@@ -343,12 +297,29 @@ def _rewrite(original: nn.Module, target: nn.Module, rows: dict[str, np.ndarray]
             ref = [kept_part(t, d) for t, d in zip(refs, dims)]
         out = _call(target, *call)
         if not isinstance(out, Exception) and relative_error(ref, out) <= tol:
+            if padding is not None and not _pads_right(target, padding, call, ref, tol):
+                changes.pop("padding")  # a call unlike the traced one then raises, naming the fix
+                install_rewrite(original, target, changes)
             return True
     except Exception:  # noqa: BLE001 - untraceable or irregular: left for check_same_function to name
         pass
     target.__dict__.pop("forward", None)
     target.__dict__.pop(ATTR, None)
     return False
+
+
+def _pads_right(target: nn.Module, padding: dict, call: tuple[tuple, dict], ref: Any, tol: float) -> bool:
+    """Whether ``run_padded`` computes ``ref`` on the example (every cut tensor it needs is in ``padding``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.no_grad():
+                out = run_padded(target, padding, *call)
+        except Exception:  # noqa: BLE001 - a cut tensor the padding does not restore
+            return False
+        finally:
+            target.__dict__.pop(PADDED_WARNED, None)
+    return bool(_tensors(out)) and relative_error(_tensors(ref)[:1], _tensors(out)[:1]) <= tol  # the main output
 
 
 def _unguard_stale(original: nn.Module, target: nn.Module, changes: dict[str, Any], call: tuple[tuple, dict]) -> None:

@@ -25,11 +25,11 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-__all__ = ["ValueTracer", "trace_with_values", "replay", "call_as_traced", "FIXED", "padding_of", "run_padded", "failed_guard",
+__all__ = ["ValueTracer", "trace_with_values", "replay", "call_as_traced", "FIXED", "PADDED_WARNED", "padding_of", "run_padded", "failed_guard",
            "GUARD", "concrete_arguments", "TraceRecord"]
 
 TraceRecord = dict[str, Any]  # {"concrete": {arg: value}, "decisions": [[kind, value, guarded], ...]}
-_WARNED = "_ebcompile_padded_warned"
+PADDED_WARNED = "_ebcompile_padded_warned"
 FIXED = "ebcompile.fixed"  # node.meta of a placeholder fx renamed ``<arg>_1``: an argument traced as a constant
 GUARD = "ebcompile decision"  # how a failed guard's message begins (``failed_guard`` reads the index back)
 _SCALARS = (type(None), bool, int, float, str)  # what a record can hold
@@ -78,6 +78,8 @@ class ValueTracer(fx.Tracer):
         if missing:
             return _MISSING
         self._evaluating = True
+        grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)  # values only: the traced graph keeps the forward's own grad mode
         try:
             if n.op == "get_attr":
                 obj: Any = self.root
@@ -94,6 +96,7 @@ class ValueTracer(fx.Tracer):
             return _MISSING
         finally:
             self._evaluating = False
+            torch.set_grad_enabled(grad)
         return _MISSING
 
     def decide(self, kind: str, proxy: fx.Proxy) -> Any:
@@ -182,47 +185,80 @@ def trace_with_values(module: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.
     concrete, named = concrete_arguments(module, args, kwargs)
     inputs = {k: _cloned(v) for k, v in named.items()}  # an in-place op of the forward must not touch the example
     tracer = ValueTracer(inputs)
-    with torch.no_grad():
-        graph = _trace(tracer, module, concrete)
-    for n in graph.nodes:
-        if n.op == "placeholder" and str(n.target) not in named and str(n.target).rpartition("_")[0] in concrete:
-            n.meta[FIXED] = True
-    record = {"concrete": concrete, "decisions": tracer.decisions}
+    graph = _trace(tracer, module, concrete)
+    _mark_fixed(graph, module, concrete)
+    varkw = [v for k, v in named.items() if isinstance(v, dict) and _is_varkw(module, k)]
+    record = {"concrete": concrete, "decisions": tracer.decisions, "extra": sorted(varkw[0]) if varkw else []}
     return fx.GraphModule(tracer.root, graph, type(module).__name__), record
+
+
+def _signature(module: nn.Module) -> inspect.Signature:
+    return inspect.signature(inspect.unwrap(type(module).forward))
+
+
+def _is_varkw(module: nn.Module, name: str) -> bool:
+    p = _signature(module).parameters.get(name)
+    return p is not None and p.kind is p.VAR_KEYWORD
+
+
+def _mark_fixed(graph: fx.Graph, module: nn.Module, concrete: dict[str, Any]) -> None:
+    """``node.meta[FIXED]`` on each placeholder fx renamed for a fixed argument (``key_value_states_1``)."""
+    params = _signature(module).parameters
+    for n in graph.nodes:
+        if n.op == "placeholder" and str(n.target) not in params and str(n.target).rpartition("_")[0] in concrete:
+            n.meta[FIXED] = True
 
 
 def replay(module: nn.Module, record: TraceRecord) -> fx.GraphModule:
     """Trace ``module`` again from ``record`` (no inputs needed): the graph ``trace_with_values`` built."""
     tracer = ValueTracer(decisions=[list(d) for d in record["decisions"]])
     graph = _trace(tracer, module, dict(record["concrete"]))
+    _mark_fixed(graph, module, record["concrete"])
     if tracer._replay:
         raise fx.proxy.TraceError(f"{len(tracer._replay)} recorded decisions were not reached (the module's code changed?)")
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
-def call_as_traced(sig: inspect.Signature, concrete: dict[str, Any], fallback: dict[str, Any] | None, traced: Any,
+def call_as_traced(sig: inspect.Signature, record: TraceRecord, fallback: dict[str, Any] | None, traced: Any,
                    module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Call ``traced`` (a ``GraphModule.forward`` traced with ``concrete`` fixed; fx renames those arguments) as the
-    module's own forward (``sig``) is called. A call that passes other values for them (a KV cache in generation,
-    where the example passed none) runs the module's own code at its original width (``run_padded`` with
-    ``fallback``): the same outputs, not faster; without a fallback it raises, naming the fix."""
-    bound = sig.bind(module, *args, **kwargs)
+    """Call ``traced`` (a ``GraphModule.forward`` traced with ``record["concrete"]`` fixed; fx renames those
+    arguments) as the module's own forward (``sig``, undecorated) is called. A call unlike the traced one — other
+    values for the fixed arguments (a KV cache in generation, where the example passed none), ``None`` or an object
+    where a tensor was traced, other extra keywords (a decorator's renamed argument) — runs the module's own code at
+    its original width (``run_padded`` with ``fallback``): the same outputs, not faster; without a fallback it
+    raises, naming the fix."""
+    concrete, extra = record["concrete"], record.get("extra")
+    try:
+        bound = sig.bind(module, *args, **kwargs)
+    except TypeError:
+        bound, unlike = None, "arguments its forward's own signature does not take"
     positional, rest = [], {}
-    for k, (name, p) in enumerate(sig.parameters.items()):
+    for k, (name, p) in enumerate(sig.parameters.items() if bound is not None else ()):
         if k == 0:  # self
             continue
         value = bound.arguments.get(name, p.default)
+        unlike = None
         if p.kind is p.VAR_KEYWORD:
             rest = dict(value) if value is not p.default else {}
-        elif name in concrete and not _same(value, concrete[name]):
-            if fallback is not None:
-                return run_padded(module, fallback, args, kwargs)
-            raise RuntimeError(f"{type(module).__name__}'s forward was rewritten at compaction for {name}="
-                               f"{concrete[name]!r} and cannot run with {name}={_shown(value)}. Fix: call it as "
-                               "the example inputs of prepare did, or compact with example inputs that pass it.")
-        else:
+            if extra is not None and sorted(rest) != sorted(extra):
+                unlike = f"keywords {sorted(rest)}"
+        elif name in concrete:
+            if not _same(value, concrete[name]):
+                unlike = f"{name}={_shown(value)}"
+        elif not _traceable(value):
+            unlike = f"{name}={_shown(value)}"
+        if unlike:
+            break
+        if p.kind is not p.VAR_KEYWORD:
             positional.append(value)
-    return traced(module, *positional, **rest)
+    else:
+        if bound is not None:
+            return traced(module, *positional, **rest)
+    if fallback is not None:
+        return run_padded(module, fallback, args, kwargs)
+    raise RuntimeError(f"{type(module).__name__}'s forward was rewritten at compaction for the example call "
+                       f"({', '.join(f'{k}={v!r}' for k, v in concrete.items())}) and cannot run with {unlike}. Fix: "
+                       "call it as the example inputs of prepare did, or compact with example inputs that pass it.")
 
 
 def _same(value: Any, fixed: Any) -> bool:
@@ -231,11 +267,14 @@ def _same(value: Any, fixed: Any) -> bool:
 
 def padding_of(original: nn.Module, compact: nn.Module, removed: dict[str, dict[int, list[int]]]) -> dict[str, Any]:
     """What ``run_padded`` needs (JSON): per cut tensor of the module (``removed``: relative name -> dim -> removed
-    indices) its original size and kept indices per dim, and every int attribute the compaction changed."""
+    indices) its original size and kept indices per dim, and every int attribute the compaction changed. Columns
+    cut because an input from outside the module is narrower (an encoder's cut projection) are not padded."""
     weights = {}
+    made = {tuple(dims[0]) for dims in removed.values() if 0 in dims}  # features the module's own linears produce
     for name, dims in removed.items():
         sizes = _tensor(original, name).shape
-        weights[name] = [[int(d), int(sizes[d]), sorted(set(range(sizes[d])) - set(idx))] for d, idx in sorted(dims.items())]
+        inner = {d: idx for d, idx in dims.items() if d == 0 or tuple(idx) in made}  # columns read from outside stay cut
+        weights[name] = [[int(d), int(sizes[d]), sorted(set(range(sizes[d])) - set(idx))] for d, idx in sorted(inner.items())]
     attrs = {}
     for path, sub in original.named_modules():
         try:
@@ -269,8 +308,8 @@ def run_padded(module: nn.Module, fallback: dict[str, Any], args: tuple, kwargs:
         holder = module.get_submodule(owner)
         saved.append((holder, attr, holder.__dict__[attr]))
         holder.__dict__[attr] = value
-    if not module.__dict__.get(_WARNED):
-        module.__dict__[_WARNED] = True
+    if not module.__dict__.get(PADDED_WARNED):
+        module.__dict__[PADDED_WARNED] = True
         warnings.warn(f"{type(module).__name__} was called unlike the example its compact forward was traced on (a KV "
                       "cache, another flag): it runs its own code at the original width for such calls (the same outputs, "
                       "not faster)", UserWarning, stacklevel=4)
@@ -310,9 +349,9 @@ def _trace(tracer: ValueTracer, module: nn.Module, concrete: dict[str, Any]) -> 
             setattr(torch, name, info)
 
 
-def _info_of(info: type, *args: Any) -> Any:
-    proxies = [a for a in args if isinstance(a, fx.Proxy)]
-    return proxies[0].tracer.create_proxy("call_function", info, args, {}) if proxies else info(*args)
+def _info_of(info: type, *args: Any, **kwargs: Any) -> Any:
+    proxies = [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)]
+    return proxies[0].tracer.create_proxy("call_function", info, args, kwargs) if proxies else info(*args, **kwargs)
 
 
 def _cloned(value: Any) -> Any:

@@ -223,7 +223,7 @@ def check_same_function(masked: nn.Module, compact: nn.Module, example: tuple[tu
     )
 
 
-class _Reached(Exception):
+class _Reached(BaseException):  # (not an Exception: a model's broad ``except Exception`` must not swallow it)
     """Raised by a pre-hook to stop a forward once a module's inputs are recorded."""
 
 
