@@ -267,7 +267,7 @@ def test_calls_the_trace_cannot_take_run_the_modules_own_code():
         warnings.simplefilter("ignore")
         for attn, masked in [(small.layers[0].self_attn, model.layers[0].self_attn)]:
             ours, theirs = [], []
-            for step in range(2):  # ``past_key_value`` is renamed to ``cache`` by the decorator only
+            for _ in range(2):  # ``past_key_value`` is renamed to ``cache`` by the decorator only
                 torch.testing.assert_close(attn(h, past_key_value=ours)[0], masked(h, past_key_value=theirs)[0])
             assert len(ours) == 2 and ours[0].shape[2] == 6
         cross, masked = small.layers[0].cross_attn, model.layers[0].cross_attn  # traced with key_value_states
