@@ -243,9 +243,10 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
         heads = (widths or {}).get(path, (0, 0, 0, 0))[2:]
         if not isinstance(out, Exception) and (relative_error(ref, out) <= tol or same_but_heads(ref, out, heads) <= tol):
             continue  # (its attention probabilities, if returned, have fewer heads: the model check judges them)
-        call = inputs_in(compact, path, example) or (args, kwargs)  # inputs cut before the module are cut here too
-        out = _call(target, *call) if call[0] is not args else out
-        if not isinstance(out, Exception) and relative_error(ref, out) <= tol:
+        fresh = inputs_in(compact, path, example)  # inputs cut before the module are cut here too
+        call = fresh or (args, kwargs)
+        out = _call(target, *call) if fresh else out
+        if not isinstance(out, Exception) and (relative_error(ref, out) <= tol or same_but_heads(ref, out, heads) <= tol):
             continue
         if path in (widths or {}):
             w0, w1, h0, h1 = widths[path]

@@ -65,6 +65,8 @@ class ValueTracer(fx.Tracer):
 
     def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                      type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        if target is torch.nn.functional.scaled_dot_product_attention and isinstance(kwargs.get("is_causal"), fx.Proxy):
+            kwargs = dict(kwargs, is_causal=self.decide("bool", kwargs["is_causal"]))  # a Python bool for export
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self.inputs is not None:
             self.values[proxy.node] = self._evaluate(proxy.node)
