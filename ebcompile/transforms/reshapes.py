@@ -241,12 +241,11 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
         target = compact.get_submodule(path)
         out = _call(target, args, kwargs)
         heads = (widths or {}).get(path, (0, 0, 0, 0))[2:]
-        if not isinstance(out, Exception) and (relative_error(ref, out) <= tol or same_but_heads(ref, out, heads) <= tol):
-            continue  # (its attention probabilities, if returned, have fewer heads: the model check judges them)
+        if _computes(ref, out, heads, tol):
+            continue
         fresh = inputs_in(compact, path, example)  # inputs cut before the module are cut here too
         call = fresh or (args, kwargs)
-        out = _call(target, *call) if fresh else out
-        if not isinstance(out, Exception) and (relative_error(ref, out) <= tol or same_but_heads(ref, out, heads) <= tol):
+        if fresh and _computes(ref, out := _call(target, *call), heads, tol):
             continue
         if path in (widths or {}):
             w0, w1, h0, h1 = widths[path]
@@ -255,20 +254,19 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
             if changed and not isinstance(out, Exception) and same_but_heads(ref, out, (h0, h1)) <= tol:
                 continue
             undo_widths(changed)
-        rows = {}
+        rows, cut = {}, {}  # kept output rows per linear inside the module; every cut of its tensors (for padding)
         for (name, dim), idx in removed.items():
+            if not (name.startswith(path + ".") and idx):
+                continue
+            cut.setdefault(name[len(path) + 1:], {})[dim] = sorted(idx)
             owner, attr = split_name(name)
-            if dim == 0 and attr == "weight" and owner.startswith(path + ".") and idx:
+            if dim == 0 and attr == "weight":
                 size = masked.get_submodule(owner).weight.shape[0]
                 rows[owner[len(path) + 1:]] = ~np.isin(np.arange(size), sorted(idx))
         original = masked.get_submodule(path)
         if _rewrite(original, target, rows, (args, kwargs), call, ref, tol, False):
             done.append(path)
             continue
-        cut = {}
-        for (name, dim), idx in removed.items():
-            if name.startswith(path + ".") and idx:
-                cut.setdefault(name[len(path) + 1:], {})[dim] = sorted(idx)
         try:
             padding = padding_of(original, target, cut)
         except (AttributeError, KeyError, IndexError):  # a cut tensor the module does not hold by that name
@@ -279,6 +277,12 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
         if failed is not None and isinstance(out := _call(target, *call), Exception):
             failed[path] = f"{type(out).__name__}: {str(out).splitlines()[0][:200] if str(out) else ''}"
     return done
+
+
+def _computes(ref: Any, out: Any, heads: tuple[int, int], tol: float) -> bool:
+    """Whether ``out`` is ``ref`` (a per-head output, its attention probabilities, may have fewer heads: the model
+    check judges those)."""
+    return not isinstance(out, Exception) and (relative_error(ref, out) <= tol or same_but_heads(ref, out, heads) <= tol)
 
 
 def _rewrite(original: nn.Module, target: nn.Module, rows: dict[str, np.ndarray], example: tuple[tuple, dict],
