@@ -24,7 +24,6 @@ freshly built model, without storing or running code from the checkpoint.
 from __future__ import annotations
 
 import functools
-import inspect
 import operator
 import types
 import warnings
@@ -38,7 +37,17 @@ from ..analysis.feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, ke
 from ..names import split_name
 from ..plan import Plan
 from .counts import WIDTH_ATTRS
-from .trace_values import FIXED, PADDED_WARNED, call_as_traced, failed_guard, padding_of, replay, run_padded, trace_with_values
+from .trace_values import (
+    FIXED,
+    PADDED_WARNED,
+    call_as_traced,
+    failed_guard,
+    forward_signature,
+    padding_of,
+    replay,
+    run_padded,
+    trace_with_values,
+)
 from .verify import _tensors, compute_dtype, evaluating, example_for, inputs_in, relative_error, running_as, tolerance_for
 from .width_attrs import rewrite_widths, same_but_heads, undo_widths
 
@@ -157,7 +166,7 @@ def install_rewrite(original: nn.Module, target: nn.Module, changes: dict[str, d
                 target.__dict__[str(n.target)] = getattr(gm, str(n.target))
         forwards[mode] = type(gm).forward
     call = (lambda f, module, args, kwargs: f(module, *args, **kwargs)) if record is None else \
-        functools.partial(call_as_traced, inspect.signature(inspect.unwrap(type(original).forward)), record,
+        functools.partial(call_as_traced, forward_signature(original), record,
                           changes.get("padding"))
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -25,8 +25,8 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-__all__ = ["ValueTracer", "trace_with_values", "replay", "call_as_traced", "FIXED", "PADDED_WARNED", "padding_of", "run_padded", "failed_guard",
-           "GUARD", "concrete_arguments", "TraceRecord"]
+__all__ = ["ValueTracer", "trace_with_values", "replay", "call_as_traced", "forward_signature", "FIXED", "PADDED_WARNED",
+           "padding_of", "run_padded", "failed_guard", "GUARD", "concrete_arguments", "TraceRecord"]
 
 TraceRecord = dict[str, Any]  # {"concrete": {arg: value}, "decisions": [[kind, value, guarded], ...]}
 PADDED_WARNED = "_ebcompile_padded_warned"
@@ -194,18 +194,19 @@ def trace_with_values(module: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.
     return fx.GraphModule(tracer.root, graph, type(module).__name__), record
 
 
-def _signature(module: nn.Module) -> inspect.Signature:
+def forward_signature(module: nn.Module) -> inspect.Signature:
+    """The signature of ``module``'s class forward under its decorators (``self`` first)."""
     return inspect.signature(inspect.unwrap(type(module).forward))
 
 
 def _is_varkw(module: nn.Module, name: str) -> bool:
-    p = _signature(module).parameters.get(name)
+    p = forward_signature(module).parameters.get(name)
     return p is not None and p.kind is p.VAR_KEYWORD
 
 
 def _mark_fixed(graph: fx.Graph, module: nn.Module, concrete: dict[str, Any]) -> None:
     """``node.meta[FIXED]`` on each placeholder fx renamed for a fixed argument (``key_value_states_1``)."""
-    params = _signature(module).parameters
+    params = forward_signature(module).parameters
     for n in graph.nodes:
         if n.op == "placeholder" and str(n.target) not in params and str(n.target).rpartition("_")[0] in concrete:
             n.meta[FIXED] = True
