@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-STAGES = ("load", "dense", "dense_onnx", "prepare", "ticket", "compact", "equal", "onnx", "save_load")
+STAGES = ("load", "dense", "dense_onnx", "prepare", "train", "ticket", "compact", "equal", "onnx", "save_load")
+IMPORTANCE = ("magnitude", "taylor", "activation", "gate")
+TRAIN_STEPS = 3  # a few AdamW steps on the tester's inputs: data-aware importance needs gradients or activations seen
 KINDS = ("head", "kv", "expert", "neuron")
 RATIO = 0.3
 RTOL, ATOL = 1e-4, 1e-5
@@ -176,13 +178,36 @@ def new_row(family: str) -> dict[str, Any]:
             "dense_onnx": "", "found": {}, "cut": {}, "max_diff": None, "stubs": [], "seconds": 0.0, "stage_seconds": {}}
 
 
-def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None] = lambda row: None) -> dict[str, Any]:
-    """Every stage for one family; returns (and reports after each stage) the row."""
+def train_steps(model: torch.nn.Module, inputs: dict[str, Any], importance: str) -> None:
+    """``TRAIN_STEPS`` AdamW steps minimising the mean square of every float output (the testers give no labels), so
+    that ``taylor`` sees gradients, ``activation`` forward passes and ``gate`` trained gates before the ticket."""
+    import ebcompile
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(TRAIN_STEPS):
+        outs = [t for t in tensors_of(model(**inputs)) if t.is_floating_point() and t.requires_grad]
+        if not outs:
+            raise RuntimeError("no output of the model has a gradient")
+        sum(t.float().pow(2).mean() for t in outs).backward()
+        if importance == "gate":
+            ebcompile.add_gate_penalty_grad(model, 1e-4)
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None] = lambda row: None,
+               importance: str = "magnitude") -> dict[str, Any]:
+    """Every stage for one family; returns (and reports after each stage) the row. A data-aware ``importance`` adds
+    the ``train`` stage (``train_steps``) between prepare and ticket."""
     from _zoo_suite import load_family
 
     import ebcompile
 
     row = new_row(family)
+    if importance != "magnitude":
+        row["importance"] = importance
     start = time.perf_counter()
     state: dict[str, Any] = {}
 
@@ -233,8 +258,12 @@ def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None]
 
     def prepare() -> None:
         state["model"] = ebcompile.prepare(state["model"], state["loaded"].inputs, ratio=RATIO, structure="structured",
-                                           importance="magnitude")
+                                           importance=importance)
         row["found"], state["kind_of"] = found_units(state["model"])
+
+    def train() -> None:
+        if importance != "magnitude":
+            train_steps(state["model"], state["loaded"].inputs, importance)
 
     def ticket() -> None:
         t = state["ticket"] = ebcompile.draw_ticket(state["model"], RATIO)
@@ -264,9 +293,11 @@ def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None]
         max_diff(state["small_out"], run_model(back, state["loaded"].inputs))
 
     with tempfile.TemporaryDirectory(prefix=f"zoo-{family}-") as tmp:
-        steps = dict(load=load, dense=dense, dense_onnx=dense_onnx, prepare=prepare, ticket=ticket, compact=compact,
+        steps = dict(load=load, dense=dense, dense_onnx=dense_onnx, prepare=prepare, train=train, ticket=ticket, compact=compact,
                      equal=equal, onnx=onnx, save_load=save_load)
         for name in STAGES:
+            if name == "train" and importance == "magnitude":
+                continue
             if not stage(name, steps[name], fatal=name != "dense_onnx"):
                 if name == "load" and NO_TESTER in row["reason"]:
                     row["status"] = "skip"  # integration tests only (xlm_roberta, camembert): no tiny model to build

@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
 from _zoo_report import markdown  # noqa: E402
+from _zoo_stages import IMPORTANCE  # noqa: E402
 from _zoo_suite import SuiteError, families, fetch_suite, suite_root  # noqa: E402
 
 DECODERS = ("llama mistral qwen2 qwen3 gemma gemma2 gemma3 phi phi3 gpt2 gptj codegen gpt_bigcode gpt_neox falcon olmo "
@@ -61,7 +62,7 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def child(family: str, suite: Path, row_path: Path) -> int:
+def child(family: str, suite: Path, row_path: Path, importance: str = "magnitude") -> int:
     """The per-family process: one thread, quiet transformers, the row written after every stage."""
     import torch
     import transformers
@@ -70,7 +71,7 @@ def child(family: str, suite: Path, row_path: Path) -> int:
     transformers.logging.set_verbosity_error()
     from _zoo_stages import run_family
 
-    row = run_family(suite, family, lambda r: write_atomic(row_path, json.dumps(r)))
+    row = run_family(suite, family, lambda r: write_atomic(row_path, json.dumps(r)), importance)
     return 0 if row["status"] == "pass" else 1
 
 
@@ -78,9 +79,10 @@ ENV = dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="fal
            TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
 
 
-def _spawned(family: str, suite: Path, row_path: Path, timeout: float) -> tuple[int | None, str]:
+def _spawned(family: str, suite: Path, row_path: Path, timeout: float, importance: str) -> tuple[int | None, str]:
     """A fresh interpreter per family (imports everything itself): (exit code or None on timeout, stderr)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--suite", str(suite), "--child", family, "--row", str(row_path)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--suite", str(suite), "--child", family, "--row", str(row_path),
+           "--importance", importance]
     proc = subprocess.Popen(cmd, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -92,7 +94,7 @@ def _spawned(family: str, suite: Path, row_path: Path, timeout: float) -> tuple[
         return None, err or ""
 
 
-def _forked(family: str, suite: Path, row_path: Path, timeout: float) -> tuple[int | None, str]:
+def _forked(family: str, suite: Path, row_path: Path, timeout: float, importance: str) -> tuple[int | None, str]:
     """A fork of this (warmed-up, single-threaded) process per family: the suite's helpers are imported once."""
     err_path = row_path.with_name("stderr.txt")
     pid = os.fork()
@@ -103,7 +105,7 @@ def _forked(family: str, suite: Path, row_path: Path, timeout: float) -> tuple[i
             fd = os.open(err_path, os.O_WRONLY | os.O_CREAT, 0o600)
             os.dup2(fd, 2)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            code = child(family, suite, row_path)
+            code = child(family, suite, row_path, importance)
         except BaseException:  # noqa: BLE001 - the row already says the stage; the traceback goes to stderr.txt
             import traceback
 
@@ -139,14 +141,14 @@ def _warm(suite: Path) -> None:
     warm_up(suite)
 
 
-def run_one(family: str, suite: Path, timeout: float, fork: bool = False) -> dict[str, Any]:
+def run_one(family: str, suite: Path, timeout: float, fork: bool = False, importance: str = "magnitude") -> dict[str, Any]:
     """Run ``family`` in a child process; a timeout or crash becomes the row's reason at the stage it reached."""
     from _zoo_stages import new_row
 
     with tempfile.TemporaryDirectory(prefix="hf-zoo-") as tmp:
         row_path = Path(tmp) / "row.json"
         start = time.perf_counter()
-        code, err = (_forked if fork else _spawned)(family, suite, row_path, timeout)
+        code, err = (_forked if fork else _spawned)(family, suite, row_path, timeout, importance)
         note = (f"Timeout: over {timeout:.0f} s" if code is None else
                 None if code in (0, 1) else f"Crash: child exited with {code}")
         try:
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "ZOO.md")
     p.add_argument("--in-process", action="store_true", help="run families in this process (no timeout; debugging, tests)")
     p.add_argument("--spawn", action="store_true", help="a fresh interpreter per family instead of a fork of a warm one")
+    p.add_argument("--importance", default="magnitude", choices=IMPORTANCE,
+                   help="how the ticket ranks units; a data-aware kind first trains a few steps on the tester's inputs")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf_zoo: {exc}", file=sys.stderr)
         return 2
     if args.child:
-        return child(args.child, suite, args.row)
+        return child(args.child, suite, args.row, args.importance)
     available = families(suite)
     chosen = [f.strip() for f in args.families.split(",") if f.strip()] or order(available)
     unknown = [f for f in chosen if f not in available]
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = {r["family"]: r for r in json.loads(args.json.read_text()).get("rows", [])}
     todo = [f for f in chosen if args.rerun or f not in rows]
     todo = todo[:args.limit] if args.limit else todo
-    command = "python bench/hf_zoo.py --suite SUITE" + (f" --timeout {args.timeout:.0f}" if args.timeout != 90 else "")
+    command = ("python bench/hf_zoo.py --suite SUITE" + (f" --timeout {args.timeout:.0f}" if args.timeout != 90 else "")
+               + (f" --importance {args.importance}" if args.importance != "magnitude" else ""))
     meta = {"source": source_of(suite), "command": command}
 
     def publish() -> None:
@@ -226,12 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.in_process:
             from _zoo_stages import run_family  # noqa: I001
 
-            runs = map(lambda f: run_family(suite, f), todo)
+            runs = map(lambda f: run_family(suite, f, importance=args.importance), todo)
         elif args.jobs == 1 and hasattr(os, "fork") and not args.spawn and todo:
             _warm(suite)
-            runs = (run_one(f, suite, args.timeout, fork=True) for f in todo)
+            runs = (run_one(f, suite, args.timeout, fork=True, importance=args.importance) for f in todo)
         else:
-            runs = pool.map(lambda f: run_one(f, suite, args.timeout), todo)
+            runs = pool.map(lambda f: run_one(f, suite, args.timeout, importance=args.importance), todo)
         for i, row in enumerate(runs):
             rows[row["family"]] = row
             publish()
