@@ -128,7 +128,7 @@ def _check_model(s: State) -> None:
 
 
 def _check_importance(s: State) -> None:
-    check_plan_kind(s.options.importance, s.plan, s.structure)
+    check_plan_kind(s.options.importance, s.plan, s.structure, s.model)
 
 
 def _insert_masks(s: State) -> None:
@@ -148,7 +148,7 @@ PREPARE = Pipeline("prepare", ("model", "example_inputs", "options", "ratio"), [
     Pass("check_model", _check_model, ("model", "example_inputs", "ratio"), ("ratio", "example"),
          doc="a plain, materialized, unwrapped module and a ratio in (0, 1); the example as (args, kwargs)"),
     *ANALYSE.passes,
-    Pass("check_importance", _check_importance, ("plan", "structure", "options"),
+    Pass("check_importance", _check_importance, ("model", "plan", "structure", "options"),
          doc="the importance kind can rank this plan (e.g. taylor needs trainable masked weights)"),
     Pass("insert_masks", _insert_masks, ("model", "tensors"), (), preserves=True,
          doc="a mask parametrization on every tensor, all ones: the model computes what it did"),

@@ -109,17 +109,21 @@ def test_a_search_of_another_kind_does_not_load_into_auto(tmp_path):
     assert config_of(frozen).importance == "taylor"
 
 
-def test_fused_experts_choose_between_activation_and_magnitude():
-    """taylor does not score fused 3-D experts, so auto never offers it there (no error at prepare)."""
-    from test_moe import build, text_batch
+def test_fused_experts_choose_like_any_model():
+    """Fused 3-D experts are scored by every kind: trained, auto chooses taylor; only run forward, activation."""
+    from test_moe import build, text_batch, train
 
     inputs = text_batch()
     model = ebcompile.prepare(build("mixtral"), inputs, ratio=0.3, structure="structured")
-    assert "taylor" not in tracker_of(model).candidates
-    with torch.no_grad():
-        model(**inputs)
+    assert set(tracker_of(model).candidates) == {"taylor", "activation", "magnitude"}
+    train(model, "taylor")
     ebcompile.EarlyBird(model).check()
-    assert config_of(model).importance == "activation"
+    assert config_of(model).importance == "taylor"
+    frozen = ebcompile.prepare(build("mixtral"), inputs, ratio=0.3, structure="structured")
+    with torch.no_grad():
+        frozen(**inputs)
+    ebcompile.EarlyBird(frozen).check()
+    assert config_of(frozen).importance == "activation"
 
 
 def test_unknown_kind_names_auto():

@@ -9,7 +9,8 @@ from torch import nn
 
 import ebcompile
 from ebcompile.errors import ConfigError, ImportanceDataError
-from ebcompile.prepare import current_masks
+from ebcompile.prepare import current_masks, tracker_of
+from ebcompile.search.scoring import Importance
 
 KINDS = ["magnitude", "taylor", "activation", "gate"]
 
@@ -137,6 +138,30 @@ def test_activation_works_with_frozen_weights():
     opt.step()
     with pytest.raises(ImportanceDataError, match="Fix: .*activation"):
         ebcompile.EarlyBird(frozen).check()
+
+
+def test_taylor_ranks_units_without_gradients_by_magnitude_and_says_so():
+    """An FFN the loss reaches with no gradient (frozen, or read only through a top-k choice: DeepSeek's sparse
+    attention indexer) is ranked by magnitude with a warning; the FFNs that train still rank by |w * g|."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 16), nn.ReLU(),
+                          nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(32, 8)
+    ebcompile.prepare(model, (x,), ratio=0.25, structure="structured", scope="layer", importance="taylor")
+    for i in (4, 6):  # the second FFN frozen
+        for p in model[i].parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    tracker, groups = tracker_of(model), {g.name: g for g in model._ebcompile.plan.groups}
+    with pytest.warns(UserWarning, match=r"no gradient for \d+ masked tensors.*magnitude"):
+        tracker.begin_draw(fresh=False, sync=False)
+    magnitude = Importance(model, model._ebcompile.plan, "structured")
+    torch.testing.assert_close(tracker.unit_scores(groups["4"]), magnitude.unit_scores(groups["4"]))
+    assert not torch.allclose(tracker.unit_scores(groups["0"]), magnitude.unit_scores(groups["0"]))
+    tracker.end_draw(fresh=False)
+    current_masks(model)  # the draw goes through
 
 
 def test_no_data_since_the_last_check_is_refused_before_anything_changes():

@@ -13,7 +13,8 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 import ebcompile
-from ebcompile.errors import ConfigError, TicketMismatchError
+from ebcompile.errors import TicketMismatchError
+from ebcompile.prepare import tracker_of
 from ebcompile.search.importance import expand_units
 
 import zoo
@@ -49,12 +50,30 @@ def build(name: str, impl: str = "batched_mm"):
 def ticketed(name: str, importance: str = "magnitude", scope: str = "global", ratio: float = 0.4, impl: str = "batched_mm"):
     x = text_batch()
     model = ebcompile.prepare(build(name, impl), x, structure="structured", ratio=ratio, scope=scope, importance=importance)
-    if importance != "magnitude":
+    if importance in ("taylor", "gate"):  # they read gradients: a few language-model steps
+        train(model, importance)
+    elif importance != "magnitude":
         with torch.no_grad():
             for seed in range(3):
                 model(**text_batch(batch=4, seed=seed))
     ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
     return model.eval(), x
+
+
+def train(model, importance: str, steps: int = 3) -> list[dict[str, torch.Tensor]]:
+    """``steps`` AdamW steps of the language-model loss; returns each step's gradients (read before the step)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    grads = []
+    for seed in range(steps):
+        x = text_batch(batch=4, seed=seed)
+        model(**x, labels=x["input_ids"]).loss.backward()
+        if importance == "gate":
+            ebcompile.add_gate_penalty_grad(model, 1e-3)
+        grads.append({n: (p.detach().clone(), p.grad.detach().clone()) for n, p in model.named_parameters()
+                      if p.grad is not None})
+        opt.step()
+        opt.zero_grad()
+    return grads
 
 
 def logits(model, x):
@@ -80,7 +99,7 @@ def test_experts_and_expert_neurons_are_found(name):
         assert f"model.layers.{i}.mlp.gate" not in model._ebcompile.plan.skipped
 
 
-@pytest.mark.parametrize("importance", ["magnitude", "activation"])
+@pytest.mark.parametrize("importance", ["magnitude", "activation", "taylor", "gate"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_compact_removes_experts_and_neurons_and_computes_what_the_masked_model_computes(name, importance):
     masked, x = ticketed(name, importance)
@@ -187,14 +206,63 @@ def test_onnx_export_of_the_compact_model_verifies(name, tmp_path):
     assert report.max_abs_error is not None and report.max_abs_error < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["taylor", "gate"])
-def test_kinds_without_expert_scores_are_refused_before_anything_changes(kind):
-    model = build("mixtral")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ConfigError, match="activation"):
-        ebcompile.prepare(model, text_batch(), structure="structured", importance=kind)
-    assert not hasattr(model, "_ebcompile") and set(model.state_dict()) == set(before)  # no masks, no parametrizations
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_taylor_scores_experts_and_their_neurons_by_weight_times_gradient(name):
+    """A whole expert's score is the mean over steps of |w * dL/dw| summed over its router row and its slices of the
+    fused tensors; an expert neuron's, over its rows of gate/up and its column of down, expert by expert."""
+    model = ebcompile.prepare(build(name), text_batch(), structure="structured", ratio=0.4, importance="taylor")
+    grads = train(model, "taylor")
+    tracker = tracker_of(model)
+    tracker.begin_draw(fresh=True, sync=False)
+    groups = {(g.kind, g.name): g for g in model._ebcompile.plan.groups}
+    for i in range(2):
+        path = f"model.layers.{i}.mlp"
+
+        def taylor(tensor: str, keep: tuple[int, ...], path: str = path) -> torch.Tensor:
+            total = 0
+            for step in grads:
+                w, g = _param_name(step, f"{path}.{tensor}")
+                prod = (w * g).abs()
+                total = total + prod.sum([d for d in range(prod.dim()) if d not in keep])
+            return total / len(grads)
+
+        experts = taylor("gate.weight", (0,)) + taylor("experts.gate_up_proj", (0,)) + taylor("experts.down_proj", (0,))
+        torch.testing.assert_close(tracker.unit_scores(groups["expert", f"{path}.experts"]), experts)
+        width = build(name).config.__dict__[MODELS[name][2]]
+        up = taylor("experts.gate_up_proj", (0, 1))  # [E, 2I]: gate rows, then up rows
+        neurons = up[:, :width] + up[:, width:] + taylor("experts.down_proj", (0, 2))
+        torch.testing.assert_close(tracker.unit_scores(groups["neuron", f"{path}.experts"]), neurons.flatten())
+    tracker.end_draw(fresh=True)
+
+
+def _param_name(step: dict, tensor: str) -> tuple[torch.Tensor, torch.Tensor]:
+    owner, attr = tensor.rsplit(".", 1)
+    return step.get(tensor) or step[f"{owner}.parametrizations.{attr}.original"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_gates_scale_each_experts_output_and_the_lowest_are_cut(name):
+    """importance="gate" learns a coefficient per expert on its slice of the down tensor (the expert's output is
+    linear in it) and one per expert neuron on its column of down; the ticket cuts the lowest |gate|."""
+    x = text_batch()
+    model = ebcompile.prepare(build(name), x, structure="structured", ratio=0.4, importance="gate").eval()
+    block = moe_blocks(model)[0]
+    mask = block.experts.parametrizations.down_proj[0]
+    expert_gate, neuron_gate = mask.gates  # the whole-expert gate, then the per-expert neuron gate
+    experts, width = block.experts.down_proj.shape[0], block.experts.down_proj.shape[2]
+    assert expert_gate.shape == (experts,) and neuron_gate.shape == (experts * width,)
+    raw = mask.original if hasattr(mask, "original") else block.experts.parametrizations.down_proj.original
+    with torch.no_grad():
+        expert_gate.copy_(torch.linspace(1.0, 0.5, experts))
+        neuron_gate.copy_(torch.rand(experts * width, generator=torch.Generator().manual_seed(0)) + 0.5)
+        want = raw * expert_gate[:, None, None] * neuron_gate.reshape(experts, 1, width)
+        torch.testing.assert_close(block.experts.down_proj, want)
+        expert_gate[1] = 0.01  # the least important expert of layer 0
+    ticket = ebcompile.draw_ticket(model)
+    assert not bool(ticket.masks.units["expert:model.layers.0.mlp.experts"][1])
+    ebcompile.apply_ticket(model, ticket)
+    small = ebcompile.compact(model).eval()  # the gates fold into the weights
+    torch.testing.assert_close(logits(small, x), logits(model, x), **TOL)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -245,3 +245,52 @@ def test_a_router_linear_inside_a_router_module_is_found_and_cut_with_its_expert
         torch.testing.assert_close(small(x), m(x))
     torch.manual_seed(0)
     assert_reloads(small, nn.Sequential(nn.Linear(16, 16), WrappedRouterMoE(), nn.Linear(16, 4)).eval(), x, tmp_path / "s")
+
+
+class RoutedTo(MoE):
+    """The experts per token under a name no list knows (``route_to``): the graph's ``topk`` says it."""
+
+    def __init__(self, transposed: bool) -> None:
+        super().__init__(transposed, top_k=3)
+        self.route_to = self.top_k
+        del self.top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.top_k = self.route_to
+        try:
+            return super().forward(x)
+        finally:
+            del self.top_k
+
+
+def test_experts_per_token_under_an_unknown_name_are_read_from_the_graph() -> None:
+    torch.manual_seed(0)
+    m, x = nn.Sequential(nn.Linear(16, 16), RoutedTo(False), RoutedTo(True), nn.Linear(16, 4)).eval(), torch.randn(2, 5, 16)
+    ebcompile.prepare(m, x, ratio=0.9, structure="structured", importance="magnitude")
+    assert [g.min_units for g in m._ebcompile.plan.groups if g.kind == "expert"] == [3, 3]
+    ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
+    small = ebcompile.compact(m, round_to=None).eval()
+    assert [small[i].cond_ffn.w1.shape[0] for i in (1, 2)] == [3, 3]  # the 3 experts each token reads stay
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x))
+
+
+@pytest.mark.parametrize("importance", ["taylor", "gate"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["gpt-fast", "torchtitan"])
+def test_gradient_kinds_rank_separate_gate_experts(importance: str, transposed: bool, tmp_path) -> None:
+    m, x = model(transposed), torch.randn(2, 5, 16)
+    ebcompile.prepare(m, x, ratio=0.4, structure="structured", importance=importance)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    for seed in range(3):
+        batch = torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(seed))
+        m(batch).pow(2).mean().backward()
+        if importance == "gate":
+            ebcompile.add_gate_penalty_grad(m, 1e-3)
+        opt.step()
+        opt.zero_grad()
+    ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
+    small = ebcompile.compact(m, round_to=None).eval()
+    assert sum(small[i].cond_ffn.w1.shape[0] for i in (1, 2)) < 12
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x))
+    assert_reloads(small, model(transposed), x, tmp_path / "s")

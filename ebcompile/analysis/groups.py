@@ -10,6 +10,8 @@ residual widths are never grouped.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import fx, nn
 
 from ..capture.types import Captured
@@ -19,6 +21,7 @@ from ..plan import GroupSet
 from .experts import find_expert_groups
 from .experts_flat import find_flat_expert_groups
 from .experts_list import find_list_expert_groups
+from .routers import graph_top_k
 
 __all__ = ["find_groups", "attention_groups"]
 
@@ -47,6 +50,7 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], exa
     graph = _export_graph(cap, example_inputs)
     if graph is None:  # nothing of the model exports: only what registered families and fused experts declare
         return attention_groups(attn, masked) + experts, skipped
+    experts = [_routed_top_k(g, graph) for g in experts]
     captured = set(graph[1].values())
     listed, why_not = find_list_expert_groups(cap.root, masked, captured, example_inputs)  # experts as separate modules
     flat, _ = find_flat_expert_groups(cap.root, masked, captured, example_inputs)  # experts stored [E * I, H]
@@ -59,6 +63,15 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], exa
         why.update(unbound)
     skipped.update({k: v for k, v in why.items() if k not in routers and k not in skipped})
     return attention_groups(attn, masked) + found + experts, skipped
+
+
+def _routed_top_k(group: GroupSet, graph: tuple[fx.Graph, dict[str, str], dict[str, str]]) -> GroupSet:
+    """An expert group keeps at least the experts each token is routed to: the graph's ``topk`` says how many when
+    it says more than the attributes did (``routers.top_k_of`` reads 1 where no attribute it knows holds it)."""
+    if group.kind != "expert":
+        return group
+    k = graph_top_k(graph[0], graph[1], group.members[0].tensor)
+    return replace(group, min_units=k) if k is not None and k > group.min_units else group
 
 
 def _bind(model: nn.Module, groups: list[GroupSet], example_inputs) -> tuple[list[GroupSet], dict[str, str]]:

@@ -8,7 +8,7 @@ the modules between it and the block, the block, then their configs (``families.
 
 from __future__ import annotations
 
-from torch import nn
+from torch import fx, nn
 
 from ..families import hf_moe
 
@@ -73,3 +73,21 @@ def per_expert(module: nn.Module, experts: int, recurse: bool = False) -> list[t
         if name not in ("weight", "bias") and len(big) == 1 and t.shape[big[0]] == experts:
             found.append((name, big[0]))
     return found
+
+
+def graph_top_k(graph: fx.Graph, param_of: dict[str, str], router_weight: str, limit: int = 64) -> int | None:
+    """The ``k`` of the first ``topk`` the router weight's values reach in the captured graph (breadth first, at most
+    ``limit`` nodes): what the example really routes with, whatever the attribute holding it is called."""
+    start = [n for n in graph.nodes if n.op in ("placeholder", "get_attr") and param_of.get(n.name) == router_weight]
+    seen, queue = set(start), list(start)
+    while queue and len(seen) <= limit:
+        node = queue.pop(0)
+        name = getattr(node.target, "__name__", str(node.target))
+        if node.op == "call_function" and name.split(".")[0] == "topk":
+            k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
+            return k if isinstance(k, int) and not isinstance(k, bool) else None
+        for user in node.users:
+            if user not in seen:
+                seen.add(user)
+                queue.append(user)
+    return None

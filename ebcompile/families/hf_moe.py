@@ -30,7 +30,7 @@ LAYOUT_FLAGS = {"is_transposed": False, "is_concatenated": True}
 # module attributes (experts container and router) holding the expert count, and the experts' width
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 EXPERT_WIDTHS = ("intermediate_dim", "moe_intermediate_size", "expert_dim", "ffn_hidden_size")
-TOP_K = ("top_k", "num_experts_per_tok")
+TOP_K = ("top_k", "num_experts_per_tok", "top_k_experts", "moe_topk", "num_experts_per_token", "experts_per_token")
 
 # config fields: the expert count and the per-expert width (the first one the config has)
 CONFIG_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")

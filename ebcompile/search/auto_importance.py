@@ -21,10 +21,10 @@ import warnings
 import torch
 from torch import nn
 
-from ..analysis.experts import install_routing, is_expert_group
+from ..analysis.experts import install_routing
 from ..errors import ConfigError
 from ..plan import GroupSet, Plan
-from .scorers import ActivationImportance, GateImportance, TaylorImportance, check_kind, check_plan_kind
+from .scorers import ActivationImportance, GateImportance, TaylorImportance, check_kind
 from .scoring import Importance
 
 __all__ = ["AutoImportance", "make_importance"]
@@ -37,10 +37,7 @@ class AutoImportance(Importance):
 
     def __init__(self, model: nn.Module, plan: Plan, structure: str) -> None:
         super().__init__(model, plan, structure)
-        fused_experts = structure == "structured" and any(is_expert_group(g) for g in plan.groups)
-        self.candidates: dict[str, Importance] = {}
-        if not fused_experts:  # taylor does not score fused 3-D experts (scorers.check_plan_kind)
-            self.candidates["taylor"] = TaylorImportance(model, plan, structure)
+        self.candidates: dict[str, Importance] = {"taylor": TaylorImportance(model, plan, structure)}
         self.candidates["activation"] = ActivationImportance(model, plan, structure)
         self.candidates["magnitude"] = Importance(model, plan, structure)
         self.chosen: Importance | None = None
@@ -133,7 +130,6 @@ class AutoImportance(Importance):
 def make_importance(kind: str, model: nn.Module, plan: Plan, structure: str) -> Importance:
     """The tracker for ``kind``, attached to ``model`` (hooks and gates installed); masks must be inserted first.
     Also installs the routing hooks of mixture-of-experts layers (``analysis.experts``): a masked expert is never routed to."""
-    check_plan_kind(kind, plan, structure)
     if structure == "structured":
         install_routing(model, plan)
     classes = {"auto": AutoImportance, "magnitude": Importance, "taylor": TaylorImportance,

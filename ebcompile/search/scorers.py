@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..analysis.experts import is_expert_group
-from ..errors import ConfigError, ImportanceDataError
+from ..errors import ConfigError
 from ..names import split_name
 from ..plan import GroupSet, Member, Plan
 from ..transforms.masks import iter_masks
@@ -58,14 +58,18 @@ class TaylorImportance(_Cumulative):
 
     def __init__(self, model: nn.Module, plan: Plan, structure: str) -> None:
         super().__init__(model, plan, structure)
+        self.per_expert: set[tuple[str, int]] = set()
         if structure == "structured":
             self.keys = sorted({member_key(m) for g in plan.groups for m in g.members if m.masked})
+            # a fused 3-D expert tensor's neurons (``analysis.experts``): the sums keep the expert dim too, [E, width]
+            self.per_expert |= {member_key(m) for g in plan.groups for m in g.members if m.masked and m.batched}
         else:
             self.keys = [(op.weight, -1) for op in plan.linears]  # -1: element-wise
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
         self.steps = 0  # optimizer steps in the sums (all since prepare)
         self.window = 0  # ... of which since the last check
         self.current: dict[tuple[str, int], torch.Tensor] | None = None
+        self._warned: set[str] = set()
         register_taylor(self)
 
     def observe(self, stepped: set[int]) -> None:
@@ -81,7 +85,8 @@ class TaylorImportance(_Cumulative):
                 prod = (p.detach() * p.grad).abs_().float()  # the product is a fresh tensor: abs in place
                 if key[1] >= 0:
                     dim = key[1] % prod.dim()
-                    other = [d for d in range(prod.dim()) if d != dim]
+                    kept = (0, dim) if key in self.per_expert else (dim,)
+                    other = [d for d in range(prod.dim()) if d not in kept]
                     prod = prod.sum(other) if other else prod
                 self.sums[key] = prod if key not in self.sums else self.sums[key] + prod
                 seen = True
@@ -93,11 +98,13 @@ class TaylorImportance(_Cumulative):
             check_window("taylor", 0, "take optimizer steps between checks (the gradients are read when optimizer.step() "
                          "runs); with frozen weights (LoRA) use importance='activation' or 'gate'.")
         if self.steps:
-            missing = sorted({k[0] for k in self.keys} - {k[0] for k in self.sums})
-            if missing:
-                raise ImportanceDataError(f"importance='taylor' got no gradient for {len(missing)} masked tensors (e.g. "
-                                          f"{missing[0]}): they are frozen or unused. Fix: use importance='activation' or "
-                                          "'gate' with frozen weights (LoRA), or exclude= those layers.")
+            missing = sorted({k[0] for k in self.keys} - {k[0] for k in self.sums} - self._warned)
+            if missing:  # said once: a silent fallback would look like data-aware scores
+                self._warned.update(missing)
+                warnings.warn(f"importance='taylor' got no gradient for {len(missing)} masked tensors (e.g. {missing[0]}: "
+                              "frozen, or read only through a choice such as a top-k index); units with no gradient at "
+                              "all are ranked by magnitude. Fix: importance='activation', or exclude= those layers",
+                              stacklevel=3)
             self._pending = {k: v / self.steps for k, v in self.sums.items()}
         else:
             self._pending = self.current
@@ -111,11 +118,14 @@ class TaylorImportance(_Cumulative):
             vec = self._pending.get(member_key(m)) if m.masked else None
             if vec is None:
                 continue
-            units = full_vector(vec).narrow(0, m.offset, group.units * m.unit_size).reshape(group.units, m.unit_size).sum(1)
+            vec = full_vector(vec)
+            if m.batched:  # [E, width]: each expert's run of ``per_group`` units, expert after expert
+                units = vec.narrow(1, m.offset, group.per_group * m.unit_size).reshape(-1, m.unit_size).sum(1)
+            else:
+                units = vec.narrow(0, m.offset, group.units * m.unit_size).reshape(group.units, m.unit_size).sum(1)
             total = units if total is None else total + units.to(total.device)
-        if total is None:
-            raise ImportanceDataError(f"importance='taylor' has no gradient for any tensor of {group.name}. Fix: use "
-                                      "importance='activation' or 'gate'.")
+        if total is None:  # no member got a gradient (begin_draw warned): magnitude
+            return unit_slice_scores(self._model(), group, lambda _, t: t.float().pow(2), "rms")
         return total
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -308,37 +318,78 @@ class GateImportance(Importance):
         super().__init__(model, plan, structure)
         masks = {name: m for name, _, _, m in iter_masks(model)}
         dims = in_dims(plan)
-        self.slots: dict[str, tuple[str, int]] = {}
+        self.slots: dict[str, list[tuple[str, int]]] = {}  # group -> (tensor, gate index) of each piece of its gate
         for g in plan.groups:
-            member = _gate_member(g, dims)
-            self.slots[f"{g.kind}:{g.name}"] = (member.tensor, masks[member.tensor].add_gate(g.units, member))
+            self.slots[f"{g.kind}:{g.name}"] = [(m.tensor, masks[m.tensor].add_gate(units, m))
+                                                for m, units in gate_slots(model, g, dims, plan)]
 
-    def _gate(self, group: GroupSet) -> torch.Tensor:
-        tensor, index = self.slots[f"{group.kind}:{group.name}"]
-        owner, attr = split_name(tensor)
-        module = self.model.get_submodule(owner)
-        return module.parametrizations[attr][0].gates[index]
+    def _gates(self, group: GroupSet) -> list[torch.Tensor]:
+        out = []
+        for tensor, index in self.slots[f"{group.kind}:{group.name}"]:
+            owner, attr = split_name(tensor)
+            out.append(self.model.get_submodule(owner).parametrizations[attr][0].gates[index])
+        return out
 
     def unit_scores(self, group: GroupSet) -> torch.Tensor:
-        return full_vector(self._gate(group).detach()).abs().float()
+        return torch.cat([full_vector(g.detach()) for g in self._gates(group)]).abs().float()
 
 
-def _gate_member(group: GroupSet, dims: dict[str, int]) -> Member:
+def gate_slots(model: nn.Module, group: GroupSet, dims: dict[str, int], plan: Plan) -> list[tuple[Member, int]]:
+    """Where a group's gate goes, as (member, units) pieces whose gates concatenate to one per unit: a member its
+    output is linear in where there is one (the input side of the linear reading the unit). Mixture-of-experts units:
+    a neuron of fused experts on its column of the down tensor, expert by expert (``analysis.experts`` lists the
+    tensor reading the units last); a whole fused or flat expert on its slice of that tensor; an expert held as a
+    module of its own (``analysis.experts_list``) by one coefficient on the whole input of its down projection."""
+    if any(m.batched for m in group.members):
+        return [(group.members[-1], group.units)]
+    if group.kind == "expert":
+        return _expert_slots(model, group, dims, plan)
     masked = [m for m in group.members if m.masked and m.tensor in dims]
     for m in masked:
         if m.dim % 2 == dims[m.tensor]:  # the input side of a linear: scaling it scales the unit's output
-            return m
-    if not masked:
-        raise ConfigError(f"group {group.name} has no linear weight to gate. Fix: use importance='activation'.")
-    return masked[0]
+            return [(m, group.units)]
+    if masked:
+        return [(masked[0], group.units)]
+    raw = [m for m in group.members if m.masked]  # raw parameters (flat experts' neurons): the reading one is last
+    if not raw:
+        raise ConfigError(f"group {group.name} has no masked tensor to gate. Fix: use importance='activation'.")
+    return [(raw[-1], group.units)]
 
 
-def check_plan_kind(kind: str, plan: Plan, structure: str) -> None:
-    """``kind`` checked against the units ``plan`` found (prepare calls it before inserting any mask)."""
-    if structure == "structured" and kind in ("taylor", "gate") and any(is_expert_group(g) for g in plan.groups):
-        raise ConfigError(f"importance={kind!r} does not score the experts of mixture-of-experts layers (fused 3-D expert "
-                          "tensors) yet. Fix: use importance='activation' (router-weighted) or 'magnitude', or leave the "
-                          "experts whole with exclude= on their routers (e.g. exclude=['*.mlp.gate']).")
+def _expert_slots(model: nn.Module, group: GroupSet, dims: dict[str, int], plan: Plan) -> list[tuple[Member, int]]:
+    from ..analysis.experts_list import _experts
+
+    router = split_name(group.members[0].tensor)[0]
+    own = [m for m in group.members if m.masked and split_name(m.tensor)[0] != router]
+    neurons = next((g for g in plan.groups if g.kind == "neuron" and g.name == group.name), None)
+    if own and neurons is not None:  # fused [E, ...] or flat [E * I, ...] tensors: the slice of the one reading
+        reading = neurons.members[-1].tensor
+        member = next((m for m in own if m.tensor == reading), None)
+        if member is not None:
+            return [(member, group.units)]
+    container = model.get_submodule(group.module or group.name)
+    pieces = []
+    for key in _experts(container):
+        prefix = f"{group.module or group.name}.{key}."
+        inner = [g for g in plan.groups if g.kind == "neuron" and g.name.startswith(prefix)]
+        if len(inner) != 1:
+            break
+        m, _ = gate_slots(model, inner[0], dims, plan)[0]
+        size = _stored(model, m.tensor).shape[m.dim]
+        pieces.append((Member(m.tensor, m.dim, 0, size), 1))
+    if len(pieces) != group.units:
+        raise ConfigError(f"the experts of {group.name} have no down projection to gate. Fix: use importance='activation' "
+                          "or 'taylor'.")
+    return pieces
+
+
+def check_plan_kind(kind: str, plan: Plan, structure: str, model: nn.Module) -> None:
+    """``kind`` checked against the units ``plan`` found (prepare calls it before inserting any mask): every unit
+    ``gate`` would learn a coefficient for has a member to scale."""
+    if kind == "gate" and structure == "structured":
+        dims = in_dims(plan)
+        for g in plan.groups:
+            gate_slots(model, g, dims, plan)
 
 
 def check_kind(kind: Any, structure: str) -> str:

@@ -35,7 +35,7 @@ class WeightMask(nn.Module):
         self.active = False  # False while all ones: no multiply, bit-exact original forward
         self.frozen = False  # True once a ticket is applied
         self.gates = nn.ParameterList()  # one coefficient per unit of a group, initialised to 1
-        self.gate_slices: list[tuple[int, int, int]] = []  # (dim, offset, unit_size) each gate scales
+        self.gate_slices: list[tuple[int, int, int, int]] = []  # (dim, offset, unit_size, experts or 0) each gate scales
         self.gated = False
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -44,22 +44,26 @@ class WeightMask(nn.Module):
         return weight * self.gate_scale(weight) if self.gated else weight
 
     def add_gate(self, units: int, member: Any) -> int:
-        """A new gate of ``units`` coefficients over ``member``'s slice (a ``plan.Member``); returns its index."""
+        """A new gate of ``units`` coefficients over ``member``'s slice (a ``plan.Member``); returns its index. A
+        ``batched`` member (a fused 3-D expert tensor) is gated per expert: ``units`` = experts x units per expert."""
         self.gates.append(nn.Parameter(torch.ones(units, device=self.mask.device)))
-        self.gate_slices.append((member.dim % self.mask.dim(), member.offset, member.unit_size))
+        experts = self.mask.shape[0] if getattr(member, "batched", False) else 0
+        self.gate_slices.append((member.dim % self.mask.dim(), member.offset, member.unit_size, experts))
         self.gated = True
         return len(self.gates) - 1
 
     def gate_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """The product of every gate, expanded to a tensor that broadcasts against ``weight``."""
         scale = None
-        for gate, (dim, offset, unit) in zip(self.gates, self.gate_slices):
+        for gate, (dim, offset, unit, experts) in zip(self.gates, self.gate_slices):
             size = weight.shape[dim]
-            g = gate.to(weight.dtype).repeat_interleave(unit)
+            g = gate.to(weight.dtype).reshape(max(experts, 1), -1).repeat_interleave(unit, 1)
             ones = weight.new_ones(())
-            vec = torch.cat([ones.expand(offset), g, ones.expand(size - offset - g.numel())])
+            vec = torch.cat([ones.expand(g.shape[0], offset), g, ones.expand(g.shape[0], size - offset - g.shape[1])], 1)
             shape = [1] * weight.dim()
             shape[dim] = size
+            if experts:
+                shape[0] = experts
             vec = vec.reshape(shape)
             scale = vec if scale is None else scale * vec
         return scale
