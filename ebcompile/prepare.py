@@ -149,7 +149,7 @@ PREPARE = Pipeline("prepare", ("model", "example_inputs", "options", "ratio"), [
          doc="a plain, materialized, unwrapped module and a ratio in (0, 1); the example as (args, kwargs)"),
     *ANALYSE.passes,
     Pass("check_importance", _check_importance, ("model", "plan", "structure", "options"),
-         doc="the importance kind can rank this plan (e.g. taylor needs trainable masked weights)"),
+         doc="the importance kind can rank this plan (gate: every unit has a tensor to scale)"),
     Pass("insert_masks", _insert_masks, ("model", "tensors"), (), preserves=True,
          doc="a mask parametrization on every tensor, all ones: the model computes what it did"),
     Pass("attach_config", _attach_config, ("model", "plan", "ratio", "structure", "scope", "example"), (),
