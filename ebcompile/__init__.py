@@ -8,7 +8,7 @@ from .prepare import mask_nodes, prepare
 from .report import report
 from .search.controller import EarlyBird
 from .search.distributed import full_state_dict
-from .search.scorers import add_gate_penalty_grad, gate_parameters, gate_penalty
+from .search.gates import add_gate_penalty_grad, gate_parameters, gate_penalty
 from .search.ticket import Ticket, apply_ticket, draw_ticket, snapshot
 from .serving import save_for_serving
 from .transforms.shrink import compact

@@ -21,8 +21,8 @@ from .pipeline import Pass, Pipeline, State
 from .plan import Plan
 from .search.auto_importance import make_importance
 from .search.distributed import is_sharded, unwrap
+from .search.gates import check_plan_kind
 from .search.importance import Masks, compute_masks
-from .search.scorers import check_plan_kind
 from .search.scoring import Importance, raw_tensor
 from .transforms.masks import insert_masks, iter_masks
 

@@ -21,7 +21,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..errors import ConfigError
 from ..search.controller import FINETUNE_DEADLINE, EarlyBird
-from ..search.scorers import add_gate_penalty_grad
+from ..search.gates import add_gate_penalty_grad
 from ..search.ticket import MODES, Ticket, apply_ticket
 
 __all__ = ["EarlyBirdCallback", "PREFIX", "STATE_FILE", "AUTO_CHECKS", "auto_every"]

@@ -106,7 +106,7 @@ def gated_optimizer(model: Any, importance: str, lr: float | None, gate_lr: floa
         return None
     import torch
 
-    from ..search.scorers import gate_parameters
+    from ..search.gates import gate_parameters
     from .textclf import LR
 
     gates = {id(g) for g in gate_parameters(model)}

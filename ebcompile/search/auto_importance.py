@@ -24,7 +24,8 @@ from torch import nn
 from ..analysis.experts import install_routing
 from ..errors import ConfigError
 from ..plan import GroupSet, Plan
-from .scorers import ActivationImportance, GateImportance, TaylorImportance, check_kind
+from .gates import GateImportance
+from .scorers import ActivationImportance, TaylorImportance, check_kind
 from .scoring import Importance
 
 __all__ = ["AutoImportance", "make_importance"]
