@@ -180,10 +180,11 @@ def new_row(family: str) -> dict[str, Any]:
 
 def train_steps(model: torch.nn.Module, inputs: dict[str, Any], importance: str) -> None:
     """``TRAIN_STEPS`` AdamW steps minimising the mean square of every float output (the testers give no labels), so
-    that ``taylor`` sees gradients, ``activation`` forward passes and ``gate`` trained gates before the ticket."""
+    that ``taylor`` sees gradients, ``activation`` forward passes and ``gate`` trained gates before the ticket. The
+    model stays in eval mode (gradients flow all the same): some heads ask for labels in training mode, and dropout
+    would make the ticket depend on the random state."""
     import ebcompile
 
-    model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(TRAIN_STEPS):
         outs = [t for t in tensors_of(model(**inputs)) if t.is_floating_point() and t.requires_grad]
@@ -194,13 +195,14 @@ def train_steps(model: torch.nn.Module, inputs: dict[str, Any], importance: str)
             ebcompile.add_gate_penalty_grad(model, 1e-4)
         opt.step()
         opt.zero_grad()
-    model.eval()
 
 
 def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None] = lambda row: None,
-               importance: str = "magnitude") -> dict[str, Any]:
+               importance: str = "magnitude", lora: bool = False) -> dict[str, Any]:
     """Every stage for one family; returns (and reports after each stage) the row. A data-aware ``importance`` adds
-    the ``train`` stage (``train_steps``) between prepare and ticket."""
+    the ``train`` stage (``train_steps``) between prepare and ticket. ``lora``: the dense model gets LoRA adapters on
+    every linear (peft, r = 4, the base frozen) before prepare, and compact's result is merged
+    (``merge_and_unload``) before it is compared, exported and saved."""
     from _zoo_suite import load_family
 
     import ebcompile
@@ -208,6 +210,8 @@ def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None]
     row = new_row(family)
     if importance != "magnitude":
         row["importance"] = importance
+    if lora:
+        row["lora"] = True
     start = time.perf_counter()
     state: dict[str, Any] = {}
 
@@ -257,6 +261,11 @@ def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None]
         row["dense_onnx"] = "ok"
 
     def prepare() -> None:
+        if lora:
+            import peft
+
+            cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+            state["model"] = peft.get_peft_model(state["model"], cfg).eval()
         state["model"] = ebcompile.prepare(state["model"], state["loaded"].inputs, ratio=RATIO, structure="structured",
                                            importance=importance)
         row["found"], state["kind_of"] = found_units(state["model"])
@@ -274,6 +283,8 @@ def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None]
     def compact() -> None:
         state["small"] = ebcompile.compact(state["model"], round_to=None)
         row["held"], row["cut"] = held_whole(state["model"], state["ticket"], state["kind_of"])
+        if lora:
+            state["small"] = state["small"].merge_and_unload()
         from ebcompile.transforms.reshapes import rewrites_of
         rewrites = rewrites_of(state["small"])  # forwards compact rewrote: by a plain trace, or on the example's values
         row["rewritten"] = {"plain": sum("trace" not in r for r in rewrites.values()),

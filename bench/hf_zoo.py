@@ -62,7 +62,7 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def child(family: str, suite: Path, row_path: Path, importance: str = "magnitude") -> int:
+def child(family: str, suite: Path, row_path: Path, importance: str = "magnitude", lora: bool = False) -> int:
     """The per-family process: one thread, quiet transformers, the row written after every stage."""
     import torch
     import transformers
@@ -71,7 +71,7 @@ def child(family: str, suite: Path, row_path: Path, importance: str = "magnitude
     transformers.logging.set_verbosity_error()
     from _zoo_stages import run_family
 
-    row = run_family(suite, family, lambda r: write_atomic(row_path, json.dumps(r)), importance)
+    row = run_family(suite, family, lambda r: write_atomic(row_path, json.dumps(r)), importance, lora)
     return 0 if row["status"] == "pass" else 1
 
 
@@ -79,10 +79,10 @@ ENV = dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="fal
            TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
 
 
-def _spawned(family: str, suite: Path, row_path: Path, timeout: float, importance: str) -> tuple[int | None, str]:
+def _spawned(family: str, suite: Path, row_path: Path, timeout: float, importance: str, lora: bool) -> tuple[int | None, str]:
     """A fresh interpreter per family (imports everything itself): (exit code or None on timeout, stderr)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--suite", str(suite), "--child", family, "--row", str(row_path),
-           "--importance", importance]
+           "--importance", importance] + (["--lora"] if lora else [])
     proc = subprocess.Popen(cmd, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -94,7 +94,7 @@ def _spawned(family: str, suite: Path, row_path: Path, timeout: float, importanc
         return None, err or ""
 
 
-def _forked(family: str, suite: Path, row_path: Path, timeout: float, importance: str) -> tuple[int | None, str]:
+def _forked(family: str, suite: Path, row_path: Path, timeout: float, importance: str, lora: bool) -> tuple[int | None, str]:
     """A fork of this (warmed-up, single-threaded) process per family: the suite's helpers are imported once."""
     err_path = row_path.with_name("stderr.txt")
     pid = os.fork()
@@ -105,7 +105,7 @@ def _forked(family: str, suite: Path, row_path: Path, timeout: float, importance
             fd = os.open(err_path, os.O_WRONLY | os.O_CREAT, 0o600)
             os.dup2(fd, 2)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            code = child(family, suite, row_path, importance)
+            code = child(family, suite, row_path, importance, lora)
         except BaseException:  # noqa: BLE001 - the row already says the stage; the traceback goes to stderr.txt
             import traceback
 
@@ -141,14 +141,15 @@ def _warm(suite: Path) -> None:
     warm_up(suite)
 
 
-def run_one(family: str, suite: Path, timeout: float, fork: bool = False, importance: str = "magnitude") -> dict[str, Any]:
+def run_one(family: str, suite: Path, timeout: float, fork: bool = False, importance: str = "magnitude",
+            lora: bool = False) -> dict[str, Any]:
     """Run ``family`` in a child process; a timeout or crash becomes the row's reason at the stage it reached."""
     from _zoo_stages import new_row
 
     with tempfile.TemporaryDirectory(prefix="hf-zoo-") as tmp:
         row_path = Path(tmp) / "row.json"
         start = time.perf_counter()
-        code, err = (_forked if fork else _spawned)(family, suite, row_path, timeout, importance)
+        code, err = (_forked if fork else _spawned)(family, suite, row_path, timeout, importance, lora)
         note = (f"Timeout: over {timeout:.0f} s" if code is None else
                 None if code in (0, 1) else f"Crash: child exited with {code}")
         try:
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spawn", action="store_true", help="a fresh interpreter per family instead of a fork of a warm one")
     p.add_argument("--importance", default="magnitude", choices=IMPORTANCE,
                    help="how the ticket ranks units; a data-aware kind first trains a few steps on the tester's inputs")
+    p.add_argument("--lora", action="store_true", help="LoRA adapters on every linear (peft) before prepare; compact's "
+                   "result merged before it is compared, exported and saved")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf_zoo: {exc}", file=sys.stderr)
         return 2
     if args.child:
-        return child(args.child, suite, args.row, args.importance)
+        return child(args.child, suite, args.row, args.importance, args.lora)
     available = families(suite)
     chosen = [f.strip() for f in args.families.split(",") if f.strip()] or order(available)
     unknown = [f for f in chosen if f not in available]
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [f for f in chosen if args.rerun or f not in rows]
     todo = todo[:args.limit] if args.limit else todo
     command = ("python bench/hf_zoo.py --suite SUITE" + (f" --timeout {args.timeout:.0f}" if args.timeout != 90 else "")
-               + (f" --importance {args.importance}" if args.importance != "magnitude" else ""))
+               + (f" --importance {args.importance}" if args.importance != "magnitude" else "") + (" --lora" if args.lora else ""))
     meta = {"source": source_of(suite), "command": command}
 
     def publish() -> None:
@@ -231,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.in_process:
             from _zoo_stages import run_family  # noqa: I001
 
-            runs = map(lambda f: run_family(suite, f, importance=args.importance), todo)
+            runs = map(lambda f: run_family(suite, f, importance=args.importance, lora=args.lora), todo)
         elif args.jobs == 1 and hasattr(os, "fork") and not args.spawn and todo:
             _warm(suite)
-            runs = (run_one(f, suite, args.timeout, fork=True, importance=args.importance) for f in todo)
+            runs = (run_one(f, suite, args.timeout, fork=True, importance=args.importance, lora=args.lora) for f in todo)
         else:
-            runs = pool.map(lambda f: run_one(f, suite, args.timeout, importance=args.importance), todo)
+            runs = pool.map(lambda f: run_one(f, suite, args.timeout, importance=args.importance, lora=args.lora), todo)
         for i, row in enumerate(runs):
             rows[row["family"]] = row
             publish()

@@ -294,3 +294,26 @@ def test_gradient_kinds_rank_separate_gate_experts(importance: str, transposed: 
     with torch.no_grad():
         torch.testing.assert_close(small(x), m(x))
     assert_reloads(small, model(transposed), x, tmp_path / "s")
+
+
+def test_lora_on_the_router_follows_the_experts() -> None:
+    """LoRA on the router (peft wraps it as ``gate.base_layer`` beside ``lora_A``/``lora_B``): the adapter's rows go
+    with their experts, so the compact PeftModel computes the masked one and merges into a smaller router."""
+    peft = pytest.importorskip("peft")
+    m, x = model(False), torch.randn(2, 5, 16)
+    m = peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["gate", "0"]))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    ebcompile.prepare(m, x, ratio=0.4, structure="structured", importance="magnitude")
+    experts = [g for g in m._ebcompile.plan.groups if g.kind == "expert"]
+    assert len(experts) == 2 and all(g.members[1].tensor.endswith("gate.lora_B.default.weight") for g in experts)
+    ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
+    small = ebcompile.compact(m, round_to=None).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x))
+        merged = small.merge_and_unload()
+        torch.testing.assert_close(merged(x), m(x))
+    assert sum(merged[i].cond_ffn.w1.shape[0] for i in (1, 2)) < 12
+    assert all(merged[i].gate.weight.shape[0] == merged[i].cond_ffn.w1.shape[0] for i in (1, 2))

@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
+from ..adapters import adapter_tensors
 from ..families import hf_moe
 from ..names import split_name
 from ..plan import GroupSet, Member, Plan
@@ -143,9 +144,24 @@ def _router(model: nn.Module, parent: str, path: str, experts: int, masked: set[
         if w is None or w.dim() != 2 or w.shape[0] != experts or f"{full}.weight" not in masked:
             continue
         holders = [model.get_submodule(p) for p in router_chain(parent, full)[1:]]
-        if all(sum(p.dim() >= 2 for p in h.parameters()) == 1 for h in holders):  # not one of a shared MLP's linears
+        if all(_matrices(h) == 1 for h in holders):  # not one of a shared MLP's linears
             return full, child
     return None
+
+
+def _matrices(module: nn.Module) -> int:
+    """The 2-D+ parameters ``module`` holds; a PEFT tuner layer (LoRA on the router) counts as its base layer."""
+    base = getattr(module, "base_layer", None)
+    if isinstance(base, nn.Module) and hasattr(module, "active_adapters"):
+        module = base
+    return sum(p.dim() >= 2 for p in module.parameters())
+
+
+def _adapter_rows(model: nn.Module, router: str, experts: int, masked: set[str]) -> list[Member]:
+    """The rows of the router's adapters (LoRA's ``lora_B``: ``[experts, r]``) that go with each expert."""
+    return [Member(name, 0, 0, 1) for name, base in adapter_tensors(model).items()
+            if base == router and name in masked and name.endswith("weight")
+            and tuple(model.get_parameter(name).shape[:1]) == (experts,)]
 
 
 def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSet], dict[str, str]]:
@@ -172,7 +188,7 @@ def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSe
             skipped[rpath] = (f"no whole experts: {outer} outside the MoE block reads the expert count (ERNIE-4.5-VL's "
                               "modality router: its text and vision blocks would have to keep the same experts)")
         elif layout.experts > top_k:
-            members = [Member(f"{rpath}.weight", 0, 0, 1)]
+            members = [Member(f"{rpath}.weight", 0, 0, 1), *_adapter_rows(model, rpath, layout.experts, masked)]
             rbias = router._parameters.get("bias")
             if rbias is not None and f"{rpath}.bias" in masked | {f"{rpath}.bias"}:
                 members.append(Member(f"{rpath}.bias", 0, 0, 1))
