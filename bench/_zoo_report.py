@@ -72,7 +72,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         f"- **{len(rows)} families run; {len(passed)} pass every stage** ({len(skips)} more have no ModelTester: "
         f"{', '.join(r['family'] for r in skips) or 'none'}).",
         f"- Of the **{len(dense)}** whose dense model builds and runs: **{len(found_heads)}** have heads, KV groups or "
-        f"experts found, **{len(heads)}** prune some at p = 0.3 (one global magnitude ranking over heads and neurons), "
+        f"experts found, **{len(heads)}** prune some at p = 0.3 (one global {_kind(rows)} ranking over heads and neurons), "
         f"**{len(neurons)}** prune FFN neurons, **{len(both_exact)}** do both and compact exactly (compact ≡ masked; "
         f"counted by what compact removed, {sum(bool(r.get('held')) for r in dense)} hold some module whole); "
         f"{len(any_exact)} compact exactly whatever they prune."
@@ -106,14 +106,26 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(rows: list[dict[str, Any]], source: str, command: str) -> str:
+def _kind(rows: list[dict[str, Any]]) -> str:
+    """The importance kind the rows' tickets were drawn with (rows of a ``--importance`` run say it)."""
+    return next((r["importance"] for r in rows if r.get("importance")), "magnitude")
+
+
+def markdown(rows: list[dict[str, Any]], source: str, command: str, json_name: str = "docs/zoo.json") -> str:
     rows = sorted(rows, key=lambda r: r["family"])
-    out = ["# The Hugging Face test-suite zoo", "",
+    kind, lora = _kind(rows), any(r.get("lora") for r in rows)
+    trained = (f" → three AdamW steps on the mean square of its outputs (so that `{kind}` has data to rank by)"
+               if kind != "magnitude" else "")
+    out = ["# The Hugging Face test-suite zoo" + (f": importance={kind}" if kind != "magnitude" else "")
+           + (", LoRA" if lora else ""), "",
            "Every family of transformers' own test suite (`tests/models/<family>/test_modeling_<family>.py`), built "
            "from its `ModelTester`'s tiny config and `prepare_config_and_inputs_for_common()`, through dense forward → "
-           "dense ONNX export (baseline) → `prepare(structure=\"structured\")` → magnitude ticket at p = 0.3 → "
-           "`compact(round_to=None)` (its self-check) → compact ≡ masked on the example inputs → verified ONNX export "
-           "of the compact model → `save`/`load` round trip. Written by `bench/hf_zoo.py` (rows: docs/zoo.json).", "",
+           "dense ONNX export (baseline) → "
+           + ("LoRA adapters on every linear (peft, r = 4, the base frozen) → " if lora else "")
+           + f"`prepare(structure=\"structured\", importance=\"{kind}\")`{trained} → {kind} ticket at p = 0.3 → "
+           "`compact(round_to=None)` (its self-check)" + (" → `merge_and_unload()`" if lora else "")
+           + " → compact ≡ masked on the example inputs → verified ONNX export "
+           f"of the compact model → `save`/`load` round trip. Written by `bench/hf_zoo.py` (rows: {json_name}).", "",
            f"Suite: {source}. Command: `{command}`.", "", "## Summary", ""]
     out += summary(rows)
     for title, key in (("by stage and exception type", coarse), ("by stage and reason", cause)):

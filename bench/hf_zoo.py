@@ -175,6 +175,14 @@ def source_of(suite: Path) -> str:
         return str(suite)
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the report names it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", default=os.environ.get("HF_ZOO_SUITE", str(Path.home() / ".cache" / "hf-tests")),
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     def publish() -> None:
         ordered = [rows[k] for k in sorted(rows)]
         write_atomic(args.json, json.dumps(dict(meta, rows=ordered), indent=1) + "\n")
-        write_atomic(args.md, markdown(ordered, meta["source"], command))
+        write_atomic(args.md, markdown(ordered, meta["source"], command, _shown(args.json)))
 
     from concurrent.futures import ThreadPoolExecutor
 

@@ -78,6 +78,20 @@ def test_runner_writes_a_passing_row(suite: Path, tmp_path: Path) -> None:
     assert row["attention"] is True and "Of the **1** whose dense forward computes attention" in page
 
 
+@pytest.mark.parametrize("options", [["--importance", "gate"], ["--importance", "activation", "--lora"]],
+                         ids=["gate", "lora-activation"])
+def test_a_data_aware_kind_trains_first_and_the_page_says_so(suite: Path, tmp_path: Path, options: list[str]) -> None:
+    out_json, out_md = tmp_path / "zoo.json", tmp_path / "ZOO.md"
+    assert hf_zoo.main(["--suite", str(suite), "--families", "tinyllama", "--in-process", "--json", str(out_json),
+                        "--md", str(out_md), *options]) == 0
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert (row["status"], row["importance"], row.get("lora", False)) == ("pass", options[1], "--lora" in options), row
+    assert "train" in row["stage_seconds"] and row["cut"]["neuron"] > 0 and row["max_diff"] < 1e-4
+    page = out_md.read_text()
+    assert f"importance=\"{options[1]}\")` → three AdamW steps" in page and f"global {options[1]} ranking" in page
+    assert ("merge_and_unload" in page) == ("--lora" in options)
+
+
 def test_cached_rows_are_kept_and_unknown_families_refused(suite: Path, tmp_path: Path) -> None:
     out_json, out_md = tmp_path / "zoo.json", tmp_path / "ZOO.md"
     cached = dict(new_row("tinyllama"), status="pass", stage="")
