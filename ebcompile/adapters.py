@@ -13,16 +13,36 @@ parameters sit in ``ModuleDict``/``ParameterDict`` containers keyed by adapter n
 
 from __future__ import annotations
 
-from torch import nn
+from torch import fx, nn
 
 from .plan import GroupSet
 
-__all__ = ["adapter_tensors", "is_adapter_rank", "sync_adapter_features", "pretrained_core", "merged_shapes"]
+__all__ = ["adapter_tensors", "is_tuner_layer", "AdapterLeafTracer", "trace_module", "is_adapter_rank",
+           "sync_adapter_features", "pretrained_core", "merged_shapes"]
+
+
+def is_tuner_layer(module: nn.Module) -> bool:
+    """A PEFT tuner layer: its ``base_layer`` beside the adapters."""
+    return isinstance(getattr(module, "base_layer", None), nn.Module) and hasattr(module, "active_adapters")
 
 
 def _tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {path: m for path, m in model.named_modules()
-            if isinstance(getattr(m, "base_layer", None), nn.Module) and hasattr(m, "active_adapters")}
+    return {path: m for path, m in model.named_modules() if is_tuner_layer(m)}
+
+
+class AdapterLeafTracer(fx.Tracer):
+    """fx's tracer with each PEFT tuner layer kept as one call: a forward rewritten through it keeps working once the
+    adapters are merged (``merge_and_unload`` puts the plain base layer at the tuner layer's path)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_tuner_layer(m) or super().is_leaf_module(m, qualname)
+
+
+def trace_module(module: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` of ``module`` with tuner layers as leaves (``AdapterLeafTracer``)."""
+    tracer = AdapterLeafTracer()
+    graph = tracer.trace(module)
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, str]:

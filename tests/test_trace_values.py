@@ -272,3 +272,29 @@ def test_calls_the_trace_cannot_take_run_the_modules_own_code():
             assert len(ours) == 2 and ours[0].shape[2] == 6
         cross, masked = small.layers[0].cross_attn, model.layers[0].cross_attn  # traced with key_value_states
         torch.testing.assert_close(cross(h)[0], masked(h)[0])  # called without it: self-attention
+
+
+def test_lora_on_a_value_traced_attention_keeps_working_once_merged():
+    """peft LoRA on every projection: tuner layers stay single calls in the rewritten forward, so the compact
+    PeftModel merges (``merge_and_unload``) into a plain model whose traced and padded calls still run."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(Net().eval(), peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    model = ebcompile.prepare(lora, inputs(2, 7, 5), ratio=0.5, structure="structured", scope="layer", importance="magnitude")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None).eval()
+    attn = small.base_model.model.layers[0].self_attn
+    assert "trace" in attn.__dict__["_ebcompile_reshapes"] and attn.num_heads == 2
+    merged = small.merge_and_unload().eval()
+    assert isinstance(merged.layers[0].self_attn.q_proj, nn.Linear) and merged.layers[0].self_attn.q_proj.out_features == 16
+    with torch.no_grad():
+        for shape in [(2, 7, 5), (3, 4, 9)]:
+            assert rel_err(merged(*inputs(*shape, seed=1)), model(*inputs(*shape, seed=1))) <= TOL
+        h, mask = torch.randn(2, 7, 32), torch.rand(2, 1, 7, 7) > 0.8
+        with pytest.warns(UserWarning, match="original width"):  # a padded call: the merged tensors, padded back
+            got = merged.layers[0].self_attn(h, attention_mask=mask)[0]
+        torch.testing.assert_close(got, model.base_model.model.layers[0].self_attn(h, attention_mask=mask)[0])

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..adapters import is_tuner_layer
+
 __all__ = ["FollowFeatures", "Irregular", "Outer", "shape_changes", "op_name", "size_args", "META", "output_dims", "kept_part"]
 
 META = "ebcompile.features"
@@ -195,9 +197,11 @@ class FollowFeatures(fx.Interpreter):
         src = self._arg(args[0]) if args else None
         x = self.values.get(args[0]) if args and isinstance(args[0], fx.Node) else None
         if n.op == "call_module":
-            if n.target in self.rows:
-                return (*(src or (None,) * out.dim())[:-1], self.rows[n.target])
-            if isinstance(self.module.get_submodule(n.target), nn.Linear):
+            called = self.module.get_submodule(n.target)
+            key = f"{n.target}.base_layer" if is_tuner_layer(called) else n.target  # LoRA: its base layer's rows
+            if key in self.rows:
+                return (*(src or (None,) * out.dim())[:-1], self.rows[key])
+            if isinstance(called, nn.Linear) or (is_tuner_layer(called) and isinstance(called.base_layer, nn.Linear)):
                 return (*(src or (None,) * out.dim())[:-1], np.ones(out.shape[-1], dtype=bool))
         if op == "linear":  # F.linear(x, module.weight, ...) in the forward itself (timm EVA's q|k|v with a built bias)
             w = args[1] if len(args) > 1 else n.kwargs.get("weight")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..adapters import trace_module
 from ..analysis.feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, kept_part, op_name, output_dims, shape_changes, size_args
 from ..names import split_name
 from ..plan import Plan
@@ -101,7 +102,7 @@ def _unpacked(graph: fx.Graph, n: fx.Node, shape: fx.Node, ndim: int) -> list[fx
 
 def _trace(module: nn.Module, training: bool) -> fx.GraphModule:
     with running_as(module, training):
-        return fx.symbolic_trace(module)
+        return trace_module(module)
 
 
 def _inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
@@ -202,7 +203,7 @@ def _plan(original: nn.Module, rows: dict[str, np.ndarray], args: tuple, kwargs:
                 trace = changes.setdefault("trace", {"concrete": record["concrete"], "extra": record["extra"], "decisions": {}})
                 trace["decisions"][mode] = record["decisions"]
             else:
-                gm = fx.symbolic_trace(original)
+                gm = trace_module(original)
         follow = FollowFeatures(gm, rows)
         with running_as(original, mode == "train"), torch.no_grad():  # no running statistics or RNG state changed
             follow.run(*_inputs(gm, args, kwargs))

@@ -25,6 +25,8 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from ..adapters import AdapterLeafTracer
+
 __all__ = ["ValueTracer", "trace_with_values", "replay", "call_as_traced", "forward_signature", "FIXED", "PADDED_WARNED",
            "padding_of", "run_padded", "failed_guard", "GUARD", "concrete_arguments", "TraceRecord"]
 
@@ -42,9 +44,9 @@ class _ValueProxy(fx.Proxy):
         return self.tracer.decide("len", self)  # type: ignore[attr-defined]
 
 
-class ValueTracer(fx.Tracer):
+class ValueTracer(AdapterLeafTracer):
     """``symbolic_trace`` whose control-flow decisions come from example values (``inputs``: placeholder name ->
-    value) or, with ``decisions`` and no inputs, from an earlier trace's record."""
+    value) or, with ``decisions`` and no inputs, from an earlier trace's record. PEFT tuner layers stay leaves."""
 
     def __init__(self, inputs: dict[str, Any] | None = None, decisions: list | None = None) -> None:
         super().__init__()
@@ -294,11 +296,34 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor:
     return functools.reduce(getattr, name.split("."), module)
 
 
+def _has_module(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _live_name(module: nn.Module, name: str) -> str | None:
+    """Where tensor ``name`` (recorded at compact) is now: once PEFT adapters are merged (``merge_and_unload``) a base
+    layer's tensor sits at its tuner layer's path and an adapter's own tensors are gone (None)."""
+    for candidate in dict.fromkeys((name, name.replace(".base_layer.", "."))):
+        try:
+            _tensor(module, candidate)
+            return candidate
+        except AttributeError:
+            continue
+    return None
+
+
 def run_padded(module: nn.Module, fallback: dict[str, Any], args: tuple, kwargs: dict) -> Any:
     """``module``'s own forward at its original width: its cut tensors zero-padded back (differentiably, from the
     live compact weights) and its changed attributes set to the original values for the call."""
     params = {}
-    for name, entries in fallback["weights"].items():
+    for recorded, entries in fallback["weights"].items():
+        name = _live_name(module, recorded)
+        if name is None:
+            continue
         t = _tensor(module, name)
         for dim, size, kept in entries:
             shape = list(t.shape)
@@ -308,7 +333,10 @@ def run_padded(module: nn.Module, fallback: dict[str, Any], args: tuple, kwargs:
     saved = []
     for path, value in fallback["attrs"].items():
         owner, _, attr = path.rpartition(".")
-        holder = module.get_submodule(owner)
+        holder = next((module.get_submodule(p) for p in dict.fromkeys((owner, owner.replace(".base_layer", "")))
+                       if _has_module(module, p)), None)
+        if holder is None or attr not in holder.__dict__:  # an adapter merged away
+            continue
         saved.append((holder, attr, holder.__dict__[attr]))
         holder.__dict__[attr] = value
     if not module.__dict__.get(PADDED_WARNED):
