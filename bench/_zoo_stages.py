@@ -180,12 +180,17 @@ def new_row(family: str) -> dict[str, Any]:
 
 def train_steps(model: torch.nn.Module, inputs: dict[str, Any], importance: str) -> None:
     """``TRAIN_STEPS`` AdamW steps minimising the mean square of every float output (the testers give no labels), so
-    that ``taylor`` sees gradients, ``activation`` forward passes and ``gate`` trained gates before the ticket. The
-    model stays in eval mode (gradients flow all the same): some heads ask for labels in training mode, and dropout
-    would make the ticket depend on the random state."""
+    that ``taylor`` sees gradients, ``activation`` forward passes and ``gate`` trained gates before the ticket. In
+    training mode, or in eval mode (gradients flow all the same) where a model's training forward asks for labels."""
     import ebcompile
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except Exception:  # noqa: BLE001 - e.g. FastSpeech2: "All labels must be provided to run in training mode"
+        model.eval()
     for _ in range(TRAIN_STEPS):
         outs = [t for t in tensors_of(model(**inputs)) if t.is_floating_point() and t.requires_grad]
         if not outs:
@@ -195,6 +200,7 @@ def train_steps(model: torch.nn.Module, inputs: dict[str, Any], importance: str)
             ebcompile.add_gate_penalty_grad(model, 1e-4)
         opt.step()
         opt.zero_grad()
+    model.eval()
 
 
 def run_family(root: Path, family: str, report: Callable[[dict[str, Any]], None] = lambda row: None,
