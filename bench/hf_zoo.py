@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, Any]] = {}
     if args.json.is_file():
         rows = {r["family"]: r for r in json.loads(args.json.read_text()).get("rows", [])}
-    todo = [f for f in chosen if args.rerun or f not in rows]
+    same = {f for f, r in rows.items()
+            if r.get("importance", "magnitude") == args.importance and r.get("lora", False) == args.lora}
+    todo = [f for f in chosen if args.rerun or f not in same]  # a row of another kind is not this run's
     todo = todo[:args.limit] if args.limit else todo
     command = ("python bench/hf_zoo.py --suite SUITE" + (f" --timeout {args.timeout:.0f}" if args.timeout != 90 else "")
                + (f" --importance {args.importance}" if args.importance != "magnitude" else "") + (" --lora" if args.lora else ""))

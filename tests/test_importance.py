@@ -164,6 +164,25 @@ def test_taylor_ranks_units_without_gradients_by_magnitude_and_says_so():
     current_masks(model)  # the draw goes through
 
 
+def test_taylor_ranks_a_gradient_less_layer_within_itself_in_a_global_ticket():
+    """Magnitude and |w * g| are on different scales: the layer scored by magnitude loses its share (the layer
+    quota), not all or none of its units to a global ranking against the other layer's Taylor scores."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 64), nn.ReLU(),
+                          nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(32, 8)
+    ebcompile.prepare(model, (x,), ratio=0.5, structure="structured", scope="global", importance="taylor")
+    for i in (4, 6):  # the second FFN frozen
+        for p in model[i].parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    with pytest.warns(UserWarning, match="within their layer"):
+        masks = current_masks(model)
+    assert int(masks.units["neuron:4"].sum()) == 32
+
+
 def test_no_data_since_the_last_check_is_refused_before_anything_changes():
     model, x = dead_neuron_mlp("activation")
     eb = ebcompile.EarlyBird(model, every=1, window=2)

@@ -296,12 +296,14 @@ def test_gradient_kinds_rank_separate_gate_experts(importance: str, transposed: 
     assert_reloads(small, model(transposed), x, tmp_path / "s")
 
 
-def test_lora_on_the_router_follows_the_experts() -> None:
+@pytest.mark.parametrize("rank", [4, 6], ids=["r4", "r-equals-experts"])
+def test_lora_on_the_router_follows_the_experts(rank: int) -> None:
     """LoRA on the router (peft wraps it as ``gate.base_layer`` beside ``lora_A``/``lora_B``): the adapter's rows go
-    with their experts, so the compact PeftModel computes the masked one and merges into a smaller router."""
+    with their experts, so the compact PeftModel computes the masked one and merges into a smaller router. Only
+    ``lora_B`` (experts x rank) follows, also when the rank equals the expert count (``lora_A`` is rank x hidden)."""
     peft = pytest.importorskip("peft")
     m, x = model(False), torch.randn(2, 5, 16)
-    m = peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["gate", "0"]))
+    m = peft.get_peft_model(m, peft.LoraConfig(r=rank, target_modules=["gate", "0"]))
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:
@@ -309,6 +311,7 @@ def test_lora_on_the_router_follows_the_experts() -> None:
     ebcompile.prepare(m, x, ratio=0.4, structure="structured", importance="magnitude")
     experts = [g for g in m._ebcompile.plan.groups if g.kind == "expert"]
     assert len(experts) == 2 and all(g.members[1].tensor.endswith("gate.lora_B.default.weight") for g in experts)
+    assert not any("lora_A" in mm.tensor for g in experts for mm in g.members)
     ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
     small = ebcompile.compact(m, round_to=None).eval()
     with torch.no_grad():

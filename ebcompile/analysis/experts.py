@@ -158,10 +158,17 @@ def _matrices(module: nn.Module) -> int:
 
 
 def _adapter_rows(model: nn.Module, router: str, experts: int, masked: set[str]) -> list[Member]:
-    """The rows of the router's adapters (LoRA's ``lora_B``: ``[experts, r]``) that go with each expert."""
-    return [Member(name, 0, 0, 1) for name, base in adapter_tensors(model).items()
-            if base == router and name in masked and name.endswith("weight")
-            and tuple(model.get_parameter(name).shape[:1]) == (experts,)]
+    """The rows of the router's adapters that go with each expert: an adapter linear writing ``experts`` outputs
+    from the rank (LoRA's ``lora_B``: ``[experts, r]``), not one reading the router's input (``lora_A``: ``[r, H]``,
+    whose rank may equal the expert count)."""
+    hidden = model.get_parameter(f"{router}.weight").shape[1]
+    rows = []
+    for name, base in adapter_tensors(model).items():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if (base == router and name in masked and name.endswith(".weight") and isinstance(owner, nn.Linear)
+                and owner.out_features == experts and owner.in_features != hidden):
+            rows.append(Member(name, 0, 0, 1))
+    return rows
 
 
 def find_expert_groups(model: nn.Module, masked: set[str]) -> tuple[list[GroupSet], dict[str, str]]:

@@ -50,11 +50,10 @@ def find_groups(cap: Captured, attn: dict[str, nn.Module], masked: set[str], exa
     graph = _export_graph(cap, example_inputs)
     if graph is None:  # nothing of the model exports: only what registered families and fused experts declare
         return attention_groups(attn, masked) + experts, skipped
-    experts = [_routed_top_k(g, graph) for g in experts]
     captured = set(graph[1].values())
     listed, why_not = find_list_expert_groups(cap.root, masked, captured, example_inputs)  # experts as separate modules
     flat, _ = find_flat_expert_groups(cap.root, masked, captured, example_inputs)  # experts stored [E * I, H]
-    experts, skipped = experts + listed + flat, {**why_not, **skipped}
+    experts, skipped = [_routed_top_k(g, graph) for g in experts + listed + flat], {**why_not, **skipped}
     routers |= {split_name(g.members[0].tensor)[0] for g in experts if g.kind == "expert"}
     params = dict(cap.root.named_parameters(remove_duplicate=False))
     found, why = discover(graph[0], graph[1], params, masked, claimed, keep_kv, graph[2])
@@ -70,7 +69,7 @@ def _routed_top_k(group: GroupSet, graph: tuple[fx.Graph, dict[str, str], dict[s
     it says more than the attributes did (``routers.top_k_of`` reads 1 where no attribute it knows holds it)."""
     if group.kind != "expert":
         return group
-    k = graph_top_k(graph[0], graph[1], group.members[0].tensor)
+    k = graph_top_k(graph[0], graph[1], group.members[0].tensor, group.units)
     return replace(group, min_units=k) if k is not None and k > group.min_units else group
 
 

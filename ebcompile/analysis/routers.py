@@ -75,9 +75,10 @@ def per_expert(module: nn.Module, experts: int, recurse: bool = False) -> list[t
     return found
 
 
-def graph_top_k(graph: fx.Graph, param_of: dict[str, str], router_weight: str, limit: int = 64) -> int | None:
-    """The ``k`` of the first ``topk`` the router weight's values reach in the captured graph (breadth first, at most
-    ``limit`` nodes): what the example really routes with, whatever the attribute holding it is called."""
+def graph_top_k(graph: fx.Graph, param_of: dict[str, str], router_weight: str, experts: int, limit: int = 64) -> int | None:
+    """The ``k`` of the first ``topk`` over ``experts`` values that the router weight reaches in the captured graph
+    (breadth first, at most ``limit`` nodes): what the example really routes with, whatever the attribute holding it
+    is called. A ``topk`` over another size (a group-limited router's in-group choice) is passed over."""
     start = [n for n in graph.nodes if n.op in ("placeholder", "get_attr") and param_of.get(n.name) == router_weight]
     seen, queue = set(start), list(start)
     while queue and len(seen) <= limit:
@@ -85,7 +86,12 @@ def graph_top_k(graph: fx.Graph, param_of: dict[str, str], router_weight: str, l
         name = getattr(node.target, "__name__", str(node.target))
         if node.op == "call_function" and name.split(".")[0] == "topk":
             k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
-            return k if isinstance(k, int) and not isinstance(k, bool) else None
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+            val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+            over = val.shape[dim] if val is not None and isinstance(dim, int) else None
+            if isinstance(k, int) and not isinstance(k, bool) and over == experts:
+                return min(k, experts)
+            continue  # another choice: not this router's
         for user in node.users:
             if user not in seen:
                 seen.add(user)

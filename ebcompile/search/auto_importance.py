@@ -98,6 +98,9 @@ class AutoImportance(Importance):
     def unit_scores(self, group: GroupSet) -> torch.Tensor:
         return self._drawing.unit_scores(group)
 
+    def layer_ranked(self, group: GroupSet) -> bool:
+        return self._drawing.layer_ranked(group)
+
     # -- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.chosen is not None:

@@ -115,18 +115,21 @@ def _structured(model: nn.Module, plan: Plan, ratio: float, scope: str, importan
     for kind, groups in by_kind.items():
         raw = [importance.unit_scores(g) for g in groups]
         scores = [_ranked(r, g) for r, g in zip(raw, groups)]
-        if scope == "global":
+        local = [scope != "global" or importance.layer_ranked(g) for g in groups]
+        keeps = [_bottom_k(s, _layer_quota(s.numel(), g, ratio)) if here else None
+                 for s, g, here in zip(scores, groups, local)]
+        pool = [i for i, here in enumerate(local) if not here]
+        if pool:
             # every set keeps its best unit (an MoE layer its top_k best experts): +inf is never among the k lowest
             guarded = []
-            for s, g in zip(scores, groups):
-                s = s.clone()
-                s[s.topk(min(g.min_units, s.numel())).indices] = float("inf")
+            for i in pool:
+                s = scores[i].clone()
+                s[s.topk(min(groups[i].min_units, s.numel())).indices] = float("inf")
                 guarded.append(s)
             flat = torch.cat(guarded)
-            k = min(round(ratio * flat.numel()), flat.numel() - sum(min(g.min_units, g.units) for g in groups))
-            keeps = _bottom_k(flat, k).split([s.numel() for s in scores])
-        else:
-            keeps = [_bottom_k(s, _layer_quota(s.numel(), g, ratio)) for s, g in zip(scores, groups)]
+            k = min(round(ratio * flat.numel()), flat.numel() - sum(min(groups[i].min_units, groups[i].units) for i in pool))
+            for i, keep in zip(pool, _bottom_k(flat, k).split([scores[i].numel() for i in pool])):
+                keeps[i] = keep
         keeps = [_per_group_keep(r, g, keep) for r, g, keep in zip(raw, groups, keeps)]
         for g, keep in zip(groups, keeps):
             key = f"{g.kind}:{g.name}"

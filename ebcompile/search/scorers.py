@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import adapter_tensors
 from ..analysis.experts import is_expert_group
 from ..errors import ConfigError, ImportanceDataError
 from ..names import split_name
 from ..plan import GroupSet, Member, Plan
-from .distributed import full_vector
+from .distributed import full_vector, is_sharded
 from .expert_scores import ExpertActivation
 from .scoring import (
     Importance,
@@ -70,6 +71,8 @@ class TaylorImportance(_Cumulative):
         self.current: dict[tuple[str, int], torch.Tensor] | None = None
         self._warned: set[str] = set()
         self.weights = {op.weight for op in plan.linears}
+        self.adapters = set(adapter_tensors(model))  # LoRA's factors: they train, but say nothing of a base unit
+        self.fallback: set[str] = set()  # groups of the current draw scored by magnitude (``layer_ranked``)
         register_taylor(self)
 
     def observe(self, stepped: set[int]) -> None:
@@ -88,7 +91,10 @@ class TaylorImportance(_Cumulative):
                     kept = (0, dim) if key in self.per_expert else (dim,)
                     other = [d for d in range(prod.dim()) if d not in kept]
                     prod = prod.sum(other) if other else prod
-                self.sums[key] = prod if key not in self.sums else self.sums[key] + prod
+                old = self.sums.get(key)
+                if old is not None and not is_sharded(prod):  # resumed sums come back on the CPU
+                    old = old.to(prod.device)
+                self.sums[key] = prod if old is None else old + prod
                 seen = True
         self.steps += int(seen)
         self.window += int(seen)
@@ -107,7 +113,8 @@ class TaylorImportance(_Cumulative):
                 self._warned.update(missing)
                 warnings.warn(f"importance='taylor' got no gradient for {len(missing)} masked tensors (e.g. {missing[0]}: "
                               "frozen, or read only through a choice such as a top-k index); units with no gradient at "
-                              "all are ranked by magnitude. Fix: importance='activation', or exclude= those layers",
+                              "all are ranked by magnitude within their layer. Fix: importance='activation', or exclude= "
+                              "those layers",
                               stacklevel=3)
             self._pending = {k: v / self.steps for k, v in self.sums.items()}
         else:
@@ -118,7 +125,8 @@ class TaylorImportance(_Cumulative):
 
     def unit_scores(self, group: GroupSet) -> torch.Tensor:
         total = None
-        for m in group.members:
+        base = [m for m in group.members if m.masked and m.tensor not in self.adapters]
+        for m in group.members if any(member_key(m) in self._pending for m in base) else ():
             vec = self._pending.get(member_key(m)) if m.masked else None
             if vec is None:
                 continue
@@ -128,9 +136,14 @@ class TaylorImportance(_Cumulative):
             else:
                 units = vec.narrow(0, m.offset, group.units * m.unit_size).reshape(group.units, m.unit_size).sum(1)
             total = units if total is None else total + units.to(total.device)
-        if total is None:  # no member got a gradient (begin_draw warned): magnitude
+        if total is None:  # no base tensor got a gradient (begin_draw warned): magnitude, ranked within the layer
+            self.fallback.add(f"{group.kind}:{group.name}")
             return unit_slice_scores(self._model(), group, lambda _, t: t.float().pow(2), "rms")
+        self.fallback.discard(f"{group.kind}:{group.name}")
         return total
+
+    def layer_ranked(self, group: GroupSet) -> bool:
+        return f"{group.kind}:{group.name}" in self.fallback
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"sum/{k[1]}/{k[0]}": full_vector(v).detach().cpu() for k, v in self.sums.items()}

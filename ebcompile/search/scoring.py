@@ -126,6 +126,11 @@ class Importance:
     def end_draw(self, fresh: bool) -> None:
         """Called after a draw; a check (``fresh``) starts a new window of statistics."""
 
+    def layer_ranked(self, group: GroupSet) -> bool:
+        """Whether ``group``'s last scores are on another scale than the kind's (a fallback): a global ranking then
+        ranks its units within the group, at the layer quota, instead of against every other group."""
+        return False
+
     def element_scores(self, name: str) -> torch.Tensor:
         return _raw(self.model, name).detach().abs().float()
 

@@ -38,17 +38,8 @@ from ..analysis.feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, ke
 from ..names import split_name
 from ..plan import Plan
 from .counts import WIDTH_ATTRS
-from .trace_values import (
-    FIXED,
-    PADDED_WARNED,
-    call_as_traced,
-    failed_guard,
-    forward_signature,
-    padding_of,
-    replay,
-    run_padded,
-    trace_with_values,
-)
+from .padded_calls import PADDED_WARNED, padding_of, run_padded
+from .trace_values import FIXED, call_as_traced, failed_guard, forward_signature, replay, trace_with_values
 from .verify import _tensors, compute_dtype, evaluating, example_for, inputs_in, relative_error, running_as, tolerance_for
 from .width_attrs import rewrite_widths, same_but_heads, undo_widths
 

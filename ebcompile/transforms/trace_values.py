@@ -10,7 +10,7 @@ and *recorded*. The graph asserts each decision at run time (``torch._assert``),
 differently raises instead of computing something else. Tracing again from the record (``replay``) needs no
 inputs: that is how ``install_rewrite`` and ``load`` rebuild the same graph from the module's own code and the
 JSON record, without running or storing code from a checkpoint. A call with other fixed arguments than traced (a
-KV cache in generation) runs the module's own code with its cut tensors zero-padded back (``run_padded``).
+KV cache in generation) runs the module's own code with its cut tensors zero-padded back (``transforms.padded_calls.run_padded``).
 """
 from __future__ import annotations
 
@@ -18,20 +18,18 @@ import functools
 import inspect
 import operator
 import re
-import warnings
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.utils.stateless import _reparametrize_module
 
 from ..adapters import AdapterLeafTracer
+from .padded_calls import run_padded
 
-__all__ = ["ValueTracer", "trace_with_values", "replay", "call_as_traced", "forward_signature", "FIXED", "PADDED_WARNED",
-           "padding_of", "run_padded", "failed_guard", "GUARD", "concrete_arguments", "TraceRecord"]
+__all__ = ["ValueTracer", "trace_with_values", "replay", "call_as_traced", "forward_signature", "FIXED", "failed_guard",
+           "GUARD", "concrete_arguments", "TraceRecord"]
 
 TraceRecord = dict[str, Any]  # {"concrete": {arg: value}, "decisions": [[kind, value, guarded], ...]}
-PADDED_WARNED = "_ebcompile_padded_warned"
 FIXED = "ebcompile.fixed"  # node.meta of a placeholder fx renamed ``<arg>_1``: an argument traced as a constant
 GUARD = "ebcompile decision"  # how a failed guard's message begins (``failed_guard`` reads the index back)
 _SCALARS = (type(None), bool, int, float, str)  # what a record can hold
@@ -268,88 +266,6 @@ def call_as_traced(sig: inspect.Signature, record: TraceRecord, fallback: dict[s
 
 def _same(value: Any, fixed: Any) -> bool:
     return isinstance(value, _SCALARS) and type(value) is type(fixed) and value == fixed
-
-
-def padding_of(original: nn.Module, compact: nn.Module, removed: dict[str, dict[int, list[int]]]) -> dict[str, Any]:
-    """What ``run_padded`` needs (JSON): per cut tensor of the module (``removed``: relative name -> dim -> removed
-    indices) its original size and kept indices per dim, and every int attribute the compaction changed. Columns
-    cut because an input from outside the module is narrower (an encoder's cut projection) are not padded."""
-    weights = {}
-    made = {tuple(dims[0]) for dims in removed.values() if 0 in dims}  # features the module's own linears produce
-    for name, dims in removed.items():
-        sizes = _tensor(original, name).shape
-        inner = {d: idx for d, idx in dims.items() if d == 0 or tuple(idx) in made}  # columns read from outside stay cut
-        weights[name] = [[int(d), int(sizes[d]), sorted(set(range(sizes[d])) - set(idx))] for d, idx in sorted(inner.items())]
-    attrs = {}
-    for path, sub in original.named_modules():
-        try:
-            small = compact.get_submodule(path)
-        except AttributeError:  # a mask's parametrization: gone from the compact module
-            continue
-        for a, v in sub.__dict__.items():
-            if type(v) is int and not a.startswith("_") and type(small.__dict__.get(a)) is int and small.__dict__[a] != v:
-                attrs[f"{path}.{a}" if path else a] = v
-    return {"weights": weights, "attrs": attrs}
-
-
-def _tensor(module: nn.Module, name: str) -> torch.Tensor:
-    return functools.reduce(getattr, name.split("."), module)
-
-
-def _has_module(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
-def _live_name(module: nn.Module, name: str) -> str | None:
-    """Where tensor ``name`` (recorded at compact) is now: once PEFT adapters are merged (``merge_and_unload``) a base
-    layer's tensor sits at its tuner layer's path and an adapter's own tensors are gone (None)."""
-    for candidate in dict.fromkeys((name, name.replace(".base_layer.", "."))):
-        try:
-            _tensor(module, candidate)
-            return candidate
-        except AttributeError:
-            continue
-    return None
-
-
-def run_padded(module: nn.Module, fallback: dict[str, Any], args: tuple, kwargs: dict) -> Any:
-    """``module``'s own forward at its original width: its cut tensors zero-padded back (differentiably, from the
-    live compact weights) and its changed attributes set to the original values for the call."""
-    params = {}
-    for recorded, entries in fallback["weights"].items():
-        name = _live_name(module, recorded)
-        if name is None:
-            continue
-        t = _tensor(module, name)
-        for dim, size, kept in entries:
-            shape = list(t.shape)
-            shape[dim] = size
-            t = t.new_zeros(shape).index_copy(dim, torch.tensor(kept, device=t.device), t)
-        params[name] = t
-    saved = []
-    for path, value in fallback["attrs"].items():
-        owner, _, attr = path.rpartition(".")
-        holder = next((module.get_submodule(p) for p in dict.fromkeys((owner, owner.replace(".base_layer", "")))
-                       if _has_module(module, p)), None)
-        if holder is None or attr not in holder.__dict__:  # an adapter merged away
-            continue
-        saved.append((holder, attr, holder.__dict__[attr]))
-        holder.__dict__[attr] = value
-    if not module.__dict__.get(PADDED_WARNED):
-        module.__dict__[PADDED_WARNED] = True
-        warnings.warn(f"{type(module).__name__} was called unlike the example its compact forward was traced on (a KV "
-                      "cache, another flag): it runs its own code at the original width for such calls (the same outputs, "
-                      "not faster)", UserWarning, stacklevel=4)
-    try:  # the class's forward itself: the module's hooks already ran for this call
-        with _reparametrize_module(module, params):
-            return type(module).forward(module, *args, **kwargs)
-    finally:
-        for holder, attr, value in saved:
-            holder.__dict__[attr] = value
 
 
 def _shown(value: Any) -> str:
