@@ -140,20 +140,26 @@ def test_activation_works_with_frozen_weights():
         ebcompile.EarlyBird(frozen).check()
 
 
-def test_taylor_ranks_units_without_gradients_by_magnitude_and_says_so():
-    """An FFN the loss reaches with no gradient (frozen, or read only through a top-k choice: DeepSeek's sparse
-    attention indexer) is ranked by magnitude with a warning; the FFNs that train still rank by |w * g|."""
+def second_ffn_frozen(width: int, ratio: float, scope: str) -> nn.Module:
+    """Two FFNs (groups "0" and "4") prepared with taylor, the second frozen, after one optimizer step."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 16), nn.ReLU(),
-                          nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 8), nn.ReLU(), nn.Linear(8, width), nn.ReLU(),
+                          nn.Linear(width, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(32, 8)
-    ebcompile.prepare(model, (x,), ratio=0.25, structure="structured", scope="layer", importance="taylor")
-    for i in (4, 6):  # the second FFN frozen
+    ebcompile.prepare(model, (x,), ratio=ratio, structure="structured", scope=scope, importance="taylor")
+    for i in (4, 6):
         for p in model[i].parameters():
             p.requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     model(x).pow(2).mean().backward()
     opt.step()
+    return model
+
+
+def test_taylor_ranks_units_without_gradients_by_magnitude_and_says_so():
+    """An FFN the loss reaches with no gradient (frozen, or read only through a top-k choice: DeepSeek's sparse
+    attention indexer) is ranked by magnitude with a warning; the FFNs that train still rank by |w * g|."""
+    model = second_ffn_frozen(16, 0.25, "layer")
     tracker, groups = tracker_of(model), {g.name: g for g in model._ebcompile.plan.groups}
     with pytest.warns(UserWarning, match=r"no gradient for \d+ masked tensors.*magnitude"):
         tracker.begin_draw(fresh=False, sync=False)
@@ -167,17 +173,7 @@ def test_taylor_ranks_units_without_gradients_by_magnitude_and_says_so():
 def test_taylor_ranks_a_gradient_less_layer_within_itself_in_a_global_ticket():
     """Magnitude and |w * g| are on different scales: the layer scored by magnitude loses its share (the layer
     quota), not all or none of its units to a global ranking against the other layer's Taylor scores."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 64), nn.ReLU(),
-                          nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 2))
-    x = torch.randn(32, 8)
-    ebcompile.prepare(model, (x,), ratio=0.5, structure="structured", scope="global", importance="taylor")
-    for i in (4, 6):  # the second FFN frozen
-        for p in model[i].parameters():
-            p.requires_grad_(False)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    model(x).pow(2).mean().backward()
-    opt.step()
+    model = second_ffn_frozen(64, 0.5, "global")
     with pytest.warns(UserWarning, match="within their layer"):
         masks = current_masks(model)
     assert int(masks.units["neuron:4"].sum()) == 32
