@@ -32,8 +32,7 @@ from .scoring import (
     unregister_taylor,
 )
 
-__all__ = ["KINDS", "TaylorImportance",
-           "ActivationImportance"]
+__all__ = ["KINDS", "TaylorImportance", "ActivationImportance"]
 
 KINDS = ("auto", "magnitude", "taylor", "activation", "gate")
 
@@ -58,11 +57,10 @@ class TaylorImportance(_Cumulative):
 
     def __init__(self, model: nn.Module, plan: Plan, structure: str) -> None:
         super().__init__(model, plan, structure)
-        self.per_expert: set[tuple[str, int]] = set()
+        # a fused 3-D expert tensor's neurons (``analysis.experts``): the sums keep the expert dim too, [E, width]
+        self.per_expert = {member_key(m) for g in plan.groups for m in g.members if m.masked and m.batched}
         if structure == "structured":
             self.keys = sorted({member_key(m) for g in plan.groups for m in g.members if m.masked})
-            # a fused 3-D expert tensor's neurons (``analysis.experts``): the sums keep the expert dim too, [E, width]
-            self.per_expert |= {member_key(m) for g in plan.groups for m in g.members if m.masked and m.batched}
         else:
             self.keys = [(op.weight, -1) for op in plan.linears]  # -1: element-wise
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
@@ -126,7 +124,8 @@ class TaylorImportance(_Cumulative):
     def unit_scores(self, group: GroupSet) -> torch.Tensor:
         total = None
         base = [m for m in group.members if m.masked and m.tensor not in self.adapters]
-        for m in group.members if any(member_key(m) in self._pending for m in base) else ():
+        seen = any(member_key(m) in self._pending for m in base)  # adapters' gradients alone say nothing of a unit
+        for m in group.members if seen else ():
             vec = self._pending.get(member_key(m)) if m.masked else None
             if vec is None:
                 continue
