@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from ..adapters import adapter_tensors
+from ..adapters import adapter_tensors, is_tuner_layer
 from ..families import hf_moe
 from ..names import split_name
 from ..plan import GroupSet, Member, Plan
@@ -151,9 +151,8 @@ def _router(model: nn.Module, parent: str, path: str, experts: int, masked: set[
 
 def _matrices(module: nn.Module) -> int:
     """The 2-D+ parameters ``module`` holds; a PEFT tuner layer (LoRA on the router) counts as its base layer."""
-    base = getattr(module, "base_layer", None)
-    if isinstance(base, nn.Module) and hasattr(module, "active_adapters"):
-        module = base
+    if is_tuner_layer(module):
+        module = module.base_layer
     return sum(p.dim() >= 2 for p in module.parameters())
 
 
