@@ -43,3 +43,38 @@ def test_mamba2_heads_are_cut_with_their_groups_and_generate_as_the_masked_model
     back = ebcompile.load(tmp_path / "s")  # rebuilt from config.json, cut to the saved counts
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, small(input_ids=ids).logits)
+
+
+def _mamba1() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(vocab_size=100, hidden_size=16, state_size=4, expand=2, num_hidden_layers=2,
+                                      conv_kernel=4, time_step_rank=3)
+    return transformers.MambaForCausalLM(config).eval()
+
+
+def test_mamba1_channels_are_units_and_generate_as_the_masked_model(tmp_path) -> None:
+    """Mamba-1 (Falcon-Mamba, Jamba's mamba layers): each of the mixer's channels is a unit (its x/z rows, conv1d
+    channel, dt_proj row — read as ``dt_proj.weight @ time_step`` — and bias, A_log row, D, its x_proj and out_proj
+    columns). B and C meet every channel in an outer product (``dt[..., None] * B[..., None, :]``): they stay whole
+    and do not join the channels into one unit."""
+    m, ids = _mamba1(), torch.randint(0, 100, (2, 10))
+    ebcompile.prepare(m, {"input_ids": ids}, ratio=0.4, structure="structured", importance="magnitude")
+    groups = [g for g in m._ebcompile.plan.groups if g.name.endswith("mixer.in_proj")]
+    assert len(groups) == 2 and all(g.units == 32 for g in groups)
+    tensors = {mem.tensor.split("mixer.")[1] for mem in groups[0].members}
+    assert {"dt_proj.weight", "dt_proj.bias", "A_log", "D", "conv1d.weight", "conv1d.bias", "x_proj.weight"} <= tensors
+    ebcompile.apply_ticket(m, ebcompile.draw_ticket(m))
+    small = ebcompile.compact(m, round_to=None)
+    mixers = [layer.mixer for layer in small.backbone.layers]
+    assert sum(x.out_proj.in_features for x in mixers) < 64
+    for x in mixers:
+        assert x.A_log.shape[0] == x.dt_proj.weight.shape[0] == x.conv1d.out_channels == x.out_proj.in_features
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).logits, m(input_ids=ids).logits)
+        prompt = ids[:1, :4]
+        assert torch.equal(small.generate(prompt, max_new_tokens=5, do_sample=False),
+                           m.generate(prompt, max_new_tokens=5, do_sample=False))
+    ebcompile.save(small, tmp_path / "s")
+    back = ebcompile.load(tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, small(input_ids=ids).logits)

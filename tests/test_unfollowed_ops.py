@@ -200,3 +200,37 @@ def test_a_scan_over_time_passes_units_through_and_one_over_features_joins_them(
         for t in (7, 3):
             x = torch.randn(2, t, 16)
             torch.testing.assert_close(small(x), m(x))
+
+
+class OuterGate(nn.Module):
+    """An FFN whose neurons are gated by ``W @ x`` (a weight on the left of a matmul, rows of its own) and mixed with
+    a small state in an outer product (``h[..., None] * s[..., None, :]``, as Mamba's ``dt * B``)."""
+
+    def __init__(self, dim: int = 16, width: int = 24, state: int = 4) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.state = nn.Linear(dim, width), nn.Linear(width, dim), nn.Linear(dim, state)
+        self.gate = nn.Parameter(torch.randn(width, dim) / dim ** 0.5)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid((self.gate @ x.transpose(-1, -2)).transpose(-1, -2))
+        h = torch.relu(self.fc1(x)) * g
+        h = (h[..., None] * torch.tanh(self.state(x))[..., None, :]).sum(-1)
+        return self.head(x + self.fc2(h))
+
+
+def test_a_weight_first_matmul_follows_the_units_and_an_outer_product_keeps_one_side():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    model = ebcompile.prepare(OuterGate().eval(), x, ratio=0.5, structure="structured", importance="magnitude")
+    plan = model._ebcompile.plan
+    [group] = [g for g in plan.groups if g.name == "fc1"]
+    assert group.units == 24 and {"gate", "fc1.weight", "fc2.weight"} <= {m.tensor for m in group.members}
+    assert "outer product" in plan.skipped["state"]
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model, 0.5))
+    small = ebcompile.compact(model, round_to=None).eval()
+    assert small.fc1.out_features == small.gate.shape[0] == 12 and small.state.out_features == 4
+    with torch.no_grad():
+        for t in (5, 9):
+            y = torch.randn(3, t, 16, generator=torch.Generator().manual_seed(t))
+            torch.testing.assert_close(small(y), model(y), rtol=1e-5, atol=1e-6)

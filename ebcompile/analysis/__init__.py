@@ -2,7 +2,7 @@
 
 ``linears`` (the prunable linear ops, each tied to its module and weight layout) → ``structure`` (one propagation of
 labels over the aten graph: every linear output feature labelled with its weight row, one handler per op in
-``ophandlers``, ``ops_shape``, ``ops_attention``, ``ops_einsum``, ``ops_conv``, over the union-find of ``labels``; the
+``ophandlers``, ``ops_shape``, ``ops_reduce``, ``ops_attention``, ``ops_einsum``, ``ops_conv``, over the union-find of ``labels``; the
 labels are written to ``node.meta``) → ``groups`` (head, KV-group and neuron ``GroupSet``s, plus the experts of
 ``experts``; a model that exports only in parts is analysed by its largest exportable pieces). ``feature_dims`` follows features through a
 module's traced forward for the size rewrites of ``transforms.reshapes``.

@@ -21,7 +21,8 @@ from typing import Any
 from torch import fx
 
 from .labels import Labels
-from .ophandlers import HANDLERS, Flow, aten_name, handler, module_of, reduce_dims, schema_arg, shape
+from .ophandlers import HANDLERS, Flow, aten_name, handler, module_of, shape
+from .ops_reduce import reduce_dims, schema_arg
 
 __all__ = ["NormFold", "rms_candidate", "settle_rms_candidates"]
 

@@ -209,6 +209,12 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None, sc
         return Labels(compress(params[0][1]), True)
     primary = acts[0][1]
     for _, ids in acts[1:]:
+        mine, theirs = set(varying(primary)), set(varying(ids))
+        if mine and theirs and not mine & theirs:  # an outer product (Mamba's dt[..., None] * B[..., None, :])
+            primary, other = (primary, ids) if _units(flow, primary) >= _units(flow, ids) else (ids, primary)
+            flow.el.forbid(other, f"its features meet other units along another dimension in {name} (an outer "
+                                  "product): the result carries the other side's units")
+            continue
         flow.el.union(primary, ids)
     for _, ids in params:
         a, b = np.broadcast_arrays(primary, ids)
@@ -240,6 +246,10 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None, sc
     return _out(primary)
 
 
+def _units(flow: Flow, ids: np.ndarray) -> int:
+    return len(flow.el.roots(ids))
+
+
 _PARAM_VIEWS = {"unsqueeze", "slice", "view", "reshape", "_unsafe_view", "alias", "detach", "clone", "_to_copy", "to",
                 "squeeze", "contiguous"}
 
@@ -255,10 +265,17 @@ def _param_behind(flow: Flow, arg: fx.Node) -> tuple[str, tuple[int, ...]] | Non
             return (name, shape(node)) if big == [s for s in shape(arg) if s > 1] else None
         op = aten_name(node)
         scaled = op in ("mul", "div") and len(node.args) > 1 and isinstance(node.args[1], (int, float))  # r_w_bias * scale
-        if not (op in _PARAM_VIEWS or scaled) or not node.args or not isinstance(node.args[0], fx.Node):
+        if not (op in _PARAM_VIEWS or scaled or _unary(node)) or not node.args or not isinstance(node.args[0], fx.Node):
             return None
         node = node.args[0]
     return None
+
+
+def _unary(node: fx.Node) -> bool:
+    """An elementwise op of one tensor (Mamba's ``-exp(A_log)``): each output entry is its input's entry."""
+    target = node.target
+    return (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+            and len(node.all_input_nodes) == 1 and shape(node) == shape(node.args[0]))
 
 
 def _follows_per_dim(flow: Flow, arg: fx.Node, aligned: tuple[int, ...], primary: np.ndarray, op: str) -> bool:
@@ -279,117 +296,3 @@ def _follows_per_dim(flow: Flow, arg: fx.Node, aligned: tuple[int, ...], primary
 @handler("multiply", "subtract", "divide", "true_divide", "hardswish")
 def _pointwise_alias(flow: Flow, node: fx.Node):
     return pointwise(flow, node)
-
-
-# -- reductions and normalisations ------------------------------------------------------------------------------
-def reduce_dims(flow: Flow, x: Any, dims: list[int], keepdim: bool, why: str, out_ndim: int | None = None):
-    lab = flow.lab(x)
-    if not isinstance(lab, Labels):
-        return None
-    ids = lab.ids
-    nd = ids.ndim
-    dims = sorted({_norm_dim(d, nd) for d in dims})
-    if any(ids.shape[d] > 1 for d in dims):
-        moved = np.moveaxis(ids, dims, list(range(nd - len(dims), nd)))
-        flat = moved.reshape(moved.shape[: nd - len(dims)] + (-1,))
-        for row in flat.reshape(-1, flat.shape[-1]):
-            flow.el.same_unit.append((row.copy(), why))
-    out = np.take(ids, [0], axis=dims[0]) if dims else ids
-    for d in dims[1:]:
-        out = np.take(out, [0], axis=d)
-    if not keepdim:
-        out = np.squeeze(out, axis=tuple(dims))
-    return _out(out, lab.param)
-
-
-def schema_arg(node: fx.Node, name: str, default: Any = None) -> Any:
-    """The argument called ``name`` in the aten op's schema, wherever it was passed (``linalg_vector_norm`` and
-    ``norm`` take ``ord``/``p`` before ``dim``)."""
-    if name in node.kwargs:
-        return node.kwargs[name]
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return default
-    for i, a in enumerate(schema.arguments):
-        if a.name == name:
-            return node.args[i] if i < len(node.args) else default
-    return default
-
-
-@handler("mean", "sum", "amax", "amin", "var", "std", "logsumexp", "norm", "linalg_vector_norm", "var_mean", "prod")
-def _reduce(flow: Flow, node: fx.Node):
-    x = node.args[0]
-    s = shape(x)
-    if s is None:
-        return None
-    dims = schema_arg(node, "dim")
-    if dims is None or dims == []:
-        dims = list(range(len(s)))
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    keep = bool(schema_arg(node, "keepdim", False))
-    out = reduce_dims(flow, x, dims, keep, f"its features are reduced by {node.target._opname} across units")
-    return [out, out] if node.target._opname == "var_mean" else out
-
-
-@handler("max", "min")
-def _max_min(flow: Flow, node: fx.Node):
-    """``max(x, dim)`` -> (values, indices), reduced like ``amax`` (Hiera's query pooling over window positions);
-    ``max(x)`` over everything; ``max(x, other)`` position by position."""
-    overload = node.target._overloadname
-    if overload == "other":
-        return pointwise(flow, node)
-    out = _reduce(flow, node)
-    return [out, out] if overload.endswith("dim") else out
-
-
-@handler("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax", "cumsum", "cumprod", "logcumsumexp")
-def _softmax(flow: Flow, node: fx.Node):
-    """Every output position reads all positions along ``dim`` (a softmax, or a scan: a Mamba-2 chunk's cumsum over
-    time): those must be one unit; the labels stay where they were."""
-    lab = flow.lab(node.args[0])
-    if not isinstance(lab, Labels):
-        return None
-    reduce_dims(flow, node.args[0], [node.args[1]], True, f"its features are combined by {node.target._opname} across units")
-    return lab
-
-
-@handler("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm")
-def _layer_norm(flow: Flow, node: fx.Node):
-    x, normalized = node.args[0], node.args[1]
-    lab = flow.lab(x)
-    if not isinstance(lab, Labels):
-        return None
-    nd = len(shape(x))
-    reduce_dims(flow, x, list(range(nd - len(normalized), nd)), True, "its features are normalised by a norm layer across units")
-    out = Labels(lab.ids)
-    return [out, None, None] if node.target._opname in ("native_layer_norm", "_fused_rms_norm") else out
-
-
-_BATCH_NORM_OUTPUTS = {"batch_norm": 1, "native_batch_norm": 3, "_native_batch_norm_legit": 3,
-                       "_native_batch_norm_legit_no_training": 3, "_native_batch_norm_legit_functional": 5}
-
-
-@handler(*_BATCH_NORM_OUTPUTS)
-def _batch_norm(flow: Flow, node: fx.Node):
-    """Per-channel (dim 1) statistics and affine: the channels stay independent units and the norm's weight, bias
-    and running statistics follow them; positions normalised together (the other dims) must be one unit."""
-    x = node.args[0]
-    lab, s = flow.lab(x), shape(x)
-    if not isinstance(lab, Labels) or lab.param or s is None:
-        return None
-    ids = aligned(lab.ids, len(s))
-    if len(s) < 2 or ids.shape[1] != s[1]:  # channels unlabelled, features elsewhere: all mixed by the statistics
-        flow.forbid(x, "its features are normalised together by a batch norm")
-        return None
-    rows = np.moveaxis(ids, 1, 0).reshape(s[1], -1)  # per channel: every position its statistics cover
-    if rows.shape[1] > 1:
-        for row in rows:
-            flow.el.same_unit.append((row.copy(), "its features are normalised together by a batch norm"))
-    for vector in node.args[1:5]:  # weight, bias, running mean, running var: one entry per channel
-        v = flow.lab(vector)
-        v = v if v is not None else flow.buffer_labels(vector, s[1])
-        if isinstance(v, Labels) and v.param and v.ids.size == s[1]:
-            flow.el.union(rows[:, 0], v.ids.reshape(-1))
-    out = Labels(lab.ids)
-    n = _BATCH_NORM_OUTPUTS[node.target._opname]
-    return out if n == 1 else [out] + [None] * (n - 1)

@@ -179,7 +179,27 @@ def _matmul(flow: Flow, node: fx.Node):
     if operand is not None and operand[0].name in flow.param_of and len(shape(operand[0]) or ()) == 2:
         w, out_dim = operand  # x @ W or x @ W.T with a 2-D parameter: a linear op
         return linear_source(flow, a, flow.param_of[w.name], shape(w), out_dim, None, shape(node))
+    left = weight_operand(a)
+    if left is not None and left[0].name in flow.param_of and len(shape(left[0]) or ()) == 2 and flow.lab(a) is None:
+        return _weight_first(flow, flow.param_of[left[0].name], shape(left[0]), 1 - left[1], b, shape(node))
     return product(flow, flow.lab(a), flow.lab(b), shape(node), shapes=(shape(a), shape(b)))
+
+
+def _weight_first(flow: Flow, weight: str, w_shape: tuple[int, ...], out_dim: int, x: Any,
+                  out_shape: tuple[int, ...]) -> Labels:
+    """``W @ x`` with a 2-D parameter ``W`` (Mamba's ``dt_proj.weight @ time_step.mT``): the output's rows are W's
+    rows, elements of their own that follow the units they meet (no linear is masked for them: they are sliced, as a
+    bias is); x's features along dim -2 are tied to W's columns."""
+    el, in_dim = flow.el, 1 - out_dim
+    lab = flow.lab(x)
+    if isinstance(lab, Labels) and not lab.param:
+        ids = aligned(lab.ids, len(out_shape))
+        if any(d != ids.ndim - 2 for d in varying(ids)):
+            el.forbid(ids, "read by a product with a weight along a dimension other than its features")
+        elif ids.shape[-2] == w_shape[in_dim]:
+            el.union(ids.reshape(-1), el.of(weight, in_dim, w_shape[in_dim]))
+    rows = el.of(weight, out_dim, w_shape[out_dim])
+    return Labels(rows.reshape((1,) * (len(out_shape) - 2) + (-1, 1)))
 
 
 def matmul_like(flow: Flow, node: fx.Node, a, b, bias=None):

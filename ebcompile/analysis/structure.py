@@ -30,6 +30,7 @@ from ..plan import GroupSet, Member
 from . import ops_attention as _ops_attention  # noqa: F401 - registers handlers
 from . import ops_conv as _ops_conv  # noqa: F401 - registers handlers
 from . import ops_einsum as _ops_einsum  # noqa: F401 - registers handlers
+from . import ops_reduce as _ops_reduce  # noqa: F401 - registers handlers
 from . import ops_shape as _ops_shape  # noqa: F401 - registers handlers
 from .head_inputs import resolve
 from .labels import Elements, Labels
