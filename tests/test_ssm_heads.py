@@ -21,6 +21,19 @@ def _mamba2(groups: int = 4) -> torch.nn.Module:
     return transformers.Mamba2ForCausalLM(config).eval()
 
 
+def _same_tokens_and_reload(small, masked, ids, tmp_path) -> None:
+    """The compact model computes the masked one's logits, greedy tokens through the SSM cache, and reloads."""
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).logits, masked(input_ids=ids).logits)
+        prompt = ids[:1, :5]
+        assert torch.equal(small.generate(prompt, max_new_tokens=6, do_sample=False),
+                           masked.generate(prompt, max_new_tokens=6, do_sample=False))
+    ebcompile.save(small, tmp_path / "s")
+    back = ebcompile.load(tmp_path / "s")  # rebuilt from config.json, cut to the saved counts
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, small(input_ids=ids).logits)
+
+
 def test_mamba2_heads_are_cut_with_their_groups_and_generate_as_the_masked_model(tmp_path) -> None:
     m, ids = _mamba2(), torch.randint(0, 100, (2, 12))
     ebcompile.prepare(m, {"input_ids": ids}, ratio=0.4, structure="structured", importance="magnitude")
@@ -34,15 +47,7 @@ def test_mamba2_heads_are_cut_with_their_groups_and_generate_as_the_masked_model
     for x in mixers:
         assert x.n_groups * 2 == x.num_heads and x.intermediate_size == x.num_heads * 8 == x.out_proj.in_features
         assert x.conv_dim == x.conv1d.out_channels == x.intermediate_size + 2 * x.n_groups * 4
-    with torch.no_grad():
-        torch.testing.assert_close(small(input_ids=ids).logits, m(input_ids=ids).logits)
-        prompt = ids[:1, :5]
-        assert torch.equal(small.generate(prompt, max_new_tokens=6, do_sample=False),
-                           m.generate(prompt, max_new_tokens=6, do_sample=False))
-    ebcompile.save(small, tmp_path / "s")
-    back = ebcompile.load(tmp_path / "s")  # rebuilt from config.json, cut to the saved counts
-    with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=ids).logits, small(input_ids=ids).logits)
+    _same_tokens_and_reload(small, m, ids, tmp_path)
 
 
 def _mamba1() -> torch.nn.Module:
@@ -69,12 +74,4 @@ def test_mamba1_channels_are_units_and_generate_as_the_masked_model(tmp_path) ->
     assert sum(x.out_proj.in_features for x in mixers) < 64
     for x in mixers:
         assert x.A_log.shape[0] == x.dt_proj.weight.shape[0] == x.conv1d.out_channels == x.out_proj.in_features
-    with torch.no_grad():
-        torch.testing.assert_close(small(input_ids=ids).logits, m(input_ids=ids).logits)
-        prompt = ids[:1, :4]
-        assert torch.equal(small.generate(prompt, max_new_tokens=5, do_sample=False),
-                           m.generate(prompt, max_new_tokens=5, do_sample=False))
-    ebcompile.save(small, tmp_path / "s")
-    back = ebcompile.load(tmp_path / "s")
-    with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=ids).logits, small(input_ids=ids).logits)
+    _same_tokens_and_reload(small, m, ids, tmp_path)
