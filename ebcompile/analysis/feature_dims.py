@@ -12,7 +12,6 @@ ops must change for the compact weights (``transforms.reshapes`` applies them).
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Any
 
 import numpy as np
@@ -20,29 +19,17 @@ import torch
 from torch import fx, nn
 
 from ..adapters import is_tuner_layer
+from .op_names import PERMUTES, SIZED_VIEWS, SPLITS, op_name
 
-__all__ = ["FollowFeatures", "Irregular", "Outer", "shape_changes", "op_name", "size_args", "META", "output_dims", "kept_part"]
+__all__ = ["FollowFeatures", "Irregular", "Outer", "shape_changes", "size_args", "META", "output_dims", "kept_part"]
 
 META = "ebcompile.features"
 
 Dims = tuple  # per dimension of a tensor: a bool array over its original indices (a feature dim), or None
-VIEWS = {"view", "reshape", "expand"}
-SPLITS = {"split", "chunk", "split_with_sizes", "tensor_split", "unbind"}
-PERMUTES = {"transpose", "swapaxes", "permute", "t"}
 
 
 class Irregular(Exception):
     """The kept features of a dimension cannot be laid out as a smaller dense tensor."""
-
-
-def op_name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op == "call_function":
-        if node.target is operator.getitem:
-            return "getitem"
-        return "matmul" if node.target is operator.matmul else getattr(node.target, "__name__", "")
-    return node.op
 
 
 def _reshape(dims: Dims, old: tuple[int, ...], new: tuple[int, ...]) -> Dims:
@@ -208,7 +195,7 @@ class FollowFeatures(fx.Interpreter):
             owner = _weight_owner(w)
             if owner in self.rows:
                 return (*(src or (None,) * out.dim())[:-1], self.rows[owner])
-        if op in VIEWS | {"flatten", "unflatten", "view_as", "reshape_as"} and src is not None and op != "expand":
+        if op in SIZED_VIEWS | {"flatten", "unflatten", "view_as", "reshape_as"} and src is not None and op != "expand":
             return _reshape(src, tuple(x.shape), tuple(out.shape))
         if op in PERMUTES | SPLITS:
             args = self.concrete(args)  # dims computed at run time
@@ -320,7 +307,7 @@ def shape_changes(follow: FollowFeatures) -> dict[str, dict[str, Any]]:
     changes: dict[str, dict[str, Any]] = {}
     for n, dims in follow.dims.items():
         op, out = op_name(n), follow.values[n]
-        if op in VIEWS and isinstance(out, torch.Tensor) and dims is not None:
+        if op in SIZED_VIEWS and isinstance(out, torch.Tensor) and dims is not None:
             sizes, _ = size_args(n)
             if len(sizes) == 1 and isinstance(follow.values.get(sizes[0]), (tuple, list)):
                 sizes = list(follow.values[sizes[0]])  # one computed shape (``x.size()[:-2] + (self.embed_dim,)``)

@@ -16,6 +16,7 @@ from torch import fx
 
 from ..capture.types import param_through_casts
 from .labels import Elements, Labels, aligned, compress, varying
+from .op_names import ALIASES, aten_name
 
 __all__ = ["HANDLERS", "Flow", "aten_name", "handler"]
 
@@ -83,13 +84,6 @@ class Flow:
 def shape(arg: Any) -> tuple[int, ...] | None:
     val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
     return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def aten_name(node: Any) -> str:
-    """The aten op a graph node calls, without its overload (``add`` for ``aten.add.Tensor``); "" for anything else
-    (a placeholder, ``operator.getitem``, a higher-order op). Every handler lookup and op test reads names this way."""
-    target = getattr(node, "target", None)
-    return target._opname if isinstance(target, torch._ops.OpOverload) else ""
 
 
 def module_of(node: fx.Node) -> str | None:
@@ -180,7 +174,6 @@ def table_columns(flow: Flow, table: str, columns: int, node: fx.Node) -> Labels
 
 
 # -- pointwise ------------------------------------------------------------------------------------------------
-_ALIASES = {"multiply": "mul", "subtract": "sub", "divide": "div", "true_divide": "div"}
 _ZERO_PRESERVING = {"mul", "div", "where", "masked_fill", "_to_copy", "to", "clone", "type_as"}
 
 
@@ -194,7 +187,7 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None, sc
         return None
     name = aten_name(node) or str(node.target)
     name = name[:-1] if name.endswith("_") and not name.startswith("_") else name  # in place: masked_fill_
-    name = _ALIASES.get(name, name)
+    name = ALIASES.get(name, name)
     if zero_preserving is None:
         zero_preserving = name in _ZERO_PRESERVING
     operands = [a for a in node.args if isinstance(a, fx.Node) and shape(a) is not None]

@@ -10,6 +10,7 @@ import numpy as np
 from torch import fx
 
 from .labels import Labels, aligned
+from .op_names import SOFTMAXES
 from .ophandlers import Flow, _norm_dim, _out, handler, pointwise, shape
 
 __all__ = ["reduce_dims", "schema_arg"]
@@ -75,7 +76,7 @@ def _max_min(flow: Flow, node: fx.Node):
     return [out, out] if overload.endswith("dim") else out
 
 
-@handler("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax", "cumsum", "cumprod", "logcumsumexp")
+@handler(*SOFTMAXES, "log_softmax", "_log_softmax", "cumsum", "cumprod", "logcumsumexp")
 def _softmax(flow: Flow, node: fx.Node):
     """Every output position reads all positions along ``dim`` (a softmax, or a scan: a Mamba-2 chunk's cumsum over
     time): those must be one unit; the labels stay where they were."""

@@ -9,10 +9,8 @@ import numpy as np
 from torch import fx
 
 from .labels import Labels, aligned, compress, varying
+from .op_names import IDENTITY, PERMUTES, RESHAPES, SPLITS
 from .ophandlers import Flow, _norm_dim, _out, aten_name, handler, shape, table_columns
-
-IDENTITY = ("clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "dropout", "lift_fresh_copy",
-            "_assert_tensor_metadata", "feature_dropout", "alpha_dropout", "expand", "expand_as", "_unsafe_view_copy", "broadcast_to")
 
 
 @handler(*IDENTITY)
@@ -49,7 +47,7 @@ def _native_dropout(flow: Flow, node: fx.Node):
     return [_identity(flow, node), None]
 
 
-@handler("view", "reshape", "_unsafe_view", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze")
+@handler(*RESHAPES, "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze")
 def _reshape(flow: Flow, node: fx.Node):
     """Element order is kept: reshape the labels with the tensor. A labelled dimension split into several
     (features -> heads x head_dim) makes each slice along the innermost new one a single unit (a head); a split in
@@ -72,7 +70,7 @@ def _reshape(flow: Flow, node: fx.Node):
     return Labels(ids, lab.param)
 
 
-@handler("permute", "transpose", "t", "movedim", "swapaxes")
+@handler(*PERMUTES, "movedim")
 def _permute(flow: Flow, node: fx.Node):
     lab = flow.lab(node.args[0])
     if not isinstance(lab, Labels):
@@ -153,7 +151,7 @@ def _select(flow: Flow, node: fx.Node):
     return _out(np.take(lab.ids, index, axis=dim), lab.param)
 
 
-@handler("split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split")
+@handler(*SPLITS, "unsafe_split")
 def _split(flow: Flow, node: fx.Node):
     lab = flow.lab(node.args[0])
     vals = node.meta.get("val")

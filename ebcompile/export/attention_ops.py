@@ -9,11 +9,12 @@ without a handler that writes a tagged tensor in place drops the tag, so a tag i
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
+from ..analysis.op_names import RESHAPES
 from .attention import emit_attention
 
 __all__ = ["HANDLERS", "forget_in_place"]
@@ -245,23 +246,23 @@ def _sdpa(mode, func, args, kwargs):
     return emit_attention(mode, q, k, v, mask, call.get("scale"), causal, out)
 
 
-def _table() -> dict:
+def _table() -> dict[str, Callable]:
+    """Handlers by the op's aten-style name (``analysis.op_names``: ``torch.mul``, ``Tensor.__rmul__`` and
+    ``Tensor.multiply`` are all ``mul``; ``Tensor.__imul__`` and ``mul_`` are ``mul_``)."""
     groups = {
-        _matmul: (torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm),
-        _baddbmm: (torch.baddbmm, T.baddbmm),
-        _scale: (torch.mul, T.mul, T.__mul__, T.__rmul__, torch.div, T.div, T.__truediv__, torch.true_divide,
-                 T.__imul__, T.__itruediv__, T.mul_, T.div_),
-        _add: (torch.add, T.add, T.__add__, T.__radd__, torch.sub, T.sub, T.__sub__, T.__iadd__, T.__isub__, T.add_,
-               T.sub_),
-        _masked_fill: (torch.masked_fill, T.masked_fill, T.masked_fill_),
-        _reshape: (T.view, T.reshape, torch.reshape),
-        _expand: (T.expand,),
-        _repeat_interleave: (torch.repeat_interleave, T.repeat_interleave),
-        _softmax: (torch.softmax, T.softmax, F.softmax),
-        _keep: (F.dropout, torch.dropout, T.to, T.type_as, T.float, T.half, T.contiguous),
-        _sdpa: (F.scaled_dot_product_attention,),
+        _matmul: ("matmul", "bmm"),
+        _baddbmm: ("baddbmm",),
+        _scale: ("mul", "div", "mul_", "div_"),
+        _add: ("add", "sub", "add_", "sub_"),
+        _masked_fill: ("masked_fill", "masked_fill_"),
+        _reshape: tuple(RESHAPES),
+        _expand: ("expand",),
+        _repeat_interleave: ("repeat_interleave",),
+        _softmax: ("softmax",),
+        _keep: ("dropout", "to", "type_as", "float", "half", "contiguous"),
+        _sdpa: ("scaled_dot_product_attention",),
     }
-    return {func: handler for handler, funcs in groups.items() for func in funcs}
+    return {name: handler for handler, names in groups.items() for name in names}
 
 
 HANDLERS = _table()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..analysis.op_names import function_name
 from .attention_ops import HANDLERS, forget_in_place, scores_of
 
 __all__ = ["AttentionFusion"]
@@ -51,7 +52,7 @@ class AttentionFusion(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        handler = HANDLERS.get(func)
+        handler = HANDLERS.get(function_name(func))
         if handler is not None:
             before = scores_of(args[0]) if args and isinstance(args[0], torch.Tensor) else None
             out = handler(self, func, args, kwargs)

@@ -34,7 +34,8 @@ import torch
 from torch import fx, nn
 
 from ..adapters import trace_module
-from ..analysis.feature_dims import SPLITS, VIEWS, FollowFeatures, Irregular, kept_part, op_name, output_dims, shape_changes, size_args
+from ..analysis.feature_dims import FollowFeatures, Irregular, kept_part, output_dims, shape_changes, size_args
+from ..analysis.op_names import SIZED_VIEWS, SPLITS, op_name
 from ..names import split_name
 from ..plan import Plan
 from .counts import WIDTH_ATTRS
@@ -46,7 +47,7 @@ from .width_attrs import rewrite_widths, same_but_heads, undo_widths
 __all__ = ["adapt_forwards", "hold_whole", "install_rewrite", "rewrites_of", "rewrite_widths", "ATTR", "WIDTH_ATTRS"]
 
 ATTR = "_ebcompile_reshapes"  # on a rewritten module: {"eval"|"train": {node name: change}}
-KINDS = {"sizes": VIEWS, "split": SPLITS, "slices": {"getitem"}}  # change -> the ops it may apply to
+KINDS = {"sizes": SIZED_VIEWS, "split": SPLITS, "slices": {"getitem"}}  # change -> the ops it may apply to
 
 
 def _apply(graph: fx.Graph, changes: dict[str, dict[str, Any]]) -> None:
