@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -191,3 +192,44 @@ def test_a_width_attribute_is_rewritten_where_the_module_also_returns_per_head_p
     back = ebcompile.load(tmp_path / "s")
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).last_hidden_state, small(input_ids=ids).last_hidden_state)
+
+
+class Inline(nn.Module):
+    """Attention written in the model's own forward (no attention submodule), sizes from the residual width."""
+
+    def __init__(self, d: int = 32, h: int = 4) -> None:
+        super().__init__()
+        self.h, self.emb = h, nn.Embedding(50, d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2, self.cls = nn.Linear(d, 64), nn.Linear(64, d), nn.Linear(d, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        B, T, C = x.shape
+        q, k, v = (m(x).view(B, T, self.h, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
+        a = (q @ k.transpose(-1, -2) / math.sqrt(C // self.h)).softmax(-1) @ v
+        x = x + self.o(a.transpose(1, 2).reshape(B, T, C))
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.cls(x.mean(1))
+
+
+def test_attention_in_the_root_forward_is_rewritten_there(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 8))
+    model = ebcompile.prepare(Inline(), ids, ratio=0.5, structure="structured", importance="magnitude", scope="layer")
+    assert [g.module for g in model._ebcompile.plan.groups if g.kind == "head"] == [""]  # the root module
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no module held whole
+        small = ebcompile.compact(model, round_to=None).eval()
+    assert small.q.out_features == 16 and small.fc1.out_features == 32
+    with torch.no_grad():
+        for b, t in [(3, 12), (1, 5)]:
+            other = torch.randint(0, 50, (b, t), generator=torch.Generator().manual_seed(t))
+            torch.testing.assert_close(small(other), model(other))
+    ebcompile.save(small, tmp_path)
+    torch.manual_seed(0)
+    loaded = ebcompile.load(tmp_path, model=Inline()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), small(ids))
+    ebcompile.export_onnx(small, tmp_path / "m.onnx", ids)

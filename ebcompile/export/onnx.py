@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from ..errors import ConfigError, ExportError
 from ..names import split_name
 from ..persist.io import atomic_path
 from ..transforms.shrink import plain_model
+from .calls import KeywordCall, PositionalCall, auto_axes, flag_defaults, flatten, parameters_of, with_attention_mask
 from .exporters import DYNAMO_MIN_OPSET, write
 from .external import INLINE_LIMIT, data_name, has_external, pack, previous_data, publish, weight_bytes
 from .fusion import AttentionFusion
@@ -46,40 +46,6 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     external_data: bool = False  # the weights are in a data file beside ``path`` (``files[1]``)
     files: list[str] = field(default_factory=list)  # every file written; ``bytes`` is their total
-
-
-class KeywordCall(nn.Module):
-    """``net(**dict(zip(names, args)), **extra)`` with positional inputs, returning its tensors as a flat tuple
-    (a Hugging Face ``ModelOutput`` becomes its tensor fields in order; cache objects are dropped)."""
-
-    def __init__(self, net: nn.Module, names: list[str], extra: dict[str, Any]) -> None:
-        super().__init__()
-        self.net, self.names, self.extra = net, list(names), dict(extra)
-
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(_flatten(self.net(**dict(zip(self.names, args)), **self.extra)))
-
-
-class PositionalCall(nn.Module):
-    """``net(*args)`` and nothing else: ``torch.onnx.export`` appends the defaults of a forward's other parameters to
-    the traced inputs, so a flag such as timm Eva's ``is_causal=False`` would reach the model as a tensor."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, *args: torch.Tensor) -> Any:
-        return self.net(*args)
-
-
-def _flag_defaults(net: nn.Module, given: int) -> bool:
-    """Whether ``net.forward`` has parameters after the ``given`` positional ones whose defaults are plain flags or
-    numbers (``PositionalCall`` then hides them from the exporter)."""
-    try:
-        params = list(inspect.signature(net.forward).parameters.values())[given:]
-    except (TypeError, ValueError):
-        return False
-    return any(isinstance(p.default, (bool, int, float)) for p in params)
 
 
 def _to_compact_attention(net: nn.Module) -> None:
@@ -131,54 +97,9 @@ def _exportable_experts(net: nn.Module) -> str:
     return "mixture-of-experts layers exported with the batched_mm experts kernel" if switched else ""
 
 
-def _parameters(net: nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(net.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
 def ort_session(path: str | os.PathLike, prefer_gpu: bool = True):
     """An onnxruntime session on CUDA when a GPU really is there (decided by the session), else CPU, quietly."""
     return session(str(path), prefer_gpu and torch.cuda.is_available())
-
-
-def _auto_axes(names: list[str], tensors: list[torch.Tensor]) -> dict[str, dict[int, str]]:
-    axes = {}
-    for name, t in zip(names, tensors):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            continue
-        axes[name] = {0: "batch"}
-        if not t.is_floating_point() and t.dim() >= 2:  # token ids / attention masks: [batch, sequence]
-            decoder = name.startswith("decoder_") or (name == "labels" and any(n.startswith("decoder_") for n in names))
-            axes[name][1] = "decoder_sequence" if decoder else "sequence"  # encoder-decoder inputs
-    return axes
-
-
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for o in out for t in _flatten(o)] if isinstance(out, (list, tuple)) else []
-
-
-def _with_attention_mask(net: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, str]:
-    """Token inputs without an ``attention_mask`` for a model that takes one: an all-ones mask becomes an input
-    (without it, Hugging Face decoders build their mask with ops ONNX lacks)."""
-    params = _parameters(net)
-    if "attention_mask" not in params or "attention_mask" in kwargs:
-        return args, kwargs, ""
-    if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point() \
-            and "input_ids" in params:
-        args, kwargs = (), {"input_ids": args[0]}
-    ids = kwargs.get("input_ids")
-    if args or not isinstance(ids, torch.Tensor):
-        return args, kwargs, ""
-    return args, {**kwargs, "attention_mask": torch.ones_like(ids)}, \
-        "attention_mask added as an input (all ones in the example): pass it to the exported model"
 
 
 def export_onnx(
@@ -246,16 +167,16 @@ def export_onnx(
     if low:  # the model's half-precision weights and inputs, as float32
         args, kwargs = pytree.tree_map(lambda a: a.float() if torch.is_tensor(a) and a.is_floating_point() else a, (args, kwargs))
         experts_note = "; ".join(n for n in (experts_note, f"the model's {'/'.join(low)} weights exported as float32") if n)
-    args, kwargs, mask_note = _with_attention_mask(net, args, kwargs)
+    args, kwargs, mask_note = with_attention_mask(net, args, kwargs)
     if kwargs:  # keyword inputs (Hugging Face models): ONNX inputs in input_names order, passed back by name
         input_names = input_names or [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
         args = tuple(kwargs[k] for k in input_names)
         extra = {k: v for k, v in graph_kwargs(net, kwargs).items() if k not in input_names}
         net = KeywordCall(net, input_names, extra)
-    elif _flag_defaults(net, len(args)):
+    elif flag_defaults(net, len(args)):
         net = PositionalCall(net)
     with torch.no_grad(), inputs_fit(family_net, args, {}):  # fp16 is checked against the fp32 model
-        reference = _flatten(net(*args))
+        reference = flatten(net(*args))
     if any(r.is_floating_point() and not bool(torch.isfinite(r).all()) for r in reference):
         raise ExportError(f"{type(family_net).__name__} itself outputs NaN or inf on example_inputs, so no export can be "
                           "verified. Fix: check the weights (a diverged training run) and pass finite, realistic inputs.")
@@ -266,7 +187,9 @@ def export_onnx(
             traced, traced_args = _shared_copy(net, half=True), args
     input_names = input_names or [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     output_names = output_names or (["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))])
-    axes = _auto_axes(input_names, list(args)) | _auto_axes(output_names, reference) if dynamic_axes == "auto" else dynamic_axes
+    lengths: dict[tuple[str, int], str] = {}
+    axes = auto_axes(input_names, list(args), lengths) | auto_axes(output_names, reference, lengths) \
+        if dynamic_axes == "auto" else dynamic_axes
     notes: list[str] = [n for n in (mask_note, experts_note) if n]
     path = Path(path)
     moved: Path | None = None  # the data file, once beside path: removed again if the export then fails
@@ -285,7 +208,7 @@ def export_onnx(
                 except Exception as exc:  # noqa: BLE001
                     fix = ("pass attention_mask in example_inputs (without it Hugging Face models build their mask with ops "
                            "ONNX lacks)" if isinstance(net, KeywordCall) and "attention_mask" not in net.names
-                           and "attention_mask" in _parameters(net.net) else
+                           and "attention_mask" in parameters_of(net.net) else
                            "export a compact model with fixed-shape inputs, or report the failing op")
                     raise ExportError(f"torch.onnx.export / onnx.checker failed for {type(net).__name__}: "
                                       f"{type(exc).__name__}: {str(exc)[:300]}. Fix: {fix}.") from exc

@@ -258,13 +258,13 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
             undo_widths(changed)
         rows, cut = {}, {}  # kept output rows per linear inside the module; every cut of its tensors (for padding)
         for (name, dim), idx in removed.items():
-            if not (name.startswith(path + ".") and idx):
+            if not (_inside(name, path) and idx):
                 continue
-            cut.setdefault(name[len(path) + 1:], {})[dim] = sorted(idx)
+            cut.setdefault(_inside(name, path), {})[dim] = sorted(idx)
             owner, attr = split_name(name)
             if dim == 0 and attr == "weight":
                 size = masked.get_submodule(owner).weight.shape[0]
-                rows[owner[len(path) + 1:]] = ~np.isin(np.arange(size), sorted(idx))
+                rows[_inside(owner, path)] = ~np.isin(np.arange(size), sorted(idx))
         original = masked.get_submodule(path)
         if _rewrite(original, target, rows, (args, kwargs), call, ref, tol, False):
             done.append(path)
@@ -279,6 +279,13 @@ def adapt_forwards(masked: nn.Module, compact: nn.Module, paths: list[str], exam
         if failed is not None and isinstance(out := _call(target, *call), Exception):
             failed[path] = f"{type(out).__name__}: {str(out).splitlines()[0][:200] if str(out) else ''}"
     return done
+
+
+def _inside(name: str, path: str) -> str:
+    """``name`` relative to the module at ``path`` ("" for the root), or "" when it is not inside it."""
+    if not path:
+        return name
+    return name[len(path) + 1:] if name.startswith(path + ".") else ""
 
 
 def _computes(ref: Any, out: Any, heads: tuple[int, int], tol: float) -> bool:

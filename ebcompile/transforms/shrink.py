@@ -198,7 +198,7 @@ def _remove_units(s: State) -> None:
 
 def _adapt_forwards(s: State) -> None:
     failed: dict[str, str] = {}
-    heads = [g.module for g in s.cfg.plan.groups if g.kind == "head" and g.module]
+    heads = [g.module for g in s.cfg.plan.groups if g.kind == "head" and g.module is not None]  # "": the root
     adapt_forwards(s.model, s.new, list(dict.fromkeys(heads)), getattr(s.cfg, "example", None), s.removed, failed, s.widths)
     if failed and hold_whole(s.cfg.plan, failed):  # once more, those modules' units kept whole
         raise Retry
