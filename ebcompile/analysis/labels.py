@@ -36,6 +36,9 @@ class Elements:
         self.fixed_extents: list[tuple[np.ndarray, tuple[int, ...], str]] = []
         # (labels, outer axis, inner axis) of features split in two (``view(..., 2, -1)``): resolved by ``settle_splits``
         self.pending_splits: list[tuple[np.ndarray, int, int]] = []
+        # roots of elements kept whole because every unit of another axis reads them (the state side of an outer
+        # product, as a KV head every query head reads): never joined with a unit, so they do not stop it
+        self.whole: set[int] = set()
 
     def of(self, tensor: str, dim: int, size: int) -> np.ndarray:
         """The elements of ``tensor`` along ``dim`` (created on first use)."""
@@ -57,13 +60,22 @@ class Elements:
         return root
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Union elementwise (broadcast) where both sides are labelled."""
+        """Union elementwise (broadcast) where both sides are labelled (never a kept-whole element with a unit)."""
         a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
         keep = (a >= 0) & (b >= 0)
+        whole = self.whole
         for x, y in {(int(x), int(y)) for x, y in zip(a[keep].ravel(), b[keep].ravel())}:
             rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                self.parent[max(rx, ry)] = min(rx, ry)
+            if rx == ry or (whole and (rx in whole) != (ry in whole)):
+                continue
+            self.parent[max(rx, ry)] = min(rx, ry)
+            if rx in whole:
+                whole.add(min(rx, ry))
+
+    def keep_whole(self, ids: np.ndarray, why: str) -> None:
+        """``ids`` are never removed and never join a unit (``whole``)."""
+        self.forbid(ids, why)
+        self.whole.update(self.roots(ids))
 
     def union_along(self, ids: np.ndarray, axis: int) -> None:
         """Make all elements along ``axis`` one unit (a head from its head_dim channels)."""

@@ -203,10 +203,13 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None, sc
     primary = acts[0][1]
     for _, ids in acts[1:]:
         mine, theirs = set(varying(primary)), set(varying(ids))
-        if mine and theirs and not mine & theirs:  # an outer product (Mamba's dt[..., None] * B[..., None, :])
-            primary, other = (primary, ids) if _units(flow, primary) >= _units(flow, ids) else (ids, primary)
-            flow.el.forbid(other, f"its features meet other units along another dimension in {name} (an outer "
-                                  "product): the result carries the other side's units")
+        if mine and theirs and not mine & theirs and not flow.el.roots(primary) & flow.el.roots(ids):
+            # an outer product (Mamba's dt[..., None] * B[..., None, :]): the outer dimension's units stay units
+            # (channels or heads before a state, as tensors are laid out); the inner side is kept whole, as a KV head
+            # every query head reads is
+            primary, other = (primary, ids) if min(mine) < min(theirs) else (ids, primary)
+            flow.el.keep_whole(other, f"every unit of another dimension reads its features in {name} (an outer "
+                                      "product): kept whole")
             continue
         flow.el.union(primary, ids)
     for _, ids in params:
@@ -237,10 +240,6 @@ def pointwise(flow: Flow, node: fx.Node, zero_preserving: bool | None = None, sc
             flow.el.fixed_extents.append((primary, s, f"its features meet data of their full width in {name} that "
                                                       "the analysis cannot cut with them (from an op it does not follow)"))
     return _out(primary)
-
-
-def _units(flow: Flow, ids: np.ndarray) -> int:
-    return len(flow.el.roots(ids))
 
 
 _PARAM_VIEWS = {"unsqueeze", "slice", "view", "reshape", "_unsafe_view", "alias", "detach", "clone", "_to_copy", "to",
