@@ -89,6 +89,29 @@ def test_a_folder_naming_custom_code_never_runs_it_even_when_stdin_says_yes(tmp_
         assert proc.returncode == 0 and "typed:" in proc.stdout and "Fix:" in proc.stdout, proc.stdout + proc.stderr
 
 
+# -- weights only as pickles (pytorch_model.bin) ------------------------------------------------------------
+
+
+def test_a_folder_whose_weights_are_only_pickles_is_refused_never_unpickled(tmp_path, monkeypatch, capsys):
+    from ebcompile.recipes.textclf import load_classifier
+
+    folder = tmp_path / "pickled"
+    model = tiny_bert()
+    model.save_pretrained(folder)  # then its weights as a pickle only, as older save_pretrained wrote them
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    unpickled = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a) or {})  # must never be reached
+    for load in (ebcompile.load, load_classifier):
+        with pytest.raises(CheckpointError) as info:
+            load(str(folder))
+        check(info, "pickle", "safetensors")
+    capsys.readouterr()
+    assert main(["export", str(folder), str(tmp_path / "m.onnx")]) == 2
+    one_line(capsys.readouterr().err, "pickle")
+    assert not unpickled and not (tmp_path / "m.onnx").exists()
+
+
 # -- a run folder's imageclf.json naming MODULE:FACTORY -----------------------------------------------------
 
 

@@ -29,7 +29,7 @@ def load_model(source: str, factory: str | None = None) -> nn.Module:
     if looks_local(source, hub_ids=True) and not Path(source).expanduser().exists():
         raise CheckpointError(f"{source}: no such folder. Fix: check the path (a hub name has no ./, ../, / or ~ in front).")
     from ..persist import hfload
-    from ..persist.hfload import NO_CODE, hf_class, hf_config
+    from ..persist.hfload import NO_PICKLE, hf_class, hf_config
     from ..persist.hub import hub_kwargs
 
     hub = {} if Path(source).expanduser().exists() else hub_kwargs(source)  # offline or unreachable: at once
@@ -43,7 +43,7 @@ def load_model(source: str, factory: str | None = None) -> nn.Module:
                               "ebcompile.save or save_pretrained, or a hub name when online.") from exc
     cls = hf_class(config, f"Fix: save {source} with save_pretrained (it records its class).")
     with hfload.quiet_transformers(), guard(source, "read"):
-        return cls.from_pretrained(source, **hub, **NO_CODE).eval()
+        return cls.from_pretrained(source, **hub, **NO_PICKLE).eval()
 
 
 def load_with_inputs(source: str, batch: int = 1, seq: int = 16, factory: str | None = None

@@ -25,10 +25,13 @@ from ..analysis.experts_list import keep_experts
 from ..errors import CheckpointError, EbcompileError
 from .fsguard import exists, guard, read_json
 
-__all__ = ["NO_CODE", "read_folder", "hf_config", "hf_class", "saved_hf_class", "build_checked", "header_shapes",
+__all__ = ["NO_CODE", "NO_PICKLE", "read_folder", "refuse_pickled_weights",
+           "hf_config", "hf_class", "saved_hf_class", "build_checked", "header_shapes",
            "quiet_transformers"]
 
 NO_CODE: dict[str, Any] = {"trust_remote_code": False}
+NO_PICKLE: dict[str, Any] = {**NO_CODE, "use_safetensors": True}  # a model's from_pretrained: safetensors weights only
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _NO_CODE_FIX = ("Fix: ebcompile never runs code from a model folder or hub repository; pass a model whose config "
                 "names an architecture transformers provides, or build the model yourself and pass it (model=).")
 
@@ -37,6 +40,7 @@ def read_folder(source: str | os.PathLike) -> dict[str, Any] | None:
     """A local folder's ``config.json`` (None for a hub name), read with bounded JSON; ``tokenizer_config.json``
     is checked the same way."""
     folder = Path(source).expanduser()
+    refuse_pickled_weights(folder)
     if not exists(folder / "config.json"):
         if exists(folder / "tokenizer_config.json"):
             read_json(folder / "tokenizer_config.json")
@@ -47,6 +51,19 @@ def read_folder(source: str | os.PathLike) -> dict[str, Any] | None:
     if exists(folder / "tokenizer_config.json"):
         read_json(folder / "tokenizer_config.json")
     return raw
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """A ``CheckpointError`` for a folder whose weights are only pickles: loading them would unpickle (run code)."""
+    if not folder.is_dir():
+        return
+    names = [p.name for p in folder.iterdir()]
+    pickled = sorted(n for n in names if n.endswith(PICKLED))
+    if pickled and not any(n.endswith(".safetensors") for n in names):
+        raise CheckpointError(f"{folder} holds its weights only as pickles ({', '.join(pickled[:3])}); ebcompile never "
+                              "unpickles a file (unpickling can run code). Fix: convert them to safetensors where you "
+                              "trust them (model.save_pretrained(dir, safe_serialization=True)), or use the repository's "
+                              ".safetensors weights.")
 
 
 def refuse_custom_code(source: str | os.PathLike, exc: BaseException, raw: dict[str, Any] | None) -> None:

@@ -87,7 +87,7 @@ def load_classifier(source: str, num_labels: int | None = None) -> tuple[nn.Modu
     ``num_labels=None`` keeps the saved head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..persist.hfload import NO_CODE, quiet_transformers, read_folder, refuse_custom_code
+    from ..persist.hfload import NO_CODE, NO_PICKLE, quiet_transformers, read_folder, refuse_custom_code
     from ..persist.hub import hub_kwargs
 
     if looks_local(source, hub_ids=True) and not Path(source).expanduser().exists():
@@ -98,7 +98,7 @@ def load_classifier(source: str, num_labels: int | None = None) -> tuple[nn.Modu
         with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(source, **hub, **NO_CODE)
             kw = {} if num_labels is None else {"num_labels": num_labels}
-            model = AutoModelForSequenceClassification.from_pretrained(source, **kw, **hub, **NO_CODE)
+            model = AutoModelForSequenceClassification.from_pretrained(source, **kw, **hub, **NO_PICKLE)
     except Exception as exc:  # noqa: BLE001 - missing folder, no tokenizer, offline hub name
         refuse_custom_code(source, exc, raw)
         raise CheckpointError(f"{source}: cannot load a tokenizer and sequence classifier ({type(exc).__name__}: "
