@@ -225,3 +225,24 @@ def test_a_tampered_manifest_cannot_make_a_save_delete_files_outside_its_folder(
     ebcompile.save(other_mlp(), run)  # read as a save from before manifests: only its own names are replaced
     assert outside.read_text() == "mine" and (run / "link").is_symlink()
     assert torch.equal(ebcompile.load(run, model=make_mlp())[0].weight, other_mlp()[0].weight)
+
+
+def test_a_save_pretrained_folder_is_not_taken_for_an_earlier_save(tmp_path):
+    """A compact model's ``save_pretrained`` writes transformers' files and an ``ebcompile.json`` beside them: that
+    folder is the user's, and ``ebcompile.save`` refuses it instead of replacing its weights and config."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                                 vocab_size=64, max_position_embeddings=16)).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    ebcompile.prepare(model, {"input_ids": ids}, ratio=0.5, structure="structured", importance="magnitude")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    small = ebcompile.compact(model, round_to=None)
+    small.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "ebcompile.json").is_file()
+    before = files(tmp_path / "mine")
+    with pytest.raises(OutputPathError) as info:
+        ebcompile.save(other_mlp(), tmp_path / "mine")
+    check(info, "not an ebcompile save")
+    assert files(tmp_path / "mine") == before

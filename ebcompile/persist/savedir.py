@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import CheckpointError, OutputPathError
-from .fsguard import exists, guard, os_error
+from .fsguard import exists, guard, os_error, read_json
 from .io import _leftovers, _make_parents, _public_mode, _remove, _remove_created, abandon
 
 __all__ = ["atomic_dir", "recover", "resolve_saved", "read_saved", "MANIFEST"]
@@ -72,6 +72,18 @@ def _drop(folder: Path, name: str) -> None:
             break
 
 
+def _legacy_save(path: Path, marker: str) -> bool:
+    """Whether ``path`` is an ``ebcompile.save`` written before manifests: its ``marker`` is an ``ebcompile.json`` of
+    that format, not the one ``save_pretrained`` adds beside transformers' files (a ``config.json`` proves nothing)."""
+    if marker != "ebcompile.json" or not (path / marker).is_file():
+        return False
+    try:
+        meta = read_json(path / marker)
+    except CheckpointError:
+        return False
+    return isinstance(meta, dict) and meta.get("format") == "ebcompile-model" and not meta.get("pretrained")
+
+
 class atomic_dir:
     """Context manager yielding a temp directory, committed into ``path`` on success (see the module docstring).
 
@@ -92,7 +104,7 @@ class atomic_dir:
         if path.exists() and not path.is_dir():
             raise OutputPathError(f"{path} is a file, not a directory. Fix: pass a directory path or remove the file.")
         self.old = _manifest(path) if path.is_dir() else []
-        self.legacy = self.old is None and (path / self.marker).is_file()  # a save from before manifests
+        self.legacy = self.old is None and _legacy_save(path, self.marker)  # a save from before manifests
         if self.old is None and not self.legacy and any(path.iterdir()):
             raise OutputPathError(f"{path} holds files that are not an ebcompile save, and a save never writes among "
                                   "files it did not write. Fix: pass a new or empty directory.")
