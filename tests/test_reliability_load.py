@@ -231,3 +231,29 @@ def test_an_unreadable_path_is_reported_as_such_not_as_missing(tmp_path, monkeyp
         ebcompile.load(tmp_path / "run", model=make_mlp())
     check(info, "permission denied", "chmod")
     assert "does not exist" not in str(info.value)
+
+
+def test_load_into_a_model_of_another_architecture_leaves_it_untouched(tmp_path):
+    """``load(dir, model=...)`` rehearses the whole load on a meta copy first: a model that does not fit is refused
+    with the model exactly as it was (before, 12 of its tensors had been cut when the strict load refused)."""
+    from torchvision.models import VisionTransformer
+
+    def vit(layers: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return VisionTransformer(image_size=16, patch_size=4, num_layers=layers, num_heads=4, hidden_dim=32,
+                                 mlp_dim=64, num_classes=10).eval()
+
+    model, x = vit(2), torch.randn(1, 3, 16, 16)
+    ebcompile.prepare(model, x, ratio=0.5, structure="structured", importance="magnitude")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    ebcompile.save(ebcompile.compact(model, round_to=None), tmp_path / "s")
+    wrong = vit(3)
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        ebcompile.load(tmp_path / "s", model=wrong)
+    check(info, "saved architecture")
+    after = wrong.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(type(m).__name__ == "MultiheadAttention" for n, m in wrong.named_modules() if n.endswith("self_attention"))
+    loaded = ebcompile.load(tmp_path / "s", model=vit(2))  # the right architecture still loads
+    assert loaded(x).shape == (1, 10)

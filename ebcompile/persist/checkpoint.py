@@ -19,6 +19,7 @@ is ever unpickled; any unreadable or inconsistent file raises ``CheckpointError`
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -321,7 +322,22 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     got = read_saved(directory, lambda folder: _read(folder, model))  # never two saves' files, mid-commit
     if isinstance(got, nn.Module):
         return got
-    model, meta, weights = got
+    if model is not None:  # the caller's model: every refusal must come before it changes
+        _into(_meta_copy(model), got[1], dict(got[2]))
+    return _into(*got)
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """``model`` with every parameter and buffer on the meta device (no memory): a rehearsal of the load."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        ghost = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(ghost, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else ghost
+    return copy.deepcopy(model, memo)
+
+
+def _into(model: nn.Module, meta: dict[str, Any], weights: dict[str, Any]) -> nn.Module:
+    """Shrink ``model`` to the saved counts and shapes and load ``weights`` into it (strict)."""
     _shrink(model, meta)
     buffers = dict(model.named_buffers(remove_duplicate=False))
     for name in meta["buffers"]:  # non-persistent buffers compact cut: set from the file, not the state_dict
@@ -329,7 +345,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
         if name not in buffers or value is None or list(value.shape) != list(buffers[name].shape):
             raise CheckpointError(f"{META} lists buffer {name!r}, which the model or {WEIGHTS} lacks or which does not fit. "
                                   "Fix: pass a model of the saved architecture, or save the model again.")
-        set_tensor(model, name, value.to(buffers[name].device))
+        set_tensor(model, name, value.to(buffers[name].device) if not buffers[name].is_meta else value.to("meta"))
     floats = {v.dtype for v in weights.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     if len(floats) == 1:  # the saved dtype; floating tensors only (Module.to would drop a complex buffer's imaginary part)
         dtype = floats.pop()
