@@ -205,6 +205,21 @@ def test_a_config_that_disagrees_with_the_weights_is_refused_before_allocating(t
         check(info, "disagrees", words)
 
 
+def test_a_config_wider_than_the_machine_is_refused_before_allocating(tmp_path):
+    """A width larger than the saved one reads as compaction; one too large to build at all is refused up front."""
+    model = tiny_bert()
+    ebcompile.prepare(model, {"input_ids": torch.randint(0, 64, (1, 8))}, ratio=0.5, structure="structured",
+                      importance="magnitude")
+    ebcompile.apply_ticket(model, ebcompile.draw_ticket(model))
+    ebcompile.save(ebcompile.compact(model, round_to=None), tmp_path / "s")
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    config["intermediate_size"] = 10**10
+    (tmp_path / "s" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        ebcompile.load(tmp_path / "s")
+    check(info, "GiB", "config.json")
+
+
 def test_a_config_that_agrees_still_loads_and_computes_the_same(tmp_path):
     model = tiny_bert()
     ebcompile.save(model, tmp_path / "a")
@@ -257,3 +272,12 @@ def test_load_into_a_model_of_another_architecture_leaves_it_untouched(tmp_path)
     assert all(type(m).__name__ == "MultiheadAttention" for n, m in wrong.named_modules() if n.endswith("self_attention"))
     loaded = ebcompile.load(tmp_path / "s", model=vit(2))  # the right architecture still loads
     assert loaded(x).shape == (1, 10)
+
+
+def test_a_fifo_in_place_of_ebcompile_json_is_refused_not_read(tmp_path):
+    ebcompile.save(make_mlp(), tmp_path / "s")
+    (tmp_path / "s" / "ebcompile.json").unlink()
+    os.mkfifo(tmp_path / "s" / "ebcompile.json")  # a read would block forever
+    with pytest.raises(CheckpointError) as info:
+        ebcompile.load(tmp_path / "s", model=make_mlp())
+    check(info, "not a regular file")

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -128,7 +129,10 @@ def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """The JSON value in ``path`` (bounded size and nesting); every failure is a ``CheckpointError``."""
     path = Path(path)
     with guard(path, "read"):
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block the read, or never end
+            raise CheckpointError(f"{path} is not a regular file. Fix: pass the file ebcompile or transformers wrote.")
+        size = info.st_size
         if size > max_bytes:
             raise CheckpointError(f"{path} is {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB of JSON "
                                   "ebcompile reads. Fix: pass the file ebcompile or transformers wrote.")

@@ -194,7 +194,17 @@ def build_checked(cls: type, config: Any, shapes: dict[str, list[int]], where: s
     if why is not None:
         raise CheckpointError(f"{where}: config.json disagrees with the saved weights: {why}. Fix: pass the config.json "
                               "saved with these weights (or save the model again).")
-    return cls._from_config(config)
+    need = sum(t.numel() * t.element_size() for t in [*fresh.parameters(), *fresh.buffers()])
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if memory and need > memory:  # the full-size model is built before it is cut to the saved shapes
+        raise CheckpointError(f"{where}: config.json describes a model of {need / 2**30:.1f} GiB before it is cut to the "
+                              f"saved shapes, more than this machine's {memory / 2**30:.1f} GiB (a config that does not fit "
+                              "its weights?). Fix: pass the config.json saved with these weights, or load on a larger machine.")
+    try:
+        return cls._from_config(config)
+    except (MemoryError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: building {cls.__name__} from config.json failed ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}). Fix: pass the config.json saved with these weights.") from exc
 
 
 @contextlib.contextmanager
