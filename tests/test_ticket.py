@@ -203,3 +203,52 @@ def test_the_rezero_hook_touches_only_what_the_stepping_optimizer_updates():
     assert bool((weight[~mask.mask.expand_as(weight)] == 1).all())
     opt.step()  # its own optimizer: pruned entries are zero again
     assert bool((weight[~mask.mask.expand_as(weight)] == 0).all())
+
+
+@pytest.mark.parametrize("kwargs", [{"seed": "x"}, {"seed": 1.5}, {"init": 5}])
+def test_a_bad_reinit_seed_or_init_is_refused_before_anything_changes(kwargs):
+    make, batch = TINY["mlp"]
+    model = ebcompile.prepare(make(), batch(), ratio=0.5, structure="unstructured")
+    before, flags = {k: v.clone() for k, v in model.state_dict().items()}, _flags(model)
+    with pytest.raises(ebcompile.errors.ConfigError, match="Fix:"):
+        ebcompile.apply_ticket(model, ticket_now(model), mode="reinit", **kwargs)
+    assert _flags(model) == flags
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_init_that_raises_leaves_the_masks_as_they_were():
+    make, batch = TINY["mlp"]
+    model = ebcompile.prepare(make(), batch(), ratio=0.5, structure="unstructured")
+
+    def broken(_: nn.Module) -> None:
+        raise RuntimeError("user init failed")
+
+    flags = _flags(model)
+    with pytest.raises(RuntimeError, match="user init failed"):
+        ebcompile.apply_ticket(model, ticket_now(model), mode="reinit", init=broken)
+    assert _flags(model) == flags
+
+
+def test_a_ticket_file_with_an_unknown_scope_is_a_broken_ticket(tmp_path):
+    import json
+    import struct
+
+    make, batch = TINY["mlp"]
+    model = ebcompile.prepare(make(), batch(), ratio=0.5, structure="unstructured")
+    ticket_now(model).save(tmp_path / "t.safetensors")
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    meta = header["__metadata__"]
+    key = next(k for k, v in meta.items() if '"scope"' in v or k == "scope")
+    meta[key] = meta[key].replace('"global"', '"bogus"') if key != "scope" else "bogus"
+    body = json.dumps(header).encode()
+    (tmp_path / "t.safetensors").write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    with pytest.raises(ebcompile.errors.CheckpointError, match="scope"):
+        Ticket.load(tmp_path / "t.safetensors")
+
+
+def _flags(model: nn.Module) -> list[tuple[bool, bool]]:
+    from ebcompile.transforms.masks import iter_masks
+
+    return [(m.active, m.frozen) for _, _, _, m in iter_masks(model)]

@@ -68,8 +68,8 @@ def ticket_from(masks: Masks, h: dict[str, Any]) -> Ticket:
     ratio, scope, found_at = h["ratio"], h["scope"], dict(h["found_at"])
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ValueError(f"ratio {ratio!r}")
-    if not isinstance(scope, str):
-        raise TypeError(f"scope {scope!r}")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope {scope!r}")
     signature = {str(k): [int(x) for x in v] for k, v in dict(h["signature"]).items()}
     if any(x < 0 for v in signature.values() for x in v):
         raise ValueError("negative size in the signature")
@@ -183,17 +183,27 @@ def apply_ticket(
     if not isinstance(ticket, Ticket):
         raise TicketMismatchError(f"expected an ebcompile Ticket, got {type(ticket).__name__}. "
                                   "Fix: pass EarlyBird.ticket or Ticket.load(path).")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"seed={seed!r} is not an integer. Fix: pass an int, e.g. seed=0, or leave it None.")
+    if init is not None and not callable(init):
+        raise ConfigError(f"init={init!r} is not callable. Fix: pass a function that takes the model, or leave it None.")
     _check_signature(model, ticket)
     masks = list(iter_masks(model))
     _check_complete(model, ticket, masks, mode, weights)  # everything validated before anything changes
+    active = [m.active for _, _, _, m in masks]
     for _, _, _, m in masks:  # identity parametrizations: weights read/written in place below
         m.active = False
-    if mode == "rewind":
-        load_full_state_dict(model, weights)
-    elif mode == "reinit":
-        if seed is not None:
-            torch.manual_seed(seed)
-        (init or _reset_all)(model)
+    try:
+        if mode == "rewind":
+            load_full_state_dict(model, weights)
+        elif mode == "reinit":
+            if seed is not None:
+                torch.manual_seed(seed)
+            (init or _reset_all)(model)
+    except BaseException:  # the user's init failed: the masks as they were
+        for (_, _, _, m), was in zip(masks, active):
+            m.active = was
+        raise
     with torch.no_grad():
         for name, _, _, m in masks:
             m.set(ticket.masks.tensors[name])
