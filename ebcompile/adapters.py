@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from .plan import GroupSet
 
-__all__ = ["adapter_tensors", "is_tuner_layer", "AdapterLeafTracer", "trace_module", "is_adapter_rank",
+__all__ = ["adapter_tensors", "unsupported_adapters", "is_tuner_layer", "AdapterLeafTracer", "trace_module", "is_adapter_rank",
            "sync_adapter_features", "pretrained_core", "merged_shapes"]
 
 
@@ -53,6 +53,22 @@ def adapter_tensors(model: nn.Module) -> dict[str, str]:
         for name, _ in layer.named_parameters():
             if not name.startswith("base_layer."):
                 found[prefix + name] = prefix + "base_layer"
+    return found
+
+
+# adapters whose update is no product of two factors the structure analysis can slice: DoRA rescales each row by a
+# norm of the whole merged weight, LoHa and LoKr build the update as a Hadamard / Kronecker product
+_UNSUPPORTED = {"lora_magnitude_vector": "DoRA (use_dora=True)", "hada_": "LoHa", "lokr_": "LoKr"}
+
+
+def unsupported_adapters(model: nn.Module) -> dict[str, str]:
+    """Adapter kind -> one of its parameters, for the PEFT adapters prepare cannot follow."""
+    found: dict[str, str] = {}
+    for name, base in adapter_tensors(model).items():
+        own = name[len(base) - len("base_layer"):]  # the part inside the tuner layer: lora_magnitude_vector.default...
+        kind = next((k for p, k in _UNSUPPORTED.items() if own.startswith(p)), None)
+        if kind is not None:
+            found.setdefault(kind, name)
     return found
 
 

@@ -138,3 +138,17 @@ def test_unstructured_masks_never_touch_the_adapters():
     masked = {op.weight for op in model._ebcompile.plan.linears}
     assert masked and not any("lora_" in w for w in masked)
     assert all("adapter of" in model._ebcompile.plan.skipped[n] for n, _ in model.named_modules() if n.endswith("lora_A.default"))
+
+
+@pytest.mark.parametrize("config, kind", [
+    (lambda: peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True), "DoRA"),
+    (lambda: peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), "LoHa"),
+    (lambda: peft.LoKrConfig(r=4, target_modules=["q_proj", "v_proj"]), "LoKr"),
+])
+def test_adapters_whose_update_cannot_be_sliced_are_named_before_anything_changes(config, kind):
+    model = peft.get_peft_model(lora_llama().unload(), config())  # the plain Llama, these adapters on it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ebcompile.errors.ConfigError, match=f"{kind}.*Fix: use LoRA"):
+        ebcompile.prepare(model, inputs(model), ratio=0.3, structure="structured", importance="activation")
+    assert getattr(model, "_ebcompile", None) is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..adapters import adapter_tensors, is_adapter_rank
+from ..adapters import adapter_tensors, is_adapter_rank, unsupported_adapters
 from ..capture.graph import capture
 from ..errors import ConfigError, NoPrunableLayerError
 from ..names import split_name
@@ -72,6 +72,12 @@ def _check_options(s: State) -> None:
         check_kind(o.importance, "structured")
     if getattr(s.model, "_ebcompile", None) is not None:
         raise ConfigError("this model is already prepared. Fix: call prepare once, on the plain model.")
+    unsupported = unsupported_adapters(s.model)
+    if unsupported:
+        kinds = ", ".join(f"{k} ({v})" for k, v in unsupported.items())
+        raise ConfigError(f"the model has PEFT adapters prepare cannot follow: {kinds}; their update is no product of two "
+                          "factors that can be sliced with the base layer's heads and neurons. Fix: use LoRA (use_dora=False) "
+                          "or IA3 adapters, or merge these first (model.merge_and_unload()) and prepare the merged model.")
 
 
 def _capture(s: State) -> None:
