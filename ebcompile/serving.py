@@ -229,7 +229,7 @@ def load_served(directory: str | os.PathLike) -> nn.Module:
     layer's projections sized from ``block_configs`` alone (KV heads = heads / n_heads_in_group, FFN width from
     ``ffn_mult`` as DeciLM computes it), then loaded strictly."""
     from .persist.fsguard import read_json
-    from .persist.hfload import NO_CODE, hf_class, hf_config
+    from .persist.hfload import NO_PICKLE, hf_class, hf_config
 
     directory = Path(directory)
     config = read_json(directory / CONFIG)
@@ -237,7 +237,7 @@ def load_served(directory: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{directory / CONFIG} is not a JSON object. Fix: write the folder with save_for_serving.")
     if config.get("model_type") != "nemotron-nas":
         cls = hf_class(hf_config(str(directory), local_only=True), "Fix: write the folder with save_for_serving.")
-        return cls.from_pretrained(directory, **NO_CODE).eval()
+        return cls.from_pretrained(directory, **NO_PICKLE).eval()
     return _rebuild_decilm(directory, config)
 
 
