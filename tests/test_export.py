@@ -183,23 +183,30 @@ def test_a_bfloat16_model_exports_in_the_dtype_asked(tmp_path, dtype):
     assert next(p for p in model.parameters()).dtype == torch.bfloat16
 
 
-def test_two_token_inputs_of_different_lengths_get_two_sequence_axes(tmp_path):
-    """A source of 10 tokens and a target of 8 (one shared embedding): each integer input's dim 1 is its own dynamic
-    axis; one name for both made the export fail on the example itself."""
+def test_two_token_inputs_of_different_lengths_get_two_sequence_axes_where_one_fails(tmp_path):
+    """A source of 10 tokens and a target of 8 through one embedding (an encoder-decoder written with torch.nn):
+    with one sequence name for both the file fails on the example itself; the export then names one axis per
+    length, and says so."""
     torch.manual_seed(0)
 
     class SrcTgt(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.emb, self.fc = torch.nn.Embedding(30, 16), torch.nn.Linear(16, 16)
+            self.emb, self.head = torch.nn.Embedding(30, 16), torch.nn.Linear(16, 30)
+            self.encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
+                                                       batch_first=True), 1, enable_nested_tensor=False)
+            self.decoder = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0,
+                                                       batch_first=True), 1)
 
         def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-            memory = self.fc(self.emb(src)).mean(1, keepdim=True)
-            return self.emb(tgt) + memory
+            t = tgt.shape[1]
+            causal = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
+            return self.head(self.decoder(self.emb(tgt), self.encoder(self.emb(src)), tgt_mask=causal))
 
     net = SrcTgt().eval()
     src, tgt = torch.randint(0, 30, (2, 10)), torch.randint(0, 30, (2, 8))
-    ebcompile.export_onnx(net, tmp_path / "m.onnx", (src, tgt))
+    report = ebcompile.export_onnx(net, tmp_path / "m.onnx", (src, tgt))
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
             for i in onnx.load(str(tmp_path / "m.onnx")).graph.input}
     assert len({d[1] for d in dims.values()}) == 2, dims
+    assert any("per distinct input length" in n for n in report.notes), report.notes

@@ -55,10 +55,11 @@ def parameters_of(net: nn.Module) -> set[str]:
         return set()
 
 
-def auto_axes(names: list[str], tensors: list[torch.Tensor], lengths: dict[tuple[str, int], str]) -> dict[str, dict[int, str]]:
-    """Dim 0 of every tensor is ``batch``; dim 1 of integer tensors (token ids, masks) a sequence axis, one name per
-    distinct example length (``lengths``, shared by the inputs and outputs: a source of 10 tokens and a target of 8
-    are two axes; ids and their mask of one length are one)."""
+def auto_axes(names: list[str], tensors: list[torch.Tensor], lengths: dict[tuple[str, int], str],
+              per_length: bool = True) -> dict[str, dict[int, str]]:
+    """Dim 0 of every tensor is ``batch``; dim 1 of integer tensors (token ids, masks) a sequence axis: one name for
+    all (``sequence``; ``decoder_sequence`` for a decoder's), or with ``per_length`` one name per distinct example
+    length (``lengths``, shared by the inputs and outputs: a source of 10 tokens and a target of 8 are two axes)."""
     axes = {}
     for name, t in zip(names, tensors):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
@@ -67,6 +68,9 @@ def auto_axes(names: list[str], tensors: list[torch.Tensor], lengths: dict[tuple
         if not t.is_floating_point() and t.dim() >= 2:  # token ids / attention masks: [batch, sequence]
             decoder = name.startswith("decoder_") or (name == "labels" and any(n.startswith("decoder_") for n in names))
             base = "decoder_sequence" if decoder else "sequence"  # encoder-decoder inputs
+            if not per_length:
+                axes[name][1] = base
+                continue
             if (base, t.shape[1]) not in lengths:
                 count = sum(b == base for b, _ in lengths)
                 lengths[(base, t.shape[1])] = base if count == 0 else f"{base}_{count + 1}"

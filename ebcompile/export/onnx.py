@@ -187,18 +187,17 @@ def export_onnx(
             traced, traced_args = _shared_copy(net, half=True), args
     input_names = input_names or [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     output_names = output_names or (["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))])
-    lengths: dict[tuple[str, int], str] = {}
-    axes = auto_axes(input_names, list(args), lengths) | auto_axes(output_names, reference, lengths) \
-        if dynamic_axes == "auto" else dynamic_axes
+    tries = [dynamic_axes] if dynamic_axes != "auto" else _auto_tries(input_names, list(args), output_names, reference)
     notes: list[str] = [n for n in (mask_note, experts_note) if n]
     path = Path(path)
     moved: Path | None = None  # the data file, once beside path: removed again if the export then fails
     # torch's TorchScript exporter first (attention fusion and onnxruntime's optimizer read its graphs); where its file
     # fails to export, load or verify, the dynamo exporter's (torch.export based) when nothing asked for those
-    exporters = ["torchscript"] + ([] if (optimize or fused_attention) else ["dynamo"])
+    # (with auto axes, one sequence name for every token input first, then one per distinct example length)
+    attempts = [("torchscript", a) for a in tries] + ([] if (optimize or fused_attention) else [("dynamo", tries[-1])])
     first: ExportError | None = None
     base_notes = len(notes)
-    for exporter in exporters:
+    for attempt, (exporter, axes) in enumerate(attempts):
         try:
             with atomic_path(path) as tmp:
                 try:
@@ -242,19 +241,21 @@ def export_onnx(
         except ExportError as exc:
             if moved is not None:
                 moved.unlink(missing_ok=True)
-            if exporter == exporters[-1]:
+            if attempt == len(attempts) - 1:
                 if first is None:
                     raise
-                raise ExportError(f"{first} (the dynamo exporter failed too: {str(exc)[:200]})") from first
-            first, moved, notes = exc, None, notes[:base_notes]  # the next exporter starts afresh
+                raise ExportError(f"{first} (the {exporter} exporter failed too: {str(exc)[:200]})") from first
+            first, moved, notes = first or exc, None, notes[:base_notes]  # the next attempt starts afresh
             continue
         except BaseException:
             if moved is not None:
                 moved.unlink(missing_ok=True)
             raise
-        if first is not None:
+        if first is not None and exporter == "dynamo":
             notes.append(f"exported by torch.onnx's dynamo exporter (opset {max(opset, DYNAMO_MIN_OPSET)}): the TorchScript "
                          f"exporter's file failed ({str(first)[:160]})")
+        elif first is not None:
+            notes.append(f"one sequence axis per distinct input length: one name for all failed ({str(first)[:160]})")
         break
     if old is not None and old != moved:
         with contextlib.suppress(OSError):
@@ -292,6 +293,18 @@ def _ort_reason(text: str) -> str:
         return text[:200]
     node = head.split("Non-zero status code returned while running")[-1].strip()[:120]
     return f"{node} {status.strip().split(' was false. ')[-1][-200:]}"
+
+
+def _auto_tries(input_names: list[str], args: list, output_names: list[str], reference: list) -> list[dict]:
+    """The automatic dynamic axes to try: one sequence name for all token inputs, then (where the example's lengths
+    differ) one per length."""
+    tries = []
+    for per_length in (False, True):
+        lengths: dict[tuple[str, int], str] = {}
+        axes = auto_axes(input_names, args, lengths, per_length) | auto_axes(output_names, reference, lengths, per_length)
+        if axes not in tries:
+            tries.append(axes)
+    return tries
 
 
 def _verify(tmp: Path, input_names: list[str], args: tuple, output_names: list[str], reference: list[torch.Tensor],
