@@ -96,10 +96,12 @@ def _head_dim(model: nn.Module) -> int:
 
 
 def serving_layout(model: nn.Module) -> list[Layer]:
-    """Query heads, KV heads and FFN width of every decoder layer of a compact Llama-shaped ``model``."""
+    """Query heads, KV heads and FFN width of every decoder layer of a compact Llama-shaped ``model``
+    (``ServingFormatError`` for any other model, checked before its config is read)."""
+    layers = _layers(model)
     head_dim = _head_dim(model)
     return [Layer(layer.self_attn.q_proj.out_features // head_dim, layer.self_attn.k_proj.out_features // head_dim,
-                  layer.mlp.up_proj.out_features) for layer in _layers(model)]
+                  layer.mlp.up_proj.out_features) for layer in layers]
 
 
 def _stock(model: nn.Module, layout: list[Layer]) -> bool:

@@ -1,9 +1,10 @@
 """``ebcompile`` entry point: parse, dispatch, and turn errors into one line.
 
-An ``EbcompileError`` (bad input, with its fix) exits 2; any other exception is a bug in ebcompile: one line
-saying so, exit 1. ``--debug`` shows the traceback instead. A Ctrl-C (SIGINT) is one ``interrupted`` line and exit
-130 wherever it lands: while the arguments are parsed, and also when the error that reaches ``main`` is another
-one it caused (a DataLoader worker or child process killed by the same signal, a typed error raised from it).
+An ``EbcompileError`` (bad input, with its fix) and an argument the parser refuses exit 2, in one line with a
+fix; any other exception is a bug in ebcompile: one line saying so, exit 1. ``--debug`` shows the traceback
+instead. A Ctrl-C (SIGINT) is one ``interrupted`` line and exit 130 wherever it lands: while the arguments are
+parsed, and also when the error that reaches ``main`` is another one it caused (a DataLoader worker or child
+process killed by the same signal, a typed error raised from it).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import NoReturn
 
 from ..errors import EbcompileError
 from ..persist.io import check_writable
@@ -24,8 +26,16 @@ SUBCOMMANDS = {"demo": demo, "search": search, "retrain": retrain, "compact": co
                "inspect": inspect, "bench": bench, "serve-export": serve}
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser (its subcommands' too) whose errors are one line with a fix, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split()).rstrip(".")
+        self.exit(2, f"{self.prog}: error: {line}. Fix: see `{self.prog} --help` for the arguments it accepts.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ebcompile",
         description="Early-bird lottery tickets for Transformers: search, retrain, compact, export.",
     )

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..errors import ConfigError
-from ..search.controller import FINETUNE_DEADLINE, EarlyBird
+from ..search.controller import FINETUNE_DEADLINE, EarlyBird, check_options
 from ..search.gates import add_gate_penalty_grad
 from ..search.ticket import MODES, Ticket, apply_ticket
 
@@ -100,6 +100,7 @@ class EarlyBirdCallback(TrainerCallback):
         self._options: dict[str, Any] = dict(ratio=ratio, threshold=threshold, rule=rule, window=window,
                                              every=every if isinstance(every, int) else 1, warmup=warmup, criterion=criterion,
                                              rewind_at=0 if mode == "rewind" else None, deadline=deadline)
+        check_options(**self._options)  # EarlyBird's own checks, now rather than at train begin
         self.deadline = deadline
         self.earlybird = earlybird
         self.resume_from = resume_from

@@ -8,14 +8,16 @@ A text model (a Hugging Face folder or hub name) fine-tunes in a ``Trainer`` (``
 (``torchvision:NAME``, ``timm:NAME``, ``MODULE:FACTORY``) trains from scratch in a PyTorch loop
 (``recipes/image.py``). Both hand over from search to retraining with ``take_ticket`` (``recipes/switch.py``),
 which your own loop can call too. Each returns 0 when done (``search``: 1 when no ticket appeared in the budget);
-bad settings raise a typed ``ebcompile.errors`` error before anything is written.
+bad settings raise a typed ``ebcompile.errors`` error before anything is written, and a run that fails or is
+interrupted removes the ``out`` folder it created while that holds no file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .settings import RetrainSettings, SearchSettings
+from .outputs import removed_if_left_empty
+from .settings import RetrainSettings, SearchSettings, check_training
 from .switch import finished, take_ticket
 
 __all__ = ["SearchSettings", "RetrainSettings", "search", "retrain", "take_ticket", "finished", "check_retrain_out"]
@@ -26,15 +28,16 @@ def search(settings: SearchSettings) -> int:
     from ..persist.io import check_writable
     from .imageclf import is_image_model
 
+    check_training(settings)
     check_writable(settings.out, directory=True)  # before any training, not after
+    with removed_if_left_empty(settings.out):
+        if is_image_model(settings.model):
+            from .image import search_image
 
-    if is_image_model(settings.model):
-        from .image import search_image
+            return search_image(settings)
+        from .text import search_text
 
-        return search_image(settings)
-    from .text import search_text
-
-    return search_text(settings)
+        return search_text(settings)
 
 
 def retrain(settings: RetrainSettings) -> int:
@@ -43,15 +46,16 @@ def retrain(settings: RetrainSettings) -> int:
     from .imageclf import is_saved
 
     check_retrain_out(settings.search, settings.out)
+    check_training(settings)
     check_writable(settings.out, directory=True)
+    with removed_if_left_empty(settings.out):
+        if is_saved(Path(settings.search) / "model"):
+            from .image import retrain_image
 
-    if is_saved(Path(settings.search) / "model"):
-        from .image import retrain_image
+            return retrain_image(settings)
+        from .text import retrain_text
 
-        return retrain_image(settings)
-    from .text import retrain_text
-
-    return retrain_text(settings)
+        return retrain_text(settings)
 
 
 def check_retrain_out(search: str, out: str) -> None:

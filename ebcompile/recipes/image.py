@@ -44,7 +44,7 @@ from .imageclf import (
     trusted_spec,
 )
 from .outputs import finish, refuse_other_settings
-from .settings import RetrainSettings, SearchSettings
+from .settings import RetrainSettings, SearchSettings, check_training
 
 LR, RULE, THRESHOLD = 1e-3, "relative", 0.3  # image defaults: from-scratch AdamW; the rule measured in docs/RESULTS.md
 PROGRESS, OPTIMIZER, SEARCH_STATE = "progress.json", "optimizer.safetensors", "earlybird.safetensors"
@@ -53,8 +53,7 @@ RESUMABLE = ("model", "model_kwargs", "data", "image_size", "train_limit", "batc
 
 
 def _data(args: SearchSettings | RetrainSettings) -> ImageData:
-    if args.epochs <= 0 or args.batch < 1:
-        raise ConfigError("--epochs and --batch must be positive. Fix: e.g. --epochs 10 --batch 32.")
+    check_training(args)
     if args.train_limit is not None and args.train_limit < 2:
         raise ConfigError(f"--train-limit {args.train_limit} is too small. Fix: pass at least 2 (or leave it out).")
     data = load_images(args.data, seed=args.seed)

@@ -2,12 +2,16 @@
 check that a resumed search keeps its saved settings, and the ticket and ``search.json`` a finished one writes.
 
 Invariant: a resume with other settings is refused (``ConfigError``) before anything in ``--out`` changes;
-``search.json`` is written atomically.
+``search.json`` is written atomically; a run that fails or is interrupted leaves no empty ``--out`` it created.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ from ..errors import ConfigError
 from ..persist.io import atomic_path
 from .settings import SearchSettings
 
-__all__ = ["refuse_other_settings", "finish"]
+__all__ = ["refuse_other_settings", "finish", "removed_if_left_empty"]
 
 
 def refuse_other_settings(out: Path, saved: dict[str, Any], settings: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -45,3 +49,33 @@ def finish(args: SearchSettings, out: Path, eb: Any, result: dict[str, Any], ste
     print(f"written to {out}/ (model/, ticket.safetensors, earlybird.safetensors, search.png). "
           f"Next: ebcompile retrain {out} --data {args.data} --out <folder>")
     return 0
+
+
+@contextmanager
+def removed_if_left_empty(out: str | os.PathLike) -> Iterator[None]:
+    """Around a run that writes ``out``: if it raises (or is interrupted), the folders it created (``out`` and the
+    missing parents made with it, e.g. by the Trainer's ``output_dir``) are removed again while they hold no file."""
+    created, path = [], Path(out).expanduser().absolute()
+    for folder in [path, *path.parents]:  # out first, then each missing parent up to the first that exists
+        if folder.exists() or folder.is_symlink():
+            break
+        created.append(folder)
+    try:
+        yield
+    except BaseException:
+        if created and created[0].is_dir() and not created[0].is_symlink() and not _holds_files(created[0]):
+            shutil.rmtree(created[0], ignore_errors=True)
+            for parent in created[1:]:
+                try:
+                    parent.rmdir()  # only while empty
+                except OSError:
+                    break
+        raise
+
+
+def _holds_files(folder: Path) -> bool:
+    """Anything but (empty) directories below ``folder``; symbolic links count and are not followed."""
+    for root, dirs, files in os.walk(folder):
+        if files or any(os.path.islink(os.path.join(root, d)) for d in dirs):
+            return True
+    return False

@@ -8,10 +8,13 @@ recipe run from Python and the same command run from the shell do the same thing
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-__all__ = ["TrainingSettings", "SearchSettings", "RetrainSettings", "from_namespace"]
+from ..errors import ConfigError
+
+__all__ = ["TrainingSettings", "SearchSettings", "RetrainSettings", "from_namespace", "check_training"]
 
 S = TypeVar("S", "SearchSettings", "RetrainSettings")
 
@@ -72,3 +75,20 @@ class RetrainSettings(TrainingSettings):
 def from_namespace(cls: type[S], args: argparse.Namespace | Any) -> S:
     """``cls`` filled from the parsed command line (its other attributes are left out)."""
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def check_training(settings: TrainingSettings) -> None:
+    """``ConfigError`` for an ``epochs``, ``batch`` or ``lr`` no training can use (refused before anything is loaded
+    or written)."""
+    batch, epochs, lr = settings.batch, settings.epochs, settings.lr
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"--batch {batch} must be an integer >= 1. Fix: e.g. --batch 32.")
+    if not _positive(epochs):
+        raise ConfigError(f"--epochs {epochs} must be a finite number > 0. Fix: e.g. --epochs 3.")
+    if lr is not None and not _positive(lr):
+        raise ConfigError(f"--lr {lr} must be a finite number > 0. Fix: e.g. --lr 5e-5 (text) or --lr 1e-3 (images), "
+                          "or leave it out for the default.")
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0

@@ -24,7 +24,7 @@ from ..errors import CheckpointError, ConfigError
 from ..persist.fsguard import read_json
 from ..persist.io import atomic_path
 from .outputs import finish, refuse_other_settings
-from .settings import RetrainSettings, SearchSettings
+from .settings import RetrainSettings, SearchSettings, check_training
 
 PROGRESS = "progress.json"
 RESUMABLE = ("model", "data", "train_limit", "batch", "lr", "max_len", "seed", "ratio", "structure", "scope", "every",
@@ -125,6 +125,7 @@ def search_text(args: SearchSettings) -> int:
     from . import textclf
 
     check_ratio(args.ratio)
+    check_training(args)  # --batch divides below, --lr reaches AdamW
     args = dataclasses.replace(args)  # the defaults below are filled in a copy
     args.threshold = 0.3 if args.threshold is None else args.threshold  # the measured fine-tuning recipe
     args.rule = "relative" if args.rule is None else args.rule
@@ -184,6 +185,7 @@ def retrain_text(args: RetrainSettings) -> int:
     from . import textclf
     from .switch import finished, take_ticket
 
+    check_training(args)
     search = Path(args.search)
     if not (search / "model").is_dir() or not (search / "earlybird.safetensors").is_file():
         raise CheckpointError(f"{search} lacks model/ or earlybird.safetensors. Fix: pass the --out folder of a "

@@ -20,7 +20,7 @@ from .distributed import all_finite, check_same, is_main, unwrap, world
 from .importance import Masks, compute_masks, hamming, raw_tensor
 from .ticket import Ticket, signature_of, snapshot, ticket_from
 
-__all__ = ["EarlyBird", "RULES", "deadline_step", "load_ticket"]
+__all__ = ["EarlyBird", "RULES", "check_options", "deadline_step", "load_ticket"]
 
 RULES = ("relative", "absolute")
 DEADLINE = 0.15  # measured (bench/reproduce.py): tickets drawn at 10-30% of the budget retrain alike; later ones cost more
@@ -58,52 +58,19 @@ class EarlyBird:
     ``if rank == 0``); with the default, a rank that stops calling ``step()`` leaves the others waiting.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        ratio: float | None = None,
-        threshold: float = 0.3,
-        rule: str = "relative",
-        window: int = 5,
-        every: int | str = "epoch",
-        warmup: int = 0,
-        criterion: str = "max",
-        rewind_at: int | None = None,
-        sync: bool = True,
-        budget: int | None = None,
-        deadline: float | None = DEADLINE,
-    ) -> None:
+    def __init__(self, model: nn.Module, ratio: float | None = None, threshold: float = 0.3, rule: str = "relative",
+                 window: int = 5, every: int | str = "epoch", warmup: int = 0, criterion: str = "max",
+                 rewind_at: int | None = None, sync: bool = True, budget: int | None = None,
+                 deadline: float | None = DEADLINE) -> None:
         model = unwrap(model)  # DistributedDataParallel: the user's model inside
         cfg = config_of(model)
-        self.model = model
-        self.ratio = check_ratio(cfg.ratio if ratio is None else ratio)
-        if rule not in RULES:
-            raise ConfigError(f"rule={rule!r} is not one of {RULES}. Fix: use 'relative' or 'absolute'.")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < float("inf"):
-            raise ConfigError(f"threshold={threshold!r} must be a number > 0. Fix: e.g. threshold=0.1.")
-        if not isinstance(window, int) or window < 1:
-            raise ConfigError(f"window={window!r} must be an integer >= 1. Fix: e.g. window=5.")
-        if every == "epoch":
-            every = 1
-        if not isinstance(every, int) or every < 1:
-            raise ConfigError(f"every={every!r} must be 'epoch' or a number of steps >= 1. Fix: e.g. every=100.")
-        if not isinstance(warmup, int) or warmup < 0:
-            raise ConfigError(f"warmup={warmup!r} must be an integer >= 0 (calls to step() before the first check).")
-        self.threshold, self.rule, self.window, self.every, self.warmup = float(threshold), rule, window, every, warmup
-        if not isinstance(criterion, str):
-            raise ConfigError(f"criterion={criterion!r} must be 'max', 'overall' or a kind name. Fix: e.g. criterion='max'.")
-        if rewind_at is not None and (isinstance(rewind_at, bool) or not isinstance(rewind_at, int) or rewind_at < 0):
-            raise ConfigError(f"rewind_at={rewind_at!r} must be None or a call count >= 0. Fix: e.g. rewind_at=0 (now).")
-        self.criterion = criterion
-        self.rewind_at = rewind_at
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise ConfigError(f"budget={budget!r} must be None or the number of step() calls the training will make (>= 1).")
-        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline <= 1):
-            raise ConfigError(f"deadline={deadline!r} must be None or a share of the budget in (0, 1]. Fix: e.g. deadline=0.15.")
-        self.budget, self.deadline = budget, None if deadline is None else float(deadline)
+        o = check_options(ratio, threshold, rule, window, every, warmup, criterion, rewind_at, budget, deadline)
+        _check_criterion(model, criterion)
         if not isinstance(sync, bool):
             raise ConfigError(f"sync={sync!r} must be True or False. Fix: sync=False only when one rank alone runs the search.")
-        self.sync = sync
+        self.model, self.ratio, self.sync = model, check_ratio(cfg.ratio if ratio is None else ratio), sync
+        self.threshold, self.rule, self.window, self.every, self.warmup = (o[k] for k in _CONFIG_KEYS[1:6])
+        self.criterion, self.rewind_at, self.budget, self.deadline = (o[k] for k in _CONFIG_KEYS[6:])
         self.rewind_weights: dict[str, torch.Tensor] | None = None
         self.ticks = 0
         self.history: list[dict[str, Any]] = []  # one record per check: check, tick, distances
@@ -125,15 +92,21 @@ class EarlyBird:
         return len(self._packed)
 
     def step(self) -> bool:
-        """Advance one epoch or optimizer step; check when due. True once the ticket is found."""
-        self.ticks += 1
-        if self.rewind_at is not None and self.ticks == self.rewind_at:
+        """Advance one epoch or optimizer step; check when due. True once the ticket is found. A check that raises
+        leaves the controller as it was (``ticks`` too): the step can be taken again."""
+        tick = self.ticks + 1
+        last = self.deadline_tick is not None and tick >= self.deadline_tick
+        if not self.found and (last or tick > self.warmup and (tick - self.warmup) % self.every == 0):
+            self.ticks = tick  # the check records it
+            try:
+                self.check(last=last)
+            except BaseException:
+                self.ticks = tick - 1
+                raise
+        self.ticks = tick
+        if self.rewind_at is not None and tick == self.rewind_at:
             self.rewind_weights = snapshot(self.model)
-        if self.found:
-            return True
-        last = self.deadline_tick is not None and self.ticks >= self.deadline_tick
-        due = self.ticks > self.warmup and (self.ticks - self.warmup) % self.every == 0
-        return self.check(last=last) if due or last else False
+        return self.found
 
     @property
     def deadline_tick(self) -> int | None:
@@ -212,9 +185,7 @@ class EarlyBird:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume the search and find the same ticket."""
         state: dict[str, Any] = {
-            "config": {"ratio": self.ratio, "threshold": self.threshold, "rule": self.rule, "window": self.window,
-                       "every": self.every, "warmup": self.warmup, "criterion": self.criterion, "rewind_at": self.rewind_at,
-                       "budget": self.budget, "deadline": self.deadline},
+            "config": {k: getattr(self, k) for k in _CONFIG_KEYS},
             "ticks": self.ticks, "history": self.history, "max_distance": self.max_distance,
             "recent": list(self._recent), "packed": [torch.from_numpy(p.copy()) for p in self._packed],
             "previous": _masks_to_state(self._previous), "ticket": None, "rewind_weights": self.rewind_weights,
@@ -240,20 +211,12 @@ class EarlyBird:
         tracker_of(self.model).load_state_dict(stats)
 
     def _parse_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        config = dict(state["config"])
-        unknown = set(config) - set(_CONFIG_KEYS)
-        if unknown:
-            raise KeyError(f"unknown settings {sorted(unknown)}")
-        probe = EarlyBird.__new__(EarlyBird)  # the constructor's checks on the saved settings, nothing else
-        try:
-            EarlyBird.__init__(probe, self.model, **{**config, "rewind_at": None})
+        try:  # the constructor's checks on the saved settings (an unknown one: TypeError)
+            new = check_options(**dict(state["config"]))
+            _check_criterion(self.model, new["criterion"])
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
-        rewind_at = config.get("rewind_at")
-        if rewind_at is not None and (isinstance(rewind_at, bool) or not isinstance(rewind_at, int) or rewind_at < 0):
-            raise ValueError(f"rewind_at {rewind_at!r}")
-        new: dict[str, Any] = {k: getattr(probe, k) for k in _CONFIG_KEYS if k != "rewind_at"}
-        new["rewind_at"] = config.get("rewind_at")
+        new["ratio"] = check_ratio(config_of(self.model).ratio) if new["ratio"] is None else float(new["ratio"])
         ticks, max_distance = state["ticks"], float(state["max_distance"])
         if isinstance(ticks, bool) or not isinstance(ticks, int) or ticks < 0:
             raise ValueError(f"ticks {ticks!r}")
@@ -273,12 +236,11 @@ class EarlyBird:
             raise TicketMismatchError("this controller state was saved on another model. "
                                       "Fix: load it into the same prepared model.")
         rewind = state.get("rewind_weights")
-        if rewind is not None:
-            model_state = self.model.state_dict()
-            bad = [k for k, v in rewind.items() if k not in model_state or tuple(v.shape) != tuple(model_state[k].shape)]
-            if bad:
-                raise TicketMismatchError(f"the saved rewind weights do not fit this model ({bad[:3]}). "
-                                          "Fix: load the search into the same prepared model.")
+        model_state = self.model.state_dict() if rewind is not None else {}
+        bad = [k for k, v in (rewind or {}).items() if k not in model_state or tuple(v.shape) != tuple(model_state[k].shape)]
+        if bad:
+            raise TicketMismatchError(f"the saved rewind weights do not fit this model ({bad[:3]}). "
+                                      "Fix: load the search into the same prepared model.")
         recent = [float(v) for v in state["recent"]]
         prepared = config_of(self.model).importance
         stats = state.get("importance") or {"kind": prepared, "tensors": {}}
@@ -302,11 +264,8 @@ class EarlyBird:
         if not is_main():
             return
         state = self.state_dict()
-        tensors: dict[str, torch.Tensor] = {}
-        for i, p in enumerate(state.pop("packed")):
-            tensors[f"packed/{i}"] = p
-        for name in ("previous",):
-            tensors.update({f"{name}/{k}": v for k, v in (state[name] or {}).pop("tensors", {}).items()})
+        tensors: dict[str, torch.Tensor] = {f"packed/{i}": p for i, p in enumerate(state.pop("packed"))}
+        tensors.update({f"previous/{k}": v for k, v in (state["previous"] or {}).pop("tensors", {}).items()})
         if state["ticket"] is not None:
             tensors.update({f"ticket/{k}": v for k, v in state["ticket"]["masks"].pop("tensors").items()})
         tensors.update({f"importance/{k}": v for k, v in state["importance"].pop("tensors").items()})
@@ -377,6 +336,47 @@ def deadline_step(budget: int | None, deadline: float | None) -> int | None:
 
 
 _CONFIG_KEYS = ("ratio", "threshold", "rule", "window", "every", "warmup", "criterion", "rewind_at", "budget", "deadline")
+
+
+def check_options(ratio: float | None = None, threshold: float = 0.3, rule: str = "relative", window: int = 5,
+                  every: int | str = "epoch", warmup: int = 0, criterion: str = "max", rewind_at: int | None = None,
+                  budget: int | None = None, deadline: float | None = DEADLINE) -> dict[str, Any]:
+    """``EarlyBird``'s settings checked without a model (``ConfigError`` naming the fix; ``EarlyBirdCallback`` checks
+    its own with it when built) and normalized (``every="epoch"``: 1; numbers as floats). ``ratio=None``: the model's."""
+    if ratio is not None:
+        check_ratio(ratio)
+    if rule not in RULES:
+        raise ConfigError(f"rule={rule!r} is not one of {RULES}. Fix: use 'relative' or 'absolute'.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < float("inf"):
+        raise ConfigError(f"threshold={threshold!r} must be a number > 0. Fix: e.g. threshold=0.1.")
+    if not isinstance(window, int) or window < 1:
+        raise ConfigError(f"window={window!r} must be an integer >= 1. Fix: e.g. window=5.")
+    every = 1 if every == "epoch" else every
+    if not isinstance(every, int) or every < 1:
+        raise ConfigError(f"every={every!r} must be 'epoch' or a number of steps >= 1. Fix: e.g. every=100.")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup={warmup!r} must be an integer >= 0 (calls to step() before the first check). "
+                          "Fix: e.g. warmup=0.")
+    if not isinstance(criterion, str):
+        raise ConfigError(f"criterion={criterion!r} must be 'max', 'overall' or a kind name. Fix: e.g. criterion='max'.")
+    if rewind_at is not None and (isinstance(rewind_at, bool) or not isinstance(rewind_at, int) or rewind_at < 0):
+        raise ConfigError(f"rewind_at={rewind_at!r} must be None or a call count >= 0. Fix: e.g. rewind_at=0 (now).")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ConfigError(f"budget={budget!r} must be None or the number of step() calls the training will make (>= 1). "
+                          "Fix: e.g. budget=epochs * steps_per_epoch, or leave it out.")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline <= 1):
+        raise ConfigError(f"deadline={deadline!r} must be None or a share of the budget in (0, 1]. Fix: e.g. deadline=0.15.")
+    return dict(zip(_CONFIG_KEYS, (ratio, float(threshold), rule, window, every, warmup, criterion, rewind_at, budget,
+                                   None if deadline is None else float(deadline))))
+
+
+def _check_criterion(model: nn.Module, criterion: str) -> None:
+    """``criterion`` must name a distance ``check`` measures on the prepared ``model``."""
+    cfg = config_of(model)
+    kinds = sorted({g.kind for g in cfg.plan.groups}) if cfg.structure == "structured" else ["weight"]
+    if criterion not in ("max", "overall", *kinds):
+        raise ConfigError(f"criterion={criterion!r} is not measured on this {cfg.structure} model (it measures "
+                          f"{', '.join(kinds) or 'overall only'}). Fix: use 'max', 'overall' or one of {kinds}.")
 
 
 def _check_finite(model: nn.Module, sync: bool = True) -> None:
