@@ -323,7 +323,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     if isinstance(got, nn.Module):
         return got
     if model is not None:  # the caller's model: every refusal must come before it changes
-        _into(_meta_copy(model), got[1], dict(got[2]))
+        _into(_meta_copy(model), got[1], {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in got[2].items()})
     return _into(*got)
 
 
