@@ -25,7 +25,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
                    help="weights in one data file beside the .onnx (OUT.data); default: when they pass 2 GB")
     add_factory_argument(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    """``--opset`` is one torch.onnx writes, before the model is loaded."""
+    from ..export.exporters import check_opset
+
+    check_opset(args.opset)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["KeywordCall", "PositionalCall", "flag_defaults", "auto_axes", "flatten", "parameters_of",
-           "with_attention_mask"]
+           "with_attention_mask", "check_names", "check_axes"]
 
 
 class KeywordCall(nn.Module):
@@ -102,3 +104,33 @@ def with_attention_mask(net: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
         return args, kwargs, ""
     return args, {**kwargs, "attention_mask": torch.ones_like(ids)}, \
         "attention_mask added as an input (all ones in the example): pass it to the exported model"
+
+
+def check_axes(dynamic_axes: Any) -> None:
+    """``ConfigError`` unless ``dynamic_axes`` is ``"auto"``, None or a dict of input/output name -> axes."""
+    if dynamic_axes is None or (isinstance(dynamic_axes, str) and dynamic_axes == "auto"):
+        return
+    if not isinstance(dynamic_axes, dict) or not all(
+            isinstance(k, str) and isinstance(v, (dict, list, tuple)) for k, v in dynamic_axes.items()):
+        raise ConfigError(f"dynamic_axes={dynamic_axes!r} is not 'auto', None or a dict of input/output name -> axes. "
+                          "Fix: pass e.g. {'input': {0: 'batch'}}, 'auto' (batch and sequence axes) or None (static).")
+
+
+def check_names(input_names: Any, args: tuple, kwargs: dict) -> None:
+    """``ConfigError`` unless ``input_names`` (when given) names each positional input once, or, for keyword
+    inputs, only keyword tensors that were passed."""
+    if input_names is None:
+        return
+    if isinstance(input_names, str) or not all(isinstance(n, str) for n in input_names) \
+            or len(set(input_names)) != len(input_names):
+        raise ConfigError(f"input_names={input_names!r} is not a list of distinct strings. Fix: pass one name per "
+                          "input, e.g. ['input'].")
+    if kwargs:
+        tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        unknown = [n for n in input_names if n not in tensors]
+        if unknown:
+            raise ConfigError(f"input_names {unknown} are not keyword tensors of example_inputs ({tensors}). Fix: "
+                              "name only keys of the example_inputs dict, or leave input_names=None.")
+    elif len(input_names) != len(args):
+        raise ConfigError(f"input_names has {len(input_names)} names for {len(args)} example input(s). Fix: pass "
+                          f"exactly {len(args)} name(s), or leave input_names=None.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import numbers
 import os
 import sys
 import warnings
@@ -22,10 +23,34 @@ from torch import nn
 
 from .symbolics import register as register_symbolics
 
-__all__ = ["write", "DYNAMO_MIN_OPSET"]
+__all__ = ["write", "DYNAMO_MIN_OPSET", "check_opset"]
 
 
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes opset 18 and later
+
+
+def check_opset(opset: Any) -> int:
+    """``opset`` as an int, or ``ConfigError`` unless it is one torch.onnx writes: from the TorchScript exporter's
+    oldest to the newest that torch.onnx and the installed ``onnx`` both know (7 to 23 with torch 2.x, onnx 1.17+)."""
+    import onnx
+
+    from ..errors import ConfigError
+
+    try:
+        from torch.onnx import _constants
+        low, high = int(_constants.ONNX_MIN_OPSET), int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):  # a torch that moved its constants
+        low, high = 7, 20
+    high = min(high, onnx.defs.onnx_opset_version())
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral):
+        raise ConfigError(f"opset={opset!r} is not an int. Fix: pass an ONNX opset number from {low} to {high} "
+                          "(default 17).")
+    if not low <= opset <= high:
+        which = (f"older than any torch.onnx exporter writes (the TorchScript exporter starts at {low}, the dynamo "
+                 f"one at {DYNAMO_MIN_OPSET})" if opset < low else
+                 f"newer than torch {torch.__version__} and onnx {onnx.__version__} support (up to {high})")
+        raise ConfigError(f"opset={opset} is {which}. Fix: pass an opset from {low} to {high} (default 17).")
+    return int(opset)
 
 
 def write(exporter: str, net: nn.Module, args: tuple, tmp: Path, input_names: list[str], output_names: list[str],

@@ -20,8 +20,8 @@ from ..errors import ConfigError, ExportError
 from ..names import split_name
 from ..persist.io import atomic_path
 from ..transforms.shrink import plain_model
-from .calls import KeywordCall, PositionalCall, auto_axes, flag_defaults, flatten, parameters_of, with_attention_mask
-from .exporters import DYNAMO_MIN_OPSET, write
+from .calls import KeywordCall, PositionalCall, auto_axes, check_axes, check_names, flag_defaults, flatten, parameters_of, with_attention_mask
+from .exporters import DYNAMO_MIN_OPSET, check_opset, write
 from .external import INLINE_LIMIT, data_name, has_external, pack, previous_data, publish, weight_bytes
 from .fusion import AttentionFusion
 from .optimize import attention_summary, optimize_file
@@ -49,14 +49,14 @@ class ExportReport:
 
 
 def _to_compact_attention(net: nn.Module) -> None:
-    """Swap packed, batch-first ``nn.MultiheadAttention`` for the equivalent ``CompactMultiheadAttention``."""
-    from ..modules import CompactMultiheadAttention
+    """Swap each stock ``nn.MultiheadAttention`` (but ``add_bias_kv``) under ``net`` for the equivalent
+    ``ExportedMultiheadAttention``: the stock module's export fixes the example's sequence length in a Reshape."""
+    from ..modules.mha import ExportedMultiheadAttention
 
     for path, module in list(net.named_modules()):
-        if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None \
-                and not module.add_zero_attn and module.in_proj_bias is not None:
+        if path and type(module) is nn.MultiheadAttention and module.bias_k is None:
             owner, name = split_name(path)
-            setattr(net.get_submodule(owner) if owner else net, name, CompactMultiheadAttention.from_module(module))
+            setattr(net.get_submodule(owner) if owner else net, name, ExportedMultiheadAttention.from_module(module))
 
 
 @contextlib.contextmanager
@@ -143,6 +143,13 @@ def export_onnx(
         raise ConfigError(f"path={type(path).__name__} is not a file path. Fix: call export_onnx(model, path, example_inputs).")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not one of {list(DTYPES)}. Fix: use 'fp32' or 'fp16'.")
+    opset = check_opset(opset)
+    check_axes(dynamic_axes)
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0):
+            raise ConfigError(f"{name}={tol!r} is not a number >= 0. Fix: pass a tolerance such as 1e-4, or None "
+                              "(1e-4 in fp32, 2e-2 in fp16).")
+    check_names(input_names, *normalize_inputs(example_inputs))
     fp16 = dtype == "fp16"
     rtol = rtol if rtol is not None else (2e-2 if fp16 else 1e-4)
     atol = atol if atol is not None else (2e-2 if fp16 else 1e-4)
@@ -161,14 +168,13 @@ def export_onnx(
     net.eval()
     fused_attention = optimize if fused_attention is None else fused_attention
     family_net = net
-    if fused_attention:
-        _to_compact_attention(net)
     args, kwargs = normalize_inputs(example_inputs)
     if low:  # the model's half-precision weights and inputs, as float32
         args, kwargs = pytree.tree_map(lambda a: a.float() if torch.is_tensor(a) and a.is_floating_point() else a, (args, kwargs))
         experts_note = "; ".join(n for n in (experts_note, f"the model's {'/'.join(low)} weights exported as float32") if n)
     args, kwargs, mask_note = with_attention_mask(net, args, kwargs)
     if kwargs:  # keyword inputs (Hugging Face models): ONNX inputs in input_names order, passed back by name
+        check_names(input_names, args, kwargs)  # example_inputs may have become keywords (with_attention_mask)
         input_names = input_names or [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
         args = tuple(kwargs[k] for k in input_names)
         extra = {k: v for k, v in graph_kwargs(net, kwargs).items() if k not in input_names}
@@ -180,6 +186,7 @@ def export_onnx(
     if any(r.is_floating_point() and not bool(torch.isfinite(r).all()) for r in reference):
         raise ExportError(f"{type(family_net).__name__} itself outputs NaN or inf on example_inputs, so no export can be "
                           "verified. Fix: check the weights (a diverged training run) and pass finite, realistic inputs.")
+    _to_compact_attention(net)  # after the reference: the file is held to the model's own modules
     traced, traced_args = net, args  # optimize + fp16: optimized in fp32, then converted (onnxruntime's own order)
     if fp16:
         args = tuple(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)

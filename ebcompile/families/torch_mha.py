@@ -1,15 +1,15 @@
 """``torch.nn.MultiheadAttention``: a leaf of ``symbolic_trace``, so its projections and heads are named here.
 
 Packed ``in_proj_weight`` (q/k/v head rows at offsets 0, E, 2E) or separate ``q/k/v_proj_weight`` when the
-key/value widths differ; ``out_proj`` columns follow the heads. ``add_bias_kv`` adds per-head rows that are
-not followed: its heads are then left unstructured.
+key/value widths differ; ``out_proj`` columns follow the heads. ``add_zero_attn`` adds a zero key/value per head,
+which ``CompactMultiheadAttention`` adds too. ``add_bias_kv`` adds per-head rows that are not followed: its heads
+are then left unstructured.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..errors import ConfigError
 from ..modules import CompactMultiheadAttention
 from ..plan import GroupSet, LinearOp, Member
 from .registry import AttentionFamily, linear_op, qkv_members, register
@@ -37,15 +37,15 @@ def _mha_heads(path: str, m: nn.MultiheadAttention) -> GroupSet | None:
 
 
 def _mha_compact_names(path: str, m: nn.MultiheadAttention) -> dict[str, str]:
-    """``CompactMultiheadAttention`` keeps the packed projection as a Linear: ``in_proj_weight`` -> ``in_proj.weight``."""
+    """``CompactMultiheadAttention`` keeps the packed projection as a Linear: ``in_proj_weight`` -> ``in_proj.weight``
+    (separate ``q/k/v_proj_weight`` keep their names)."""
+    if not m._qkv_same_embed_dim:
+        return {}
     return {f"{path}.in_proj_weight": f"{path}.in_proj.weight", f"{path}.in_proj_bias": f"{path}.in_proj.bias"}
 
 
 def compact_mha(m: nn.MultiheadAttention, heads: int) -> CompactMultiheadAttention:
     """The module as a ``CompactMultiheadAttention`` with ``heads`` heads (its tensors already sliced)."""
-    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
-        raise ConfigError("an nn.MultiheadAttention uses kdim/vdim != embed_dim, add_bias_kv or add_zero_attn, which "
-                          "CompactMultiheadAttention does not implement. Fix: leave it unpruned (exclude=['<path>.*']).")
     return CompactMultiheadAttention.from_module(m, heads)
 
 
