@@ -68,3 +68,23 @@ def tiny(request) -> tuple[str, nn.Module, torch.Tensor]:
     """(name, model, example inputs) for each tiny model."""
     make, batch = TINY[request.param]
     return request.param, make(), batch()
+
+
+def save_word_bert(folder, vocab: list[str], layers: int, heads: int, hidden: int, positions: int,
+                   backend_setup=None):
+    """A BERT classifier with a word-level tokenizer over ``vocab`` (``[PAD]``/``[UNK]`` first), saved in ``folder``
+    as a hub model is (``backend_setup(backend)`` may add a pre-tokenizer or post-processor)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = backend_setup(backend) if backend_setup else {}
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", **(extra or {}))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(num_hidden_layers=layers, num_attention_heads=heads, hidden_size=hidden,
+                                                     intermediate_size=2 * hidden, vocab_size=len(vocab),
+                                                     max_position_embeddings=positions))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

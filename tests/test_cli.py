@@ -13,6 +13,8 @@ import torch
 
 from ebcompile.cli.main import main
 
+from conftest import save_word_bert
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -152,24 +154,19 @@ def tiny_classifier(tmp_path_factory) -> Path:
     """A 2-layer BERT classifier and a 400-word tokenizer built from MR's own words, saved like a hub model."""
     import collections
 
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers, processors
 
     words = collections.Counter(w for name in ("rt-polarity.pos", "rt-polarity.neg")
                                 for w in re.findall(r"\w+", (MR / name).read_text(encoding="latin-1").lower()))
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [w for w, _ in words.most_common(400)])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                  sep_token="[SEP]")
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
-                                                     intermediate_size=64, vocab_size=len(vocab), max_position_embeddings=64))
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [w for w, _ in words.most_common(400)]
+
+    def bert_style(backend):
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        return {"cls_token": "[CLS]", "sep_token": "[SEP]"}
+
+    return save_word_bert(tmp_path_factory.mktemp("tiny-bert"), vocab, layers=2, heads=4, hidden=32, positions=64,
+                          backend_setup=bert_style)
 
 
 TRAIN = ["--data", str(MR), "--train-limit", "192", "--batch", "16", "--max-len", "32"]

@@ -7,14 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+from test_reliability_cli import mr_folder
 
 import ebcompile
 from ebcompile.cli.main import main
 from ebcompile.errors import ConfigError, ImportanceDataError, InvalidRatioError, ServingFormatError
 from ebcompile.recipes import RetrainSettings, SearchSettings, retrain, search
 
-from conftest import image_batch, make_vit
+from conftest import image_batch, make_vit, save_word_bert
 
 
 def one_line(err: str, *words: str) -> None:
@@ -22,31 +22,11 @@ def one_line(err: str, *words: str) -> None:
     assert len(lines) == 1 and "Fix:" in lines[0] and all(w in lines[0] for w in words), err
 
 
-def mr_folder(tmp_path: Path) -> Path:
-    folder = tmp_path / "mr"
-    folder.mkdir()
-    for name, word in (("pos", "good"), ("neg", "bad")):
-        (folder / f"rt-polarity.{name}").write_text("".join(f"a {word} film {i}\n" for i in range(16)))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 1-layer BERT classifier and a word-level tokenizer for ``mr_folder``'s words, saved like a hub model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-
-    words = ["[PAD]", "[UNK]", "a", "good", "bad", "film", *map(str, range(16))]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16,
-                                                     intermediate_size=32, vocab_size=len(words), max_position_embeddings=16))
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    words = ["[PAD]", "[UNK]", "a", "good", "bad", "film", *map(str, range(20))]
+    return save_word_bert(tmp_path_factory.mktemp("tiny-bert"), words, layers=1, heads=2, hidden=16, positions=16)
 
 
 # -- 1. a failed or interrupted run leaves no empty --out ------------------------------------------------------
