@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+SCOPES = ("global", "layer")  # a ticket ranks units over the whole model or within each layer
+
 
 @dataclass(frozen=True)
 class LinearOp:

@@ -21,7 +21,7 @@ from ..capture.graph import capture
 from ..errors import ConfigError, NoPrunableLayerError
 from ..names import split_name
 from ..pipeline import Pass, Pipeline, State
-from ..plan import Plan
+from ..plan import SCOPES, Plan
 from ..search.scorers import KINDS, check_kind
 from .groups import find_groups
 from .linears import find_linears
@@ -29,7 +29,6 @@ from .linears import find_linears
 __all__ = ["ANALYSE", "Options", "build_plan", "STRUCTURES", "SCOPES", "KV_HEADS"]
 
 STRUCTURES = ("unstructured", "structured")
-SCOPES = ("global", "layer")
 KV_HEADS = ("prune", "keep")
 
 

@@ -24,6 +24,7 @@ from typing import TypeVar
 from ..errors import CheckpointError, OutputPathError
 from .fsguard import exists, guard, os_error, read_json
 from .io import _leftovers, _make_parents, _public_mode, _remove, _remove_created, abandon
+from .model_format import FORMAT, META
 
 __all__ = ["atomic_dir", "recover", "resolve_saved", "read_saved", "MANIFEST"]
 
@@ -75,13 +76,13 @@ def _drop(folder: Path, name: str) -> None:
 def _legacy_save(path: Path, marker: str) -> bool:
     """Whether ``path`` is an ``ebcompile.save`` written before manifests: its ``marker`` is an ``ebcompile.json`` of
     that format, not the one ``save_pretrained`` adds beside transformers' files (a ``config.json`` proves nothing)."""
-    if marker != "ebcompile.json" or not (path / marker).is_file():
+    if marker != META or not (path / marker).is_file():
         return False
     try:
         meta = read_json(path / marker)
     except CheckpointError:
         return False
-    return isinstance(meta, dict) and meta.get("format") == "ebcompile-model" and not meta.get("pretrained")
+    return isinstance(meta, dict) and meta.get("format") == FORMAT and not meta.get("pretrained")
 
 
 class atomic_dir:

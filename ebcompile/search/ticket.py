@@ -16,6 +16,7 @@ from ..errors import CheckpointError, ConfigError, TicketMismatchError
 from ..persist.io import load_tensors, save_tensors
 from ..persist.masks_io import masks_from_tensors, masks_to_tensors
 from ..persist.materialized import require_materialized
+from ..plan import SCOPES
 from ..prepare import config_of
 from ..transforms.masks import iter_masks
 from .distributed import full_state_dict, is_main, load_full_state_dict, mask_, unwrap
@@ -68,7 +69,7 @@ def ticket_from(masks: Masks, h: dict[str, Any]) -> Ticket:
     ratio, scope, found_at = h["ratio"], h["scope"], dict(h["found_at"])
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ValueError(f"ratio {ratio!r}")
-    if scope not in ("global", "layer"):
+    if scope not in SCOPES:
         raise ValueError(f"scope {scope!r}")
     signature = {str(k): [int(x) for x in v] for k, v in dict(h["signature"]).items()}
     if any(x < 0 for v in signature.values() for x in v):
